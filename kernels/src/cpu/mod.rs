@@ -1,0 +1,266 @@
+//! The CPU backend: rayon across rows/heads, SIMD primitives chosen once at start-up.
+
+pub mod simd;
+
+use crate::{check, Backend, BatchLayout, KernelError, KvLayer, Result, Rope, Weight, WeightData};
+use rayon::prelude::*;
+use simd::Isa;
+
+/// Output features handled by one rayon task in a matmul: enough work to amortise the
+/// task, few enough that 2–64 cores all get some.
+const MATMUL_CHUNK: usize = 16;
+
+/// The CPU backend.
+#[derive(Debug, Clone)]
+pub struct Cpu {
+    isa: Isa,
+    name: String,
+}
+
+impl Default for Cpu {
+    fn default() -> Self {
+        Cpu::with_isa(simd::isa())
+    }
+}
+
+impl Cpu {
+    pub fn new() -> Cpu {
+        Cpu::default()
+    }
+
+    /// A CPU backend forced onto one instruction-set path (parity tests, benches).
+    pub fn with_isa(isa: Isa) -> Cpu {
+        Cpu {
+            isa,
+            name: format!("cpu-{}", isa.name()),
+        }
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+}
+
+impl Backend for Cpu {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn embedding(&self, table: &Weight, tokens: &[u32], out: &mut [f32]) -> Result<()> {
+        let d = table.cols;
+        check("embedding", out.len() == tokens.len() * d, || {
+            format!("out has {} floats for {} tokens of width {d}", out.len(), tokens.len())
+        })?;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= table.rows) {
+            return Err(KernelError::TokenOutOfRange {
+                token: bad,
+                rows: table.rows,
+            });
+        }
+        out.par_chunks_mut(d.max(1))
+            .zip(tokens.par_iter())
+            .for_each(|(row, &t)| table.row_to_f32(t as usize, row));
+        Ok(())
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut [f32],
+        delta: Option<&[f32]>,
+        weight: &[f32],
+        eps: f32,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let d = weight.len();
+        let ok = d > 0
+            && residual.len() % d == 0
+            && out.len() == residual.len()
+            && delta.is_none_or(|x| x.len() == residual.len());
+        check("add_rms_norm", ok, || {
+            format!("residual {} / out {} floats, width {d}", residual.len(), out.len())
+        })?;
+        let isa = self.isa;
+        residual
+            .par_chunks_mut(d)
+            .zip(out.par_chunks_mut(d))
+            .enumerate()
+            .for_each(|(r, (res, o))| {
+                if let Some(delta) = delta {
+                    res.iter_mut()
+                        .zip(&delta[r * d..(r + 1) * d])
+                        .for_each(|(a, b)| *a += b);
+                }
+                let ms = simd::dot(isa, res, res) / d as f32;
+                let inv = 1.0 / (ms + eps).sqrt();
+                for ((o, x), w) in o.iter_mut().zip(res.iter()).zip(weight) {
+                    *o = w * (x * inv);
+                }
+            });
+        Ok(())
+    }
+
+    fn matmul(&self, x: &[f32], w: &Weight, bias: Option<&[f32]>, out: &mut [f32]) -> Result<()> {
+        let (n, k) = (w.rows, w.cols);
+        let t = if k == 0 { 0 } else { x.len() / k };
+        let ok = k > 0
+            && x.len() == t * k
+            && out.len() == t * n
+            && bias.is_none_or(|b| b.len() == n);
+        check("matmul", ok, || {
+            format!("x has {} floats, weight [{n}, {k}], out {} floats", x.len(), out.len())
+        })?;
+        if t == 0 {
+            return Ok(());
+        }
+        let isa = self.isa;
+        // Computed transposed ([n, t]) so that each task owns a contiguous slice, then
+        // transposed back; the weight is read once whatever t is.
+        let mut out_t = vec![0f32; n * t];
+        out_t
+            .par_chunks_mut(MATMUL_CHUNK * t)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let mut scratch = vec![0f32; if matches!(w.data, WeightData::F32(_)) { 0 } else { k }];
+                for (i, dst) in chunk.chunks_exact_mut(t).enumerate() {
+                    let j = c * MATMUL_CHUNK + i;
+                    let row: &[f32] = match &w.data {
+                        WeightData::F32(v) => &v[j * k..(j + 1) * k],
+                        _ => {
+                            w.row_to_f32(j, &mut scratch);
+                            &scratch
+                        }
+                    };
+                    let b = bias.map_or(0.0, |b| b[j]);
+                    for (ti, o) in dst.iter_mut().enumerate() {
+                        *o = simd::dot(isa, &x[ti * k..(ti + 1) * k], row) + b;
+                    }
+                }
+            });
+        if t == 1 {
+            out.copy_from_slice(&out_t);
+        } else {
+            out.par_chunks_mut(n).enumerate().for_each(|(ti, row)| {
+                for (j, o) in row.iter_mut().enumerate() {
+                    *o = out_t[j * t + ti];
+                }
+            });
+        }
+        Ok(())
+    }
+
+    fn rotary(&self, x: &mut [f32], positions: &[u32], n_heads: usize, rope: &Rope) -> Result<()> {
+        let hd = rope.head_dim;
+        let width = n_heads * hd;
+        check("rotary", hd % 2 == 0 && x.len() == positions.len() * width, || {
+            format!("x has {} floats for {} tokens x {n_heads} heads x {hd}", x.len(), positions.len())
+        })?;
+        let half = hd / 2;
+        x.par_chunks_mut(width.max(1))
+            .zip(positions.par_iter())
+            .for_each(|(row, &pos)| {
+                let mut cos = vec![0f32; half];
+                let mut sin = vec![0f32; half];
+                rope.cos_sin(pos, &mut cos, &mut sin);
+                for head in row.chunks_exact_mut(hd) {
+                    let (a, b) = head.split_at_mut(half);
+                    for i in 0..half {
+                        let (x0, x1) = (a[i], b[i]);
+                        a[i] = x0 * cos[i] - x1 * sin[i];
+                        b[i] = x1 * cos[i] + x0 * sin[i];
+                    }
+                }
+            });
+        Ok(())
+    }
+
+    fn write_kv(&self, cache: &mut KvLayer, k: &[f32], v: &[f32], slot_mapping: &[u32]) -> Result<()> {
+        let w = cache.slot_width();
+        let ok = k.len() == slot_mapping.len() * w
+            && v.len() == k.len()
+            && slot_mapping.iter().all(|&s| (s as usize) < cache.num_slots());
+        check("write_kv", ok, || {
+            format!("{} slots, k {} floats, slot width {w}, pool {} slots", slot_mapping.len(), k.len(), cache.num_slots())
+        })?;
+        for (t, &slot) in slot_mapping.iter().enumerate() {
+            let s = slot as usize;
+            cache.k[s * w..(s + 1) * w].copy_from_slice(&k[t * w..(t + 1) * w]);
+            cache.v[s * w..(s + 1) * w].copy_from_slice(&v[t * w..(t + 1) * w]);
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &[f32],
+        cache: &KvLayer,
+        batch: &BatchLayout,
+        n_heads: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        batch.validate(cache)?;
+        let (hd, n_kv) = (cache.head_dim, cache.n_kv_heads);
+        let t = batch.num_tokens();
+        let ok = n_kv > 0 && n_heads % n_kv == 0 && q.len() == t * n_heads * hd && out.len() == q.len();
+        check("attention", ok, || {
+            format!("q {} floats, {t} tokens, {n_heads} heads / {n_kv} kv heads of {hd}", q.len())
+        })?;
+        let group = n_heads / n_kv;
+        let mut seq_of = vec![0usize; t];
+        for s in 0..batch.num_seqs() {
+            seq_of[batch.seq_offsets[s]..batch.seq_offsets[s + 1]].fill(s);
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (bs, sw, isa) = (cache.block_size, cache.slot_width(), self.isa);
+        out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
+            let (ti, h) = (idx / n_heads, idx % n_heads);
+            let table = &batch.block_tables[seq_of[ti]];
+            let kvh = h / group;
+            let qv = &q[idx * hd..(idx + 1) * hd];
+            let visible = batch.positions[ti] as usize + 1;
+            let slot = |p: usize| (table[p / bs] as usize * bs + p % bs) * sw + kvh * hd;
+            let mut scores: Vec<f32> = (0..visible)
+                .map(|p| simd::dot(isa, qv, &cache.k[slot(p)..slot(p) + hd]) * scale)
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            o.fill(0.0);
+            for (p, &s) in scores.iter().enumerate() {
+                simd::axpy(isa, s / sum, &cache.v[slot(p)..slot(p) + hd], o);
+            }
+        });
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate_up: &[f32], width: usize, out: &mut [f32]) -> Result<()> {
+        let ok = width > 0 && out.len() % width == 0 && gate_up.len() == 2 * out.len();
+        check("silu_mul", ok, || {
+            format!("gate_up {} floats, out {} floats, width {width}", gate_up.len(), out.len())
+        })?;
+        out.par_chunks_mut(width)
+            .zip(gate_up.par_chunks(2 * width))
+            .for_each(|(o, gu)| {
+                let (g, u) = gu.split_at(width);
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+        Ok(())
+    }
+
+    fn log_softmax(&self, x: &mut [f32], width: usize) -> Result<()> {
+        check("log_softmax", width > 0 && x.len() % width == 0, || {
+            format!("{} floats in rows of {width}", x.len())
+        })?;
+        x.par_chunks_mut(width).for_each(|row| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+            let lse = max + sum.ln() as f32;
+            row.iter_mut().for_each(|v| *v -= lse);
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,94 @@
+//! Vellum backends: the handful of fused ops a Llama-family forward pass needs.
+//!
+//! The engine talks only to the [`Backend`] trait; it never touches SIMD or CUDA directly.
+//! Today there is one implementation, [`cpu::Cpu`]; the CUDA backend plugs in behind the
+//! same trait (see DESIGN.md, "Backends").
+
+pub mod attention;
+pub mod cpu;
+pub mod rope;
+pub mod weight;
+
+pub use attention::{BatchLayout, KvLayer};
+pub use rope::{Rope, RopeScaling};
+pub use weight::{Weight, WeightData};
+
+/// Errors of the kernels crate.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("shape mismatch in {op}: {detail}")]
+    Shape { op: &'static str, detail: String },
+    #[error("token id {token} is out of range for an embedding table of {rows} rows")]
+    TokenOutOfRange { token: u32, rows: usize },
+    #[error(transparent)]
+    Quant(#[from] vellum_quant::QuantError),
+}
+
+pub type Result<T> = std::result::Result<T, KernelError>;
+
+/// The fused ops of the forward pass. Activations are row-major `f32` (`[rows, width]`).
+///
+/// Determinism promise: every op computes each row with a fixed reduction order, so a
+/// row's result never depends on the other rows of the batch.
+pub trait Backend: Send + Sync {
+    /// A short name for logs and benchmark ids (`cpu-avx2`, `cpu-scalar`, ...).
+    fn name(&self) -> &str;
+
+    /// `out[t] = table[tokens[t]]`, dequantized to f32.
+    fn embedding(&self, table: &Weight, tokens: &[u32], out: &mut [f32]) -> Result<()>;
+
+    /// Fused residual add + RMSNorm: `residual += delta` (when given), then
+    /// `out = residual / rms(residual) * weight`, row by row.
+    fn add_rms_norm(
+        &self,
+        residual: &mut [f32],
+        delta: Option<&[f32]>,
+        weight: &[f32],
+        eps: f32,
+        out: &mut [f32],
+    ) -> Result<()>;
+
+    /// `out[rows, w.rows] = x[rows, w.cols] · wᵀ (+ bias)`.
+    fn matmul(&self, x: &[f32], w: &Weight, bias: Option<&[f32]>, out: &mut [f32]) -> Result<()>;
+
+    /// Rotary embedding in place on `x[T, n_heads * head_dim]` (half-rotation / neox layout).
+    fn rotary(&self, x: &mut [f32], positions: &[u32], n_heads: usize, rope: &Rope) -> Result<()>;
+
+    /// Writes `k`, `v` (`[T, kv_width]`) into the paged cache at `slot_mapping[t]`.
+    fn write_kv(
+        &self,
+        cache: &mut KvLayer,
+        k: &[f32],
+        v: &[f32],
+        slot_mapping: &[u32],
+    ) -> Result<()>;
+
+    /// Causal attention of the ragged batch's queries over the paged cache.
+    /// `q`: `[T, n_heads * head_dim]`, `out`: same shape.
+    fn attention(
+        &self,
+        q: &[f32],
+        cache: &KvLayer,
+        batch: &BatchLayout,
+        n_heads: usize,
+        out: &mut [f32],
+    ) -> Result<()>;
+
+    /// `out[t] = silu(gate_up[t][..width]) * gate_up[t][width..]`; `gate_up` rows are
+    /// `2 * width` wide (gate and up projections fused into one matmul).
+    fn silu_mul(&self, gate_up: &[f32], width: usize, out: &mut [f32]) -> Result<()>;
+
+    /// In-place log-softmax over rows of width `width`.
+    fn log_softmax(&self, x: &mut [f32], width: usize) -> Result<()>;
+}
+
+pub(crate) fn check(op: &'static str, ok: bool, detail: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(KernelError::Shape {
+            op,
+            detail: detail(),
+        })
+    }
+}
