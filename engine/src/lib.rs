@@ -1,0 +1,15 @@
+//! Vellum engine: checkpoint loaders, tokenizer, the Llama-family model and its KV cache.
+
+pub mod config;
+pub mod error;
+pub mod gguf;
+pub mod loader;
+pub mod model;
+pub mod tensors;
+pub mod tokenizer;
+
+pub use config::{Arch, ModelConfig};
+pub use error::{EngineError, Result};
+pub use loader::Checkpoint;
+pub use model::Model;
+pub use tokenizer::{ChatMessage, Tokenizer};

@@ -74,9 +74,8 @@ pub trait Backend: Send + Sync {
         out: &mut [f32],
     ) -> Result<()>;
 
-    /// `out[t] = silu(gate_up[t][..width]) * gate_up[t][width..]`; `gate_up` rows are
-    /// `2 * width` wide (gate and up projections fused into one matmul).
-    fn silu_mul(&self, gate_up: &[f32], width: usize, out: &mut [f32]) -> Result<()>;
+    /// `gate = silu(gate) * up`, element-wise, in place.
+    fn silu_mul(&self, gate: &mut [f32], up: &[f32]) -> Result<()>;
 
     /// In-place log-softmax over rows of width `width`.
     fn log_softmax(&self, x: &mut [f32], width: usize) -> Result<()>;

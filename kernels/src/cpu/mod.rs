@@ -235,17 +235,15 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn silu_mul(&self, gate_up: &[f32], width: usize, out: &mut [f32]) -> Result<()> {
-        let ok = width > 0 && out.len() % width == 0 && gate_up.len() == 2 * out.len();
-        check("silu_mul", ok, || {
-            format!("gate_up {} floats, out {} floats, width {width}", gate_up.len(), out.len())
+    fn silu_mul(&self, gate: &mut [f32], up: &[f32]) -> Result<()> {
+        check("silu_mul", gate.len() == up.len(), || {
+            format!("gate {} floats, up {}", gate.len(), up.len())
         })?;
-        out.par_chunks_mut(width)
-            .zip(gate_up.par_chunks(2 * width))
-            .for_each(|(o, gu)| {
-                let (g, u) = gu.split_at(width);
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g / (1.0 + (-g).exp()) * u;
+        gate.par_chunks_mut(4096)
+            .zip(up.par_chunks(4096))
+            .for_each(|(g, u)| {
+                for (g, &u) in g.iter_mut().zip(u) {
+                    *g = *g / (1.0 + (-*g).exp()) * u;
                 }
             });
         Ok(())

@@ -1,0 +1,306 @@
+//! The Llama-family decoder (Llama, Mistral, Qwen2) as a sequence of backend ops over a
+//! ragged batch and a paged KV cache.
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::tensors::{TensorFormat, TensorInfo, TensorStore};
+use half::{bf16, f16};
+use std::path::Path;
+use vellum_kernels::{Backend, BatchLayout, KvLayer, Rope, Weight, WeightData};
+use vellum_quant::DType;
+
+/// One decoder layer's weights.
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub q: Weight,
+    pub k: Weight,
+    pub v: Weight,
+    pub q_bias: Option<Vec<f32>>,
+    pub k_bias: Option<Vec<f32>>,
+    pub v_bias: Option<Vec<f32>>,
+    pub o: Weight,
+    pub mlp_norm: Vec<f32>,
+    pub gate: Weight,
+    pub up: Weight,
+    pub down: Weight,
+}
+
+/// A loaded model: config, weights and rotary tables.
+pub struct Model {
+    pub config: ModelConfig,
+    pub embed: Weight,
+    pub layers: Vec<Layer>,
+    pub norm: Vec<f32>,
+    /// `None` when the embeddings are tied.
+    pub lm_head: Option<Weight>,
+    pub rope: Rope,
+}
+
+/// Where the tensors come from decides a few conventions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorLayout {
+    HuggingFace,
+    /// llama.cpp permutes the rows of Q and K for its rotary layout; undone at load.
+    GgufLlama,
+}
+
+/// Builds a `Weight` from a tensor's bytes, checking format and shape.
+pub fn weight_from_tensor(info: &TensorInfo, bytes: &[u8]) -> std::result::Result<Weight, String> {
+    let (rows, cols) = match info.shape.as_slice() {
+        [r, c] => (*r, *c),
+        [n] => (1, *n),
+        s => return Err(format!("expected a matrix, shape is {s:?}")),
+    };
+    let data = match info.format {
+        TensorFormat::Dense(DType::F32) => WeightData::F32(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        TensorFormat::Dense(DType::F16) => WeightData::F16(
+            bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+        ),
+        TensorFormat::Dense(DType::BF16) => WeightData::BF16(
+            bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+        ),
+        TensorFormat::Block(f) => WeightData::Block(f, bytes.to_vec()),
+    };
+    Weight::new(rows, cols, data).map_err(|e| e.to_string())
+}
+
+/// Reorders the rows of a llama.cpp-permuted Q or K weight back to Hugging Face order.
+///
+/// llama.cpp stores, per head, the rotary pairs interleaved: HF row `s * hd/2 + j` of a head
+/// (`s` = which half) sits at row `2j + s`. Rows are moved whole, so block-quantized rows
+/// are reordered without requantizing.
+pub fn unpermute_rows(w: &Weight, n_head: usize) -> std::result::Result<Weight, String> {
+    if n_head == 0 || w.rows % n_head != 0 || (w.rows / n_head) % 2 != 0 {
+        return Err(format!("{} rows cannot be split into {n_head} heads of even size", w.rows));
+    }
+    let hd = w.rows / n_head;
+    let src_row = |r: usize| {
+        let (h, i) = (r / hd, r % hd);
+        let (s, j) = (i / (hd / 2), i % (hd / 2));
+        h * hd + 2 * j + s
+    };
+    fn permute<T: Copy>(v: &[T], rows: usize, src_row: impl Fn(usize) -> usize) -> Vec<T> {
+        let width = v.len() / rows;
+        (0..rows)
+            .flat_map(|r| v[src_row(r) * width..(src_row(r) + 1) * width].iter().copied())
+            .collect()
+    }
+    let data = match &w.data {
+        WeightData::F32(v) => WeightData::F32(permute(v, w.rows, src_row)),
+        WeightData::F16(v) => WeightData::F16(permute(v, w.rows, src_row)),
+        WeightData::BF16(v) => WeightData::BF16(permute(v, w.rows, src_row)),
+        WeightData::Block(f, v) => WeightData::Block(*f, permute(v, w.rows, src_row)),
+    };
+    Weight::new(w.rows, w.cols, data).map_err(|e| e.to_string())
+}
+
+struct Loader<'a> {
+    store: &'a TensorStore,
+    path: &'a Path,
+}
+
+impl Loader<'_> {
+    fn err(&self, name: &str, msg: impl Into<String>) -> EngineError {
+        EngineError::Tensor {
+            path: self.store.path_of(name).unwrap_or(self.path).to_path_buf(),
+            tensor: name.to_string(),
+            msg: msg.into(),
+        }
+    }
+
+    fn get(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
+        self.store
+            .get(name)
+            .ok_or_else(|| self.err(name, "missing from the checkpoint"))
+    }
+
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
+        let (info, bytes) = self.get(name)?;
+        if info.shape != [rows, cols] {
+            return Err(self.err(
+                name,
+                format!("shape {:?} does not match the config, expected [{rows}, {cols}]", info.shape),
+            ));
+        }
+        weight_from_tensor(info, bytes).map_err(|m| self.err(name, m))
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let (info, bytes) = self.get(name)?;
+        if info.shape != [len] {
+            return Err(self.err(
+                name,
+                format!("shape {:?} does not match the config, expected [{len}]", info.shape),
+            ));
+        }
+        let w = weight_from_tensor(info, bytes).map_err(|m| self.err(name, m))?;
+        Ok(w.to_f32())
+    }
+}
+
+impl Model {
+    /// Loads and checks every tensor the config calls for.
+    pub fn load(config: ModelConfig, store: &TensorStore, path: &Path, layout: TensorLayout) -> Result<Model> {
+        let l = Loader { store, path };
+        let c = &config;
+        let (h, f) = (c.hidden_size, c.intermediate_size);
+        let embed = l.matrix("model.embed_tokens.weight", c.vocab_size, h)?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(l.matrix("lm_head.weight", c.vocab_size, h)?)
+        };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let mut q = l.matrix(&format!("{p}.self_attn.q_proj.weight"), c.q_width(), h)?;
+            let mut k = l.matrix(&format!("{p}.self_attn.k_proj.weight"), c.kv_width(), h)?;
+            if layout == TensorLayout::GgufLlama {
+                q = unpermute_rows(&q, c.num_heads).map_err(|m| l.err(&format!("{p}.self_attn.q_proj.weight"), m))?;
+                k = unpermute_rows(&k, c.num_kv_heads).map_err(|m| l.err(&format!("{p}.self_attn.k_proj.weight"), m))?;
+            }
+            let bias = |name: &str, n: usize| -> Result<Option<Vec<f32>>> {
+                if c.attention_bias {
+                    l.vector(&format!("{p}.self_attn.{name}.bias"), n).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(Layer {
+                attn_norm: l.vector(&format!("{p}.input_layernorm.weight"), h)?,
+                q,
+                k,
+                v: l.matrix(&format!("{p}.self_attn.v_proj.weight"), c.kv_width(), h)?,
+                q_bias: bias("q_proj", c.q_width())?,
+                k_bias: bias("k_proj", c.kv_width())?,
+                v_bias: bias("v_proj", c.kv_width())?,
+                o: l.matrix(&format!("{p}.self_attn.o_proj.weight"), h, c.q_width())?,
+                mlp_norm: l.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                gate: l.matrix(&format!("{p}.mlp.gate_proj.weight"), f, h)?,
+                up: l.matrix(&format!("{p}.mlp.up_proj.weight"), f, h)?,
+                down: l.matrix(&format!("{p}.mlp.down_proj.weight"), h, f)?,
+            });
+        }
+        let norm = l.vector("model.norm.weight", h)?;
+        let rope = Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling);
+        Ok(Model {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// A KV cache of `num_blocks` blocks of `block_size` tokens for every layer.
+    pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> Vec<KvLayer> {
+        let c = &self.config;
+        (0..c.num_layers)
+            .map(|_| KvLayer::new(num_blocks, block_size, c.num_kv_heads, c.head_dim))
+            .collect()
+    }
+
+    /// Bytes of KV cache one token takes across all layers (f32 K and V).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.config.num_layers * self.config.kv_width() * 4
+    }
+
+    /// Bytes of weights read by one forward step.
+    pub fn weight_bytes(&self) -> usize {
+        let per_layer = |l: &Layer| {
+            [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                .iter()
+                .map(|w| w.bytes())
+                .sum::<usize>()
+        };
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed).bytes();
+        self.layers.iter().map(per_layer).sum::<usize>() + head
+    }
+
+    pub fn lm_head(&self) -> &Weight {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Runs one step over a ragged batch: writes the new tokens' K/V into `kv` and returns
+    /// log-probabilities (`[logit_rows.len(), vocab]`) for the requested token rows.
+    pub fn forward(
+        &self,
+        backend: &dyn Backend,
+        tokens: &[u32],
+        batch: &BatchLayout,
+        kv: &mut [KvLayer],
+        logit_rows: &[usize],
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let t = tokens.len();
+        if batch.num_tokens() != t || kv.len() != c.num_layers {
+            return Err(EngineError::Kernel(vellum_kernels::KernelError::Shape {
+                op: "forward",
+                detail: format!("{t} tokens, {} positions, {} cache layers", batch.num_tokens(), kv.len()),
+            }));
+        }
+        if let Some(&bad) = logit_rows.iter().find(|&&r| r >= t) {
+            return Err(EngineError::Kernel(vellum_kernels::KernelError::Shape {
+                op: "forward",
+                detail: format!("logit row {bad} of {t} tokens"),
+            }));
+        }
+        let (h, f) = (c.hidden_size, c.intermediate_size);
+        let mut residual = vec![0f32; t * h];
+        backend.embedding(&self.embed, tokens, &mut residual)?;
+        let mut normed = vec![0f32; t * h];
+        let mut q = vec![0f32; t * c.q_width()];
+        let mut k = vec![0f32; t * c.kv_width()];
+        let mut v = vec![0f32; t * c.kv_width()];
+        let mut attn = vec![0f32; t * c.q_width()];
+        let mut delta = vec![0f32; t * h];
+        let mut gate = vec![0f32; t * f];
+        let mut up = vec![0f32; t * f];
+        // The previous layer's MLP output waits in `delta` to be added by the next norm.
+        let mut has_delta = false;
+        for (layer, cache) in self.layers.iter().zip(kv.iter_mut()) {
+            let d = has_delta.then_some(&delta[..]);
+            backend.add_rms_norm(&mut residual, d, &layer.attn_norm, c.rms_norm_eps, &mut normed)?;
+            backend.matmul(&normed, &layer.q, layer.q_bias.as_deref(), &mut q)?;
+            backend.matmul(&normed, &layer.k, layer.k_bias.as_deref(), &mut k)?;
+            backend.matmul(&normed, &layer.v, layer.v_bias.as_deref(), &mut v)?;
+            backend.rotary(&mut q, &batch.positions, c.num_heads, &self.rope)?;
+            backend.rotary(&mut k, &batch.positions, c.num_kv_heads, &self.rope)?;
+            backend.write_kv(cache, &k, &v, &batch.slot_mapping)?;
+            backend.attention(&q, cache, batch, c.num_heads, &mut attn)?;
+            backend.matmul(&attn, &layer.o, None, &mut delta)?;
+            backend.add_rms_norm(&mut residual, Some(&delta), &layer.mlp_norm, c.rms_norm_eps, &mut normed)?;
+            backend.matmul(&normed, &layer.gate, None, &mut gate)?;
+            backend.matmul(&normed, &layer.up, None, &mut up)?;
+            backend.silu_mul(&mut gate, &up)?;
+            backend.matmul(&gate, &layer.down, None, &mut delta)?;
+            has_delta = true;
+        }
+        // Only the rows that need logits go through the final norm and the LM head.
+        let mut sel_res = Vec::with_capacity(logit_rows.len() * h);
+        let mut sel_delta = Vec::with_capacity(logit_rows.len() * h);
+        for &r in logit_rows {
+            sel_res.extend_from_slice(&residual[r * h..(r + 1) * h]);
+            sel_delta.extend_from_slice(&delta[r * h..(r + 1) * h]);
+        }
+        let mut sel_norm = vec![0f32; sel_res.len()];
+        let delta_arg = has_delta.then_some(&sel_delta[..]);
+        backend.add_rms_norm(&mut sel_res, delta_arg, &self.norm, c.rms_norm_eps, &mut sel_norm)?;
+        let mut logits = vec![0f32; logit_rows.len() * c.vocab_size];
+        backend.matmul(&sel_norm, self.lm_head(), None, &mut logits)?;
+        backend.log_softmax(&mut logits, c.vocab_size)?;
+        Ok(logits)
+    }
+}

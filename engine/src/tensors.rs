@@ -1,0 +1,214 @@
+//! Tensors found in checkpoint files, independent of the file format, and the safetensors
+//! reader.
+//!
+//! A [`TensorStore`] holds memory-mapped files and a name → tensor index, with every
+//! tensor's byte range already checked against its file.
+
+use crate::error::{format_err, io_err, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use vellum_quant::{BlockFormat, DType, QuantError};
+
+/// How a tensor's elements are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorFormat {
+    Dense(DType),
+    Block(BlockFormat),
+}
+
+impl TensorFormat {
+    pub fn bytes_for(self, n: usize) -> std::result::Result<usize, QuantError> {
+        match self {
+            TensorFormat::Dense(d) => Ok(n * d.size()),
+            TensorFormat::Block(b) => b.bytes_for(n),
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            TensorFormat::Dense(d) => d.to_string(),
+            TensorFormat::Block(b) => b.name().to_string(),
+        }
+    }
+}
+
+/// One tensor of a file: shape in Hugging Face order (`[rows, cols]` for matrices).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub format: TensorFormat,
+    pub shape: Vec<usize>,
+    /// Offset of the data from the start of the file's data section.
+    pub offset: usize,
+    pub byte_len: usize,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+struct MappedFile {
+    path: PathBuf,
+    map: memmap2::Mmap,
+    data_start: usize,
+}
+
+/// A set of memory-mapped checkpoint files and the tensors in them.
+#[derive(Default)]
+pub struct TensorStore {
+    files: Vec<MappedFile>,
+    tensors: BTreeMap<String, (usize, TensorInfo)>,
+}
+
+impl TensorStore {
+    /// Adds a file whose tensors were already validated against `map`.
+    pub(crate) fn add_file(
+        &mut self,
+        path: &Path,
+        map: memmap2::Mmap,
+        data_start: usize,
+        tensors: Vec<TensorInfo>,
+    ) -> Result<()> {
+        let idx = self.files.len();
+        for t in tensors {
+            if let Some((other, _)) = self.tensors.get(&t.name) {
+                return Err(format_err(
+                    path,
+                    format!("tensor `{}` also appears in {}", t.name, self.files[*other].path.display()),
+                ));
+            }
+            self.tensors.insert(t.name.clone(), (idx, t));
+        }
+        self.files.push(MappedFile {
+            path: path.to_path_buf(),
+            map,
+            data_start,
+        });
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Option<(&TensorInfo, &[u8])> {
+        let (idx, info) = self.tensors.get(name)?;
+        let f = &self.files[*idx];
+        let start = f.data_start + info.offset;
+        Some((info, &f.map[start..start + info.byte_len]))
+    }
+
+    /// The file a tensor came from (for error messages).
+    pub fn path_of(&self, name: &str) -> Option<&Path> {
+        self.tensors.get(name).map(|(i, _)| self.files[*i].path.as_path())
+    }
+
+    pub fn infos(&self) -> impl Iterator<Item = &TensorInfo> {
+        self.tensors.values().map(|(_, t)| t)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Opens and validates one safetensors file, adding its tensors.
+    pub fn add_safetensors(&mut self, path: &Path) -> Result<()> {
+        let file = std::fs::File::open(path).map_err(io_err(path))?;
+        // SAFETY: read-only map; see GgufFile::open.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
+        let (data_start, tensors) = parse_safetensors(&map).map_err(|m| format_err(path, m))?;
+        self.add_file(path, map, data_start, tensors)
+    }
+}
+
+/// The largest JSON header accepted (the format's own reference limit is 100 MB).
+const MAX_HEADER: u64 = 100 << 20;
+
+/// Parses and validates a safetensors header: returns the data start and the tensors.
+pub fn parse_safetensors(buf: &[u8]) -> std::result::Result<(usize, Vec<TensorInfo>), String> {
+    if buf.len() < 8 {
+        return Err(format!("truncated: {} bytes, a safetensors file needs an 8-byte header length", buf.len()));
+    }
+    let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+    if n > MAX_HEADER {
+        return Err(format!("header length {n} exceeds the {MAX_HEADER}-byte limit"));
+    }
+    if n > (buf.len() - 8) as u64 {
+        return Err(format!(
+            "header length {n} is larger than the file ({} bytes after the length)",
+            buf.len() - 8
+        ));
+    }
+    let data_start = 8 + n as usize;
+    let header: serde_json::Value = serde_json::from_slice(&buf[8..data_start])
+        .map_err(|e| format!("invalid JSON header: {e}"))?;
+    let obj = header.as_object().ok_or("the JSON header is not an object")?;
+    let data_len = buf.len() - data_start;
+    let mut tensors = Vec::with_capacity(obj.len());
+    for (name, entry) in obj {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bad = |m: &str| format!("tensor `{name}`: {m}");
+        let dtype_name = entry
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .ok_or_else(|| bad("missing `dtype`"))?;
+        let dtype = DType::from_safetensors_name(dtype_name)
+            .ok_or_else(|| bad(&format!("dtype {dtype_name} is not supported (F32, F16, BF16 are)")))?;
+        let shape: Vec<usize> = entry
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .ok_or_else(|| bad("missing `shape`"))?
+            .iter()
+            .map(|d| d.as_u64().map(|d| d as usize))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("`shape` must be a list of non-negative integers"))?;
+        let offsets: Vec<usize> = entry
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .filter(|a| a.len() == 2)
+            .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .ok_or_else(|| bad("`data_offsets` must be two non-negative integers"))?;
+        let (begin, end) = (offsets[0], offsets[1]);
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| bad("shape overflows"))?;
+        let byte_len = numel
+            .checked_mul(dtype.size())
+            .ok_or_else(|| bad("shape overflows"))?;
+        if end < begin || end - begin != byte_len {
+            return Err(bad(&format!(
+                "data_offsets [{begin}, {end}) hold {} bytes, shape {shape:?} of {dtype} needs {byte_len}",
+                end.saturating_sub(begin)
+            )));
+        }
+        if end > data_len {
+            return Err(bad(&format!(
+                "data_offsets [{begin}, {end}) lie outside the {data_len} data bytes (truncated file?)"
+            )));
+        }
+        if begin % dtype.size() != 0 {
+            return Err(bad(&format!("data offset {begin} is not aligned to its {}-byte elements", dtype.size())));
+        }
+        tensors.push(TensorInfo {
+            name: name.clone(),
+            format: TensorFormat::Dense(dtype),
+            shape,
+            offset: begin,
+            byte_len,
+        });
+    }
+    let mut spans: Vec<&TensorInfo> = tensors.iter().filter(|t| t.byte_len > 0).collect();
+    spans.sort_by_key(|t| t.offset);
+    for pair in spans.windows(2) {
+        if pair[1].offset < pair[0].offset + pair[0].byte_len {
+            return Err(format!("tensors `{}` and `{}` overlap", pair[0].name, pair[1].name));
+        }
+    }
+    Ok((data_start, tensors))
+}
+
