@@ -179,7 +179,13 @@ impl ModelConfig {
             head_dim,
             vocab_size: f.usize("vocab_size")?,
             rms_norm_eps: f.f64_or("rms_norm_eps", 1e-6)? as f32,
-            rope_theta: f.f64_or("rope_theta", 10000.0)?,
+            rope_theta: match json.get("rope_parameters").and_then(|r| r.get("rope_theta")) {
+                // transformers 5 moved rope_theta into rope_parameters.
+                Some(v) if json.get("rope_theta").is_none() => v
+                    .as_f64()
+                    .ok_or_else(|| f.err("rope_parameters.rope_theta", "must be a number"))?,
+                _ => f.f64_or("rope_theta", 10000.0)?,
+            },
             rope_scaling,
             tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
             attention_bias: arch == Arch::Qwen2 || f.bool_or("attention_bias", false)?,

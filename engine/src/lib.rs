@@ -1,6 +1,7 @@
 //! Vellum engine: checkpoint loaders, tokenizer, the Llama-family model and its KV cache.
 
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod gguf;
 pub mod loader;
@@ -13,3 +14,9 @@ pub use error::{EngineError, Result};
 pub use loader::Checkpoint;
 pub use model::Model;
 pub use tokenizer::{ChatMessage, Tokenizer};
+pub mod engine;
+pub mod kv;
+pub mod sampler;
+
+pub use engine::{Completion, Engine, EngineBuilder, EngineConfig, FinishReason, Request, RequestId, RequestOutput, Usage};
+pub use sampler::SamplingParams;

@@ -196,6 +196,11 @@ impl Tokenizer {
         self.inner.decode(ids, false).map_err(tok_err)
     }
 
+    /// Decodes generated ids for display: special tokens (end-of-turn markers) are dropped.
+    pub fn decode_output(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(tok_err)
+    }
+
     /// The text of each id, as `decode` would render it alone.
     pub fn id_to_piece(&self, id: u32) -> Result<String> {
         self.decode(&[id])

@@ -1,0 +1,644 @@
+//! The embeddable engine: continuous batching over the paged KV cache.
+//!
+//! Each [`Engine::step`] schedules running sequences first (a decode token, or the next
+//! chunk of a prompt), then admits waiting requests in FCFS order, all within
+//! `max_batched_tokens` and `max_seqs`. When the pool runs out of blocks the most recently
+//! admitted sequence is preempted by recompute: its blocks are freed and it goes back to the
+//! head of the queue with the tokens it already generated, so its output is unchanged.
+
+use crate::error::{EngineError, Result};
+use crate::kv::BlockManager;
+use crate::loader::Checkpoint;
+use crate::model::Model;
+use crate::sampler::{sample, top_k, Rng, SamplingParams};
+use crate::tokenizer::Tokenizer;
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use vellum_kernels::{cpu::Cpu, Backend, BatchLayout, KvLayer};
+
+pub type RequestId = u64;
+
+/// Engine settings; `Default` suits a small model on a CPU.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Memory for the KV cache pool.
+    pub kv_cache_bytes: usize,
+    /// Token budget of one step (prefill chunks plus decodes).
+    pub max_batched_tokens: usize,
+    /// Sequences in one step.
+    pub max_seqs: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            block_size: 16,
+            kv_cache_bytes: 256 << 20,
+            max_batched_tokens: 512,
+            max_seqs: 64,
+        }
+    }
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    /// Report the log-probability of every prompt token after the first.
+    pub prompt_logprobs: bool,
+    /// Only score the prompt: finish after prefill without generating.
+    pub score_only: bool,
+}
+
+impl Request {
+    pub fn tokens(prompt: Vec<u32>, params: SamplingParams) -> Request {
+        Request {
+            prompt,
+            params,
+            prompt_logprobs: false,
+            score_only: false,
+        }
+    }
+
+    /// A scoring request: log-probabilities of `tokens[1..]` given their prefixes.
+    pub fn score(tokens: Vec<u32>) -> Request {
+        Request {
+            prompt: tokens,
+            params: SamplingParams::default().max_tokens(1),
+            prompt_logprobs: true,
+            score_only: true,
+        }
+    }
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-sequence token, stop token or stop string.
+    Stop,
+    /// `max_tokens` reached, or the model's context is full.
+    Length,
+    Aborted,
+    /// A scoring request finished.
+    Scored,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Aborted => "abort",
+            FinishReason::Scored => "scored",
+        }
+    }
+}
+
+/// Per-request usage counts, for metering.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache (prefix caching is not built yet: 0).
+    pub cached_tokens: usize,
+    /// Tokens computed again after preemption.
+    pub recomputed_tokens: usize,
+}
+
+/// One sampled token with its log-probability and the top alternatives asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What a step produced for one request.
+#[derive(Debug, Clone)]
+pub struct RequestOutput {
+    pub request_id: RequestId,
+    pub new_tokens: Vec<TokenLogprob>,
+    /// Newly decoded text (UTF-8 safe; held back while a stop string might be forming).
+    pub text_delta: String,
+    pub finish_reason: Option<FinishReason>,
+    /// Log-probabilities of prompt tokens 1.., once the prompt is fully processed.
+    pub prompt_logprobs: Option<Vec<f32>>,
+    /// For each prompt logprob: whether that token was the argmax.
+    pub prompt_is_greedy: Option<Vec<bool>>,
+    pub usage: Usage,
+}
+
+struct Sequence {
+    req: Request,
+    output: Vec<u32>,
+    /// Tokens whose K/V are in the cache.
+    num_computed: usize,
+    blocks: Vec<u32>,
+    rng: Rng,
+    prompt_logprobs: Vec<f32>,
+    /// Whether each prompt token was the most likely one (lm-evaluation-harness `is_greedy`).
+    prompt_is_greedy: Vec<bool>,
+    /// Bytes of decoded output text already emitted.
+    emitted: usize,
+    usage: Usage,
+}
+
+impl Sequence {
+    fn len(&self) -> usize {
+        self.req.prompt.len() + self.output.len()
+    }
+
+    fn token(&self, i: usize) -> u32 {
+        let p = self.req.prompt.len();
+        if i < p {
+            self.req.prompt[i]
+        } else {
+            self.output[i - p]
+        }
+    }
+}
+
+/// The engine: a model, a backend, a KV pool and the scheduler state.
+pub struct Engine {
+    model: Model,
+    tokenizer: Option<Tokenizer>,
+    backend: Box<dyn Backend>,
+    config: EngineConfig,
+    kv: Vec<KvLayer>,
+    blocks: BlockManager,
+    seqs: HashMap<RequestId, Sequence>,
+    waiting: VecDeque<RequestId>,
+    /// Admission order: the last one is the first to be preempted.
+    running: Vec<RequestId>,
+    next_id: RequestId,
+    /// Counts since start, for benches and logs.
+    pub stats: EngineStats,
+}
+
+/// Engine-wide counters.
+#[derive(Debug, Clone, Default)]
+pub struct EngineStats {
+    pub steps: u64,
+    pub preemptions: u64,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+}
+
+/// Builder for [`Engine`].
+#[derive(Default)]
+pub struct EngineBuilder {
+    model_path: Option<std::path::PathBuf>,
+    config: EngineConfig,
+    backend: Option<Box<dyn Backend>>,
+}
+
+impl EngineBuilder {
+    pub fn model(mut self, path: impl AsRef<Path>) -> Self {
+        self.model_path = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    pub fn config(mut self, config: EngineConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    pub fn kv_cache_bytes(mut self, bytes: usize) -> Self {
+        self.config.kv_cache_bytes = bytes;
+        self
+    }
+
+    pub fn backend(mut self, backend: Box<dyn Backend>) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    pub fn build(self) -> Result<Engine> {
+        let path = self.model_path.ok_or(EngineError::InvalidRequest {
+            field: "model",
+            msg: "no model path given to the builder".into(),
+        })?;
+        let ck = Checkpoint::open(&path)?;
+        let model = ck.load_model()?;
+        let backend = self.backend.unwrap_or_else(|| Box::new(Cpu::new()));
+        Engine::new(model, ck.tokenizer, backend, self.config)
+    }
+}
+
+impl Engine {
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
+    }
+
+    pub fn new(model: Model, tokenizer: Option<Tokenizer>, backend: Box<dyn Backend>, config: EngineConfig) -> Result<Engine> {
+        let invalid = |field, msg: String| Err(EngineError::InvalidRequest { field, msg });
+        if config.block_size == 0 {
+            return invalid("block_size", "must be at least 1".into());
+        }
+        if config.max_batched_tokens == 0 || config.max_seqs == 0 {
+            return invalid("max_batched_tokens", "max_batched_tokens and max_seqs must be at least 1".into());
+        }
+        let block_bytes = model.kv_bytes_per_token() * config.block_size;
+        let num_blocks = config.kv_cache_bytes / block_bytes;
+        if num_blocks == 0 {
+            return invalid(
+                "kv_cache_bytes",
+                format!("{} bytes hold no block of {} tokens ({block_bytes} bytes)", config.kv_cache_bytes, config.block_size),
+            );
+        }
+        let kv = model.new_kv_cache(num_blocks, config.block_size);
+        Ok(Engine {
+            blocks: BlockManager::new(num_blocks, config.block_size),
+            model,
+            tokenizer,
+            backend,
+            config,
+            kv,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 0,
+            stats: EngineStats::default(),
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Tokens the whole KV pool holds.
+    pub fn kv_capacity_tokens(&self) -> usize {
+        self.blocks.num_blocks() * self.config.block_size
+    }
+
+    /// Fraction of KV blocks in use.
+    pub fn kv_usage(&self) -> f64 {
+        1.0 - self.blocks.num_free() as f64 / self.blocks.num_blocks() as f64
+    }
+
+    /// Tokenizes `text` (adding BOS when the model wants it).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| EngineError::Tokenizer("the model has no tokenizer".into()))?
+            .encode(text, true)
+    }
+
+    /// Validates and queues a request.
+    pub fn add_request(&mut self, req: Request) -> Result<RequestId> {
+        req.params.validate()?;
+        let vocab = self.model.config.vocab_size;
+        if req.prompt.is_empty() {
+            return Err(EngineError::InvalidRequest { field: "prompt", msg: "is empty".into() });
+        }
+        if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::InvalidRequest {
+                field: "prompt",
+                msg: format!("token id {t} is outside the vocabulary of {vocab}"),
+            });
+        }
+        let total = req.prompt.len() + if req.score_only { 0 } else { req.params.max_tokens };
+        let capacity = self.kv_capacity_tokens();
+        if req.prompt.len() > capacity || (!req.score_only && req.prompt.len() + 1 > capacity) {
+            return Err(EngineError::InvalidRequest {
+                field: "prompt",
+                msg: format!(
+                    "{} tokens (plus generation) can never fit the KV cache of {capacity} tokens; raise kv_cache_bytes",
+                    req.prompt.len()
+                ),
+            });
+        }
+        let _ = total; // max_tokens beyond the pool is capped at run time (finish reason "length").
+        let id = self.next_id;
+        self.next_id += 1;
+        let seed = req.params.seed.unwrap_or(id.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0xA5A5);
+        self.seqs.insert(
+            id,
+            Sequence {
+                usage: Usage { prompt_tokens: req.prompt.len(), ..Usage::default() },
+                req,
+                output: vec![],
+                num_computed: 0,
+                blocks: vec![],
+                rng: Rng::new(seed),
+                prompt_logprobs: vec![],
+                prompt_is_greedy: vec![],
+                emitted: 0,
+            },
+        );
+        self.waiting.push_back(id);
+        Ok(id)
+    }
+
+    /// Aborts a request; its blocks are freed at once. Unknown ids are ignored (it may
+    /// have finished already). Returns whether the request was live.
+    pub fn abort(&mut self, id: RequestId) -> bool {
+        let Some(mut seq) = self.seqs.remove(&id) else {
+            return false;
+        };
+        self.blocks.release(&mut seq.blocks);
+        self.waiting.retain(|&w| w != id);
+        self.running.retain(|&r| r != id);
+        true
+    }
+
+    pub fn has_unfinished(&self) -> bool {
+        !self.seqs.is_empty()
+    }
+
+    pub fn num_unfinished(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Checks the block invariant (each block free or owned, ref counts = owners).
+    pub fn check_blocks(&self) -> std::result::Result<(), String> {
+        self.blocks.check(self.seqs.values().map(|s| &s.blocks))?;
+        let owned: usize = self.seqs.values().map(|s| s.blocks.len()).sum();
+        if owned + self.blocks.num_free() != self.blocks.num_blocks() {
+            return Err(format!("{owned} owned + {} free != {}", self.blocks.num_free(), self.blocks.num_blocks()));
+        }
+        Ok(())
+    }
+
+    fn preempt_youngest(&mut self) -> Option<RequestId> {
+        let id = self.running.pop()?;
+        let seq = self.seqs.get_mut(&id).expect("running ids are live");
+        self.blocks.release(&mut seq.blocks);
+        seq.usage.recomputed_tokens += seq.num_computed;
+        seq.num_computed = 0;
+        self.waiting.push_front(id);
+        self.stats.preemptions += 1;
+        Some(id)
+    }
+
+    /// Picks (sequence, chunk length) pairs for this step and gives them KV blocks.
+    fn schedule(&mut self) -> Vec<(RequestId, usize)> {
+        let mut budget = self.config.max_batched_tokens;
+        let mut batch = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let seq = &self.seqs[&id];
+            let chunk = (seq.len() - seq.num_computed).min(budget);
+            let target = seq.num_computed + chunk;
+            let mut table = std::mem::take(&mut self.seqs.get_mut(&id).expect("live").blocks);
+            let grown = self.blocks.grow(&mut table, target);
+            self.seqs.get_mut(&id).expect("live").blocks = table;
+            if grown {
+                batch.push((id, chunk));
+                budget -= chunk;
+                i += 1;
+            } else {
+                // Out of blocks: the youngest goes back to the queue (maybe this one).
+                let victim = self.preempt_youngest();
+                batch.retain(|(b, _)| Some(*b) != victim);
+                if victim == Some(id) {
+                    break;
+                }
+            }
+        }
+        while budget > 0 && self.running.len() < self.config.max_seqs {
+            let Some(&id) = self.waiting.front() else { break };
+            let seq = self.seqs.get_mut(&id).expect("waiting ids are live");
+            let chunk = (seq.len() - seq.num_computed).min(budget);
+            if !self.blocks.grow(&mut seq.blocks, seq.num_computed + chunk) {
+                break;
+            }
+            self.waiting.pop_front();
+            self.running.push(id);
+            batch.push((id, chunk));
+            budget -= chunk;
+        }
+        batch
+    }
+
+    /// Runs one step of continuous batching and returns what each touched request produced.
+    pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
+        let batch = self.schedule();
+        if batch.is_empty() {
+            if let Some(&id) = self.waiting.front() {
+                // Nothing runs and the head cannot be admitted: cannot happen for requests
+                // that passed admission, but never spin forever on it.
+                return Err(EngineError::InvalidRequest {
+                    field: "prompt",
+                    msg: format!("request {id} does not fit the KV cache"),
+                });
+            }
+            return Ok(vec![]);
+        }
+        self.stats.steps += 1;
+        let bs = self.config.block_size;
+        let mut layout = BatchLayout { seq_offsets: vec![0], ..BatchLayout::default() };
+        let mut tokens = Vec::new();
+        let mut logit_rows = Vec::new();
+        // Per scheduled sequence: (first logit row index, rows, wants next-token sample).
+        let mut plan = Vec::with_capacity(batch.len());
+        for &(id, chunk) in &batch {
+            let seq = &self.seqs[&id];
+            let (start, end) = (seq.num_computed, seq.num_computed + chunk);
+            let prompt_len = seq.req.prompt.len();
+            let first_row = logit_rows.len();
+            for p in start..end {
+                tokens.push(seq.token(p));
+                layout.positions.push(p as u32);
+                let blk = seq.blocks[p / bs] as usize;
+                layout.slot_mapping.push((blk * bs + p % bs) as u32);
+                let row = tokens.len() - 1;
+                // A prompt row predicts prompt token p+1; the last row predicts the next token.
+                if (seq.req.prompt_logprobs && p + 1 < prompt_len) || p + 1 == seq.len() {
+                    logit_rows.push(row);
+                }
+            }
+            layout.seq_offsets.push(tokens.len());
+            layout.block_tables.push(seq.blocks.clone());
+            layout.context_lens.push(end);
+            plan.push((id, start, end, first_row));
+        }
+        self.stats.prompt_tokens += tokens.len() as u64;
+        let logprobs = self
+            .model
+            .forward(self.backend.as_ref(), &tokens, &layout, &mut self.kv, &logit_rows)?;
+        let vocab = self.model.config.vocab_size;
+        let mut outputs = Vec::with_capacity(plan.len());
+        for (id, start, end, first_row) in plan {
+            let out = self.advance(id, start, end, &logprobs[first_row * vocab..], vocab);
+            outputs.extend(out);
+        }
+        Ok(outputs)
+    }
+
+    /// Applies one step's results to a sequence: prompt logprobs, a sampled token, stops.
+    fn advance(&mut self, id: RequestId, start: usize, end: usize, rows: &[f32], vocab: usize) -> Option<RequestOutput> {
+        let eos = self.model.config.eos_token_ids.clone();
+        let seq = self.seqs.get_mut(&id).expect("scheduled ids are live");
+        seq.num_computed = end;
+        let prompt_len = seq.req.prompt.len();
+        let mut row = 0;
+        for p in start..end {
+            if seq.req.prompt_logprobs && p + 1 < prompt_len {
+                if p + 1 > seq.prompt_logprobs.len() {
+                    // Recomputed rows after preemption are identical; record each once.
+                    let next = seq.req.prompt[p + 1];
+                    let dist = &rows[row * vocab..(row + 1) * vocab];
+                    seq.prompt_logprobs.push(dist[next as usize]);
+                    seq.prompt_is_greedy.push(crate::sampler::argmax(dist) == next);
+                }
+                row += 1;
+            }
+        }
+        if end < seq.len() {
+            return None; // mid-prompt chunk: nothing to report yet
+        }
+        let mut out = RequestOutput {
+            request_id: id,
+            new_tokens: vec![],
+            text_delta: String::new(),
+            finish_reason: None,
+            prompt_logprobs: None,
+            prompt_is_greedy: None,
+            usage: seq.usage,
+        };
+        let first_output = seq.output.is_empty();
+        if first_output && seq.req.prompt_logprobs {
+            out.prompt_logprobs = Some(seq.prompt_logprobs.clone());
+            out.prompt_is_greedy = Some(seq.prompt_is_greedy.clone());
+        }
+        if seq.req.score_only {
+            out.finish_reason = Some(FinishReason::Scored);
+        } else {
+            let dist = &rows[row * vocab..(row + 1) * vocab];
+            let history: Vec<u32> = (0..seq.len()).map(|i| seq.token(i)).collect();
+            let token = sample(dist, &seq.req.params, &history, &seq.output, &mut seq.rng);
+            seq.output.push(token);
+            seq.usage.completion_tokens += 1;
+            self.stats.generated_tokens += 1;
+            out.new_tokens.push(TokenLogprob {
+                token,
+                logprob: dist[token as usize],
+                top: top_k(dist, seq.req.params.logprobs),
+            });
+            let p = &seq.req.params;
+            if (!p.ignore_eos && eos.contains(&token)) || p.stop_token_ids.contains(&token) {
+                out.finish_reason = Some(FinishReason::Stop);
+            } else if seq.output.len() >= p.max_tokens || seq.len() >= self.model.config.max_position_embeddings {
+                out.finish_reason = Some(FinishReason::Length);
+            } else if seq.len() + 1 > self.blocks.num_blocks() * self.config.block_size {
+                out.finish_reason = Some(FinishReason::Length);
+            }
+            if let Some(tok) = &self.tokenizer {
+                let (delta, stopped) = text_delta(tok, seq, out.finish_reason.is_some());
+                out.text_delta = delta;
+                if stopped {
+                    out.finish_reason = Some(FinishReason::Stop);
+                }
+            }
+            out.usage = seq.usage;
+        }
+        if out.finish_reason.is_some() {
+            let mut seq = self.seqs.remove(&id).expect("live");
+            self.blocks.release(&mut seq.blocks);
+            self.running.retain(|&r| r != id);
+        }
+        Some(out)
+    }
+
+    /// Runs requests to completion (offline use); outputs in request order.
+    pub fn generate(&mut self, requests: Vec<Request>) -> Result<Vec<Completion>> {
+        let ids = requests
+            .into_iter()
+            .map(|r| self.add_request(r))
+            .collect::<Result<Vec<_>>>()?;
+        let mut done: HashMap<RequestId, Completion> = ids.iter().map(|&id| (id, Completion::default())).collect();
+        while ids.iter().any(|id| self.seqs.contains_key(id)) {
+            for out in self.step()? {
+                if let Some(c) = done.get_mut(&out.request_id) {
+                    c.absorb(out);
+                }
+            }
+        }
+        Ok(ids.iter().map(|id| done.remove(id).unwrap_or_default()).collect())
+    }
+
+    /// Log-probabilities of `tokens[1..]` for each token list (offline scoring).
+    pub fn score(&mut self, token_lists: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>> {
+        let done = self.generate(token_lists.into_iter().map(Request::score).collect())?;
+        Ok(done.into_iter().map(|c| c.prompt_logprobs.unwrap_or_default()).collect())
+    }
+}
+
+/// A finished request, collected from its outputs.
+#[derive(Debug, Clone, Default)]
+pub struct Completion {
+    pub tokens: Vec<u32>,
+    pub logprobs: Vec<TokenLogprob>,
+    pub text: String,
+    pub finish_reason: Option<FinishReason>,
+    pub prompt_logprobs: Option<Vec<f32>>,
+    pub prompt_is_greedy: Option<Vec<bool>>,
+    pub usage: Usage,
+}
+
+impl Completion {
+    pub fn absorb(&mut self, out: RequestOutput) {
+        for t in &out.new_tokens {
+            self.tokens.push(t.token);
+        }
+        self.logprobs.extend(out.new_tokens);
+        self.text.push_str(&out.text_delta);
+        if out.prompt_logprobs.is_some() {
+            self.prompt_logprobs = out.prompt_logprobs;
+            self.prompt_is_greedy = out.prompt_is_greedy;
+        }
+        self.finish_reason = out.finish_reason.or(self.finish_reason);
+        self.usage = out.usage;
+    }
+}
+
+/// Decodes the output so far and returns the text not yet emitted, holding back an
+/// incomplete UTF-8 character and any tail that could still grow into a stop string.
+/// Returns whether a stop string was found (the text is cut before it).
+fn text_delta(tok: &Tokenizer, seq: &mut Sequence, finishing: bool) -> (String, bool) {
+    let text = match tok.decode_output(&seq.output) {
+        Ok(t) => t,
+        Err(_) => return (String::new(), false),
+    };
+    let stop_at = seq
+        .req
+        .params
+        .stop
+        .iter()
+        .filter_map(|s| text.find(s.as_str()))
+        .min();
+    let (limit, stopped) = match stop_at {
+        Some(i) => (i, true),
+        None if finishing => (text.len(), false),
+        None => {
+            // An unfinished multi-byte character decodes as U+FFFD: wait for its other bytes.
+            let mut safe = text.trim_end_matches('\u{FFFD}').len();
+            for s in &seq.req.params.stop {
+                for k in (1..s.len()).rev() {
+                    if s.is_char_boundary(k) && text[..safe].ends_with(&s[..k]) {
+                        safe -= k;
+                        break;
+                    }
+                }
+            }
+            (safe, false)
+        }
+    };
+    let limit = limit.max(seq.emitted);
+    let delta = text.get(seq.emitted..limit).unwrap_or("").to_string();
+    seq.emitted = limit;
+    (delta, stopped)
+}

@@ -1,0 +1,275 @@
+//! Sampling parameters, their validation, and the sampler that turns a row of
+//! log-probabilities into a token.
+
+use crate::error::{EngineError, Result};
+
+/// How to pick tokens. `Default` is greedy decoding of up to 16 tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 disables top-k.
+    pub top_k: i64,
+    /// In (0, 1]; 1 disables top-p.
+    pub top_p: f32,
+    /// In [0, 1]; 0 disables min-p.
+    pub min_p: f32,
+    /// > 0; 1 disables. Divides positive logits (multiplies negative ones) of seen tokens.
+    pub repetition_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub seed: Option<u64>,
+    pub max_tokens: usize,
+    pub stop_token_ids: Vec<u32>,
+    pub stop: Vec<String>,
+    /// Keep generating past the model's end-of-sequence tokens.
+    pub ignore_eos: bool,
+    /// Report this many top alternatives with each sampled token.
+    pub logprobs: usize,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            max_tokens: 16,
+            stop_token_ids: vec![],
+            stop: vec![],
+            ignore_eos: false,
+            logprobs: 0,
+        }
+    }
+}
+
+macro_rules! setter {
+    ($name:ident: $ty:ty) => {
+        pub fn $name(mut self, v: $ty) -> Self {
+            self.$name = v;
+            self
+        }
+    };
+}
+
+impl SamplingParams {
+    setter!(temperature: f32);
+    setter!(top_k: i64);
+    setter!(top_p: f32);
+    setter!(min_p: f32);
+    setter!(repetition_penalty: f32);
+    setter!(presence_penalty: f32);
+    setter!(frequency_penalty: f32);
+    setter!(max_tokens: usize);
+    setter!(stop_token_ids: Vec<u32>);
+    setter!(stop: Vec<String>);
+    setter!(ignore_eos: bool);
+    setter!(logprobs: usize);
+
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Rejects impossible values, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, msg: String| Err(EngineError::InvalidRequest { field, msg });
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad("temperature", format!("must be a finite number >= 0, got {}", self.temperature));
+        }
+        if self.top_k < 0 {
+            return bad("top_k", format!("must be >= 0 (0 disables it), got {}", self.top_k));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", format!("must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", format!("must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad("repetition_penalty", format!("must be > 0, got {}", self.repetition_penalty));
+        }
+        for (field, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(field, format!("must be in [-2, 2], got {v}"));
+            }
+        }
+        if self.max_tokens == 0 {
+            return bad("max_tokens", "must be at least 1".into());
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return bad("stop", "stop strings must not be empty".into());
+        }
+        if self.logprobs > 20 {
+            return bad("logprobs", format!("at most 20 alternatives, got {}", self.logprobs));
+        }
+        Ok(())
+    }
+}
+
+/// A small, fast, seedable PRNG (SplitMix64): per-request streams, independent of batching.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Picks the next token from a row of log-probabilities. `history` is every token of the
+/// sequence so far (prompt and output), used by the penalties.
+pub fn sample(logprobs: &[f32], params: &SamplingParams, history: &[u32], output: &[u32], rng: &mut Rng) -> u32 {
+    let penalised = params.repetition_penalty != 1.0 || params.presence_penalty != 0.0 || params.frequency_penalty != 0.0;
+    let mut logits: Vec<f32> = logprobs.to_vec();
+    if penalised {
+        let mut seen = std::collections::HashMap::<u32, u32>::new();
+        for &t in output {
+            *seen.entry(t).or_default() += 1;
+        }
+        let mut in_history = std::collections::HashSet::new();
+        for &t in history {
+            if in_history.insert(t) && (t as usize) < logits.len() {
+                // Log-probabilities are negative: "divide positive / multiply negative" on
+                // logits becomes multiply here, since the shift does not change the order.
+                let l = &mut logits[t as usize];
+                *l = if *l > 0.0 { *l / params.repetition_penalty } else { *l * params.repetition_penalty };
+            }
+        }
+        for (&t, &count) in &seen {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= params.presence_penalty + params.frequency_penalty * count as f32;
+            }
+        }
+    }
+    if params.temperature == 0.0 {
+        return argmax(&logits);
+    }
+    // Candidates sorted by logit (ties by id, so the order is fully determined).
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    if params.top_k > 0 {
+        idx.truncate(params.top_k as usize);
+    }
+    let max = logits[idx[0] as usize];
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| (((logits[i as usize] - max) / params.temperature) as f64).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    let mut keep = probs.len();
+    if params.top_p < 1.0 {
+        let mut cum = 0.0;
+        for (i, p) in probs.iter().enumerate() {
+            cum += p;
+            if cum >= params.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    if params.min_p > 0.0 {
+        let floor = probs[0] * params.min_p as f64;
+        keep = keep.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
+    }
+    let total: f64 = probs[..keep].iter().sum();
+    let mut r = rng.next_f64() * total;
+    for (i, p) in probs[..keep].iter().enumerate() {
+        r -= p;
+        if r < 0.0 {
+            return idx[i];
+        }
+    }
+    idx[keep - 1]
+}
+
+/// Index of the largest value (lowest index on ties).
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The `k` most likely tokens of a row, most likely first.
+pub fn top_k(logprobs: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
+    let k = k.min(idx.len());
+    if k == 0 {
+        return vec![];
+    }
+    idx.select_nth_unstable_by(k - 1, |&a, &b| logprobs[b as usize].total_cmp(&logprobs[a as usize]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx.sort_unstable_by(|&a, &b| logprobs[b as usize].total_cmp(&logprobs[a as usize]).then(a.cmp(&b)));
+    idx.into_iter().map(|i| (i, logprobs[i as usize])).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_parameters_name_their_field() {
+        let cases = [
+            (SamplingParams::default().temperature(-1.0), "temperature"),
+            (SamplingParams::default().temperature(f32::NAN), "temperature"),
+            (SamplingParams::default().top_p(0.0), "top_p"),
+            (SamplingParams::default().top_p(1.5), "top_p"),
+            (SamplingParams::default().top_k(-1), "top_k"),
+            (SamplingParams::default().max_tokens(0), "max_tokens"),
+            (SamplingParams::default().min_p(2.0), "min_p"),
+        ];
+        for (p, field) in cases {
+            match p.validate() {
+                Err(EngineError::InvalidRequest { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        assert!(SamplingParams::default().top_k(0).validate().is_ok());
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax_and_seeded_sampling_repeats() {
+        let row = [-3.0f32, -0.5, -1.0, -2.0];
+        let mut rng = Rng::new(1);
+        assert_eq!(sample(&row, &SamplingParams::default(), &[], &[], &mut rng), 1);
+        let p = SamplingParams::default().temperature(1.0);
+        let draw = |seed| {
+            let mut rng = Rng::new(seed);
+            (0..32).map(|_| sample(&row, &p, &[], &[], &mut rng)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+        let top1 = SamplingParams::default().temperature(1.0).top_k(1);
+        assert!((0..20).all(|_| sample(&row, &top1, &[], &[], &mut rng) == 1));
+        let topp = SamplingParams::default().temperature(1.0).top_p(0.01);
+        assert!((0..20).all(|_| sample(&row, &topp, &[], &[], &mut rng) == 1));
+    }
+
+    #[test]
+    fn top_k_is_sorted() {
+        assert_eq!(top_k(&[-1.0, -0.1, -5.0, -0.2], 2), vec![(1, -0.1), (3, -0.2)]);
+    }
+}

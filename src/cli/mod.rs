@@ -1,0 +1,152 @@
+//! Subcommands of the `vellum` binary. Every command goes through the same Engine API as
+//! embedders use; there is no second inference path.
+
+mod generate;
+mod inspect;
+mod score;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use vellum_engine::{Engine, EngineConfig};
+
+#[derive(Parser)]
+#[command(name = "vellum", version, about = "Vellum: a small, embeddable LLM inference engine")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Score texts from JSONL: log-likelihood, perplexity and per-token logprobs.
+    ///
+    /// Example: vellum score --model model.gguf --input texts.jsonl --output scores.jsonl
+    Score(score::ScoreArgs),
+    /// Generate completions for a prompt or a JSONL file of prompts.
+    ///
+    /// Example: vellum generate --model model.gguf --chat --prompt "What is the capital of France?"
+    Generate(generate::GenerateArgs),
+    /// Print a model's architecture, tensors and tokenizer, validating everything a load checks.
+    ///
+    /// Example: vellum inspect model.gguf
+    Inspect(inspect::InspectArgs),
+    /// Convert a checkpoint (e.g. a GGUF file) to a Hugging Face directory.
+    ///
+    /// Example: vellum convert model.gguf out_dir --dtype f32
+    Convert(inspect::ConvertArgs),
+}
+
+/// Options shared by the commands that run a model.
+#[derive(Args, Clone)]
+pub struct EngineArgs {
+    /// Model: a Hugging Face directory (config.json + safetensors) or a .gguf file.
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// Device to run on: auto, cpu (CUDA is not built yet; auto means cpu).
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// KV cache memory, with units (e.g. 512MiB, 2GiB).
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    kv_cache_mem: usize,
+    /// Most sequences in one step.
+    #[arg(long, default_value_t = 64)]
+    max_seqs: usize,
+    /// Token budget of one step (prefill chunks plus decodes).
+    #[arg(long, default_value_t = 512)]
+    max_batched_tokens: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// No progress output on stderr.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+}
+
+impl EngineArgs {
+    fn build(&self) -> Result<Engine> {
+        match self.device.as_str() {
+            "auto" | "cpu" => {}
+            d if d.starts_with("cuda") => bail!("--device {d}: the CUDA backend is not built yet; use --device cpu"),
+            d => bail!("--device {d}: expected auto, cpu or cuda:N"),
+        }
+        if let Some(n) = self.threads {
+            if n == 0 {
+                bail!("--threads must be at least 1");
+            }
+            // Ignored if the pool was already built (only happens in tests).
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        }
+        let config = EngineConfig {
+            kv_cache_bytes: self.kv_cache_mem,
+            max_seqs: self.max_seqs,
+            max_batched_tokens: self.max_batched_tokens,
+            ..EngineConfig::default()
+        };
+        Engine::builder()
+            .model(&self.model)
+            .config(config)
+            .build()
+            .with_context(|| format!("loading {}", self.model.display()))
+    }
+}
+
+/// Parses sizes like `512MiB`, `2GiB`, `1.5GB`, `1048576`.
+pub fn parse_size(s: &str) -> std::result::Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a size (e.g. 512MiB, 2GiB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        u => return Err(format!("unknown size unit `{u}` in `{s}` (use KiB, MiB, GiB)")),
+    };
+    Ok((n * mult) as usize)
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Score(a) => score::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Inspect(a) => inspect::inspect(a),
+        Command::Convert(a) => inspect::convert(a),
+    }
+}
+
+/// Opens `path` for reading, `-` meaning stdin.
+fn open_input(path: &str) -> Result<Box<dyn std::io::BufRead>> {
+    Ok(if path == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        let f = std::fs::File::open(path).with_context(|| format!("opening {path}"))?;
+        Box::new(std::io::BufReader::new(f))
+    })
+}
+
+/// Opens `path` for writing, `-` meaning stdout.
+fn open_output(path: &str) -> Result<Box<dyn std::io::Write>> {
+    Ok(if path == "-" {
+        Box::new(std::io::BufWriter::new(std::io::stdout()))
+    } else {
+        let f = std::fs::File::create(path).with_context(|| format!("creating {path}"))?;
+        Box::new(std::io::BufWriter::new(f))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(super::parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(super::parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(super::parse_size("1000"), Ok(1000));
+        assert!(super::parse_size("12 parsecs").is_err());
+    }
+}

@@ -1,0 +1,108 @@
+//! Forward pass vs Hugging Face transformers (tests/golden, made by make_golden.py).
+
+mod common;
+use common::*;
+use vellum::engine::{Engine, EngineConfig, Request, SamplingParams};
+
+fn engine_for(path: &std::path::Path, max_batched_tokens: usize) -> Engine {
+    Engine::builder()
+        .model(path)
+        .config(EngineConfig {
+            max_batched_tokens,
+            kv_cache_bytes: 64 << 20,
+            ..EngineConfig::default()
+        })
+        .build()
+        .unwrap()
+}
+
+fn greedy(n: usize) -> SamplingParams {
+    SamplingParams::default().max_tokens(n).ignore_eos(true).logprobs(5)
+}
+
+/// Every tiny model: all prompts scored together in one ragged batch with chunked prefill
+/// (chunks of 24 tokens cross the 16-token block boundaries), and greedy decoding.
+#[test]
+fn tiny_models_match_transformers() {
+    let g = golden("tiny.json");
+    for (name, m) in g["models"].as_object().unwrap() {
+        let tol = if m["dtype"] == "bf16" { 2e-2 } else { 1e-4 };
+        let dir = repo().join("tests/golden/models").join(name);
+        let prompts = m["prompts"].as_array().unwrap();
+        let mut engine = engine_for(&dir, 24);
+        let lists: Vec<Vec<u32>> = prompts.iter().map(|p| ids(&p["prompt"])).collect();
+        let scored = engine.score(lists.clone()).unwrap();
+        for (p, got) in prompts.iter().zip(&scored) {
+            let want = floats(&p["prompt_logprobs"]);
+            let d = max_abs_diff(got, &want);
+            assert!(d <= tol, "{name}: prompt of {} tokens: max logprob diff {d}", lists[0].len());
+        }
+        let reqs = lists.iter().map(|l| Request::tokens(l.clone(), greedy(8))).collect();
+        let done = engine.generate(reqs).unwrap();
+        for (p, c) in prompts.iter().zip(&done) {
+            let len = p["prompt"].as_array().unwrap().len();
+            assert_eq!(c.tokens, ids(&p["greedy"]), "{name}: greedy tokens, prompt of {len}");
+            let lps: Vec<f32> = c.logprobs.iter().map(|l| l.logprob).collect();
+            let d = max_abs_diff(&lps, &floats(&p["greedy_logprobs"]));
+            assert!(d <= tol, "{name}: greedy logprobs differ by {d}");
+            let top: Vec<u32> = c.logprobs[0].top.iter().map(|t| t.0).collect();
+            assert_eq!(top, ids(&p["last_top5"]["ids"]), "{name}: top-5 after the prompt of {len}");
+        }
+        engine.check_blocks().unwrap();
+        assert!(!engine.has_unfinished());
+    }
+}
+
+/// A row's numbers do not depend on the rest of the batch: each prompt alone gives exactly
+/// (bit for bit) what it gave inside the batch.
+#[test]
+fn results_do_not_depend_on_the_batch() {
+    let g = golden("tiny.json");
+    let m = &g["models"]["llama_gqa"];
+    let dir = repo().join("tests/golden/models/llama_gqa");
+    let lists: Vec<Vec<u32>> = m["prompts"].as_array().unwrap().iter().map(|p| ids(&p["prompt"])).collect();
+    let together = engine_for(&dir, 24).score(lists.clone()).unwrap();
+    for (l, t) in lists.iter().zip(&together) {
+        let alone = engine_for(&dir, 512).score(vec![l.clone()]).unwrap();
+        assert_eq!(&alone[0], t, "prompt of {} tokens", l.len());
+    }
+}
+
+#[test]
+fn real_model_tokenizer_matches_transformers() {
+    let g = golden("smollm2.json");
+    let ck = vellum::engine::Checkpoint::open(&real_model()).unwrap();
+    let tok = ck.tokenizer.unwrap();
+    for case in g["tokenizer"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(tok.encode(text, false).unwrap(), ids(&case["ids"]), "encoding {text:?}");
+        if case["roundtrip"].as_bool().unwrap() {
+            assert_eq!(tok.decode(&ids(&case["ids"])).unwrap(), text);
+        }
+    }
+}
+
+#[test]
+fn real_model_chat_and_scores_match_transformers() {
+    let g = golden("smollm2.json");
+    let mut engine = engine_for(&real_model(), 512);
+    let tok = engine.tokenizer().unwrap().clone();
+    let mut reqs = vec![];
+    for case in g["chat"].as_array().unwrap() {
+        let text = case["prompt_text"].as_str().unwrap();
+        let prompt = tok.encode(text, false).unwrap();
+        assert_eq!(prompt, ids(&case["prompt_ids"]), "chat prompt tokens");
+        reqs.push(Request::tokens(prompt, greedy(20)));
+    }
+    for (case, c) in g["chat"].as_array().unwrap().iter().zip(engine.generate(reqs).unwrap()) {
+        assert_eq!(c.tokens, ids(&case["greedy"]), "greedy reply to {}", case["prompt_text"]);
+        let lps: Vec<f32> = c.logprobs.iter().map(|l| l.logprob).collect();
+        let d = max_abs_diff(&lps, &floats(&case["greedy_logprobs"]));
+        assert!(d <= 1e-3, "greedy logprobs differ by {d}");
+    }
+    let lists: Vec<Vec<u32>> = g["scoring"].as_array().unwrap().iter().map(|s| ids(&s["ids"])).collect();
+    for (case, got) in g["scoring"].as_array().unwrap().iter().zip(engine.score(lists).unwrap()) {
+        let d = max_abs_diff(&got, &floats(&case["prompt_logprobs"]));
+        assert!(d <= 1e-3, "scoring logprobs differ by {d}");
+    }
+}
