@@ -17,7 +17,10 @@ fn engine_for(path: &std::path::Path, max_batched_tokens: usize) -> Engine {
 }
 
 fn greedy(n: usize) -> SamplingParams {
-    SamplingParams::default().max_tokens(n).ignore_eos(true).logprobs(5)
+    SamplingParams::default()
+        .max_tokens(n)
+        .ignore_eos(true)
+        .logprobs(5)
 }
 
 /// Every tiny model: all prompts scored together in one ragged batch with chunked prefill
@@ -35,18 +38,33 @@ fn tiny_models_match_transformers() {
         for (p, got) in prompts.iter().zip(&scored) {
             let want = floats(&p["prompt_logprobs"]);
             let d = max_abs_diff(got, &want);
-            assert!(d <= tol, "{name}: prompt of {} tokens: max logprob diff {d}", lists[0].len());
+            assert!(
+                d <= tol,
+                "{name}: prompt of {} tokens: max logprob diff {d}",
+                lists[0].len()
+            );
         }
-        let reqs = lists.iter().map(|l| Request::tokens(l.clone(), greedy(8))).collect();
+        let reqs = lists
+            .iter()
+            .map(|l| Request::tokens(l.clone(), greedy(8)))
+            .collect();
         let done = engine.generate(reqs).unwrap();
         for (p, c) in prompts.iter().zip(&done) {
             let len = p["prompt"].as_array().unwrap().len();
-            assert_eq!(c.tokens, ids(&p["greedy"]), "{name}: greedy tokens, prompt of {len}");
+            assert_eq!(
+                c.tokens,
+                ids(&p["greedy"]),
+                "{name}: greedy tokens, prompt of {len}"
+            );
             let lps: Vec<f32> = c.logprobs.iter().map(|l| l.logprob).collect();
             let d = max_abs_diff(&lps, &floats(&p["greedy_logprobs"]));
             assert!(d <= tol, "{name}: greedy logprobs differ by {d}");
             let top: Vec<u32> = c.logprobs[0].top.iter().map(|t| t.0).collect();
-            assert_eq!(top, ids(&p["last_top5"]["ids"]), "{name}: top-5 after the prompt of {len}");
+            assert_eq!(
+                top,
+                ids(&p["last_top5"]["ids"]),
+                "{name}: top-5 after the prompt of {len}"
+            );
         }
         engine.check_blocks().unwrap();
         assert!(!engine.has_unfinished());
@@ -60,7 +78,12 @@ fn results_do_not_depend_on_the_batch() {
     let g = golden("tiny.json");
     let m = &g["models"]["llama_gqa"];
     let dir = repo().join("tests/golden/models/llama_gqa");
-    let lists: Vec<Vec<u32>> = m["prompts"].as_array().unwrap().iter().map(|p| ids(&p["prompt"])).collect();
+    let lists: Vec<Vec<u32>> = m["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| ids(&p["prompt"]))
+        .collect();
     let together = engine_for(&dir, 24).score(lists.clone()).unwrap();
     for (l, t) in lists.iter().zip(&together) {
         let alone = engine_for(&dir, 512).score(vec![l.clone()]).unwrap();
@@ -75,7 +98,11 @@ fn real_model_tokenizer_matches_transformers() {
     let tok = ck.tokenizer.unwrap();
     for case in g["tokenizer"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(tok.encode(text, false).unwrap(), ids(&case["ids"]), "encoding {text:?}");
+        assert_eq!(
+            tok.encode(text, false).unwrap(),
+            ids(&case["ids"]),
+            "encoding {text:?}"
+        );
         if case["roundtrip"].as_bool().unwrap() {
             assert_eq!(tok.decode(&ids(&case["ids"])).unwrap(), text);
         }
@@ -94,14 +121,34 @@ fn real_model_chat_and_scores_match_transformers() {
         assert_eq!(prompt, ids(&case["prompt_ids"]), "chat prompt tokens");
         reqs.push(Request::tokens(prompt, greedy(20)));
     }
-    for (case, c) in g["chat"].as_array().unwrap().iter().zip(engine.generate(reqs).unwrap()) {
-        assert_eq!(c.tokens, ids(&case["greedy"]), "greedy reply to {}", case["prompt_text"]);
+    for (case, c) in g["chat"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(engine.generate(reqs).unwrap())
+    {
+        assert_eq!(
+            c.tokens,
+            ids(&case["greedy"]),
+            "greedy reply to {}",
+            case["prompt_text"]
+        );
         let lps: Vec<f32> = c.logprobs.iter().map(|l| l.logprob).collect();
         let d = max_abs_diff(&lps, &floats(&case["greedy_logprobs"]));
         assert!(d <= 1e-3, "greedy logprobs differ by {d}");
     }
-    let lists: Vec<Vec<u32>> = g["scoring"].as_array().unwrap().iter().map(|s| ids(&s["ids"])).collect();
-    for (case, got) in g["scoring"].as_array().unwrap().iter().zip(engine.score(lists).unwrap()) {
+    let lists: Vec<Vec<u32>> = g["scoring"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| ids(&s["ids"]))
+        .collect();
+    for (case, got) in g["scoring"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(engine.score(lists).unwrap())
+    {
         let d = max_abs_diff(&got, &floats(&case["prompt_logprobs"]));
         assert!(d <= 1e-3, "scoring logprobs differ by {d}");
     }

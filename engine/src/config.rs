@@ -112,9 +112,16 @@ impl Fields<'_> {
             None | Some(Value::Null) => Ok(vec![]),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| v.as_u64().and_then(|v| u32::try_from(v).ok()).ok_or_else(bad))
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|v| u32::try_from(v).ok())
+                        .ok_or_else(bad)
+                })
                 .collect(),
-            Some(v) => Ok(vec![v.as_u64().and_then(|v| u32::try_from(v).ok()).ok_or_else(bad)?]),
+            Some(v) => Ok(vec![v
+                .as_u64()
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(bad)?]),
         }
     }
 }
@@ -179,7 +186,10 @@ impl ModelConfig {
             head_dim,
             vocab_size: f.usize("vocab_size")?,
             rms_norm_eps: f.f64_or("rms_norm_eps", 1e-6)? as f32,
-            rope_theta: match json.get("rope_parameters").and_then(|r| r.get("rope_theta")) {
+            rope_theta: match json
+                .get("rope_parameters")
+                .and_then(|r| r.get("rope_theta"))
+            {
                 // transformers 5 moved rope_theta into rope_parameters.
                 Some(v) if json.get("rope_theta").is_none() => v
                     .as_f64()
@@ -222,7 +232,10 @@ impl ModelConfig {
             .and_then(|v| v.as_u64())
             .map(|v| v as usize)
             .unwrap_or(num_heads);
-        let head_dim = match meta.get(&key("rope.dimension_count")).and_then(|v| v.as_u64()) {
+        let head_dim = match meta
+            .get(&key("rope.dimension_count"))
+            .and_then(|v| v.as_u64())
+        {
             Some(d) => d as usize,
             None if num_heads > 0 => hidden_size / num_heads,
             None => 0,
@@ -283,20 +296,32 @@ impl ModelConfig {
                 return Err(err(field, "must be positive, got 0".into()));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(err(
                 "num_key_value_heads",
-                format!("{} does not divide num_attention_heads {}", self.num_kv_heads, self.num_heads),
+                format!(
+                    "{} does not divide num_attention_heads {}",
+                    self.num_kv_heads, self.num_heads
+                ),
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return Err(err("head_dim", format!("{} must be even for rotary embeddings", self.head_dim)));
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(err(
+                "head_dim",
+                format!("{} must be even for rotary embeddings", self.head_dim),
+            ));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return Err(err("rms_norm_eps", format!("{} must be a positive number", self.rms_norm_eps)));
+            return Err(err(
+                "rms_norm_eps",
+                format!("{} must be a positive number", self.rms_norm_eps),
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(err("rope_theta", format!("{} must be a positive number", self.rope_theta)));
+            return Err(err(
+                "rope_theta",
+                format!("{} must be a positive number", self.rope_theta),
+            ));
         }
         let limits = [
             ("hidden_size", self.hidden_size, 1 << 17),
@@ -307,7 +332,10 @@ impl ModelConfig {
         ];
         for (field, v, max) in limits {
             if v > max {
-                return Err(err(field, format!("{v} is implausibly large (limit {max})")));
+                return Err(err(
+                    field,
+                    format!("{v} is implausibly large (limit {max})"),
+                ));
             }
         }
         Ok(())
@@ -394,7 +422,9 @@ fn parse_rope_scaling(f: &Fields) -> Result<RopeScaling> {
     };
     match kind {
         "default" => Ok(RopeScaling::None),
-        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
         "llama3" => Ok(RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,

@@ -34,7 +34,11 @@ pub fn hf_tensors(model: &Model) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         let p = format!("model.layers.{i}");
         vec(format!("{p}.input_layernorm.weight"), &l.attn_norm);
         vec(format!("{p}.post_attention_layernorm.weight"), &l.mlp_norm);
-        for (name, b) in [("q_proj", &l.q_bias), ("k_proj", &l.k_bias), ("v_proj", &l.v_bias)] {
+        for (name, b) in [
+            ("q_proj", &l.q_bias),
+            ("k_proj", &l.k_bias),
+            ("v_proj", &l.v_bias),
+        ] {
             if let Some(b) = b {
                 vec(format!("{p}.self_attn.{name}.bias"), b);
             }
@@ -65,7 +69,10 @@ pub fn convert(checkpoint: &Checkpoint, out_dir: &Path, dtype: DType) -> Result<
         std::fs::write(&p, text).map_err(io_err(&p))
     };
     let config = model.config.to_hf_json(torch_dtype);
-    write("config.json", serde_json::to_string_pretty(&config).expect("JSON value"))?;
+    write(
+        "config.json",
+        serde_json::to_string_pretty(&config).expect("JSON value"),
+    )?;
     let mut gen = serde_json::json!({"do_sample": false});
     if let Some(b) = model.config.bos_token_id {
         gen["bos_token_id"] = b.into();
@@ -73,7 +80,10 @@ pub fn convert(checkpoint: &Checkpoint, out_dir: &Path, dtype: DType) -> Result<
     if !model.config.eos_token_ids.is_empty() {
         gen["eos_token_id"] = model.config.eos_token_ids.clone().into();
     }
-    write("generation_config.json", serde_json::to_string_pretty(&gen).expect("JSON value"))?;
+    write(
+        "generation_config.json",
+        serde_json::to_string_pretty(&gen).expect("JSON value"),
+    )?;
     if let Some(tok) = &checkpoint.tokenizer {
         write("tokenizer.json", tok.json().to_string())?;
         write(

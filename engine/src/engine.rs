@@ -233,20 +233,31 @@ impl Engine {
         EngineBuilder::default()
     }
 
-    pub fn new(model: Model, tokenizer: Option<Tokenizer>, backend: Box<dyn Backend>, config: EngineConfig) -> Result<Engine> {
+    pub fn new(
+        model: Model,
+        tokenizer: Option<Tokenizer>,
+        backend: Box<dyn Backend>,
+        config: EngineConfig,
+    ) -> Result<Engine> {
         let invalid = |field, msg: String| Err(EngineError::InvalidRequest { field, msg });
         if config.block_size == 0 {
             return invalid("block_size", "must be at least 1".into());
         }
         if config.max_batched_tokens == 0 || config.max_seqs == 0 {
-            return invalid("max_batched_tokens", "max_batched_tokens and max_seqs must be at least 1".into());
+            return invalid(
+                "max_batched_tokens",
+                "max_batched_tokens and max_seqs must be at least 1".into(),
+            );
         }
         let block_bytes = model.kv_bytes_per_token() * config.block_size;
         let num_blocks = config.kv_cache_bytes / block_bytes;
         if num_blocks == 0 {
             return invalid(
                 "kv_cache_bytes",
-                format!("{} bytes hold no block of {} tokens ({block_bytes} bytes)", config.kv_cache_bytes, config.block_size),
+                format!(
+                    "{} bytes hold no block of {} tokens ({block_bytes} bytes)",
+                    config.kv_cache_bytes, config.block_size
+                ),
             );
         }
         let kv = model.new_kv_cache(num_blocks, config.block_size);
@@ -300,7 +311,10 @@ impl Engine {
         req.params.validate()?;
         let vocab = self.model.config.vocab_size;
         if req.prompt.is_empty() {
-            return Err(EngineError::InvalidRequest { field: "prompt", msg: "is empty".into() });
+            return Err(EngineError::InvalidRequest {
+                field: "prompt",
+                msg: "is empty".into(),
+            });
         }
         if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(EngineError::InvalidRequest {
@@ -308,7 +322,12 @@ impl Engine {
                 msg: format!("token id {t} is outside the vocabulary of {vocab}"),
             });
         }
-        let total = req.prompt.len() + if req.score_only { 0 } else { req.params.max_tokens };
+        let total = req.prompt.len()
+            + if req.score_only {
+                0
+            } else {
+                req.params.max_tokens
+            };
         let capacity = self.kv_capacity_tokens();
         if req.prompt.len() > capacity || (!req.score_only && req.prompt.len() + 1 > capacity) {
             return Err(EngineError::InvalidRequest {
@@ -322,11 +341,17 @@ impl Engine {
         let _ = total; // max_tokens beyond the pool is capped at run time (finish reason "length").
         let id = self.next_id;
         self.next_id += 1;
-        let seed = req.params.seed.unwrap_or(id.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0xA5A5);
+        let seed = req
+            .params
+            .seed
+            .unwrap_or(id.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0xA5A5);
         self.seqs.insert(
             id,
             Sequence {
-                usage: Usage { prompt_tokens: req.prompt.len(), ..Usage::default() },
+                usage: Usage {
+                    prompt_tokens: req.prompt.len(),
+                    ..Usage::default()
+                },
                 req,
                 output: vec![],
                 num_computed: 0,
@@ -366,7 +391,11 @@ impl Engine {
         self.blocks.check(self.seqs.values().map(|s| &s.blocks))?;
         let owned: usize = self.seqs.values().map(|s| s.blocks.len()).sum();
         if owned + self.blocks.num_free() != self.blocks.num_blocks() {
-            return Err(format!("{owned} owned + {} free != {}", self.blocks.num_free(), self.blocks.num_blocks()));
+            return Err(format!(
+                "{owned} owned + {} free != {}",
+                self.blocks.num_free(),
+                self.blocks.num_blocks()
+            ));
         }
         Ok(())
     }
@@ -409,7 +438,9 @@ impl Engine {
             }
         }
         while budget > 0 && self.running.len() < self.config.max_seqs {
-            let Some(&id) = self.waiting.front() else { break };
+            let Some(&id) = self.waiting.front() else {
+                break;
+            };
             let seq = self.seqs.get_mut(&id).expect("waiting ids are live");
             let chunk = (seq.len() - seq.num_computed).min(budget);
             if !self.blocks.grow(&mut seq.blocks, seq.num_computed + chunk) {
@@ -439,7 +470,10 @@ impl Engine {
         }
         self.stats.steps += 1;
         let bs = self.config.block_size;
-        let mut layout = BatchLayout { seq_offsets: vec![0], ..BatchLayout::default() };
+        let mut layout = BatchLayout {
+            seq_offsets: vec![0],
+            ..BatchLayout::default()
+        };
         let mut tokens = Vec::new();
         let mut logit_rows = Vec::new();
         // Per scheduled sequence: (first logit row index, rows, wants next-token sample).
@@ -466,9 +500,13 @@ impl Engine {
             plan.push((id, start, end, first_row));
         }
         self.stats.prompt_tokens += tokens.len() as u64;
-        let logprobs = self
-            .model
-            .forward(self.backend.as_ref(), &tokens, &layout, &mut self.kv, &logit_rows)?;
+        let logprobs = self.model.forward(
+            self.backend.as_ref(),
+            &tokens,
+            &layout,
+            &mut self.kv,
+            &logit_rows,
+        )?;
         let vocab = self.model.config.vocab_size;
         let mut outputs = Vec::with_capacity(plan.len());
         for (id, start, end, first_row) in plan {
@@ -479,7 +517,14 @@ impl Engine {
     }
 
     /// Applies one step's results to a sequence: prompt logprobs, a sampled token, stops.
-    fn advance(&mut self, id: RequestId, start: usize, end: usize, rows: &[f32], vocab: usize) -> Option<RequestOutput> {
+    fn advance(
+        &mut self,
+        id: RequestId,
+        start: usize,
+        end: usize,
+        rows: &[f32],
+        vocab: usize,
+    ) -> Option<RequestOutput> {
         let eos = self.model.config.eos_token_ids.clone();
         let seq = self.seqs.get_mut(&id).expect("scheduled ids are live");
         seq.num_computed = end;
@@ -492,7 +537,8 @@ impl Engine {
                     let next = seq.req.prompt[p + 1];
                     let dist = &rows[row * vocab..(row + 1) * vocab];
                     seq.prompt_logprobs.push(dist[next as usize]);
-                    seq.prompt_is_greedy.push(crate::sampler::argmax(dist) == next);
+                    seq.prompt_is_greedy
+                        .push(crate::sampler::argmax(dist) == next);
                 }
                 row += 1;
             }
@@ -531,9 +577,11 @@ impl Engine {
             let p = &seq.req.params;
             if (!p.ignore_eos && eos.contains(&token)) || p.stop_token_ids.contains(&token) {
                 out.finish_reason = Some(FinishReason::Stop);
-            } else if seq.output.len() >= p.max_tokens || seq.len() >= self.model.config.max_position_embeddings {
-                out.finish_reason = Some(FinishReason::Length);
-            } else if seq.len() + 1 > self.blocks.num_blocks() * self.config.block_size {
+            } else if seq.output.len() >= p.max_tokens
+                || seq.len() >= self.model.config.max_position_embeddings
+                || seq.len() + 1 > self.blocks.num_blocks() * self.config.block_size
+            {
+                // Out of tokens to give: max_tokens, the model's context or the whole pool.
                 out.finish_reason = Some(FinishReason::Length);
             }
             if let Some(tok) = &self.tokenizer {
@@ -559,7 +607,8 @@ impl Engine {
             .into_iter()
             .map(|r| self.add_request(r))
             .collect::<Result<Vec<_>>>()?;
-        let mut done: HashMap<RequestId, Completion> = ids.iter().map(|&id| (id, Completion::default())).collect();
+        let mut done: HashMap<RequestId, Completion> =
+            ids.iter().map(|&id| (id, Completion::default())).collect();
         while ids.iter().any(|id| self.seqs.contains_key(id)) {
             for out in self.step()? {
                 if let Some(c) = done.get_mut(&out.request_id) {
@@ -567,13 +616,19 @@ impl Engine {
                 }
             }
         }
-        Ok(ids.iter().map(|id| done.remove(id).unwrap_or_default()).collect())
+        Ok(ids
+            .iter()
+            .map(|id| done.remove(id).unwrap_or_default())
+            .collect())
     }
 
     /// Log-probabilities of `tokens[1..]` for each token list (offline scoring).
     pub fn score(&mut self, token_lists: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>> {
         let done = self.generate(token_lists.into_iter().map(Request::score).collect())?;
-        Ok(done.into_iter().map(|c| c.prompt_logprobs.unwrap_or_default()).collect())
+        Ok(done
+            .into_iter()
+            .map(|c| c.prompt_logprobs.unwrap_or_default())
+            .collect())
     }
 }
 

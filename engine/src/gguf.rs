@@ -84,7 +84,8 @@ impl GgufFile {
         // SAFETY: the map is read-only; a file truncated under us by another process is
         // outside what any loader can defend against (same as llama.cpp and safetensors).
         let data = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
-        let (version, metadata, tensors, data_start) = parse(&data).map_err(|m| format_err(path, m))?;
+        let (version, metadata, tensors, data_start) =
+            parse(&data).map_err(|m| format_err(path, m))?;
         Ok(GgufFile {
             meta: GgufMeta {
                 path: path.to_path_buf(),
@@ -134,19 +135,23 @@ impl GgufMeta {
 
     /// A required unsigned metadata value, with an error naming the key.
     pub fn require_u64(&self, key: &str) -> Result<u64> {
-        self.get(key).and_then(Value::as_u64).ok_or_else(|| EngineError::Config {
-            path: self.path.clone(),
-            field: key.to_string(),
-            msg: "missing or not an unsigned integer".into(),
-        })
+        self.get(key)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| EngineError::Config {
+                path: self.path.clone(),
+                field: key.to_string(),
+                msg: "missing or not an unsigned integer".into(),
+            })
     }
 
     pub fn require_str(&self, key: &str) -> Result<&str> {
-        self.get(key).and_then(Value::as_str).ok_or_else(|| EngineError::Config {
-            path: self.path.clone(),
-            field: key.to_string(),
-            msg: "missing or not a string".into(),
-        })
+        self.get(key)
+            .and_then(Value::as_str)
+            .ok_or_else(|| EngineError::Config {
+                path: self.path.clone(),
+                field: key.to_string(),
+                msg: "missing or not a string".into(),
+            })
     }
 }
 
@@ -174,11 +179,15 @@ impl<'a> Reader<'a> {
     }
 
     fn u32(&mut self, what: &str) -> std::result::Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("4 bytes"),
+        ))
     }
 
     fn u64(&mut self, what: &str) -> std::result::Result<u64, String> {
-        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("8 bytes"),
+        ))
     }
 
     /// A count that claims `count` items of at least `min_size` bytes each: rejected at once
@@ -205,8 +214,12 @@ impl<'a> Reader<'a> {
         Ok(match ty {
             0 => Value::U8(self.take(1, key)?[0]),
             1 => Value::I8(self.take(1, key)?[0] as i8),
-            2 => Value::U16(u16::from_le_bytes(w(self.take(2, key)?).try_into().expect("2"))),
-            3 => Value::I16(i16::from_le_bytes(w(self.take(2, key)?).try_into().expect("2"))),
+            2 => Value::U16(u16::from_le_bytes(
+                w(self.take(2, key)?).try_into().expect("2"),
+            )),
+            3 => Value::I16(i16::from_le_bytes(
+                w(self.take(2, key)?).try_into().expect("2"),
+            )),
             4 => Value::U32(self.u32(key)?),
             5 => Value::I32(self.u32(key)? as i32),
             6 => Value::F32(f32::from_bits(self.u32(key)?)),
@@ -259,11 +272,15 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
     let mut r = Reader { buf, pos: 0 };
     let magic = r.take(4, "magic")?;
     if magic != b"GGUF" {
-        return Err(format!("not a GGUF file (magic {magic:02x?}, expected \"GGUF\")"));
+        return Err(format!(
+            "not a GGUF file (magic {magic:02x?}, expected \"GGUF\")"
+        ));
     }
     let version = r.u32("version")?;
     if !(2..=3).contains(&version) {
-        return Err(format!("GGUF version {version} is not supported (2 and 3 are)"));
+        return Err(format!(
+            "GGUF version {version} is not supported (2 and 3 are)"
+        ));
     }
     // Minimum encoded sizes: a tensor info is name(8) + n_dims(4) + type(4) + offset(8);
     // a kv pair is key(8) + type(4) + at least one byte of value.
@@ -288,7 +305,9 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
         let name = r.string("tensor name")?;
         let n_dims = r.u32(&name)? as usize;
         if !(1..=4).contains(&n_dims) {
-            return Err(format!("tensor `{name}`: {n_dims} dimensions (1 to 4 supported)"));
+            return Err(format!(
+                "tensor `{name}`: {n_dims} dimensions (1 to 4 supported)"
+            ));
         }
         let mut dims = Vec::with_capacity(n_dims);
         for _ in 0..n_dims {
@@ -310,7 +329,9 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
             .bytes_for(n as usize)
             .map_err(|e| format!("tensor `{name}`: {e}"))?;
         if offset % alignment as u64 != 0 {
-            return Err(format!("tensor `{name}`: data offset {offset} is not aligned to {alignment}"));
+            return Err(format!(
+                "tensor `{name}`: data offset {offset} is not aligned to {alignment}"
+            ));
         }
         tensors.push(TensorInfo {
             name,
@@ -324,7 +345,7 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
     let data_len = buf.len().saturating_sub(data_start);
     let mut spans: Vec<(usize, usize, &str)> = Vec::with_capacity(tensors.len());
     for t in &tensors {
-        let end = t.offset.checked_add(t.byte_len).unwrap_or(usize::MAX);
+        let end = t.offset.saturating_add(t.byte_len);
         if end > data_len {
             return Err(format!(
                 "tensor `{}`: data [{}, {end}) lies outside the {data_len} data bytes (truncated file?)",
@@ -336,7 +357,10 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
     spans.sort();
     for pair in spans.windows(2) {
         if pair[1].0 < pair[0].1 {
-            return Err(format!("tensors `{}` and `{}` overlap", pair[0].2, pair[1].2));
+            return Err(format!(
+                "tensors `{}` and `{}` overlap",
+                pair[0].2, pair[1].2
+            ));
         }
     }
     Ok((version, metadata, tensors, data_start))

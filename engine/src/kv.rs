@@ -108,6 +108,9 @@ mod tests {
         m.release(&mut a);
         assert_eq!(m.num_free(), 2);
         m.check([&a, &b]).unwrap();
-        assert!(m.check([&b, &b]).is_err(), "a block owned twice with ref count 1 is caught");
+        assert!(
+            m.check([&b, &b]).is_err(),
+            "a block owned twice with ref count 1 is caught"
+        );
     }
 }

@@ -18,5 +18,8 @@ pub mod engine;
 pub mod kv;
 pub mod sampler;
 
-pub use engine::{Completion, Engine, EngineBuilder, EngineConfig, FinishReason, Request, RequestId, RequestOutput, Usage};
+pub use engine::{
+    Completion, Engine, EngineBuilder, EngineConfig, FinishReason, Request, RequestId,
+    RequestOutput, Usage,
+};
 pub use sampler::SamplingParams;

@@ -123,21 +123,35 @@ fn open_hf_dir(dir: &Path) -> Result<Checkpoint> {
         shards.dedup();
         for shard in shards {
             if shard.contains('/') || shard.contains("..") {
-                return Err(format_err(&index, format!("shard name `{shard}` must be a plain file name")));
+                return Err(format_err(
+                    &index,
+                    format!("shard name `{shard}` must be a plain file name"),
+                ));
             }
             store.add_safetensors(&dir.join(shard))?;
         }
         for (tensor, shard) in map {
-            if store.path_of(tensor).and_then(|p| p.file_name()).and_then(|n| n.to_str()) != shard.as_str() {
+            if store
+                .path_of(tensor)
+                .and_then(|p| p.file_name())
+                .and_then(|n| n.to_str())
+                != shard.as_str()
+            {
                 return Err(EngineError::Tensor {
                     path: index.clone(),
                     tensor: tensor.clone(),
-                    msg: format!("listed in shard `{}` but not found there", shard.as_str().unwrap_or("?")),
+                    msg: format!(
+                        "listed in shard `{}` but not found there",
+                        shard.as_str().unwrap_or("?")
+                    ),
                 });
             }
         }
     } else {
-        return Err(format_err(dir, "no model.safetensors or model.safetensors.index.json"));
+        return Err(format_err(
+            dir,
+            "no model.safetensors or model.safetensors.index.json",
+        ));
     }
     let tokenizer = match std::fs::read_to_string(dir.join("tokenizer.json")) {
         Ok(json) => {
@@ -156,7 +170,11 @@ fn open_hf_dir(dir: &Path) -> Result<Checkpoint> {
     if gen_path.exists() {
         let gen = read_json(&gen_path)?;
         let ids: Vec<u32> = match gen.get("eos_token_id") {
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
             Some(v) => v.as_u64().map(|v| v as u32).into_iter().collect(),
             None => vec![],
         };
@@ -182,9 +200,15 @@ mod tests {
 
     #[test]
     fn gguf_names_map_to_hugging_face_names() {
-        assert_eq!(hf_name("blk.12.attn_q.weight"), "model.layers.12.self_attn.q_proj.weight");
+        assert_eq!(
+            hf_name("blk.12.attn_q.weight"),
+            "model.layers.12.self_attn.q_proj.weight"
+        );
         assert_eq!(hf_name("token_embd.weight"), "model.embed_tokens.weight");
-        assert_eq!(hf_name("blk.0.ffn_norm.weight"), "model.layers.0.post_attention_layernorm.weight");
+        assert_eq!(
+            hf_name("blk.0.ffn_norm.weight"),
+            "model.layers.0.post_attention_layernorm.weight"
+        );
         assert_eq!(hf_name("rope_freqs.weight"), "rope_freqs.weight");
     }
 }

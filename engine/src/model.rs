@@ -81,8 +81,11 @@ pub fn weight_from_tensor(info: &TensorInfo, bytes: &[u8]) -> std::result::Resul
 /// (`s` = which half) sits at row `2j + s`. Rows are moved whole, so block-quantized rows
 /// are reordered without requantizing.
 pub fn unpermute_rows(w: &Weight, n_head: usize) -> std::result::Result<Weight, String> {
-    if n_head == 0 || w.rows % n_head != 0 || (w.rows / n_head) % 2 != 0 {
-        return Err(format!("{} rows cannot be split into {n_head} heads of even size", w.rows));
+    if n_head == 0 || !w.rows.is_multiple_of(n_head) || !(w.rows / n_head).is_multiple_of(2) {
+        return Err(format!(
+            "{} rows cannot be split into {n_head} heads of even size",
+            w.rows
+        ));
     }
     let hd = w.rows / n_head;
     let src_row = |r: usize| {
@@ -93,7 +96,11 @@ pub fn unpermute_rows(w: &Weight, n_head: usize) -> std::result::Result<Weight, 
     fn permute<T: Copy>(v: &[T], rows: usize, src_row: impl Fn(usize) -> usize) -> Vec<T> {
         let width = v.len() / rows;
         (0..rows)
-            .flat_map(|r| v[src_row(r) * width..(src_row(r) + 1) * width].iter().copied())
+            .flat_map(|r| {
+                v[src_row(r) * width..(src_row(r) + 1) * width]
+                    .iter()
+                    .copied()
+            })
             .collect()
     }
     let data = match &w.data {
@@ -130,7 +137,10 @@ impl Loader<'_> {
         if info.shape != [rows, cols] {
             return Err(self.err(
                 name,
-                format!("shape {:?} does not match the config, expected [{rows}, {cols}]", info.shape),
+                format!(
+                    "shape {:?} does not match the config, expected [{rows}, {cols}]",
+                    info.shape
+                ),
             ));
         }
         weight_from_tensor(info, bytes).map_err(|m| self.err(name, m))
@@ -141,7 +151,10 @@ impl Loader<'_> {
         if info.shape != [len] {
             return Err(self.err(
                 name,
-                format!("shape {:?} does not match the config, expected [{len}]", info.shape),
+                format!(
+                    "shape {:?} does not match the config, expected [{len}]",
+                    info.shape
+                ),
             ));
         }
         let w = weight_from_tensor(info, bytes).map_err(|m| self.err(name, m))?;
@@ -151,7 +164,12 @@ impl Loader<'_> {
 
 impl Model {
     /// Loads and checks every tensor the config calls for.
-    pub fn load(config: ModelConfig, store: &TensorStore, path: &Path, layout: TensorLayout) -> Result<Model> {
+    pub fn load(
+        config: ModelConfig,
+        store: &TensorStore,
+        path: &Path,
+        layout: TensorLayout,
+    ) -> Result<Model> {
         let l = Loader { store, path };
         let c = &config;
         let (h, f) = (c.hidden_size, c.intermediate_size);
@@ -167,8 +185,10 @@ impl Model {
             let mut q = l.matrix(&format!("{p}.self_attn.q_proj.weight"), c.q_width(), h)?;
             let mut k = l.matrix(&format!("{p}.self_attn.k_proj.weight"), c.kv_width(), h)?;
             if layout == TensorLayout::GgufLlama {
-                q = unpermute_rows(&q, c.num_heads).map_err(|m| l.err(&format!("{p}.self_attn.q_proj.weight"), m))?;
-                k = unpermute_rows(&k, c.num_kv_heads).map_err(|m| l.err(&format!("{p}.self_attn.k_proj.weight"), m))?;
+                q = unpermute_rows(&q, c.num_heads)
+                    .map_err(|m| l.err(&format!("{p}.self_attn.q_proj.weight"), m))?;
+                k = unpermute_rows(&k, c.num_kv_heads)
+                    .map_err(|m| l.err(&format!("{p}.self_attn.k_proj.weight"), m))?;
             }
             let bias = |name: &str, n: usize| -> Result<Option<Vec<f32>>> {
                 if c.attention_bias {
@@ -248,7 +268,11 @@ impl Model {
         if batch.num_tokens() != t || kv.len() != c.num_layers {
             return Err(EngineError::Kernel(vellum_kernels::KernelError::Shape {
                 op: "forward",
-                detail: format!("{t} tokens, {} positions, {} cache layers", batch.num_tokens(), kv.len()),
+                detail: format!(
+                    "{t} tokens, {} positions, {} cache layers",
+                    batch.num_tokens(),
+                    kv.len()
+                ),
             }));
         }
         if let Some(&bad) = logit_rows.iter().find(|&&r| r >= t) {
@@ -272,7 +296,13 @@ impl Model {
         let mut has_delta = false;
         for (layer, cache) in self.layers.iter().zip(kv.iter_mut()) {
             let d = has_delta.then_some(&delta[..]);
-            backend.add_rms_norm(&mut residual, d, &layer.attn_norm, c.rms_norm_eps, &mut normed)?;
+            backend.add_rms_norm(
+                &mut residual,
+                d,
+                &layer.attn_norm,
+                c.rms_norm_eps,
+                &mut normed,
+            )?;
             backend.matmul(&normed, &layer.q, layer.q_bias.as_deref(), &mut q)?;
             backend.matmul(&normed, &layer.k, layer.k_bias.as_deref(), &mut k)?;
             backend.matmul(&normed, &layer.v, layer.v_bias.as_deref(), &mut v)?;
@@ -281,7 +311,13 @@ impl Model {
             backend.write_kv(cache, &k, &v, &batch.slot_mapping)?;
             backend.attention(&q, cache, batch, c.num_heads, &mut attn)?;
             backend.matmul(&attn, &layer.o, None, &mut delta)?;
-            backend.add_rms_norm(&mut residual, Some(&delta), &layer.mlp_norm, c.rms_norm_eps, &mut normed)?;
+            backend.add_rms_norm(
+                &mut residual,
+                Some(&delta),
+                &layer.mlp_norm,
+                c.rms_norm_eps,
+                &mut normed,
+            )?;
             backend.matmul(&normed, &layer.gate, None, &mut gate)?;
             backend.matmul(&normed, &layer.up, None, &mut up)?;
             backend.silu_mul(&mut gate, &up)?;
@@ -297,7 +333,13 @@ impl Model {
         }
         let mut sel_norm = vec![0f32; sel_res.len()];
         let delta_arg = has_delta.then_some(&sel_delta[..]);
-        backend.add_rms_norm(&mut sel_res, delta_arg, &self.norm, c.rms_norm_eps, &mut sel_norm)?;
+        backend.add_rms_norm(
+            &mut sel_res,
+            delta_arg,
+            &self.norm,
+            c.rms_norm_eps,
+            &mut sel_norm,
+        )?;
         let mut logits = vec![0f32; logit_rows.len() * c.vocab_size];
         backend.matmul(&sel_norm, self.lm_head(), None, &mut logits)?;
         backend.log_softmax(&mut logits, c.vocab_size)?;

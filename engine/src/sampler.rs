@@ -78,12 +78,19 @@ impl SamplingParams {
 
     /// Rejects impossible values, naming the field.
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: &'static str, msg: String| Err(EngineError::InvalidRequest { field, msg });
+        let bad =
+            |field: &'static str, msg: String| Err(EngineError::InvalidRequest { field, msg });
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return bad("temperature", format!("must be a finite number >= 0, got {}", self.temperature));
+            return bad(
+                "temperature",
+                format!("must be a finite number >= 0, got {}", self.temperature),
+            );
         }
         if self.top_k < 0 {
-            return bad("top_k", format!("must be >= 0 (0 disables it), got {}", self.top_k));
+            return bad(
+                "top_k",
+                format!("must be >= 0 (0 disables it), got {}", self.top_k),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", format!("must be in (0, 1], got {}", self.top_p));
@@ -92,9 +99,15 @@ impl SamplingParams {
             return bad("min_p", format!("must be in [0, 1], got {}", self.min_p));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return bad("repetition_penalty", format!("must be > 0, got {}", self.repetition_penalty));
+            return bad(
+                "repetition_penalty",
+                format!("must be > 0, got {}", self.repetition_penalty),
+            );
         }
-        for (field, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+        for (field, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
             if !(-2.0..=2.0).contains(&v) {
                 return bad(field, format!("must be in [-2, 2], got {v}"));
             }
@@ -106,7 +119,10 @@ impl SamplingParams {
             return bad("stop", "stop strings must not be empty".into());
         }
         if self.logprobs > 20 {
-            return bad("logprobs", format!("at most 20 alternatives, got {}", self.logprobs));
+            return bad(
+                "logprobs",
+                format!("at most 20 alternatives, got {}", self.logprobs),
+            );
         }
         Ok(())
     }
@@ -137,8 +153,16 @@ impl Rng {
 
 /// Picks the next token from a row of log-probabilities. `history` is every token of the
 /// sequence so far (prompt and output), used by the penalties.
-pub fn sample(logprobs: &[f32], params: &SamplingParams, history: &[u32], output: &[u32], rng: &mut Rng) -> u32 {
-    let penalised = params.repetition_penalty != 1.0 || params.presence_penalty != 0.0 || params.frequency_penalty != 0.0;
+pub fn sample(
+    logprobs: &[f32],
+    params: &SamplingParams,
+    history: &[u32],
+    output: &[u32],
+    rng: &mut Rng,
+) -> u32 {
+    let penalised = params.repetition_penalty != 1.0
+        || params.presence_penalty != 0.0
+        || params.frequency_penalty != 0.0;
     let mut logits: Vec<f32> = logprobs.to_vec();
     if penalised {
         let mut seen = std::collections::HashMap::<u32, u32>::new();
@@ -151,7 +175,11 @@ pub fn sample(logprobs: &[f32], params: &SamplingParams, history: &[u32], output
                 // Log-probabilities are negative: "divide positive / multiply negative" on
                 // logits becomes multiply here, since the shift does not change the order.
                 let l = &mut logits[t as usize];
-                *l = if *l > 0.0 { *l / params.repetition_penalty } else { *l * params.repetition_penalty };
+                *l = if *l > 0.0 {
+                    *l / params.repetition_penalty
+                } else {
+                    *l * params.repetition_penalty
+                };
             }
         }
         for (&t, &count) in &seen {
@@ -165,7 +193,11 @@ pub fn sample(logprobs: &[f32], params: &SamplingParams, history: &[u32], output
     }
     // Candidates sorted by logit (ties by id, so the order is fully determined).
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    idx.sort_unstable_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
     if params.top_k > 0 {
         idx.truncate(params.top_k as usize);
     }
@@ -220,9 +252,17 @@ pub fn top_k(logprobs: &[f32], k: usize) -> Vec<(u32, f32)> {
     if k == 0 {
         return vec![];
     }
-    idx.select_nth_unstable_by(k - 1, |&a, &b| logprobs[b as usize].total_cmp(&logprobs[a as usize]).then(a.cmp(&b)));
+    idx.select_nth_unstable_by(k - 1, |&a, &b| {
+        logprobs[b as usize]
+            .total_cmp(&logprobs[a as usize])
+            .then(a.cmp(&b))
+    });
     idx.truncate(k);
-    idx.sort_unstable_by(|&a, &b| logprobs[b as usize].total_cmp(&logprobs[a as usize]).then(a.cmp(&b)));
+    idx.sort_unstable_by(|&a, &b| {
+        logprobs[b as usize]
+            .total_cmp(&logprobs[a as usize])
+            .then(a.cmp(&b))
+    });
     idx.into_iter().map(|i| (i, logprobs[i as usize])).collect()
 }
 
@@ -234,7 +274,10 @@ mod tests {
     fn invalid_parameters_name_their_field() {
         let cases = [
             (SamplingParams::default().temperature(-1.0), "temperature"),
-            (SamplingParams::default().temperature(f32::NAN), "temperature"),
+            (
+                SamplingParams::default().temperature(f32::NAN),
+                "temperature",
+            ),
             (SamplingParams::default().top_p(0.0), "top_p"),
             (SamplingParams::default().top_p(1.5), "top_p"),
             (SamplingParams::default().top_k(-1), "top_k"),
@@ -254,11 +297,16 @@ mod tests {
     fn greedy_takes_the_argmax_and_seeded_sampling_repeats() {
         let row = [-3.0f32, -0.5, -1.0, -2.0];
         let mut rng = Rng::new(1);
-        assert_eq!(sample(&row, &SamplingParams::default(), &[], &[], &mut rng), 1);
+        assert_eq!(
+            sample(&row, &SamplingParams::default(), &[], &[], &mut rng),
+            1
+        );
         let p = SamplingParams::default().temperature(1.0);
         let draw = |seed| {
             let mut rng = Rng::new(seed);
-            (0..32).map(|_| sample(&row, &p, &[], &[], &mut rng)).collect::<Vec<_>>()
+            (0..32)
+                .map(|_| sample(&row, &p, &[], &[], &mut rng))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
@@ -270,6 +318,9 @@ mod tests {
 
     #[test]
     fn top_k_is_sorted() {
-        assert_eq!(top_k(&[-1.0, -0.1, -5.0, -0.2], 2), vec![(1, -0.1), (3, -0.2)]);
+        assert_eq!(
+            top_k(&[-1.0, -0.1, -5.0, -0.2], 2),
+            vec![(1, -0.1), (3, -0.2)]
+        );
     }
 }

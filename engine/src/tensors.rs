@@ -76,7 +76,11 @@ impl TensorStore {
             if let Some((other, _)) = self.tensors.get(&t.name) {
                 return Err(format_err(
                     path,
-                    format!("tensor `{}` also appears in {}", t.name, self.files[*other].path.display()),
+                    format!(
+                        "tensor `{}` also appears in {}",
+                        t.name,
+                        self.files[*other].path.display()
+                    ),
                 ));
             }
             self.tensors.insert(t.name.clone(), (idx, t));
@@ -98,7 +102,9 @@ impl TensorStore {
 
     /// The file a tensor came from (for error messages).
     pub fn path_of(&self, name: &str) -> Option<&Path> {
-        self.tensors.get(name).map(|(i, _)| self.files[*i].path.as_path())
+        self.tensors
+            .get(name)
+            .map(|(i, _)| self.files[*i].path.as_path())
     }
 
     pub fn infos(&self) -> impl Iterator<Item = &TensorInfo> {
@@ -129,11 +135,16 @@ const MAX_HEADER: u64 = 100 << 20;
 /// Parses and validates a safetensors header: returns the data start and the tensors.
 pub fn parse_safetensors(buf: &[u8]) -> std::result::Result<(usize, Vec<TensorInfo>), String> {
     if buf.len() < 8 {
-        return Err(format!("truncated: {} bytes, a safetensors file needs an 8-byte header length", buf.len()));
+        return Err(format!(
+            "truncated: {} bytes, a safetensors file needs an 8-byte header length",
+            buf.len()
+        ));
     }
     let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
     if n > MAX_HEADER {
-        return Err(format!("header length {n} exceeds the {MAX_HEADER}-byte limit"));
+        return Err(format!(
+            "header length {n} exceeds the {MAX_HEADER}-byte limit"
+        ));
     }
     if n > (buf.len() - 8) as u64 {
         return Err(format!(
@@ -144,7 +155,9 @@ pub fn parse_safetensors(buf: &[u8]) -> std::result::Result<(usize, Vec<TensorIn
     let data_start = 8 + n as usize;
     let header: serde_json::Value = serde_json::from_slice(&buf[8..data_start])
         .map_err(|e| format!("invalid JSON header: {e}"))?;
-    let obj = header.as_object().ok_or("the JSON header is not an object")?;
+    let obj = header
+        .as_object()
+        .ok_or("the JSON header is not an object")?;
     let data_len = buf.len() - data_start;
     let mut tensors = Vec::with_capacity(obj.len());
     for (name, entry) in obj {
@@ -156,8 +169,11 @@ pub fn parse_safetensors(buf: &[u8]) -> std::result::Result<(usize, Vec<TensorIn
             .get("dtype")
             .and_then(|d| d.as_str())
             .ok_or_else(|| bad("missing `dtype`"))?;
-        let dtype = DType::from_safetensors_name(dtype_name)
-            .ok_or_else(|| bad(&format!("dtype {dtype_name} is not supported (F32, F16, BF16 are)")))?;
+        let dtype = DType::from_safetensors_name(dtype_name).ok_or_else(|| {
+            bad(&format!(
+                "dtype {dtype_name} is not supported (F32, F16, BF16 are)"
+            ))
+        })?;
         let shape: Vec<usize> = entry
             .get("shape")
             .and_then(|s| s.as_array())
@@ -192,7 +208,10 @@ pub fn parse_safetensors(buf: &[u8]) -> std::result::Result<(usize, Vec<TensorIn
             )));
         }
         if begin % dtype.size() != 0 {
-            return Err(bad(&format!("data offset {begin} is not aligned to its {}-byte elements", dtype.size())));
+            return Err(bad(&format!(
+                "data offset {begin} is not aligned to its {}-byte elements",
+                dtype.size()
+            )));
         }
         tensors.push(TensorInfo {
             name: name.clone(),
@@ -206,9 +225,11 @@ pub fn parse_safetensors(buf: &[u8]) -> std::result::Result<(usize, Vec<TensorIn
     spans.sort_by_key(|t| t.offset);
     for pair in spans.windows(2) {
         if pair[1].offset < pair[0].offset + pair[0].byte_len {
-            return Err(format!("tensors `{}` and `{}` overlap", pair[0].name, pair[1].name));
+            return Err(format!(
+                "tensors `{}` and `{}` overlap",
+                pair[0].name, pair[1].name
+            ));
         }
     }
     Ok((data_start, tensors))
 }
-

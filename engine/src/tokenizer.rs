@@ -71,10 +71,15 @@ impl Tokenizer {
             .and_then(Value::as_array)
             .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
             .unwrap_or_default();
-        let pre = meta.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+        let pre = meta
+            .get("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .unwrap_or("default");
         let pre_tokenizer = gpt2_pre_tokenizer(pre).ok_or_else(|| EngineError::Unsupported {
             path: meta.path.clone(),
-            msg: format!("GGUF pre-tokenizer `{pre}` (supported: default, gpt-2, smollm, llama-bpe, qwen2)"),
+            msg: format!(
+                "GGUF pre-tokenizer `{pre}` (supported: default, gpt-2, smollm, llama-bpe, qwen2)"
+            ),
         })?;
         let vocab: serde_json::Map<String, serde_json::Value> = tokens
             .iter()
@@ -111,7 +116,10 @@ impl Tokenizer {
         tok.bos_id = id("tokenizer.ggml.bos_token_id");
         tok.bos_token = name(tok.bos_id);
         tok.eos_token = name(id("tokenizer.ggml.eos_token_id"));
-        tok.add_bos = matches!(meta.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+        tok.add_bos = matches!(
+            meta.get("tokenizer.ggml.add_bos_token"),
+            Some(Value::Bool(true))
+        );
         tok.chat_template = meta
             .get("tokenizer.chat_template")
             .and_then(Value::as_str)
@@ -123,12 +131,18 @@ impl Tokenizer {
     pub fn apply_config(&mut self, cfg: &serde_json::Value) {
         let token = |k: &str| match cfg.get(k) {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(v) => v.get("content").and_then(|c| c.as_str()).map(str::to_string),
+            Some(v) => v
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
             None => None,
         };
         self.bos_token = token("bos_token").or(self.bos_token.take());
         self.eos_token = token("eos_token").or(self.eos_token.take());
-        self.bos_id = self.bos_token.as_deref().and_then(|t| self.inner.token_to_id(t));
+        self.bos_id = self
+            .bos_token
+            .as_deref()
+            .and_then(|t| self.inner.token_to_id(t));
         if let Some(b) = cfg.get("add_bos_token").and_then(|v| v.as_bool()) {
             self.add_bos = b;
         }
@@ -207,16 +221,26 @@ impl Tokenizer {
     }
 
     /// Renders a conversation with the model's chat template.
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self
             .chat_template
             .as_deref()
             .ok_or_else(|| EngineError::Tokenizer("the model has no chat template".into()))?;
         let mut env = minijinja::Environment::new();
         env.add_template("chat", template).map_err(tok_err)?;
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -231,12 +255,8 @@ impl Tokenizer {
 
 /// The Hugging Face pre-tokenizer for a llama.cpp `tokenizer.ggml.pre` name.
 fn gpt2_pre_tokenizer(pre: &str) -> Option<serde_json::Value> {
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
-    let split = |pattern: &str| {
-        json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
     Some(match pre {
         "default" | "gpt-2" | "gpt2" => byte_level(true),
         // SmolLM: every digit is its own pre-token, then GPT-2 byte-level splitting.

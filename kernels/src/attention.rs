@@ -91,7 +91,11 @@ impl BatchLayout {
             crate::check(op, lo <= hi, || "seq_offsets must not decrease".into())?;
             let needed = self.context_lens[s].div_ceil(cache.block_size);
             crate::check(op, self.block_tables[s].len() >= needed, || {
-                format!("sequence {s}: {} blocks for {} tokens", self.block_tables[s].len(), self.context_lens[s])
+                format!(
+                    "sequence {s}: {} blocks for {} tokens",
+                    self.block_tables[s].len(),
+                    self.context_lens[s]
+                )
             })?;
             for &blk in &self.block_tables[s] {
                 crate::check(op, (blk as usize) < cache.num_blocks, || {
@@ -99,9 +103,16 @@ impl BatchLayout {
                 })?;
             }
             for t in lo..hi {
-                crate::check(op, (self.positions[t] as usize) < self.context_lens[s], || {
-                    format!("position {} beyond context {}", self.positions[t], self.context_lens[s])
-                })?;
+                crate::check(
+                    op,
+                    (self.positions[t] as usize) < self.context_lens[s],
+                    || {
+                        format!(
+                            "position {} beyond context {}",
+                            self.positions[t], self.context_lens[s]
+                        )
+                    },
+                )?;
             }
         }
         for &slot in &self.slot_mapping {

@@ -5,7 +5,9 @@
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (equivalently, frequencies).
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.x: low frequencies divided by `factor`, high ones kept, smooth in between.
     Llama3 {
         factor: f64,
@@ -45,8 +47,8 @@ impl Rope {
                     if wavelen > low_freq_wavelen {
                         *f /= factor;
                     } else if wavelen >= high_freq_wavelen {
-                        let smooth =
-                            (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old_ctx / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         *f = (1.0 - smooth) * *f / factor + smooth * *f;
                     }
                 }

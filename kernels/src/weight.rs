@@ -33,7 +33,7 @@ impl Weight {
             WeightData::Block(f, v) => (v.len(), f.bytes_for(n)?),
         };
         if let WeightData::Block(f, _) = &data {
-            crate::check("weight", cols % QK == 0, || {
+            crate::check("weight", cols.is_multiple_of(QK), || {
                 format!("{} rows must be whole blocks; cols = {cols}", f.name())
             })?;
         }

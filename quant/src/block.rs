@@ -52,7 +52,7 @@ impl BlockFormat {
 
     /// Bytes needed for `n` values, or an error when `n` is not whole blocks.
     pub fn bytes_for(self, n: usize) -> Result<usize, QuantError> {
-        if n % QK != 0 {
+        if !n.is_multiple_of(QK) {
             return Err(QuantError::NotBlockAligned {
                 format: self.name(),
                 n,
@@ -168,7 +168,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -216,7 +218,10 @@ mod tests {
             format.quantize(&y, &mut bytes2).unwrap();
             let mut z = Vec::new();
             format.dequantize(&bytes2, x.len(), &mut z).unwrap();
-            let worst = y.iter().zip(&z).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let worst = y
+                .iter()
+                .zip(&z)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(worst < 2e-3, "{}: drift {worst}", format.name());
         }
     }
@@ -237,8 +242,14 @@ mod tests {
     #[test]
     fn misaligned_or_short_input_is_an_error() {
         let mut out = Vec::new();
-        assert!(BlockFormat::Q8_0.dequantize(&[0; 34], 31, &mut out).is_err());
-        assert!(BlockFormat::Q4_0.dequantize(&[0; 17], 32, &mut out).is_err());
-        assert!(BlockFormat::Q4_1.quantize(&[0.0; 33], &mut Vec::new()).is_err());
+        assert!(BlockFormat::Q8_0
+            .dequantize(&[0; 34], 31, &mut out)
+            .is_err());
+        assert!(BlockFormat::Q4_0
+            .dequantize(&[0; 17], 32, &mut out)
+            .is_err());
+        assert!(BlockFormat::Q4_1
+            .quantize(&[0.0; 33], &mut Vec::new())
+            .is_err());
     }
 }

@@ -108,7 +108,11 @@ mod tests {
             let mut back = Vec::new();
             decode_le(dtype, &bytes, &mut back);
             for (a, b) in values.iter().zip(&back) {
-                let tol = if dtype == DType::BF16 { a.abs() / 128.0 } else { 0.0 };
+                let tol = if dtype == DType::BF16 {
+                    a.abs() / 128.0
+                } else {
+                    0.0
+                };
                 assert!((a - b).abs() <= tol, "{dtype}: {a} -> {b}");
             }
         }
@@ -117,7 +121,10 @@ mod tests {
     #[test]
     fn names_parse_back() {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            assert_eq!(DType::from_safetensors_name(dtype.safetensors_name()), Some(dtype));
+            assert_eq!(
+                DType::from_safetensors_name(dtype.safetensors_name()),
+                Some(dtype)
+            );
             assert_eq!(DType::parse(&dtype.to_string()), Some(dtype));
         }
         assert_eq!(DType::parse("int3"), None);

@@ -83,23 +83,56 @@ impl GenerateArgs {
 /// Per-line overrides of the flag defaults.
 fn line_params(base: &SamplingParams, v: &Value) -> std::result::Result<SamplingParams, String> {
     let mut p = base.clone();
-    let num = |k: &str| v.get(k).map(|x| x.as_f64().ok_or(format!("`{k}` must be a number")));
-    let int = |k: &str| v.get(k).map(|x| x.as_i64().ok_or(format!("`{k}` must be an integer")));
-    if let Some(x) = num("temperature") { p.temperature = x? as f32; }
-    if let Some(x) = num("top_p") { p.top_p = x? as f32; }
-    if let Some(x) = num("min_p") { p.min_p = x? as f32; }
-    if let Some(x) = num("repetition_penalty") { p.repetition_penalty = x? as f32; }
-    if let Some(x) = num("presence_penalty") { p.presence_penalty = x? as f32; }
-    if let Some(x) = num("frequency_penalty") { p.frequency_penalty = x? as f32; }
-    if let Some(x) = int("top_k") { p.top_k = x?; }
-    if let Some(x) = int("max_tokens") { p.max_tokens = usize::try_from(x?).map_err(|_| "`max_tokens` must be >= 0".to_string())?; }
-    if let Some(x) = int("seed") { p.seed = Some(x? as u64); }
-    if let Some(x) = int("logprobs") { p.logprobs = usize::try_from(x?).map_err(|_| "`logprobs` must be >= 0".to_string())?; }
+    let num = |k: &str| {
+        v.get(k)
+            .map(|x| x.as_f64().ok_or(format!("`{k}` must be a number")))
+    };
+    let int = |k: &str| {
+        v.get(k)
+            .map(|x| x.as_i64().ok_or(format!("`{k}` must be an integer")))
+    };
+    if let Some(x) = num("temperature") {
+        p.temperature = x? as f32;
+    }
+    if let Some(x) = num("top_p") {
+        p.top_p = x? as f32;
+    }
+    if let Some(x) = num("min_p") {
+        p.min_p = x? as f32;
+    }
+    if let Some(x) = num("repetition_penalty") {
+        p.repetition_penalty = x? as f32;
+    }
+    if let Some(x) = num("presence_penalty") {
+        p.presence_penalty = x? as f32;
+    }
+    if let Some(x) = num("frequency_penalty") {
+        p.frequency_penalty = x? as f32;
+    }
+    if let Some(x) = int("top_k") {
+        p.top_k = x?;
+    }
+    if let Some(x) = int("max_tokens") {
+        p.max_tokens = usize::try_from(x?).map_err(|_| "`max_tokens` must be >= 0".to_string())?;
+    }
+    if let Some(x) = int("seed") {
+        p.seed = Some(x? as u64);
+    }
+    if let Some(x) = int("logprobs") {
+        p.logprobs = usize::try_from(x?).map_err(|_| "`logprobs` must be >= 0".to_string())?;
+    }
     match v.get("stop") {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) => p.stop = vec![s.clone()],
         Some(Value::Array(a)) => {
-            p.stop = a.iter().map(|s| s.as_str().map(str::to_string).ok_or("`stop` must be strings".to_string())).collect::<std::result::Result<_, _>>()?
+            p.stop = a
+                .iter()
+                .map(|s| {
+                    s.as_str()
+                        .map(str::to_string)
+                        .ok_or("`stop` must be strings".to_string())
+                })
+                .collect::<std::result::Result<_, _>>()?
         }
         Some(_) => return Err("`stop` must be a string or a list of strings".into()),
     }
@@ -108,9 +141,17 @@ fn line_params(base: &SamplingParams, v: &Value) -> std::result::Result<Sampling
 }
 
 fn prompt_tokens(engine: &Engine, prompt: &str, chat: bool) -> Result<Vec<u32>> {
-    let tok = engine.tokenizer().ok_or_else(|| anyhow!("the model has no tokenizer"))?;
+    let tok = engine
+        .tokenizer()
+        .ok_or_else(|| anyhow!("the model has no tokenizer"))?;
     if chat {
-        let text = tok.apply_chat_template(&[ChatMessage { role: "user".into(), content: prompt.into() }], true)?;
+        let text = tok.apply_chat_template(
+            &[ChatMessage {
+                role: "user".into(),
+                content: prompt.into(),
+            }],
+            true,
+        )?;
         // The template writes any BOS itself.
         Ok(tok.encode(&text, false)?)
     } else {
@@ -123,7 +164,10 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
     let base = a.params();
     base.validate()?;
     if let Some(prompt) = &a.prompt {
-        let id = engine.add_request(Request::tokens(prompt_tokens(&engine, prompt, a.chat)?, base))?;
+        let id = engine.add_request(Request::tokens(
+            prompt_tokens(&engine, prompt, a.chat)?,
+            base,
+        ))?;
         let mut stdout = std::io::stdout();
         while engine.has_unfinished() {
             for out in engine.step()? {
@@ -136,20 +180,29 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
         writeln!(stdout)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let Some(input) = &a.input else { bail!("give --prompt TEXT or --input FILE (use `-` for stdin)") };
+    let Some(input) = &a.input else {
+        bail!("give --prompt TEXT or --input FILE (use `-` for stdin)")
+    };
     let mut out = open_output(&a.output)?;
     let mut failed = 0;
     let mut ok_lines = Vec::new();
     let mut results: Vec<Value> = Vec::new();
     for (i, line) in open_input(input)?.lines().enumerate() {
         let line = line?;
-        let parsed = serde_json::from_str::<Value>(&line).map_err(|e| (json!(i + 1), format!("not valid JSON: {e}")));
+        let parsed = serde_json::from_str::<Value>(&line)
+            .map_err(|e| (json!(i + 1), format!("not valid JSON: {e}")));
         let job = parsed.and_then(|v| {
             let id = v.get("id").cloned().unwrap_or(json!(i + 1));
-            let prompt = v.get("prompt").and_then(Value::as_str).ok_or((id.clone(), "missing string `prompt`".to_string()))?;
+            let prompt = v
+                .get("prompt")
+                .and_then(Value::as_str)
+                .ok_or((id.clone(), "missing string `prompt`".to_string()))?;
             let params = line_params(&base, &v).map_err(|m| (id.clone(), m))?;
-            let tokens = prompt_tokens(&engine, prompt, a.chat).map_err(|e| (id.clone(), e.to_string()))?;
-            let rid = engine.add_request(Request::tokens(tokens.clone(), params)).map_err(|e| (id.clone(), e.to_string()))?;
+            let tokens =
+                prompt_tokens(&engine, prompt, a.chat).map_err(|e| (id.clone(), e.to_string()))?;
+            let rid = engine
+                .add_request(Request::tokens(tokens.clone(), params))
+                .map_err(|e| (id.clone(), e.to_string()))?;
             Ok((id, rid, tokens.len()))
         });
         match job {
@@ -166,10 +219,16 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
     let mut done = std::collections::HashMap::new();
     while engine.has_unfinished() {
         for o in engine.step()? {
-            done.entry(o.request_id).or_insert_with(vellum_engine::Completion::default).absorb(o);
+            done.entry(o.request_id)
+                .or_insert_with(vellum_engine::Completion::default)
+                .absorb(o);
         }
         if !a.engine.quiet {
-            eprint!("\r{} of {} prompts done", ok_lines.len() - engine.num_unfinished(), ok_lines.len());
+            eprint!(
+                "\r{} of {} prompts done",
+                ok_lines.len() - engine.num_unfinished(),
+                ok_lines.len()
+            );
         }
     }
     if !a.engine.quiet {
@@ -183,7 +242,11 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
             "prompt_tokens": n_prompt, "completion_tokens": c.tokens.len(),
         });
         if base.logprobs > 0 || c.logprobs.iter().any(|l| !l.top.is_empty()) {
-            o["logprobs"] = json!(c.logprobs.iter().map(|l| json!({"token": l.token, "logprob": l.logprob, "top": l.top})).collect::<Vec<_>>());
+            o["logprobs"] = json!(c
+                .logprobs
+                .iter()
+                .map(|l| json!({"token": l.token, "logprob": l.logprob, "top": l.top}))
+                .collect::<Vec<_>>());
         }
         results[slot] = o;
     }
@@ -191,5 +254,9 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
         writeln!(out, "{r}")?;
     }
     out.flush()?;
-    Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

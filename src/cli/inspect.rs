@@ -55,11 +55,21 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
         e.1 += t.byte_len;
     }
     let bytes: usize = formats.values().map(|v| v.1).sum();
-    println!("parameters:    {} ({:.1} MiB on disk)", ck.num_params(), bytes as f64 / (1 << 20) as f64);
+    println!(
+        "parameters:    {} ({:.1} MiB on disk)",
+        ck.num_params(),
+        bytes as f64 / (1 << 20) as f64
+    );
     for (f, (n, b)) in &formats {
-        println!("  {f:>5}: {n} tensors, {:.1} MiB", *b as f64 / (1 << 20) as f64);
+        println!(
+            "  {f:>5}: {n} tensors, {:.1} MiB",
+            *b as f64 / (1 << 20) as f64
+        );
     }
-    println!("weights read per decode step: {:.1} MiB", model.weight_bytes() as f64 / (1 << 20) as f64);
+    println!(
+        "weights read per decode step: {:.1} MiB",
+        model.weight_bytes() as f64 / (1 << 20) as f64
+    );
     match &ck.tokenizer {
         Some(t) => println!(
             "tokenizer:     {} tokens, bos {:?}, eos {:?}, add_bos {}, chat template: {}",
@@ -67,7 +77,11 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
             t.bos_token,
             t.eos_token,
             t.add_bos,
-            if t.chat_template.is_some() { "yes" } else { "no" }
+            if t.chat_template.is_some() {
+                "yes"
+            } else {
+                "no"
+            }
         ),
         None => println!("tokenizer:     none (token ids only)"),
     }
@@ -81,7 +95,8 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
 }
 
 pub fn convert(a: ConvertArgs) -> Result<ExitCode> {
-    let dtype = DType::parse(&a.dtype).ok_or_else(|| anyhow!("--dtype {}: expected f32, f16 or bf16", a.dtype))?;
+    let dtype = DType::parse(&a.dtype)
+        .ok_or_else(|| anyhow!("--dtype {}: expected f32, f16 or bf16", a.dtype))?;
     let ck = Checkpoint::open(&a.input)?;
     vellum_engine::convert::convert(&ck, &a.output, dtype)
         .with_context(|| format!("converting {} to {}", a.input.display(), a.output.display()))?;

@@ -12,7 +12,11 @@ use std::process::ExitCode;
 use vellum_engine::{Engine, EngineConfig};
 
 #[derive(Parser)]
-#[command(name = "vellum", version, about = "Vellum: a small, embeddable LLM inference engine")]
+#[command(
+    name = "vellum",
+    version,
+    about = "Vellum: a small, embeddable LLM inference engine"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -68,7 +72,9 @@ impl EngineArgs {
     fn build(&self) -> Result<Engine> {
         match self.device.as_str() {
             "auto" | "cpu" => {}
-            d if d.starts_with("cuda") => bail!("--device {d}: the CUDA backend is not built yet; use --device cpu"),
+            d if d.starts_with("cuda") => {
+                bail!("--device {d}: the CUDA backend is not built yet; use --device cpu")
+            }
             d => bail!("--device {d}: expected auto, cpu or cuda:N"),
         }
         if let Some(n) = self.threads {
@@ -76,7 +82,9 @@ impl EngineArgs {
                 bail!("--threads must be at least 1");
             }
             // Ignored if the pool was already built (only happens in tests).
-            let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+            let _ = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global();
         }
         let config = EngineConfig {
             kv_cache_bytes: self.kv_cache_mem,
@@ -95,9 +103,13 @@ impl EngineArgs {
 /// Parses sizes like `512MiB`, `2GiB`, `1.5GB`, `1048576`.
 pub fn parse_size(s: &str) -> std::result::Result<usize, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a size (e.g. 512MiB, 2GiB)"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 512MiB, 2GiB)"))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -106,7 +118,11 @@ pub fn parse_size(s: &str) -> std::result::Result<usize, String> {
         "mib" => 1024.0 * 1024.0,
         "g" | "gb" => 1e9,
         "gib" => 1024.0 * 1024.0 * 1024.0,
-        u => return Err(format!("unknown size unit `{u}` in `{s}` (use KiB, MiB, GiB)")),
+        u => {
+            return Err(format!(
+                "unknown size unit `{u}` in `{s}` (use KiB, MiB, GiB)"
+            ))
+        }
     };
     Ok((n * mult) as usize)
 }

@@ -47,8 +47,14 @@ struct Job {
     scored: usize,
 }
 
-fn parse_line(engine: &Engine, line: &str, lineno: usize, prefix: u32) -> std::result::Result<Job, (Value, String)> {
-    let v: Value = serde_json::from_str(line).map_err(|e| (json!(lineno), format!("not valid JSON: {e}")))?;
+fn parse_line(
+    engine: &Engine,
+    line: &str,
+    lineno: usize,
+    prefix: u32,
+) -> std::result::Result<Job, (Value, String)> {
+    let v: Value =
+        serde_json::from_str(line).map_err(|e| (json!(lineno), format!("not valid JSON: {e}")))?;
     let id = v.get("id").cloned().unwrap_or(json!(lineno));
     let field = |name: &str| -> std::result::Result<Option<&str>, (Value, String)> {
         match v.get(name) {
@@ -74,7 +80,11 @@ fn parse_line(engine: &Engine, line: &str, lineno: usize, prefix: u32) -> std::r
             if cont.is_empty() {
                 return Err((id, "`continuation` is empty".into()));
             }
-            let mut t = if ctx.is_empty() { vec![prefix] } else { enc(ctx)? };
+            let mut t = if ctx.is_empty() {
+                vec![prefix]
+            } else {
+                enc(ctx)?
+            };
             let c = enc(cont)?;
             // encode() may prepend BOS; a continuation never starts with it.
             let c: Vec<u32> = match engine.tokenizer().and_then(|t| t.bos_id) {
@@ -85,12 +95,21 @@ fn parse_line(engine: &Engine, line: &str, lineno: usize, prefix: u32) -> std::r
             t.extend(c);
             (t, n)
         }
-        _ => return Err((id, "expected {\"text\": ...} or {\"context\": ..., \"continuation\": ...}".into())),
+        _ => {
+            return Err((
+                id,
+                "expected {\"text\": ...} or {\"context\": ..., \"continuation\": ...}".into(),
+            ))
+        }
     };
     if scored == 0 {
         return Err((id, "nothing to score: the text has no tokens".into()));
     }
-    let limit = engine.model().config.max_position_embeddings.min(engine.kv_capacity_tokens());
+    let limit = engine
+        .model()
+        .config
+        .max_position_embeddings
+        .min(engine.kv_capacity_tokens());
     if tokens.len() > limit {
         return Err((
             id,
@@ -103,8 +122,13 @@ fn parse_line(engine: &Engine, line: &str, lineno: usize, prefix: u32) -> std::r
 pub fn run(a: ScoreArgs) -> Result<ExitCode> {
     let mut engine = a.engine.build()?;
     let tok = engine.tokenizer().cloned();
-    let Some(tok) = tok else { bail!("{}: the model has no tokenizer", a.engine.model.display()) };
-    let prefix = tok.bos_id.or(engine.model().config.eos_token_ids.first().copied()).unwrap_or(0);
+    let Some(tok) = tok else {
+        bail!("{}: the model has no tokenizer", a.engine.model.display())
+    };
+    let prefix = tok
+        .bos_id
+        .or(engine.model().config.eos_token_ids.first().copied())
+        .unwrap_or(0);
     let input = open_input(&a.input)?;
     let mut out = open_output(&a.output)?;
     let start = std::time::Instant::now();
@@ -118,7 +142,11 @@ pub fn run(a: ScoreArgs) -> Result<ExitCode> {
             group.push(parse_line(&engine, &line, i + 1, prefix));
         }
         let jobs: Vec<&Job> = group.iter().filter_map(|g| g.as_ref().ok()).collect();
-        let scores = engine.generate(jobs.iter().map(|j| Request::score(j.tokens.clone())).collect())?;
+        let scores = engine.generate(
+            jobs.iter()
+                .map(|j| Request::score(j.tokens.clone()))
+                .collect(),
+        )?;
         let mut scores = scores.into_iter();
         for g in group {
             let line = match g {
@@ -147,7 +175,10 @@ pub fn run(a: ScoreArgs) -> Result<ExitCode> {
                     });
                     if a.token_logprobs {
                         let scored = &job.tokens[job.tokens.len() - job.scored..];
-                        let pieces: Vec<String> = scored.iter().map(|&t| tok.id_to_piece(t).unwrap_or_default()).collect();
+                        let pieces: Vec<String> = scored
+                            .iter()
+                            .map(|&t| tok.id_to_piece(t).unwrap_or_default())
+                            .collect();
                         o["tokens"] = json!(pieces);
                         o["token_logprobs"] = json!(lps);
                     }
@@ -174,5 +205,9 @@ pub fn run(a: ScoreArgs) -> Result<ExitCode> {
     if let Some(p) = &a.summary {
         std::fs::write(p, summary.to_string() + "\n")?;
     }
-    Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

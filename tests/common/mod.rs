@@ -18,16 +18,28 @@ pub fn real_model() -> PathBuf {
     let p = std::env::var_os("VELLUM_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh (or set VELLUM_MODEL)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-model.sh (or set VELLUM_MODEL)",
+        p.display()
+    );
     p
 }
 
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 pub fn floats(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

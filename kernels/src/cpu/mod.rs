@@ -49,7 +49,11 @@ impl Backend for Cpu {
     fn embedding(&self, table: &Weight, tokens: &[u32], out: &mut [f32]) -> Result<()> {
         let d = table.cols;
         check("embedding", out.len() == tokens.len() * d, || {
-            format!("out has {} floats for {} tokens of width {d}", out.len(), tokens.len())
+            format!(
+                "out has {} floats for {} tokens of width {d}",
+                out.len(),
+                tokens.len()
+            )
         })?;
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= table.rows) {
             return Err(KernelError::TokenOutOfRange {
@@ -73,11 +77,15 @@ impl Backend for Cpu {
     ) -> Result<()> {
         let d = weight.len();
         let ok = d > 0
-            && residual.len() % d == 0
+            && residual.len().is_multiple_of(d)
             && out.len() == residual.len()
             && delta.is_none_or(|x| x.len() == residual.len());
         check("add_rms_norm", ok, || {
-            format!("residual {} / out {} floats, width {d}", residual.len(), out.len())
+            format!(
+                "residual {} / out {} floats, width {d}",
+                residual.len(),
+                out.len()
+            )
         })?;
         let isa = self.isa;
         residual
@@ -101,13 +109,15 @@ impl Backend for Cpu {
 
     fn matmul(&self, x: &[f32], w: &Weight, bias: Option<&[f32]>, out: &mut [f32]) -> Result<()> {
         let (n, k) = (w.rows, w.cols);
-        let t = if k == 0 { 0 } else { x.len() / k };
-        let ok = k > 0
-            && x.len() == t * k
-            && out.len() == t * n
-            && bias.is_none_or(|b| b.len() == n);
+        let t = x.len().checked_div(k).unwrap_or(0);
+        let ok =
+            k > 0 && x.len() == t * k && out.len() == t * n && bias.is_none_or(|b| b.len() == n);
         check("matmul", ok, || {
-            format!("x has {} floats, weight [{n}, {k}], out {} floats", x.len(), out.len())
+            format!(
+                "x has {} floats, weight [{n}, {k}], out {} floats",
+                x.len(),
+                out.len()
+            )
         })?;
         if t == 0 {
             return Ok(());
@@ -120,7 +130,14 @@ impl Backend for Cpu {
             .par_chunks_mut(MATMUL_CHUNK * t)
             .enumerate()
             .for_each(|(c, chunk)| {
-                let mut scratch = vec![0f32; if matches!(w.data, WeightData::F32(_)) { 0 } else { k }];
+                let mut scratch = vec![
+                    0f32;
+                    if matches!(w.data, WeightData::F32(_)) {
+                        0
+                    } else {
+                        k
+                    }
+                ];
                 for (i, dst) in chunk.chunks_exact_mut(t).enumerate() {
                     let j = c * MATMUL_CHUNK + i;
                     let row: &[f32] = match &w.data {
@@ -151,9 +168,17 @@ impl Backend for Cpu {
     fn rotary(&self, x: &mut [f32], positions: &[u32], n_heads: usize, rope: &Rope) -> Result<()> {
         let hd = rope.head_dim;
         let width = n_heads * hd;
-        check("rotary", hd % 2 == 0 && x.len() == positions.len() * width, || {
-            format!("x has {} floats for {} tokens x {n_heads} heads x {hd}", x.len(), positions.len())
-        })?;
+        check(
+            "rotary",
+            hd.is_multiple_of(2) && x.len() == positions.len() * width,
+            || {
+                format!(
+                    "x has {} floats for {} tokens x {n_heads} heads x {hd}",
+                    x.len(),
+                    positions.len()
+                )
+            },
+        )?;
         let half = hd / 2;
         x.par_chunks_mut(width.max(1))
             .zip(positions.par_iter())
@@ -173,13 +198,26 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn write_kv(&self, cache: &mut KvLayer, k: &[f32], v: &[f32], slot_mapping: &[u32]) -> Result<()> {
+    fn write_kv(
+        &self,
+        cache: &mut KvLayer,
+        k: &[f32],
+        v: &[f32],
+        slot_mapping: &[u32],
+    ) -> Result<()> {
         let w = cache.slot_width();
         let ok = k.len() == slot_mapping.len() * w
             && v.len() == k.len()
-            && slot_mapping.iter().all(|&s| (s as usize) < cache.num_slots());
+            && slot_mapping
+                .iter()
+                .all(|&s| (s as usize) < cache.num_slots());
         check("write_kv", ok, || {
-            format!("{} slots, k {} floats, slot width {w}, pool {} slots", slot_mapping.len(), k.len(), cache.num_slots())
+            format!(
+                "{} slots, k {} floats, slot width {w}, pool {} slots",
+                slot_mapping.len(),
+                k.len(),
+                cache.num_slots()
+            )
         })?;
         for (t, &slot) in slot_mapping.iter().enumerate() {
             let s = slot as usize;
@@ -200,9 +238,15 @@ impl Backend for Cpu {
         batch.validate(cache)?;
         let (hd, n_kv) = (cache.head_dim, cache.n_kv_heads);
         let t = batch.num_tokens();
-        let ok = n_kv > 0 && n_heads % n_kv == 0 && q.len() == t * n_heads * hd && out.len() == q.len();
+        let ok = n_kv > 0
+            && n_heads.is_multiple_of(n_kv)
+            && q.len() == t * n_heads * hd
+            && out.len() == q.len();
         check("attention", ok, || {
-            format!("q {} floats, {t} tokens, {n_heads} heads / {n_kv} kv heads of {hd}", q.len())
+            format!(
+                "q {} floats, {t} tokens, {n_heads} heads / {n_kv} kv heads of {hd}",
+                q.len()
+            )
         })?;
         let group = n_heads / n_kv;
         let mut seq_of = vec![0usize; t];
@@ -250,9 +294,11 @@ impl Backend for Cpu {
     }
 
     fn log_softmax(&self, x: &mut [f32], width: usize) -> Result<()> {
-        check("log_softmax", width > 0 && x.len() % width == 0, || {
-            format!("{} floats in rows of {width}", x.len())
-        })?;
+        check(
+            "log_softmax",
+            width > 0 && x.len().is_multiple_of(width),
+            || format!("{} floats in rows of {width}", x.len()),
+        )?;
         x.par_chunks_mut(width).for_each(|row| {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();

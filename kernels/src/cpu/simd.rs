@@ -143,7 +143,11 @@ mod x86 {
             i += 32;
         }
         while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i)),
+                _mm256_loadu_ps(pb.add(i)),
+                acc[0],
+            );
             i += 8;
         }
         let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
@@ -190,7 +194,10 @@ mod x86 {
         let mut i = 0;
         while i + 8 <= n {
             let py = y.as_mut_ptr().add(i);
-            _mm256_storeu_ps(py, _mm256_fmadd_ps(a, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(py)));
+            _mm256_storeu_ps(
+                py,
+                _mm256_fmadd_ps(a, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(py)),
+            );
             i += 8;
         }
         while i < n {
@@ -207,12 +214,19 @@ mod tests {
     #[test]
     fn every_path_agrees_with_f64_dot() {
         for n in [0usize, 1, 7, 8, 31, 33, 64, 577, 1536] {
-            let a: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
-            let b: Vec<f32> = (0..n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
+            let a: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                .collect();
+            let b: Vec<f32> = (0..n)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
+                .collect();
             let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             for isa in Isa::all_supported() {
                 let got = dot(isa, &a, &b) as f64;
-                assert!((got - exact).abs() <= 1e-5 * (n as f64 + 1.0), "{isa:?} n={n}: {got} vs {exact}");
+                assert!(
+                    (got - exact).abs() <= 1e-5 * (n as f64 + 1.0),
+                    "{isa:?} n={n}: {got} vs {exact}"
+                );
                 let mut y = b.clone();
                 axpy(isa, 0.5, &a, &mut y);
                 for i in 0..n {
