@@ -9,14 +9,20 @@ use vellum_kernels::{cpu::Cpu, Backend, Weight, WeightData};
 use vellum_quant::{BlockFormat, DType};
 
 fn values(n: usize) -> Vec<f32> {
-    (0..n).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1).collect()
+    (0..n)
+        .map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1)
+        .collect()
 }
 
 fn weight(rows: usize, cols: usize, format: &str) -> Weight {
     let v = values(rows * cols);
     match format {
         "Q4_1" | "Q8_0" => {
-            let f = if format == "Q4_1" { BlockFormat::Q4_1 } else { BlockFormat::Q8_0 };
+            let f = if format == "Q4_1" {
+                BlockFormat::Q4_1
+            } else {
+                BlockFormat::Q8_0
+            };
             let mut bytes = Vec::new();
             f.quantize(&v, &mut bytes).unwrap();
             Weight::new(rows, cols, WeightData::Block(f, bytes)).unwrap()
@@ -44,14 +50,22 @@ fn read_bandwidth(c: &mut Criterion) {
 fn matmul(c: &mut Criterion) {
     let cpu = Cpu::new();
     let mut g = c.benchmark_group("matmul");
-    for (shape, rows, cols) in [("smollm-ffn-1536x576", 1536, 576), ("tinyllama-ffn-5632x2048", 5632, 2048)] {
+    for (shape, rows, cols) in [
+        ("smollm-ffn-1536x576", 1536, 576),
+        ("tinyllama-ffn-5632x2048", 5632, 2048),
+    ] {
         for format in ["f32", "bf16", "f16", "Q8_0", "Q4_1"] {
             let w = weight(rows, cols, format);
             let x = values(cols);
             let mut out = vec![0f32; rows];
             g.throughput(Throughput::Bytes(w.bytes() as u64));
-            let id = BenchmarkId::new(format!("{}/{format}", cpu.name()), format!("{shape}/batch1"));
-            g.bench_function(id, |b| b.iter(|| cpu.matmul(&x, &w, None, &mut out).unwrap()));
+            let id = BenchmarkId::new(
+                format!("{}/{format}", cpu.name()),
+                format!("{shape}/batch1"),
+            );
+            g.bench_function(id, |b| {
+                b.iter(|| cpu.matmul(&x, &w, None, &mut out).unwrap())
+            });
         }
     }
     g.finish();

@@ -13,7 +13,12 @@ fn vellum(args: &[&str], stdin: &str) -> (i32, String, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     (
         out.status.code().unwrap_or(-1),
@@ -31,21 +36,39 @@ fn score_matches_the_engine_api_and_reports_bad_lines() {
                  {\"id\":7,\"context\":\"The capital of France is\",\"continuation\":\" Paris\"}\n\
                  {\"id\":\"e\",\"text\":\"\"}\n";
     let (code, out, err) = vellum(&["score", "-m", m, "--token-logprobs", "-q"], input);
-    assert_eq!(code, 1, "a failed line makes the exit code non-zero; stderr: {err}");
-    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(
+        code, 1,
+        "a failed line makes the exit code non-zero; stderr: {err}"
+    );
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 4, "one output line per input line");
     assert_eq!(lines[0]["id"], "a");
     assert_eq!(lines[1]["id"], 2);
-    assert!(lines[1]["error"].as_str().unwrap().contains("not valid JSON"));
+    assert!(lines[1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("not valid JSON"));
     assert_eq!(lines[2]["id"], 7);
-    assert_eq!(lines[2]["is_greedy"], true, "Paris is the model's greedy answer");
+    assert_eq!(
+        lines[2]["is_greedy"], true,
+        "Paris is the model's greedy answer"
+    );
     assert!(lines[3]["error"].as_str().unwrap().contains("empty"));
 
     // Same numbers through the Engine API.
-    let mut engine = vellum::engine::Engine::builder().model(&model).build().unwrap();
+    let mut engine = vellum::engine::Engine::builder()
+        .model(&model)
+        .build()
+        .unwrap();
     let tok = engine.tokenizer().unwrap().clone();
     let mut ids = vec![tok.bos_id.unwrap()];
-    ids.extend(tok.encode("The quick brown fox jumps over the lazy dog.", false).unwrap());
+    ids.extend(
+        tok.encode("The quick brown fox jumps over the lazy dog.", false)
+            .unwrap(),
+    );
     let lps = engine.score(vec![ids]).unwrap().remove(0);
     let api: Vec<f32> = lps.clone();
     let cli = floats(&lines[0]["token_logprobs"]);
@@ -60,22 +83,46 @@ fn score_matches_the_engine_api_and_reports_bad_lines() {
 fn generate_honours_stop_strings_and_seeds() {
     let model = real_model();
     let m = model.to_str().unwrap();
-    let (code, out, err) = vellum(&["generate", "-m", m, "--chat", "-p", "What is the capital of France?", "--max-tokens", "20"], "");
+    let (code, out, err) = vellum(
+        &[
+            "generate",
+            "-m",
+            m,
+            "--chat",
+            "-p",
+            "What is the capital of France?",
+            "--max-tokens",
+            "20",
+        ],
+        "",
+    );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("Paris"), "{out}");
-    assert!(!out.contains("<|im_end|>"), "special tokens are not printed: {out}");
+    assert!(
+        !out.contains("<|im_end|>"),
+        "special tokens are not printed: {out}"
+    );
 
     let input = "{\"id\":1,\"prompt\":\"The capital of France is\",\"stop\":[\" Paris\"]}\n\
                  {\"id\":2,\"prompt\":\"Once upon a time\",\"temperature\":0.9,\"seed\":5}\n\
                  {\"id\":3,\"prompt\":\"Once upon a time\",\"temperature\":0.9,\"seed\":5}\n\
                  {\"id\":4,\"prompt\":\"x\",\"top_p\":7}\n";
-    let (code, out, _) = vellum(&["generate", "-m", m, "-i", "-", "--max-tokens", "12", "-q"], input);
+    let (code, out, _) = vellum(
+        &["generate", "-m", m, "-i", "-", "--max-tokens", "12", "-q"],
+        input,
+    );
     assert_eq!(code, 1, "the bad line makes the run fail");
-    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 4);
     assert_eq!(lines[0]["finish_reason"], "stop");
     assert!(!lines[0]["completion"].as_str().unwrap().contains("Paris"));
-    assert_eq!(lines[1]["completion"], lines[2]["completion"], "same seed, same text");
+    assert_eq!(
+        lines[1]["completion"], lines[2]["completion"],
+        "same seed, same text"
+    );
     assert!(lines[3]["error"].as_str().unwrap().contains("top_p"));
 }
 

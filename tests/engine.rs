@@ -23,7 +23,10 @@ fn engine(kv_blocks: usize, max_batched_tokens: usize, max_seqs: usize) -> Engin
 struct Lcg(u64);
 impl Lcg {
     fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 33) % n
     }
 }
@@ -34,9 +37,15 @@ fn random_requests(n: usize) -> Vec<Request> {
         .map(|i| {
             let len = 1 + r.below(70) as usize;
             let prompt = (0..len).map(|_| r.below(256) as u32).collect();
-            let mut p = SamplingParams::default().max_tokens(1 + r.below(24) as usize).ignore_eos(true);
+            let mut p = SamplingParams::default()
+                .max_tokens(1 + r.below(24) as usize)
+                .ignore_eos(true);
             if i % 3 != 0 {
-                p = p.temperature(0.7 + r.below(5) as f32 / 10.0).top_k(r.below(50) as i64).top_p(0.9).seed(i as u64);
+                p = p
+                    .temperature(0.7 + r.below(5) as f32 / 10.0)
+                    .top_k(r.below(50) as i64)
+                    .top_p(0.9)
+                    .seed(i as u64);
             }
             let mut req = Request::tokens(prompt, p);
             req.prompt_logprobs = i % 4 == 0;
@@ -50,13 +59,21 @@ fn busy_preempting_batch_gives_the_same_outputs_as_running_alone() {
     let reqs = random_requests(56);
     let alone: Vec<_> = reqs
         .iter()
-        .map(|r| engine(64, 512, 64).generate(vec![r.clone()]).unwrap().remove(0))
+        .map(|r| {
+            engine(64, 512, 64)
+                .generate(vec![r.clone()])
+                .unwrap()
+                .remove(0)
+        })
         .collect();
 
     // 24 blocks for 56 requests of up to 94 tokens, 32 tokens a step: chunked prefill and
     // preemptions are certain.
     let mut e = engine(24, 32, 16);
-    let ids: Vec<_> = reqs.iter().map(|r| e.add_request(r.clone()).unwrap()).collect();
+    let ids: Vec<_> = reqs
+        .iter()
+        .map(|r| e.add_request(r.clone()).unwrap())
+        .collect();
     let aborted = [ids[5], ids[17], ids[33]];
     let mut done: HashMap<_, vellum::engine::Completion> = HashMap::new();
     let mut steps = 0;
@@ -73,17 +90,25 @@ fn busy_preempting_batch_gives_the_same_outputs_as_running_alone() {
         e.check_blocks().unwrap();
         assert!(steps < 10_000, "the engine must make progress");
     }
-    assert!(e.stats.preemptions > 0, "the small pool must force preemptions");
+    assert!(
+        e.stats.preemptions > 0,
+        "the small pool must force preemptions"
+    );
     assert_eq!(e.kv_usage(), 0.0, "every block is free at the end");
     for (i, id) in ids.iter().enumerate() {
         if aborted.contains(id) {
             continue;
         }
-        let got = done.remove(id).unwrap_or_else(|| panic!("request {i} lost"));
+        let got = done
+            .remove(id)
+            .unwrap_or_else(|| panic!("request {i} lost"));
         let want = &alone[i];
         assert_eq!(got.tokens, want.tokens, "request {i}: tokens");
         assert_eq!(got.logprobs, want.logprobs, "request {i}: logprobs");
-        assert_eq!(got.prompt_logprobs, want.prompt_logprobs, "request {i}: prompt logprobs");
+        assert_eq!(
+            got.prompt_logprobs, want.prompt_logprobs,
+            "request {i}: prompt logprobs"
+        );
         assert_eq!(got.finish_reason, Some(FinishReason::Length));
     }
 }
@@ -93,16 +118,33 @@ fn impossible_requests_are_rejected_at_admission() {
     let mut e = engine(4, 64, 8);
     let too_long = Request::tokens(vec![1; 65], SamplingParams::default());
     match e.add_request(too_long) {
-        Err(EngineError::InvalidRequest { field: "prompt", msg }) => assert!(msg.contains("KV cache"), "{msg}"),
+        Err(EngineError::InvalidRequest {
+            field: "prompt",
+            msg,
+        }) => assert!(msg.contains("KV cache"), "{msg}"),
         other => panic!("{other:?}"),
     }
     let bad_token = Request::tokens(vec![1, 999], SamplingParams::default());
-    assert!(matches!(e.add_request(bad_token), Err(EngineError::InvalidRequest { field: "prompt", .. })));
+    assert!(matches!(
+        e.add_request(bad_token),
+        Err(EngineError::InvalidRequest {
+            field: "prompt",
+            ..
+        })
+    ));
     let bad_param = Request::tokens(vec![1], SamplingParams::default().top_p(0.0));
-    assert!(matches!(e.add_request(bad_param), Err(EngineError::InvalidRequest { field: "top_p", .. })));
+    assert!(matches!(
+        e.add_request(bad_param),
+        Err(EngineError::InvalidRequest { field: "top_p", .. })
+    ));
     assert!(!e.has_unfinished(), "rejected requests are not queued");
     // A request that fits the pool but asks for more tokens than it holds ends with "length".
-    let c = e.generate(vec![Request::tokens(vec![1; 60], SamplingParams::default().max_tokens(100).ignore_eos(true))]).unwrap();
+    let c = e
+        .generate(vec![Request::tokens(
+            vec![1; 60],
+            SamplingParams::default().max_tokens(100).ignore_eos(true),
+        )])
+        .unwrap();
     assert_eq!(c[0].finish_reason, Some(FinishReason::Length));
     assert_eq!(c[0].tokens.len(), 4);
 }
@@ -110,9 +152,21 @@ fn impossible_requests_are_rejected_at_admission() {
 #[test]
 fn stop_tokens_and_max_tokens_finish_requests() {
     let mut e = engine(16, 64, 8);
-    let first = e.generate(vec![Request::tokens(vec![3, 4, 5], SamplingParams::default().max_tokens(5).ignore_eos(true))]).unwrap();
+    let first = e
+        .generate(vec![Request::tokens(
+            vec![3, 4, 5],
+            SamplingParams::default().max_tokens(5).ignore_eos(true),
+        )])
+        .unwrap();
     let t0 = first[0].tokens[0];
-    let stopped = e.generate(vec![Request::tokens(vec![3, 4, 5], SamplingParams::default().max_tokens(5).stop_token_ids(vec![t0]))]).unwrap();
+    let stopped = e
+        .generate(vec![Request::tokens(
+            vec![3, 4, 5],
+            SamplingParams::default()
+                .max_tokens(5)
+                .stop_token_ids(vec![t0]),
+        )])
+        .unwrap();
     assert_eq!(stopped[0].tokens, vec![t0]);
     assert_eq!(stopped[0].finish_reason, Some(FinishReason::Stop));
     assert_eq!(first[0].tokens.len(), 5);
