@@ -69,8 +69,7 @@ fn score_matches_the_engine_api_and_reports_bad_lines() {
         tok.encode("The quick brown fox jumps over the lazy dog.", false)
             .unwrap(),
     );
-    let lps = engine.score(vec![ids]).unwrap().remove(0);
-    let api: Vec<f32> = lps.clone();
+    let api = engine.score(vec![ids]).unwrap().remove(0);
     let cli = floats(&lines[0]["token_logprobs"]);
     assert_eq!(cli, api);
     let total: f64 = api.iter().map(|&x| x as f64).sum();

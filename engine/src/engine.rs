@@ -322,14 +322,11 @@ impl Engine {
                 msg: format!("token id {t} is outside the vocabulary of {vocab}"),
             });
         }
-        let total = req.prompt.len()
-            + if req.score_only {
-                0
-            } else {
-                req.params.max_tokens
-            };
+        // A generating request needs room for its prompt and one new token; max_tokens
+        // beyond the pool is capped at run time (finish reason "length").
+        let needed = req.prompt.len() + usize::from(!req.score_only);
         let capacity = self.kv_capacity_tokens();
-        if req.prompt.len() > capacity || (!req.score_only && req.prompt.len() + 1 > capacity) {
+        if needed > capacity {
             return Err(EngineError::InvalidRequest {
                 field: "prompt",
                 msg: format!(
@@ -338,7 +335,6 @@ impl Engine {
                 ),
             });
         }
-        let _ = total; // max_tokens beyond the pool is capped at run time (finish reason "length").
         let id = self.next_id;
         self.next_id += 1;
         let seed = req
@@ -418,13 +414,9 @@ impl Engine {
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
-            let seq = &self.seqs[&id];
+            let seq = self.seqs.get_mut(&id).expect("running ids are live");
             let chunk = (seq.len() - seq.num_computed).min(budget);
-            let target = seq.num_computed + chunk;
-            let mut table = std::mem::take(&mut self.seqs.get_mut(&id).expect("live").blocks);
-            let grown = self.blocks.grow(&mut table, target);
-            self.seqs.get_mut(&id).expect("live").blocks = table;
-            if grown {
+            if self.blocks.grow(&mut seq.blocks, seq.num_computed + chunk) {
                 batch.push((id, chunk));
                 budget -= chunk;
                 i += 1;
