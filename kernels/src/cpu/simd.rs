@@ -1,7 +1,13 @@
 //! SIMD primitives with run-time dispatch, chosen once per process.
 //!
+//! The dot products are written once, generic over a [`Row`] that loads weights as f32
+//! vectors straight from their stored format (f32, f16, bf16, or group-32 blocks decoded in
+//! registers), so a matmul never widens a weight row into memory first.
+//!
 //! Every path reduces in a fixed order that depends only on the vector length, so a row's
-//! result is the same whatever else is in the batch (on one machine and one path).
+//! result is the same whatever else is in the batch (on one machine and one path). Since a
+//! `Row` yields exactly the values `Weight::row_to_f32` would, a fused dot equals the f32
+//! dot of the dequantized row, bit for bit.
 
 use std::sync::OnceLock;
 
@@ -9,6 +15,7 @@ use std::sync::OnceLock;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
     Scalar,
+    /// AVX2 + FMA + F16C.
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
     #[cfg(target_arch = "x86_64")]
@@ -28,38 +35,29 @@ impl Isa {
 
     /// The best path this CPU supports; `VELLUM_ISA=scalar|avx2` lowers it (for testing).
     pub fn detect() -> Isa {
-        let best = Self::best_supported();
+        let all = Self::all_supported();
+        let best = *all.last().expect("scalar is always supported");
         match std::env::var("VELLUM_ISA").as_deref() {
             Ok("scalar") => Isa::Scalar,
             #[cfg(target_arch = "x86_64")]
-            Ok("avx2") if best != Isa::Scalar => Isa::Avx2Fma,
+            Ok("avx2") if all.contains(&Isa::Avx2Fma) => Isa::Avx2Fma,
             _ => best,
         }
     }
 
-    fn best_supported() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Isa::Avx2Fma;
-            }
-        }
-        Isa::Scalar
-    }
-
-    /// All paths this CPU can run (for parity tests).
+    /// All paths this CPU can run, worst to best (for parity tests).
     pub fn all_supported() -> Vec<Isa> {
         let mut v = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            if avx2 {
                 v.push(Isa::Avx2Fma);
-            }
-            if is_x86_feature_detected!("avx512f") {
-                v.push(Isa::Avx512);
+                if is_x86_feature_detected!("avx512f") {
+                    v.push(Isa::Avx512);
+                }
             }
         }
         v
@@ -72,18 +70,48 @@ pub fn isa() -> Isa {
     *ISA.get_or_init(Isa::detect)
 }
 
-/// Dot product of equal-length slices.
+/// A weight row that SIMD code can read as f32 vectors.
+///
+/// # Safety
+/// Implementations must keep `load8(i)` / `load16(i)` within the row for every `i` with
+/// `i + 8 <= len()` / `i + 16 <= len()` (multiples of 8 / 16).
+#[allow(clippy::len_without_is_empty)]
+pub unsafe trait Row {
+    fn len(&self) -> usize;
+    /// Element `i` as f32 (scalar path and tails).
+    fn get(&self, i: usize) -> f32;
+    /// Elements `i..i+8`.
+    ///
+    /// # Safety
+    /// `i + 8 <= len()`, and the CPU has AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(&self, i: usize) -> std::arch::x86_64::__m256;
+    /// Elements `i..i+16`.
+    ///
+    /// # Safety
+    /// `i + 16 <= len()`, and the CPU has AVX-512F (and AVX2, FMA, F16C).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(&self, i: usize) -> std::arch::x86_64::__m512;
+}
+
+/// Dot product of `x` with a row of the same length.
 #[inline]
-pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
+pub fn dot_row<R: Row + ?Sized>(isa: Isa, x: &[f32], w: &R) -> f32 {
+    debug_assert_eq!(x.len(), w.len());
     match isa {
-        Isa::Scalar => dot_scalar(a, b),
+        Isa::Scalar => dot_scalar(x, w),
         // SAFETY: the variant exists only when detection found the features.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => unsafe { x86::dot_avx2(a, b) },
+        Isa::Avx2Fma => unsafe { x86::dot_avx2(x, w) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::dot_avx512(a, b) },
+        Isa::Avx512 => unsafe { x86::dot_avx512(x, w) },
     }
+}
+
+/// Dot product of equal-length f32 slices.
+#[inline]
+pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    dot_row(isa, a, b)
 }
 
 /// `y += alpha * x`.
@@ -97,18 +125,18 @@ pub fn axpy(isa: Isa, alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Scalar dot with 8 independent partial sums (auto-vectorizable, fixed order).
-pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+/// Scalar dot with 8 independent partial sums (fixed order).
+pub fn dot_scalar<R: Row + ?Sized>(a: &[f32], b: &R) -> f32 {
     let mut acc = [0f32; 8];
     let n8 = a.len() / 8 * 8;
-    for (ca, cb) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
+    for (c, ca) in a[..n8].chunks_exact(8).enumerate() {
         for i in 0..8 {
-            acc[i] += ca[i] * cb[i];
+            acc[i] += ca[i] * b.get(c * 8 + i);
         }
     }
     let mut tail = 0f32;
-    for i in n8..a.len() {
-        tail += a[i] * b[i];
+    for (i, &x) in a.iter().enumerate().skip(n8) {
+        tail += x * b.get(i);
     }
     let s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     s + tail
@@ -116,9 +144,10 @@ pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::Row;
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn hsum256(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
@@ -128,60 +157,51 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_avx2<R: Row + ?Sized>(a: &[f32], w: &R) -> f32 {
         let n = a.len();
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let pa = a.as_ptr();
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut i = 0;
         while i + 32 <= n {
             for (j, acc) in acc.iter_mut().enumerate() {
                 let x = _mm256_loadu_ps(pa.add(i + 8 * j));
-                let y = _mm256_loadu_ps(pb.add(i + 8 * j));
-                *acc = _mm256_fmadd_ps(x, y, *acc);
+                *acc = _mm256_fmadd_ps(x, w.load8(i + 8 * j), *acc);
             }
             i += 32;
         }
         while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i)),
-                _mm256_loadu_ps(pb.add(i)),
-                acc[0],
-            );
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), w.load8(i), acc[0]);
             i += 8;
         }
         let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
         let mut total = hsum256(s);
         while i < n {
-            total += *pa.add(i) * *pb.add(i);
+            total += *pa.add(i) * w.get(i);
             i += 1;
         }
         total
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn dot_avx512<R: Row + ?Sized>(a: &[f32], w: &R) -> f32 {
         let n = a.len();
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let pa = a.as_ptr();
         let mut acc0 = _mm512_setzero_ps();
         let mut acc1 = _mm512_setzero_ps();
         let mut i = 0;
         while i + 32 <= n {
-            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc0);
-            acc1 = _mm512_fmadd_ps(
-                _mm512_loadu_ps(pa.add(i + 16)),
-                _mm512_loadu_ps(pb.add(i + 16)),
-                acc1,
-            );
+            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), w.load16(i), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), w.load16(i + 16), acc1);
             i += 32;
         }
         while i + 16 <= n {
-            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc0);
+            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), w.load16(i), acc0);
             i += 16;
         }
         let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
         while i < n {
-            total += *pa.add(i) * *pb.add(i);
+            total += *pa.add(i) * w.get(i);
             i += 1;
         }
         total

@@ -1,0 +1,238 @@
+//! [`Row`] implementations: weight rows read as f32 vectors in registers, in every stored
+//! format. Each yields exactly the values of `Weight::row_to_f32` (same roundings), which
+//! the parity tests check.
+
+use super::simd::Row;
+use half::{bf16, f16};
+use vellum_quant::QK;
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+// SAFETY (all impls): loads stay within the row for in-range `i`, as the trait requires.
+
+unsafe impl Row for [f32] {
+    fn len(&self) -> usize {
+        <[f32]>::len(self)
+    }
+    fn get(&self, i: usize) -> f32 {
+        self[i]
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(&self, i: usize) -> __m256 {
+        _mm256_loadu_ps(self.as_ptr().add(i))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn load16(&self, i: usize) -> __m512 {
+        _mm512_loadu_ps(self.as_ptr().add(i))
+    }
+}
+
+unsafe impl Row for [f16] {
+    fn len(&self) -> usize {
+        <[f16]>::len(self)
+    }
+    fn get(&self, i: usize) -> f32 {
+        self[i].to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(&self, i: usize) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(self.as_ptr().add(i) as *const __m128i))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn load16(&self, i: usize) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(self.as_ptr().add(i) as *const __m256i))
+    }
+}
+
+unsafe impl Row for [bf16] {
+    fn len(&self) -> usize {
+        <[bf16]>::len(self)
+    }
+    fn get(&self, i: usize) -> f32 {
+        f32::from_bits((self[i].to_bits() as u32) << 16)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(&self, i: usize) -> __m256 {
+        // bf16 is the top half of an f32: widen and shift, exact.
+        let h = _mm_loadu_si128(self.as_ptr().add(i) as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn load16(&self, i: usize) -> __m512 {
+        let h = _mm256_loadu_si256(self.as_ptr().add(i) as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+    }
+}
+
+/// A row of Q8_0 blocks: `| d: f16 | q[32]: i8 |`, x = q * d.
+pub struct Q8_0Row<'a>(pub &'a [u8]);
+/// A row of Q4_0 blocks: `| d: f16 | qs[16] |`, x = (nibble - 8) * d.
+pub struct Q4_0Row<'a>(pub &'a [u8]);
+/// A row of Q4_1 blocks: `| d: f16 | m: f16 | qs[16] |`, x = nibble * d + m.
+pub struct Q4_1Row<'a>(pub &'a [u8]);
+
+const Q8_BYTES: usize = 34;
+const Q40_BYTES: usize = 18;
+const Q41_BYTES: usize = 20;
+
+#[inline]
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// A block scale as a broadcast vector, converted by F16C (exact, like `f16::to_f32`).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scale8(p: *const u8) -> __m256 {
+    let bits = (p as *const u16).read_unaligned();
+    _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn scale16(p: *const u8) -> __m512 {
+    let bits = (p as *const u16).read_unaligned();
+    _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// Nibble of value `j` (0..32) of a Q4 block whose `qs` start at `qs`.
+#[inline]
+fn nibble(b: &[u8], qs: usize, j: usize) -> u8 {
+    let byte = b[qs + j % (QK / 2)];
+    if j < QK / 2 {
+        byte & 0x0f
+    } else {
+        byte >> 4
+    }
+}
+
+/// 8 (AVX2) or 16 (AVX-512) nibbles of a Q4 block starting at value `off`, as i32 lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles8(qs: *const u8, off: usize) -> __m256i {
+    let bytes = _mm_loadl_epi64(qs.add(off % (QK / 2)) as *const __m128i);
+    let bytes = if off < QK / 2 {
+        bytes
+    } else {
+        _mm_srli_epi16(bytes, 4)
+    };
+    _mm256_cvtepu8_epi32(_mm_and_si128(bytes, _mm_set1_epi8(0x0f)))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn nibbles16(qs: *const u8, off: usize) -> __m512i {
+    let bytes = _mm_loadu_si128(qs as *const __m128i);
+    let bytes = if off < QK / 2 {
+        bytes
+    } else {
+        _mm_srli_epi16(bytes, 4)
+    };
+    _mm512_cvtepu8_epi32(_mm_and_si128(bytes, _mm_set1_epi8(0x0f)))
+}
+
+unsafe impl Row for Q8_0Row<'_> {
+    fn len(&self) -> usize {
+        self.0.len() / Q8_BYTES * QK
+    }
+    fn get(&self, i: usize) -> f32 {
+        let b = (i / QK) * Q8_BYTES;
+        (self.0[b + 2 + i % QK] as i8) as f32 * f16_at(self.0, b)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(&self, i: usize) -> __m256 {
+        let b = (i / QK) * Q8_BYTES;
+        let p = self.0.as_ptr().add(b + 2 + i % QK);
+        let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i));
+        _mm256_mul_ps(_mm256_cvtepi32_ps(q), scale8(self.0.as_ptr().add(b)))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn load16(&self, i: usize) -> __m512 {
+        let b = (i / QK) * Q8_BYTES;
+        let p = self.0.as_ptr().add(b + 2 + i % QK);
+        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i));
+        _mm512_mul_ps(_mm512_cvtepi32_ps(q), scale16(self.0.as_ptr().add(b)))
+    }
+}
+
+unsafe impl Row for Q4_0Row<'_> {
+    fn len(&self) -> usize {
+        self.0.len() / Q40_BYTES * QK
+    }
+    fn get(&self, i: usize) -> f32 {
+        let b = (i / QK) * Q40_BYTES;
+        (nibble(self.0, b + 2, i % QK) as i32 - 8) as f32 * f16_at(self.0, b)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(&self, i: usize) -> __m256 {
+        let b = (i / QK) * Q40_BYTES;
+        let q = _mm256_sub_epi32(
+            nibbles8(self.0.as_ptr().add(b + 2), i % QK),
+            _mm256_set1_epi32(8),
+        );
+        _mm256_mul_ps(_mm256_cvtepi32_ps(q), scale8(self.0.as_ptr().add(b)))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn load16(&self, i: usize) -> __m512 {
+        let b = (i / QK) * Q40_BYTES;
+        let q = _mm512_sub_epi32(
+            nibbles16(self.0.as_ptr().add(b + 2), i % QK),
+            _mm512_set1_epi32(8),
+        );
+        _mm512_mul_ps(_mm512_cvtepi32_ps(q), scale16(self.0.as_ptr().add(b)))
+    }
+}
+
+unsafe impl Row for Q4_1Row<'_> {
+    fn len(&self) -> usize {
+        self.0.len() / Q41_BYTES * QK
+    }
+    fn get(&self, i: usize) -> f32 {
+        let b = (i / QK) * Q41_BYTES;
+        nibble(self.0, b + 4, i % QK) as f32 * f16_at(self.0, b) + f16_at(self.0, b + 2)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(&self, i: usize) -> __m256 {
+        let b = (i / QK) * Q41_BYTES;
+        let q = _mm256_cvtepi32_ps(nibbles8(self.0.as_ptr().add(b + 4), i % QK));
+        // Multiply then add (not fma): the same two roundings as the reference dequantize.
+        let scaled = _mm256_mul_ps(q, scale8(self.0.as_ptr().add(b)));
+        _mm256_add_ps(scaled, scale8(self.0.as_ptr().add(b + 2)))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn load16(&self, i: usize) -> __m512 {
+        let b = (i / QK) * Q41_BYTES;
+        let q = _mm512_cvtepi32_ps(nibbles16(self.0.as_ptr().add(b + 4), i % QK));
+        let scaled = _mm512_mul_ps(q, scale16(self.0.as_ptr().add(b)));
+        _mm512_add_ps(scaled, scale16(self.0.as_ptr().add(b + 2)))
+    }
+}
