@@ -5,8 +5,11 @@ use common::*;
 use std::path::{Path, PathBuf};
 use vellum::engine::Checkpoint;
 
+/// A fresh directory; the counter keeps tests running in parallel apart.
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vellum-bad-{name}-{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("vellum-bad-{name}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
