@@ -136,3 +136,46 @@ fn inspect_validates_and_fails_on_bad_models() {
     assert_ne!(code, 0);
     assert!(err.contains("version 9"), "{err}");
 }
+
+#[test]
+fn bench_reports_every_level_as_json() {
+    let args = [
+        "bench",
+        "--shape",
+        "smollm-135m",
+        "--concurrency",
+        "1,3",
+        "--prompt-len",
+        "5",
+        "--gen-len",
+        "3",
+        "--json",
+    ];
+    let (code, out, err) = vellum(&args, "");
+    assert_eq!(code, 0, "{err}");
+    let levels: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(levels.len(), 2);
+    for (l, c) in levels.iter().zip([1, 3]) {
+        assert_eq!(l["concurrency"], c);
+        for key in [
+            "prefill_tok_s",
+            "decode_tok_s",
+            "ttft_ms_p50",
+            "ttft_ms_p99",
+            "itl_ms_p50",
+            "itl_ms_p90",
+            "bandwidth_pct",
+        ] {
+            let v = l[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{key} missing: {l}"));
+            assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+        }
+    }
+    let (code, _, err) = vellum(&["bench", "--shape", "gpt-9"], "");
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown"), "{err}");
+}

@@ -378,6 +378,14 @@ impl Engine {
         !self.seqs.is_empty()
     }
 
+    /// Tokens of KV cache the running sequences hold (what a decode step's attention reads).
+    pub fn running_context_tokens(&self) -> usize {
+        self.running
+            .iter()
+            .map(|id| self.seqs[id].num_computed)
+            .sum()
+    }
+
     pub fn num_unfinished(&self) -> usize {
         self.seqs.len()
     }

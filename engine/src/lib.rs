@@ -17,6 +17,7 @@ pub use tokenizer::{ChatMessage, Tokenizer};
 pub mod engine;
 pub mod kv;
 pub mod sampler;
+pub mod synthetic;
 
 pub use engine::{
     Completion, Engine, EngineBuilder, EngineConfig, FinishReason, Request, RequestId,

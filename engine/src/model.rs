@@ -6,7 +6,7 @@ use crate::error::{EngineError, Result};
 use crate::tensors::{TensorFormat, TensorInfo, TensorStore};
 use half::{bf16, f16};
 use std::path::Path;
-use vellum_kernels::{Backend, BatchLayout, KvLayer, Rope, Weight, WeightData};
+use vellum_kernels::{Backend, BatchLayout, KvLayer, MatmulPart, Rope, Weight, WeightData};
 use vellum_quant::DType;
 
 /// One decoder layer's weights.
@@ -303,9 +303,26 @@ impl Model {
                 c.rms_norm_eps,
                 &mut normed,
             )?;
-            backend.matmul(&normed, &layer.q, layer.q_bias.as_deref(), &mut q)?;
-            backend.matmul(&normed, &layer.k, layer.k_bias.as_deref(), &mut k)?;
-            backend.matmul(&normed, &layer.v, layer.v_bias.as_deref(), &mut v)?;
+            backend.matmul_many(
+                &normed,
+                &mut [
+                    MatmulPart {
+                        w: &layer.q,
+                        bias: layer.q_bias.as_deref(),
+                        out: &mut q,
+                    },
+                    MatmulPart {
+                        w: &layer.k,
+                        bias: layer.k_bias.as_deref(),
+                        out: &mut k,
+                    },
+                    MatmulPart {
+                        w: &layer.v,
+                        bias: layer.v_bias.as_deref(),
+                        out: &mut v,
+                    },
+                ],
+            )?;
             backend.rotary(&mut q, &batch.positions, c.num_heads, &self.rope)?;
             backend.rotary(&mut k, &batch.positions, c.num_kv_heads, &self.rope)?;
             backend.write_kv(cache, &k, &v, &batch.slot_mapping)?;
@@ -318,8 +335,21 @@ impl Model {
                 c.rms_norm_eps,
                 &mut normed,
             )?;
-            backend.matmul(&normed, &layer.gate, None, &mut gate)?;
-            backend.matmul(&normed, &layer.up, None, &mut up)?;
+            backend.matmul_many(
+                &normed,
+                &mut [
+                    MatmulPart {
+                        w: &layer.gate,
+                        bias: None,
+                        out: &mut gate,
+                    },
+                    MatmulPart {
+                        w: &layer.up,
+                        bias: None,
+                        out: &mut up,
+                    },
+                ],
+            )?;
             backend.silu_mul(&mut gate, &up)?;
             backend.matmul(&gate, &layer.down, None, &mut delta)?;
             has_delta = true;

@@ -26,6 +26,13 @@ pub enum KernelError {
 
 pub type Result<T> = std::result::Result<T, KernelError>;
 
+/// One output of [`Backend::matmul_many`]: `out = x · wᵀ (+ bias)`.
+pub struct MatmulPart<'a> {
+    pub w: &'a Weight,
+    pub bias: Option<&'a [f32]>,
+    pub out: &'a mut [f32],
+}
+
 /// The fused ops of the forward pass. Activations are row-major `f32` (`[rows, width]`).
 ///
 /// Determinism promise: every op computes each row with a fixed reduction order, so a
@@ -50,6 +57,15 @@ pub trait Backend: Send + Sync {
 
     /// `out[rows, w.rows] = x[rows, w.cols] · wᵀ (+ bias)`.
     fn matmul(&self, x: &[f32], w: &Weight, bias: Option<&[f32]>, out: &mut [f32]) -> Result<()>;
+
+    /// Several matmuls of the same input (Q/K/V, gate/up) in one go; backends run them as
+    /// one parallel region or one launch.
+    fn matmul_many(&self, x: &[f32], parts: &mut [MatmulPart]) -> Result<()> {
+        for p in parts.iter_mut() {
+            self.matmul(x, p.w, p.bias, p.out)?;
+        }
+        Ok(())
+    }
 
     /// Rotary embedding in place on `x[T, n_heads * head_dim]` (half-rotation / neox layout).
     fn rotary(&self, x: &mut [f32], positions: &[u32], n_heads: usize, rope: &Rope) -> Result<()>;

@@ -1,6 +1,7 @@
 //! Subcommands of the `vellum` binary. Every command goes through the same Engine API as
 //! embedders use; there is no second inference path.
 
+mod bench;
 mod generate;
 mod inspect;
 mod score;
@@ -36,6 +37,10 @@ enum Command {
     ///
     /// Example: vellum inspect model.gguf
     Inspect(inspect::InspectArgs),
+    /// Throughput and latency at several concurrency levels, on a model or a synthetic shape.
+    ///
+    /// Example: vellum bench --shape tinyllama-1.1b --concurrency 1,4,16 --threads 2
+    Bench(bench::BenchArgs),
     /// Convert a checkpoint (e.g. a GGUF file) to a Hugging Face directory.
     ///
     /// Example: vellum convert model.gguf out_dir --dtype f32
@@ -133,6 +138,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::inspect(a),
         Command::Convert(a) => inspect::convert(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

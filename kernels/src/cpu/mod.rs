@@ -1,9 +1,12 @@
 //! The CPU backend: rayon across rows/heads, SIMD primitives chosen once at start-up.
 
+pub mod membw;
 mod rows;
 pub mod simd;
 
-use crate::{check, Backend, BatchLayout, KernelError, KvLayer, Result, Rope, Weight, WeightData};
+use crate::{
+    check, Backend, BatchLayout, KernelError, KvLayer, MatmulPart, Result, Rope, Weight, WeightData,
+};
 use rayon::prelude::*;
 use simd::Isa;
 use vellum_quant::{BlockFormat, QK};
@@ -12,23 +15,40 @@ use vellum_quant::{BlockFormat, QK};
 /// task, few enough that 2–64 cores all get some.
 const MATMUL_CHUNK: usize = 16;
 
-/// `x · w[j]`, reading the weight row in its stored format (see `simd::Row`).
-#[inline]
-pub fn dot_weight_row(isa: Isa, x: &[f32], w: &Weight, j: usize) -> f32 {
+/// `out[t] = x[t] · w[j]` for every activation row `t` of `x` (`cols` wide), reading the
+/// weight row in its stored format (see `simd::Row`), several activation rows per pass.
+fn dot_weight_row(isa: Isa, x: &[f32], w: &Weight, j: usize, out: &mut [f32]) {
     let k = w.cols;
     match &w.data {
-        WeightData::F32(v) => simd::dot_row(isa, x, &v[j * k..(j + 1) * k]),
-        WeightData::F16(v) => simd::dot_row(isa, x, &v[j * k..(j + 1) * k]),
-        WeightData::BF16(v) => simd::dot_row(isa, x, &v[j * k..(j + 1) * k]),
+        WeightData::F32(v) => dot_rows_all(isa, x, &v[j * k..(j + 1) * k], out),
+        WeightData::F16(v) => dot_rows_all(isa, x, &v[j * k..(j + 1) * k], out),
+        WeightData::BF16(v) => dot_rows_all(isa, x, &v[j * k..(j + 1) * k], out),
         WeightData::Block(f, bytes) => {
             let rb = k / QK * f.block_bytes();
             let row = &bytes[j * rb..(j + 1) * rb];
             match f {
-                BlockFormat::Q8_0 => simd::dot_row(isa, x, &rows::Q8_0Row(row)),
-                BlockFormat::Q4_0 => simd::dot_row(isa, x, &rows::Q4_0Row(row)),
-                BlockFormat::Q4_1 => simd::dot_row(isa, x, &rows::Q4_1Row(row)),
+                BlockFormat::Q8_0 => dot_rows_all(isa, x, &rows::Q8_0Row(row), out),
+                BlockFormat::Q4_0 => dot_rows_all(isa, x, &rows::Q4_0Row(row), out),
+                BlockFormat::Q4_1 => dot_rows_all(isa, x, &rows::Q4_1Row(row), out),
             }
         }
+    }
+}
+
+fn dot_rows_all<R: simd::Row + ?Sized>(isa: Isa, x: &[f32], w: &R, out: &mut [f32]) {
+    let k = w.len();
+    let per = simd::rows_per_pass(isa);
+    let mut t = 0;
+    while t + per <= out.len() && per > 1 {
+        let mut rows: [&[f32]; 4] = [&[]; 4];
+        for (i, row) in rows.iter_mut().take(per).enumerate() {
+            *row = &x[(t + i) * k..(t + i + 1) * k];
+        }
+        simd::dot_rows(isa, &rows[..per], w, &mut out[t..t + per]);
+        t += per;
+    }
+    for (r, o) in out.iter_mut().enumerate().skip(t) {
+        *o = simd::dot_row(isa, &x[r * k..(r + 1) * k], w);
     }
 }
 
@@ -130,44 +150,65 @@ impl Backend for Cpu {
     }
 
     fn matmul(&self, x: &[f32], w: &Weight, bias: Option<&[f32]>, out: &mut [f32]) -> Result<()> {
-        let (n, k) = (w.rows, w.cols);
+        self.matmul_many(x, &mut [MatmulPart { w, bias, out }])
+    }
+
+    fn matmul_many(&self, x: &[f32], parts: &mut [MatmulPart]) -> Result<()> {
+        let Some(k) = parts.first().map(|p| p.w.cols) else {
+            return Ok(());
+        };
         let t = x.len().checked_div(k).unwrap_or(0);
-        let ok =
-            k > 0 && x.len() == t * k && out.len() == t * n && bias.is_none_or(|b| b.len() == n);
-        check("matmul", ok, || {
-            format!(
-                "x has {} floats, weight [{n}, {k}], out {} floats",
-                x.len(),
-                out.len()
-            )
-        })?;
+        for p in parts.iter() {
+            let n = p.w.rows;
+            let ok = k > 0
+                && p.w.cols == k
+                && x.len() == t * k
+                && p.out.len() == t * n
+                && p.bias.is_none_or(|b| b.len() == n);
+            check("matmul", ok, || {
+                format!(
+                    "x has {} floats, weight [{n}, {}], out {} floats",
+                    x.len(),
+                    p.w.cols,
+                    p.out.len()
+                )
+            })?;
+        }
         if t == 0 {
             return Ok(());
         }
         let isa = self.isa;
-        // Computed transposed ([n, t]) so that each task owns a contiguous slice, then
-        // transposed back; the weight is read once whatever t is.
-        let mut out_t = vec![0f32; n * t];
-        out_t
-            .par_chunks_mut(MATMUL_CHUNK * t)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                for (i, dst) in chunk.chunks_exact_mut(t).enumerate() {
-                    let j = c * MATMUL_CHUNK + i;
-                    let b = bias.map_or(0.0, |b| b[j]);
-                    for (ti, o) in dst.iter_mut().enumerate() {
-                        *o = dot_weight_row(isa, &x[ti * k..(ti + 1) * k], w, j) + b;
+        // Each part is computed transposed ([n, t]) so that each task owns a contiguous
+        // slice, then transposed back; every weight is read once whatever t is. All parts
+        // share one parallel region: fewer hand-offs between threads per layer.
+        let mut outs_t: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; p.w.rows * t]).collect();
+        let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+        for (pi, o) in outs_t.iter_mut().enumerate() {
+            for (c, chunk) in o.chunks_mut(MATMUL_CHUNK * t).enumerate() {
+                tasks.push((pi, c, chunk));
+            }
+        }
+        tasks.into_par_iter().for_each(|(pi, c, chunk)| {
+            let (w, bias) = (parts[pi].w, parts[pi].bias);
+            for (i, dst) in chunk.chunks_exact_mut(t).enumerate() {
+                let j = c * MATMUL_CHUNK + i;
+                dot_weight_row(isa, x, w, j, dst);
+                if let Some(b) = bias {
+                    dst.iter_mut().for_each(|o| *o += b[j]);
+                }
+            }
+        });
+        for (p, out_t) in parts.iter_mut().zip(outs_t) {
+            let n = p.w.rows;
+            if t == 1 {
+                p.out.copy_from_slice(&out_t);
+            } else {
+                p.out.par_chunks_mut(n).enumerate().for_each(|(ti, row)| {
+                    for (j, o) in row.iter_mut().enumerate() {
+                        *o = out_t[j * t + ti];
                     }
-                }
-            });
-        if t == 1 {
-            out.copy_from_slice(&out_t);
-        } else {
-            out.par_chunks_mut(n).enumerate().for_each(|(ti, row)| {
-                for (j, o) in row.iter_mut().enumerate() {
-                    *o = out_t[j * t + ti];
-                }
-            });
+                });
+            }
         }
         Ok(())
     }
@@ -357,7 +398,9 @@ mod tests {
                     w.row_to_f32(j, &mut row);
                     let exact: f64 = x.iter().zip(&row).map(|(a, b)| *a as f64 * *b as f64).sum();
                     for isa in Isa::all_supported() {
-                        let fused = dot_weight_row(isa, &x, &w, j);
+                        let mut fused = [0f32];
+                        dot_weight_row(isa, &x, &w, j, &mut fused);
+                        let fused = fused[0];
                         let plain = simd::dot(isa, &x, &row);
                         assert_eq!(
                             fused.to_bits(),
@@ -376,6 +419,33 @@ mod tests {
         }
     }
 
+    /// A row's result does not depend on how many rows share the pass (batch invariance).
+    #[test]
+    fn multi_row_passes_equal_single_rows() {
+        let cols = 96;
+        for w in weights(3, cols) {
+            for t in 1..=9 {
+                let x: Vec<f32> = (0..t * cols)
+                    .map(|i| ((i * 13 % 71) as f32 - 35.0) / 30.0)
+                    .collect();
+                for isa in Isa::all_supported() {
+                    let mut all = vec![0f32; t];
+                    dot_weight_row(isa, &x, &w, 2, &mut all);
+                    for r in 0..t {
+                        let mut one = [0f32];
+                        dot_weight_row(isa, &x[r * cols..(r + 1) * cols], &w, 2, &mut one);
+                        assert_eq!(
+                            all[r].to_bits(),
+                            one[0].to_bits(),
+                            "{} {isa:?} t={t} r={r}",
+                            w.format_name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// Dense rows of odd lengths exercise the vector tails.
     #[test]
     fn dense_rows_with_odd_lengths() {
@@ -385,8 +455,9 @@ mod tests {
                 let mut row = vec![0f32; cols];
                 w.row_to_f32(1, &mut row);
                 for isa in Isa::all_supported() {
-                    let fused = dot_weight_row(isa, &x, &w, 1);
-                    assert_eq!(fused.to_bits(), simd::dot(isa, &x, &row).to_bits());
+                    let mut fused = [0f32];
+                    dot_weight_row(isa, &x, &w, 1, &mut fused);
+                    assert_eq!(fused[0].to_bits(), simd::dot(isa, &x, &row).to_bits());
                 }
             }
         }

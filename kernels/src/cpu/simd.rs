@@ -108,6 +108,41 @@ pub fn dot_row<R: Row + ?Sized>(isa: Isa, x: &[f32], w: &R) -> f32 {
     }
 }
 
+/// How many activation rows [`dot_rows`] takes at once on a path.
+/// At most 4 (callers keep a fixed-size array of row slices).
+pub fn rows_per_pass(isa: Isa) -> usize {
+    match isa {
+        Isa::Scalar => 1,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => 2,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => 4,
+    }
+}
+
+/// `out[r] = x[r] · w` for `rows_per_pass(isa)` activation rows, loading (and decoding)
+/// each weight vector once for all of them. Each row's result is bit-identical to
+/// [`dot_row`] of that row alone: same accumulators, same order.
+#[inline]
+pub fn dot_rows<R: Row + ?Sized>(isa: Isa, x: &[&[f32]], w: &R, out: &mut [f32]) {
+    debug_assert_eq!(x.len(), rows_per_pass(isa));
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe {
+            x86::dot_rows_avx2::<R, 2>(x.try_into().expect("2 rows"), w, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe {
+            x86::dot_rows_avx512::<R, 4>(x.try_into().expect("4 rows"), w, out)
+        },
+        _ => {
+            for (o, x) in out.iter_mut().zip(x) {
+                *o = dot_row(isa, x, w);
+            }
+        }
+    }
+}
+
 /// Dot product of equal-length f32 slices.
 #[inline]
 pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
@@ -143,6 +178,8 @@ pub fn dot_scalar<R: Row + ?Sized>(a: &[f32], b: &R) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
+// Index loops over small fixed arrays of registers read clearer than zipped iterators here.
+#[allow(clippy::needless_range_loop)]
 mod x86 {
     use super::Row;
     use std::arch::x86_64::*;
@@ -205,6 +242,86 @@ mod x86 {
             i += 1;
         }
         total
+    }
+
+    /// [`dot_avx2`] for `N` activation rows sharing each weight load.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_rows_avx2<R: Row + ?Sized, const N: usize>(
+        a: [&[f32]; N],
+        w: &R,
+        out: &mut [f32],
+    ) {
+        let n = w.len();
+        let mut acc = [[_mm256_setzero_ps(); 4]; N];
+        let mut i = 0;
+        while i + 32 <= n {
+            for j in 0..4 {
+                let wv = w.load8(i + 8 * j);
+                for r in 0..N {
+                    acc[r][j] = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(a[r].as_ptr().add(i + 8 * j)),
+                        wv,
+                        acc[r][j],
+                    );
+                }
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            let wv = w.load8(i);
+            for r in 0..N {
+                acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(a[r].as_ptr().add(i)), wv, acc[r][0]);
+            }
+            i += 8;
+        }
+        for r in 0..N {
+            let s = _mm256_add_ps(
+                _mm256_add_ps(acc[r][0], acc[r][1]),
+                _mm256_add_ps(acc[r][2], acc[r][3]),
+            );
+            let mut total = hsum256(s);
+            for k in i..n {
+                total += a[r][k] * w.get(k);
+            }
+            out[r] = total;
+        }
+    }
+
+    /// [`dot_avx512`] for `N` activation rows sharing each weight load.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn dot_rows_avx512<R: Row + ?Sized, const N: usize>(
+        a: [&[f32]; N],
+        w: &R,
+        out: &mut [f32],
+    ) {
+        let n = w.len();
+        let mut acc0 = [_mm512_setzero_ps(); N];
+        let mut acc1 = [_mm512_setzero_ps(); N];
+        let mut i = 0;
+        while i + 32 <= n {
+            let w0 = w.load16(i);
+            let w1 = w.load16(i + 16);
+            for r in 0..N {
+                let p = a[r].as_ptr();
+                acc0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(p.add(i)), w0, acc0[r]);
+                acc1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(p.add(i + 16)), w1, acc1[r]);
+            }
+            i += 32;
+        }
+        while i + 16 <= n {
+            let w0 = w.load16(i);
+            for r in 0..N {
+                acc0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(a[r].as_ptr().add(i)), w0, acc0[r]);
+            }
+            i += 16;
+        }
+        for r in 0..N {
+            let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+            for k in i..n {
+                total += a[r][k] * w.get(k);
+            }
+            out[r] = total;
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]

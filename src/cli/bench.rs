@@ -1,0 +1,258 @@
+//! `vellum bench`: throughput and latency of the engine on a model or a synthetic shape.
+//!
+//! For each concurrency level, that many requests (random prompt tokens, fixed seed) are
+//! submitted at once and decoded to `--gen-len` tokens through the same Engine API as
+//! everything else. Reported per level:
+//! - `prefill_tok_s`: prompt tokens / time until every request had its first token;
+//! - `decode_tok_s`: tokens generated after that moment / the time they took;
+//! - `ttft_ms_*`: submission to first token; `itl_ms_*`: gaps between a request's tokens;
+//! - `bandwidth_pct`: (weight bytes + KV bytes read per decode step) / step time, as a % of
+//!   the streaming-read bandwidth measured in the same run.
+
+use super::parse_size;
+use anyhow::{anyhow, bail, Result};
+use clap::Args;
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+use vellum_engine::sampler::Rng;
+use vellum_engine::{synthetic, Engine, EngineConfig, Request, SamplingParams};
+use vellum_kernels::cpu::{membw, Cpu};
+use vellum_quant::DType;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// A model to bench (HF directory or .gguf); or use --shape.
+    #[arg(long, short = 'm', conflicts_with = "shape")]
+    model: Option<PathBuf>,
+    /// A synthetic shape with random weights: smollm-135m, tinyllama-1.1b, llama-3.2-1b, qwen2.5-0.5b.
+    #[arg(long)]
+    shape: Option<String>,
+    /// Weight dtype of a synthetic shape: f32, f16 or bf16.
+    #[arg(long, default_value = "f16")]
+    dtype: String,
+    /// Prompt tokens per request.
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 64)]
+    gen_len: usize,
+    /// Concurrency levels, comma separated.
+    #[arg(long, default_value = "1,4,16", value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// KV cache memory (default: enough for the largest level).
+    #[arg(long, value_parser = parse_size)]
+    kv_cache_mem: Option<usize>,
+    #[arg(long, default_value_t = 512)]
+    max_batched_tokens: usize,
+    /// Seed of the random prompts (and synthetic weights).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// One JSON object per concurrency level instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+/// One concurrency level's measurements.
+struct Level {
+    concurrency: usize,
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    ttft_ms: Vec<f64>,
+    itl_ms: Vec<f64>,
+    bandwidth_pct: f64,
+    kv_usage_max: f64,
+}
+
+/// Runs `c` requests of `prompt_len` random tokens, each decoding `gen_len` tokens.
+fn run_level(
+    engine: &mut Engine,
+    c: usize,
+    prompt_len: usize,
+    gen_len: usize,
+    read_bw: f64,
+    rng: &mut Rng,
+) -> Result<Level> {
+    let vocab = engine.model().config.vocab_size as u64;
+    let params = SamplingParams::default()
+        .max_tokens(gen_len)
+        .ignore_eos(true);
+    let start = Instant::now();
+    let mut last_token: HashMap<u64, Instant> = HashMap::new();
+    let mut ttft = Vec::new();
+    let mut itl = Vec::new();
+    for _ in 0..c {
+        let prompt = (0..prompt_len)
+            .map(|_| (rng.next_u64() % vocab) as u32)
+            .collect();
+        engine.add_request(Request::tokens(prompt, params.clone()))?;
+    }
+    let (mut all_first, mut decode_tokens, mut decode_steps, mut kv_tokens_read) =
+        (None, 0usize, 0usize, 0usize);
+    let mut kv_usage_max = 0f64;
+    while engine.has_unfinished() {
+        let outs = engine.step()?;
+        let now = Instant::now();
+        kv_usage_max = kv_usage_max.max(engine.kv_usage());
+        if all_first.is_some() {
+            decode_steps += 1;
+            kv_tokens_read += engine.running_context_tokens();
+        }
+        for o in outs {
+            if o.new_tokens.is_empty() {
+                continue;
+            }
+            match last_token.insert(o.request_id, now) {
+                None => ttft.push((now - start).as_secs_f64() * 1e3),
+                Some(prev) => itl.push((now - prev).as_secs_f64() * 1e3),
+            }
+            if all_first.is_some() {
+                decode_tokens += o.new_tokens.len();
+            }
+        }
+        if all_first.is_none() && ttft.len() == c {
+            all_first = Some(now);
+        }
+    }
+    let end = Instant::now();
+    let first = all_first.ok_or_else(|| anyhow!("no request produced a token"))?;
+    let prefill_s = (first - start).as_secs_f64();
+    let decode_s = (end - first).as_secs_f64();
+    let model = engine.model();
+    let bytes = decode_steps * model.weight_bytes() + kv_tokens_read * model.kv_bytes_per_token();
+    ttft.sort_by(f64::total_cmp);
+    itl.sort_by(f64::total_cmp);
+    Ok(Level {
+        concurrency: c,
+        prefill_tok_s: (c * prompt_len) as f64 / prefill_s,
+        decode_tok_s: decode_tokens as f64 / decode_s,
+        ttft_ms: ttft,
+        itl_ms: itl,
+        bandwidth_pct: if decode_s > 0.0 {
+            100.0 * bytes as f64 / decode_s / read_bw
+        } else {
+            f64::NAN
+        },
+        kv_usage_max,
+    })
+}
+
+pub fn run(a: BenchArgs) -> Result<ExitCode> {
+    if let Some(n) = a.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
+    }
+    if a.concurrency.is_empty() || a.concurrency.contains(&0) || a.prompt_len == 0 || a.gen_len == 0
+    {
+        bail!("--concurrency levels, --prompt-len and --gen-len must all be at least 1");
+    }
+    let (model, name) = match (&a.model, &a.shape) {
+        (Some(p), None) => {
+            let ck = vellum_engine::Checkpoint::open(p)?;
+            (ck.load_model()?, p.display().to_string())
+        }
+        (None, Some(s)) => {
+            let cfg = synthetic::shape(s).ok_or_else(|| {
+                anyhow!(
+                    "--shape {s}: unknown (known: {})",
+                    synthetic::SHAPES.join(", ")
+                )
+            })?;
+            let dtype = DType::parse(&a.dtype)
+                .ok_or_else(|| anyhow!("--dtype {}: expected f32, f16 or bf16", a.dtype))?;
+            eprintln!("building {s} with random {dtype} weights ...");
+            (
+                synthetic::random_model(cfg, dtype, a.seed),
+                format!("{s} ({dtype}, random)"),
+            )
+        }
+        _ => bail!("give --model PATH or --shape NAME"),
+    };
+    let max_c = *a.concurrency.iter().max().expect("checked non-empty");
+    let needed = max_c * (a.prompt_len + a.gen_len + 16) * model.kv_bytes_per_token();
+    let config = EngineConfig {
+        kv_cache_bytes: a.kv_cache_mem.unwrap_or(needed),
+        max_batched_tokens: a.max_batched_tokens,
+        max_seqs: max_c.max(1),
+        ..EngineConfig::default()
+    };
+    let backend = Cpu::new();
+    let backend_name = vellum_kernels::Backend::name(&backend).to_string();
+    let mut engine = Engine::new(model, None, Box::new(backend), config)?;
+    let read_bw = membw::read_bandwidth(512 << 20, 5);
+    let mut rng = Rng::new(a.seed);
+    // Warm-up: page in the weights and the pool.
+    run_level(&mut engine, 1, a.prompt_len.min(16), 4, read_bw, &mut rng)?;
+    if !a.json {
+        println!(
+            "model {name} | backend {backend_name} | threads {} | weights {:.1} MiB | read bandwidth {:.1} GB/s",
+            rayon::current_num_threads(),
+            engine.model().weight_bytes() as f64 / (1 << 20) as f64,
+            read_bw / 1e9
+        );
+        println!(
+            "{:>5} {:>12} {:>11} {:>22} {:>22} {:>7} {:>6}",
+            "conc",
+            "prefill t/s",
+            "decode t/s",
+            "ttft ms p50/p90/p99",
+            "itl ms p50/p90/p99",
+            "bw %",
+            "kv %"
+        );
+    }
+    for &c in &a.concurrency {
+        let l = run_level(&mut engine, c, a.prompt_len, a.gen_len, read_bw, &mut rng)?;
+        let p = |v: &[f64], q| percentile(v, q);
+        if a.json {
+            let o = json!({
+                "model": name, "backend": backend_name, "threads": rayon::current_num_threads(),
+                "concurrency": l.concurrency, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
+                "prefill_tok_s": l.prefill_tok_s, "decode_tok_s": l.decode_tok_s,
+                "ttft_ms_p50": p(&l.ttft_ms, 0.5), "ttft_ms_p90": p(&l.ttft_ms, 0.9), "ttft_ms_p99": p(&l.ttft_ms, 0.99),
+                "itl_ms_p50": p(&l.itl_ms, 0.5), "itl_ms_p90": p(&l.itl_ms, 0.9), "itl_ms_p99": p(&l.itl_ms, 0.99),
+                "bandwidth_pct": l.bandwidth_pct, "read_bandwidth_gb_s": read_bw / 1e9, "kv_usage_max": l.kv_usage_max,
+            });
+            println!("{o}");
+        } else {
+            println!(
+                "{:>5} {:>12.1} {:>11.1} {:>22} {:>22} {:>7.1} {:>6.1}",
+                l.concurrency,
+                l.prefill_tok_s,
+                l.decode_tok_s,
+                format!(
+                    "{:.1}/{:.1}/{:.1}",
+                    p(&l.ttft_ms, 0.5),
+                    p(&l.ttft_ms, 0.9),
+                    p(&l.ttft_ms, 0.99)
+                ),
+                format!(
+                    "{:.2}/{:.2}/{:.2}",
+                    p(&l.itl_ms, 0.5),
+                    p(&l.itl_ms, 0.9),
+                    p(&l.itl_ms, 0.99)
+                ),
+                l.bandwidth_pct,
+                100.0 * l.kv_usage_max
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
