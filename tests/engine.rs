@@ -15,6 +15,7 @@ fn engine(kv_blocks: usize, max_batched_tokens: usize, max_seqs: usize) -> Engin
             kv_cache_bytes: kv_blocks * 16 * 512,
             max_batched_tokens,
             max_seqs,
+            ..EngineConfig::default()
         })
         .build()
         .unwrap()
@@ -36,7 +37,12 @@ fn random_requests(n: usize) -> Vec<Request> {
     (0..n)
         .map(|i| {
             let len = 1 + r.below(70) as usize;
-            let prompt = (0..len).map(|_| r.below(256) as u32).collect();
+            let mut prompt: Vec<u32> = (0..len).map(|_| r.below(256) as u32).collect();
+            if i % 3 == 1 {
+                // A third of the prompts share a 40-token prefix: prefix-cache hits.
+                let shared: Vec<u32> = (0..40).map(|t| (t * 7 + 3) % 256).collect();
+                prompt.splice(0..0, shared);
+            }
             let mut p = SamplingParams::default()
                 .max_tokens(1 + r.below(24) as usize)
                 .ignore_eos(true);
@@ -67,7 +73,7 @@ fn busy_preempting_batch_gives_the_same_outputs_as_running_alone() {
         })
         .collect();
 
-    // 24 blocks for 56 requests of up to 94 tokens, 32 tokens a step: chunked prefill and
+    // 24 blocks for 56 requests of up to 134 tokens, 32 tokens a step: chunked prefill and
     // preemptions are certain.
     let mut e = engine(24, 32, 16);
     let ids: Vec<_> = reqs
@@ -93,6 +99,11 @@ fn busy_preempting_batch_gives_the_same_outputs_as_running_alone() {
     assert!(
         e.stats.preemptions > 0,
         "the small pool must force preemptions"
+    );
+    let cached: usize = done.values().map(|c| c.usage.cached_tokens).sum();
+    assert!(
+        cached >= 32,
+        "shared prefixes must hit the prefix cache ({cached} tokens)"
     );
     assert_eq!(e.kv_usage(), 0.0, "every block is free at the end");
     for (i, id) in ids.iter().enumerate() {

@@ -29,6 +29,8 @@ pub struct EngineConfig {
     pub max_batched_tokens: usize,
     /// Sequences in one step.
     pub max_seqs: usize,
+    /// Reuse the KV blocks of earlier prompts with the same prefix.
+    pub enable_prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
@@ -38,6 +40,7 @@ impl Default for EngineConfig {
             kv_cache_bytes: 256 << 20,
             max_batched_tokens: 512,
             max_seqs: 64,
+            enable_prefix_caching: true,
         }
     }
 }
@@ -102,7 +105,7 @@ impl FinishReason {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
-    /// Prompt tokens served from the prefix cache (prefix caching is not built yet: 0).
+    /// Prompt tokens served from the prefix cache instead of being computed.
     pub cached_tokens: usize,
     /// Tokens computed again after preemption.
     pub recomputed_tokens: usize,
@@ -137,6 +140,8 @@ struct Sequence {
     /// Tokens whose K/V are in the cache.
     num_computed: usize,
     blocks: Vec<u32>,
+    /// Chained hashes of the full blocks registered in the prefix cache so far.
+    block_hashes: Vec<u64>,
     rng: Rng,
     prompt_logprobs: Vec<f32>,
     /// Whether each prompt token was the most likely one (lm-evaluation-harness `is_greedy`).
@@ -352,6 +357,7 @@ impl Engine {
                 output: vec![],
                 num_computed: 0,
                 blocks: vec![],
+                block_hashes: vec![],
                 rng: Rng::new(seed),
                 prompt_logprobs: vec![],
                 prompt_is_greedy: vec![],
@@ -392,22 +398,14 @@ impl Engine {
 
     /// Checks the block invariant (each block free or owned, ref counts = owners).
     pub fn check_blocks(&self) -> std::result::Result<(), String> {
-        self.blocks.check(self.seqs.values().map(|s| &s.blocks))?;
-        let owned: usize = self.seqs.values().map(|s| s.blocks.len()).sum();
-        if owned + self.blocks.num_free() != self.blocks.num_blocks() {
-            return Err(format!(
-                "{owned} owned + {} free != {}",
-                self.blocks.num_free(),
-                self.blocks.num_blocks()
-            ));
-        }
-        Ok(())
+        self.blocks.check(self.seqs.values().map(|s| &s.blocks))
     }
 
     fn preempt_youngest(&mut self) -> Option<RequestId> {
         let id = self.running.pop()?;
         let seq = self.seqs.get_mut(&id).expect("running ids are live");
         self.blocks.release(&mut seq.blocks);
+        seq.block_hashes.clear();
         seq.usage.recomputed_tokens += seq.num_computed;
         seq.num_computed = 0;
         self.waiting.push_front(id);
@@ -442,10 +440,21 @@ impl Engine {
                 break;
             };
             let seq = self.seqs.get_mut(&id).expect("waiting ids are live");
+            // Scoring needs logits at every prompt position, so it computes them all.
+            let cached = if self.config.enable_prefix_caching && !seq.req.prompt_logprobs {
+                reuse_cached_prefix(&mut self.blocks, seq)
+            } else {
+                0
+            };
             let chunk = (seq.len() - seq.num_computed).min(budget);
             if !self.blocks.grow(&mut seq.blocks, seq.num_computed + chunk) {
+                // Give the reused blocks back (they stay cached) and wait for room.
+                self.blocks.release(&mut seq.blocks);
+                seq.block_hashes.clear();
+                seq.num_computed = 0;
                 break;
             }
+            seq.usage.cached_tokens += cached;
             self.waiting.pop_front();
             self.running.push(id);
             batch.push((id, chunk));
@@ -528,6 +537,9 @@ impl Engine {
         let eos = self.model.config.eos_token_ids.clone();
         let seq = self.seqs.get_mut(&id).expect("scheduled ids are live");
         seq.num_computed = end;
+        if self.config.enable_prefix_caching {
+            register_full_blocks(&mut self.blocks, seq);
+        }
         let prompt_len = seq.req.prompt.len();
         let mut row = 0;
         for p in start..end {
@@ -629,6 +641,55 @@ impl Engine {
             .into_iter()
             .map(|c| c.prompt_logprobs.unwrap_or_default())
             .collect())
+    }
+}
+
+/// Chained hashes of the first `n_blocks` full blocks of a sequence's tokens.
+fn chained_hashes(
+    seq: &Sequence,
+    from: usize,
+    parent: u64,
+    n_blocks: usize,
+    bs: usize,
+) -> Vec<u64> {
+    let mut hashes = Vec::with_capacity(n_blocks.saturating_sub(from));
+    let mut parent = parent;
+    for i in from..n_blocks {
+        let tokens: Vec<u32> = (i * bs..(i + 1) * bs).map(|p| seq.token(p)).collect();
+        parent = crate::kv::block_hash(parent, &tokens);
+        hashes.push(parent);
+    }
+    hashes
+}
+
+/// Starts a sequence on the longest cached prefix of its tokens; returns the tokens reused.
+/// At least one token is always left to compute: its logits are what the step needs.
+fn reuse_cached_prefix(blocks: &mut BlockManager, seq: &mut Sequence) -> usize {
+    let bs = blocks.block_size();
+    let hashes = chained_hashes(seq, 0, 0, (seq.len() - 1) / bs, bs);
+    let table = blocks.reuse_prefix(&hashes);
+    let n = table.len();
+    seq.blocks = table;
+    seq.block_hashes = hashes[..n].to_vec();
+    seq.num_computed = n * bs;
+    n * bs
+}
+
+/// Registers the sequence's newly completed full blocks in the prefix cache.
+fn register_full_blocks(blocks: &mut BlockManager, seq: &mut Sequence) {
+    let bs = blocks.block_size();
+    let done = seq.block_hashes.len();
+    let full = seq.num_computed / bs;
+    if full <= done {
+        return;
+    }
+    let parent = seq.block_hashes.last().copied().unwrap_or(0);
+    for (i, h) in chained_hashes(seq, done, parent, full, bs)
+        .into_iter()
+        .enumerate()
+    {
+        blocks.register(seq.blocks[done + i], h);
+        seq.block_hashes.push(h);
     }
 }
 
