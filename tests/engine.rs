@@ -51,7 +51,8 @@ fn random_requests(n: usize) -> Vec<Request> {
                     .temperature(0.7 + r.below(5) as f32 / 10.0)
                     .top_k(r.below(50) as i64)
                     .top_p(0.9)
-                    .seed(i as u64);
+                    .seed(i as u64)
+                    .n(if i % 5 == 2 { 3 } else { 1 });
             }
             let mut req = Request::tokens(prompt, p);
             req.prompt_logprobs = i % 4 == 0;
@@ -85,7 +86,7 @@ fn busy_preempting_batch_gives_the_same_outputs_as_running_alone() {
     let mut steps = 0;
     while e.has_unfinished() {
         for out in e.step().unwrap() {
-            done.entry(out.request_id).or_default().absorb(out);
+            done.entry(out.request_id).or_default().absorb_sample(out);
         }
         steps += 1;
         if steps == 6 {
@@ -121,7 +122,20 @@ fn busy_preempting_batch_gives_the_same_outputs_as_running_alone() {
             "request {i}: prompt logprobs"
         );
         assert_eq!(got.finish_reason, Some(FinishReason::Length));
+        let samples = |c: &vellum::engine::Completion| -> Vec<(Vec<u32>, Vec<f32>)> {
+            let lp =
+                |c: &vellum::engine::Completion| c.logprobs.iter().map(|l| l.logprob).collect();
+            c.more_samples
+                .iter()
+                .map(|s| (s.tokens.clone(), lp(s)))
+                .collect()
+        };
+        assert_eq!(samples(&got), samples(want), "request {i}: samples 1..n");
     }
+    assert!(
+        alone.iter().any(|c| c.more_samples.len() == 2),
+        "some requests have n = 3"
+    );
 }
 
 #[test]
@@ -181,4 +195,63 @@ fn stop_tokens_and_max_tokens_finish_requests() {
     assert_eq!(stopped[0].tokens, vec![t0]);
     assert_eq!(stopped[0].finish_reason, Some(FinishReason::Stop));
     assert_eq!(first[0].tokens.len(), 5);
+}
+
+/// `n = 4` samples of one 40-token prompt share its blocks; each copies only the partly
+/// filled last block when it first writes; with temperature the samples differ, and each
+/// is reproducible.
+#[test]
+fn parallel_samples_share_prompt_blocks() {
+    let prompt: Vec<u32> = (0..40).map(|t| (t * 11 + 5) % 256).collect();
+    let params = SamplingParams::default()
+        .temperature(1.0)
+        .seed(9)
+        .n(4)
+        .max_tokens(6)
+        .ignore_eos(true);
+    let mut e = engine(32, 512, 16);
+    let id = e
+        .add_request(Request::tokens(prompt.clone(), params.clone()))
+        .unwrap();
+    let first = e.step().unwrap();
+    assert_eq!(
+        first.len(),
+        4,
+        "the prefill step yields the first token of every sample"
+    );
+    assert!(first.iter().all(|o| o.request_id == id));
+    // 40 tokens = 2 full blocks + 1 partial, all shared by the four samples.
+    assert_eq!(e.kv_blocks_in_use(), 3);
+    e.check_blocks().unwrap();
+    let second = e.step().unwrap();
+    // Each writer copies the shared partial block, except the last owner: 2 + 4.
+    assert_eq!(e.kv_blocks_in_use(), 6);
+    e.check_blocks().unwrap();
+    let mut all = vec![vec![]; 4];
+    for o in first.into_iter().chain(second) {
+        all[o.sample_index].extend(o.new_tokens.iter().map(|t| t.token));
+    }
+    while e.has_unfinished() {
+        for o in e.step().unwrap() {
+            all[o.sample_index].extend(o.new_tokens.iter().map(|t| t.token));
+        }
+        e.check_blocks().unwrap();
+    }
+    assert!(all.iter().all(|s| s.len() == 6));
+    let distinct: std::collections::HashSet<_> = all.iter().collect();
+    assert!(
+        distinct.len() > 1,
+        "samples at temperature 1 differ: {all:?}"
+    );
+    let again = engine(32, 512, 16)
+        .generate(vec![Request::tokens(prompt, params)])
+        .unwrap()
+        .remove(0);
+    assert_eq!(again.tokens, all[0]);
+    let more: Vec<Vec<u32>> = again
+        .more_samples
+        .iter()
+        .map(|c| c.tokens.clone())
+        .collect();
+    assert_eq!(more, all[1..].to_vec(), "same seed, same samples");
 }

@@ -18,6 +18,9 @@ use vellum_kernels::{cpu::Cpu, Backend, BatchLayout, KvLayer};
 
 pub type RequestId = u64;
 
+/// One sequence of a request (a request with `n` samples has `n` of them).
+type SeqId = u64;
+
 /// Engine settings; `Default` suits a small model on a CPU.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -123,6 +126,8 @@ pub struct TokenLogprob {
 #[derive(Debug, Clone)]
 pub struct RequestOutput {
     pub request_id: RequestId,
+    /// Which of the request's `n` samples this is (0 when n = 1).
+    pub sample_index: usize,
     pub new_tokens: Vec<TokenLogprob>,
     /// Newly decoded text (UTF-8 safe; held back while a stop string might be forming).
     pub text_delta: String,
@@ -135,6 +140,12 @@ pub struct RequestOutput {
 }
 
 struct Sequence {
+    request_id: RequestId,
+    sample_index: usize,
+    /// Seed of sample 0; sample i draws from its own stream derived from it.
+    seed: u64,
+    /// Whether the `n > 1` samples were split off already (once, after the prompt).
+    forked: bool,
     req: Request,
     output: Vec<u32>,
     /// Tokens whose K/V are in the cache.
@@ -174,11 +185,12 @@ pub struct Engine {
     config: EngineConfig,
     kv: Vec<KvLayer>,
     blocks: BlockManager,
-    seqs: HashMap<RequestId, Sequence>,
-    waiting: VecDeque<RequestId>,
+    seqs: HashMap<SeqId, Sequence>,
+    waiting: VecDeque<SeqId>,
     /// Admission order: the last one is the first to be preempted.
-    running: Vec<RequestId>,
+    running: Vec<SeqId>,
     next_id: RequestId,
+    next_seq: SeqId,
     /// Counts since start, for benches and logs.
     pub stats: EngineStats,
 }
@@ -277,6 +289,7 @@ impl Engine {
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_id: 0,
+            next_seq: 0,
             stats: EngineStats::default(),
         })
     }
@@ -346,9 +359,15 @@ impl Engine {
             .params
             .seed
             .unwrap_or(id.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0xA5A5);
+        let sid = self.next_seq;
+        self.next_seq += 1;
         self.seqs.insert(
-            id,
+            sid,
             Sequence {
+                request_id: id,
+                sample_index: 0,
+                seed,
+                forked: false,
                 usage: Usage {
                     prompt_tokens: req.prompt.len(),
                     ..Usage::default()
@@ -364,20 +383,42 @@ impl Engine {
                 emitted: 0,
             },
         );
-        self.waiting.push_back(id);
+        self.waiting.push_back(sid);
         Ok(id)
     }
 
     /// Aborts a request; its blocks are freed at once. Unknown ids are ignored (it may
     /// have finished already). Returns whether the request was live.
     pub fn abort(&mut self, id: RequestId) -> bool {
-        let Some(mut seq) = self.seqs.remove(&id) else {
-            return false;
-        };
-        self.blocks.release(&mut seq.blocks);
-        self.waiting.retain(|&w| w != id);
-        self.running.retain(|&r| r != id);
-        true
+        let sids: Vec<SeqId> = self
+            .seqs
+            .iter()
+            .filter(|(_, s)| s.request_id == id)
+            .map(|(&sid, _)| sid)
+            .collect();
+        for sid in &sids {
+            self.finish_seq(*sid);
+        }
+        !sids.is_empty()
+    }
+
+    /// Drops a sequence and frees its blocks at once.
+    fn finish_seq(&mut self, sid: SeqId) {
+        if let Some(mut seq) = self.seqs.remove(&sid) {
+            self.blocks.release(&mut seq.blocks);
+        }
+        self.waiting.retain(|&w| w != sid);
+        self.running.retain(|&r| r != sid);
+    }
+
+    /// Whether any sample of request `id` is still running or waiting.
+    pub fn is_unfinished(&self, id: RequestId) -> bool {
+        self.seqs.values().any(|s| s.request_id == id)
+    }
+
+    /// KV blocks held by sequences (shared blocks counted once); excludes the prefix cache.
+    pub fn kv_blocks_in_use(&self) -> usize {
+        self.blocks.num_blocks() - self.blocks.num_free()
     }
 
     pub fn has_unfinished(&self) -> bool {
@@ -392,8 +433,11 @@ impl Engine {
             .sum()
     }
 
+    /// Requests with at least one sample still running or waiting.
     pub fn num_unfinished(&self) -> usize {
-        self.seqs.len()
+        let ids: std::collections::HashSet<RequestId> =
+            self.seqs.values().map(|s| s.request_id).collect();
+        ids.len()
     }
 
     /// Checks the block invariant (each block free or owned, ref counts = owners).
@@ -401,7 +445,7 @@ impl Engine {
         self.blocks.check(self.seqs.values().map(|s| &s.blocks))
     }
 
-    fn preempt_youngest(&mut self) -> Option<RequestId> {
+    fn preempt_youngest(&mut self) -> Option<SeqId> {
         let id = self.running.pop()?;
         let seq = self.seqs.get_mut(&id).expect("running ids are live");
         self.blocks.release(&mut seq.blocks);
@@ -414,7 +458,7 @@ impl Engine {
     }
 
     /// Picks (sequence, chunk length) pairs for this step and gives them KV blocks.
-    fn schedule(&mut self) -> Vec<(RequestId, usize)> {
+    fn schedule(&mut self) -> Vec<(SeqId, usize)> {
         let mut budget = self.config.max_batched_tokens;
         let mut batch = Vec::new();
         let mut i = 0;
@@ -422,7 +466,9 @@ impl Engine {
             let id = self.running[i];
             let seq = self.seqs.get_mut(&id).expect("running ids are live");
             let chunk = (seq.len() - seq.num_computed).min(budget);
-            if self.blocks.grow(&mut seq.blocks, seq.num_computed + chunk) {
+            let ok = own_tail_block(&mut self.blocks, &mut self.kv, seq)
+                && self.blocks.grow(&mut seq.blocks, seq.num_computed + chunk);
+            if ok {
                 batch.push((id, chunk));
                 budget -= chunk;
                 i += 1;
@@ -519,23 +565,23 @@ impl Engine {
         let vocab = self.model.config.vocab_size;
         let mut outputs = Vec::with_capacity(plan.len());
         for (id, start, end, first_row) in plan {
-            let out = self.advance(id, start, end, &logprobs[first_row * vocab..], vocab);
-            outputs.extend(out);
+            outputs.extend(self.advance(id, start, end, &logprobs[first_row * vocab..], vocab));
         }
         Ok(outputs)
     }
 
     /// Applies one step's results to a sequence: prompt logprobs, a sampled token, stops.
+    /// When the prompt of an `n > 1` request completes, its other samples split off here,
+    /// sharing the prompt's blocks, and each draws its first token from the same row.
     fn advance(
         &mut self,
-        id: RequestId,
+        sid: SeqId,
         start: usize,
         end: usize,
         rows: &[f32],
         vocab: usize,
-    ) -> Option<RequestOutput> {
-        let eos = self.model.config.eos_token_ids.clone();
-        let seq = self.seqs.get_mut(&id).expect("scheduled ids are live");
+    ) -> Vec<RequestOutput> {
+        let seq = self.seqs.get_mut(&sid).expect("scheduled ids are live");
         seq.num_computed = end;
         if self.config.enable_prefix_caching {
             register_full_blocks(&mut self.blocks, seq);
@@ -556,10 +602,58 @@ impl Engine {
             }
         }
         if end < seq.len() {
-            return None; // mid-prompt chunk: nothing to report yet
+            return vec![]; // mid-prompt chunk: nothing to report yet
         }
+        let mut sids = vec![sid];
+        if !seq.forked && seq.req.params.n > 1 && !seq.req.score_only {
+            seq.forked = true;
+            sids.extend(self.fork_samples(sid));
+        }
+        let dist = &rows[row * vocab..(row + 1) * vocab];
+        sids.into_iter().map(|s| self.emit(s, dist)).collect()
+    }
+
+    /// Splits samples 1..n off sample 0 of a request whose prompt just completed.
+    fn fork_samples(&mut self, sid: SeqId) -> Vec<SeqId> {
+        let parent = &self.seqs[&sid];
+        let children: Vec<Sequence> = (1..parent.req.params.n)
+            .map(|i| Sequence {
+                request_id: parent.request_id,
+                sample_index: i,
+                seed: parent.seed,
+                forked: true,
+                req: parent.req.clone(),
+                output: parent.output.clone(),
+                num_computed: parent.num_computed,
+                blocks: parent.blocks.clone(),
+                block_hashes: parent.block_hashes.clone(),
+                rng: Rng::new(parent.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                prompt_logprobs: parent.prompt_logprobs.clone(),
+                prompt_is_greedy: parent.prompt_is_greedy.clone(),
+                emitted: 0,
+                usage: parent.usage,
+            })
+            .collect();
+        let mut ids = Vec::with_capacity(children.len());
+        for child in children {
+            self.blocks.share(&child.blocks);
+            let cid = self.next_seq;
+            self.next_seq += 1;
+            self.seqs.insert(cid, child);
+            self.running.push(cid);
+            ids.push(cid);
+        }
+        ids
+    }
+
+    /// Samples a sequence's next token from `dist` (or ends a scoring request) and decides
+    /// whether it is finished.
+    fn emit(&mut self, sid: SeqId, dist: &[f32]) -> RequestOutput {
+        let eos = &self.model.config.eos_token_ids;
+        let seq = self.seqs.get_mut(&sid).expect("emitting ids are live");
         let mut out = RequestOutput {
-            request_id: id,
+            request_id: seq.request_id,
+            sample_index: seq.sample_index,
             new_tokens: vec![],
             text_delta: String::new(),
             finish_reason: None,
@@ -567,15 +661,13 @@ impl Engine {
             prompt_is_greedy: None,
             usage: seq.usage,
         };
-        let first_output = seq.output.is_empty();
-        if first_output && seq.req.prompt_logprobs {
+        if seq.output.is_empty() && seq.req.prompt_logprobs {
             out.prompt_logprobs = Some(seq.prompt_logprobs.clone());
             out.prompt_is_greedy = Some(seq.prompt_is_greedy.clone());
         }
         if seq.req.score_only {
             out.finish_reason = Some(FinishReason::Scored);
         } else {
-            let dist = &rows[row * vocab..(row + 1) * vocab];
             let history: Vec<u32> = (0..seq.len()).map(|i| seq.token(i)).collect();
             let token = sample(dist, &seq.req.params, &history, &seq.output, &mut seq.rng);
             seq.output.push(token);
@@ -606,14 +698,13 @@ impl Engine {
             out.usage = seq.usage;
         }
         if out.finish_reason.is_some() {
-            let mut seq = self.seqs.remove(&id).expect("live");
-            self.blocks.release(&mut seq.blocks);
-            self.running.retain(|&r| r != id);
+            self.finish_seq(sid);
         }
-        Some(out)
+        out
     }
 
-    /// Runs requests to completion (offline use); outputs in request order.
+    /// Runs requests to completion (offline use); outputs in request order. Samples 1..n
+    /// of an `n > 1` request are in [`Completion::more_samples`].
     pub fn generate(&mut self, requests: Vec<Request>) -> Result<Vec<Completion>> {
         let ids = requests
             .into_iter()
@@ -621,10 +712,10 @@ impl Engine {
             .collect::<Result<Vec<_>>>()?;
         let mut done: HashMap<RequestId, Completion> =
             ids.iter().map(|&id| (id, Completion::default())).collect();
-        while ids.iter().any(|id| self.seqs.contains_key(id)) {
+        while ids.iter().any(|&id| self.is_unfinished(id)) {
             for out in self.step()? {
                 if let Some(c) = done.get_mut(&out.request_id) {
-                    c.absorb(out);
+                    c.absorb_sample(out);
                 }
             }
         }
@@ -641,6 +732,24 @@ impl Engine {
             .into_iter()
             .map(|c| c.prompt_logprobs.unwrap_or_default())
             .collect())
+    }
+}
+
+/// Copy-on-write: before a sequence writes into its last, partly filled block, makes sure
+/// the block is its own (forked samples share the prompt's). False when no block is free.
+fn own_tail_block(blocks: &mut BlockManager, kv: &mut [KvLayer], seq: &mut Sequence) -> bool {
+    let idx = seq.num_computed / blocks.block_size();
+    if idx >= seq.blocks.len() || blocks.ref_count(seq.blocks[idx]) <= 1 {
+        return true;
+    }
+    match blocks.fork_block(&mut seq.blocks, idx) {
+        Some((old, new)) => {
+            for layer in kv.iter_mut() {
+                layer.copy_block(old as usize, new as usize);
+            }
+            true
+        }
+        None => false,
     }
 }
 
@@ -703,9 +812,24 @@ pub struct Completion {
     pub prompt_logprobs: Option<Vec<f32>>,
     pub prompt_is_greedy: Option<Vec<bool>>,
     pub usage: Usage,
+    /// Samples 1..n of a request with `n > 1`.
+    pub more_samples: Vec<Completion>,
 }
 
 impl Completion {
+    /// Adds an output to this completion or, for samples 1.., to `more_samples`.
+    pub fn absorb_sample(&mut self, out: RequestOutput) {
+        match out.sample_index {
+            0 => self.absorb(out),
+            i => {
+                if self.more_samples.len() < i {
+                    self.more_samples.resize(i, Completion::default());
+                }
+                self.more_samples[i - 1].absorb(out);
+            }
+        }
+    }
+
     pub fn absorb(&mut self, out: RequestOutput) {
         for t in &out.new_tokens {
             self.tokens.push(t.token);

@@ -26,6 +26,8 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// Report this many top alternatives with each sampled token.
     pub logprobs: usize,
+    /// Independent samples from one prompt (they share its KV blocks).
+    pub n: usize,
 }
 
 impl Default for SamplingParams {
@@ -44,6 +46,7 @@ impl Default for SamplingParams {
             stop: vec![],
             ignore_eos: false,
             logprobs: 0,
+            n: 1,
         }
     }
 }
@@ -70,6 +73,7 @@ impl SamplingParams {
     setter!(stop: Vec<String>);
     setter!(ignore_eos: bool);
     setter!(logprobs: usize);
+    setter!(n: usize);
 
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
@@ -117,6 +121,9 @@ impl SamplingParams {
         }
         if self.stop.iter().any(String::is_empty) {
             return bad("stop", "stop strings must not be empty".into());
+        }
+        if !(1..=128).contains(&self.n) {
+            return bad("n", format!("must be between 1 and 128, got {}", self.n));
         }
         if self.logprobs > 20 {
             return bad(
@@ -283,6 +290,7 @@ mod tests {
             (SamplingParams::default().top_k(-1), "top_k"),
             (SamplingParams::default().max_tokens(0), "max_tokens"),
             (SamplingParams::default().min_p(2.0), "min_p"),
+            (SamplingParams::default().n(0), "n"),
         ];
         for (p, field) in cases {
             match p.validate() {

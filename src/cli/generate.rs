@@ -55,6 +55,9 @@ pub struct GenerateArgs {
     /// Report this many top alternatives per token (batch mode, in `logprobs`).
     #[arg(long, default_value_t = 0)]
     logprobs: usize,
+    /// Independent samples per prompt (they share the prompt's KV blocks).
+    #[arg(long, default_value_t = 1)]
+    n: usize,
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
@@ -76,6 +79,7 @@ impl GenerateArgs {
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
             logprobs: self.logprobs,
+            n: self.n,
         }
     }
 }
@@ -117,6 +121,9 @@ fn line_params(base: &SamplingParams, v: &Value) -> std::result::Result<Sampling
     }
     if let Some(x) = int("seed") {
         p.seed = Some(x? as u64);
+    }
+    if let Some(x) = int("n") {
+        p.n = usize::try_from(x?).map_err(|_| "`n` must be >= 1".to_string())?;
     }
     if let Some(x) = int("logprobs") {
         p.logprobs = usize::try_from(x?).map_err(|_| "`logprobs` must be >= 0".to_string())?;
@@ -169,13 +176,24 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
             base,
         ))?;
         let mut stdout = std::io::stdout();
+        let n = a.n;
+        // One sample streams as it is generated; several print whole, one after another.
+        let mut samples = vec![String::new(); n];
         while engine.has_unfinished() {
             for out in engine.step()? {
-                if out.request_id == id {
+                if out.request_id != id {
+                    continue;
+                }
+                if n == 1 {
                     write!(stdout, "{}", out.text_delta)?;
                     stdout.flush()?;
+                } else {
+                    samples[out.sample_index].push_str(&out.text_delta);
                 }
             }
+        }
+        for (i, text) in samples.iter().enumerate().filter(|_| n > 1) {
+            writeln!(stdout, "--- sample {i} ---\n{text}")?;
         }
         writeln!(stdout)?;
         return Ok(ExitCode::SUCCESS);
@@ -221,7 +239,7 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
         for o in engine.step()? {
             done.entry(o.request_id)
                 .or_insert_with(vellum_engine::Completion::default)
-                .absorb(o);
+                .absorb_sample(o);
         }
         if !a.engine.quiet {
             eprint!(
@@ -241,6 +259,16 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
             "finish_reason": c.finish_reason.map(|f| f.as_str()),
             "prompt_tokens": n_prompt, "completion_tokens": c.tokens.len(),
         });
+        if !c.more_samples.is_empty() {
+            o["more_samples"] = json!(c
+                .more_samples
+                .iter()
+                .map(|s| json!({
+                    "completion": s.text, "finish_reason": s.finish_reason.map(|f| f.as_str()),
+                    "completion_tokens": s.tokens.len(),
+                }))
+                .collect::<Vec<_>>());
+        }
         if base.logprobs > 0 || c.logprobs.iter().any(|l| !l.top.is_empty()) {
             o["logprobs"] = json!(c
                 .logprobs
