@@ -4,6 +4,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod gguf;
+pub mod handle;
 pub mod loader;
 pub mod model;
 pub mod tensors;
@@ -11,6 +12,7 @@ pub mod tokenizer;
 
 pub use config::{Arch, ModelConfig};
 pub use error::{EngineError, Result};
+pub use handle::{EngineHandle, OutputStream};
 pub use loader::Checkpoint;
 pub use model::Model;
 pub use tokenizer::{ChatMessage, Tokenizer};

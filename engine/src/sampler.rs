@@ -324,6 +324,38 @@ mod tests {
         assert!((0..20).all(|_| sample(&row, &topp, &[], &[], &mut rng) == 1));
     }
 
+    /// Sampled frequencies follow softmax(logits / T), including the first draw of fresh
+    /// per-seed streams (what each request's first token uses).
+    #[test]
+    fn frequencies_follow_the_tempered_distribution() {
+        let row = [-1.88f32, -1.96, -2.27, -3.5, -6.0];
+        let t = 0.3f64;
+        let w: Vec<f64> = row
+            .iter()
+            .map(|&l| ((l as f64 - row[0] as f64) / t).exp())
+            .collect();
+        let z: f64 = w.iter().sum();
+        let p = SamplingParams::default().temperature(t as f32);
+        let trials = 20_000;
+        let mut fresh = [0usize; 5];
+        let mut stream = [0usize; 5];
+        let mut rng = Rng::new(12345);
+        for seed in 0..trials {
+            fresh[sample(&row, &p, &[], &[], &mut Rng::new(seed as u64)) as usize] += 1;
+            stream[sample(&row, &p, &[], &[], &mut rng) as usize] += 1;
+        }
+        for i in 0..5 {
+            let want = w[i] / z;
+            for (name, counts) in [("fresh seeds", &fresh), ("one stream", &stream)] {
+                let got = counts[i] as f64 / trials as f64;
+                assert!(
+                    (got - want).abs() < 0.015,
+                    "{name}: token {i}: {got:.3} vs {want:.3}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn top_k_is_sorted() {
         assert_eq!(
