@@ -56,6 +56,7 @@ fn random_requests(n: usize) -> Vec<Request> {
             }
             let mut req = Request::tokens(prompt, p);
             req.prompt_logprobs = i % 4 == 0;
+            req.priority = (i % 4) as i32;
             req
         })
         .collect()
@@ -254,4 +255,54 @@ fn parallel_samples_share_prompt_blocks() {
         .map(|c| c.tokens.clone())
         .collect();
     assert_eq!(more, all[1..].to_vec(), "same seed, same samples");
+}
+
+/// Lower priority values are admitted first; under memory pressure the worst priority is
+/// preempted, even when it is not the youngest.
+#[test]
+fn priorities_order_admission_and_preemption() {
+    let req = |prio: i32, max_tokens: usize| {
+        let mut r = Request::tokens(
+            vec![7; 20],
+            SamplingParams::default()
+                .max_tokens(max_tokens)
+                .ignore_eos(true),
+        );
+        r.priority = prio;
+        r
+    };
+    let mut e = engine(16, 512, 1);
+    let a = e.add_request(req(5, 2)).unwrap();
+    let b = e.add_request(req(0, 2)).unwrap();
+    let c = e.add_request(req(5, 2)).unwrap();
+    let mut finished = vec![];
+    while e.has_unfinished() {
+        for o in e.step().unwrap() {
+            if o.finish_reason.is_some() {
+                finished.push(o.request_id);
+            }
+        }
+    }
+    assert_eq!(finished, vec![b, a, c]);
+
+    // 4 blocks = 64 tokens for two sequences growing to 60 tokens each.
+    let mut e = engine(4, 512, 2);
+    let low = e.add_request(req(9, 40)).unwrap();
+    let high = e.add_request(req(0, 40)).unwrap();
+    let mut usage = std::collections::HashMap::new();
+    while e.has_unfinished() {
+        for o in e.step().unwrap() {
+            usage.insert(o.request_id, o.usage);
+        }
+        e.check_blocks().unwrap();
+    }
+    assert!(
+        usage[&low].recomputed_tokens > 0,
+        "the low-priority request is preempted"
+    );
+    assert_eq!(
+        usage[&high].recomputed_tokens, 0,
+        "the high-priority one never is"
+    );
+    assert_eq!(usage[&low].completion_tokens, 40);
 }

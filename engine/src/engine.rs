@@ -57,6 +57,9 @@ pub struct Request {
     pub prompt_logprobs: bool,
     /// Only score the prompt: finish after prefill without generating.
     pub score_only: bool,
+    /// Scheduling priority: lower runs first (FCFS within one priority); under memory
+    /// pressure the highest value is preempted first.
+    pub priority: i32,
 }
 
 impl Request {
@@ -66,6 +69,7 @@ impl Request {
             params,
             prompt_logprobs: false,
             score_only: false,
+            priority: 0,
         }
     }
 
@@ -76,6 +80,7 @@ impl Request {
             params: SamplingParams::default().max_tokens(1),
             prompt_logprobs: true,
             score_only: true,
+            priority: 0,
         }
     }
 }
@@ -383,7 +388,7 @@ impl Engine {
                 emitted: 0,
             },
         );
-        self.waiting.push_back(sid);
+        self.enqueue(sid, false);
         Ok(id)
     }
 
@@ -445,16 +450,40 @@ impl Engine {
         self.blocks.check(self.seqs.values().map(|s| &s.blocks))
     }
 
-    fn preempt_youngest(&mut self) -> Option<SeqId> {
-        let id = self.running.pop()?;
+    /// Puts a sequence in the waiting queue: after every sequence of the same or a better
+    /// (lower) priority, or — for a preempted one, `front` — before those of its own.
+    fn enqueue(&mut self, sid: SeqId, front: bool) {
+        let prio = self.seqs[&sid].req.priority;
+        let pos = self
+            .waiting
+            .iter()
+            .position(|w| {
+                let p = self.seqs[w].req.priority;
+                if front {
+                    p >= prio
+                } else {
+                    p > prio
+                }
+            })
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(pos, sid);
+    }
+
+    /// Preempts (by recompute) the running sequence of the worst priority, the most
+    /// recently admitted among equals.
+    /// Returns the victim and where it was in `running`.
+    fn preempt_one(&mut self) -> Option<(SeqId, usize)> {
+        let idx = (0..self.running.len())
+            .max_by_key(|&i| (self.seqs[&self.running[i]].req.priority, i))?;
+        let id = self.running.remove(idx);
         let seq = self.seqs.get_mut(&id).expect("running ids are live");
         self.blocks.release(&mut seq.blocks);
         seq.block_hashes.clear();
         seq.usage.recomputed_tokens += seq.num_computed;
         seq.num_computed = 0;
-        self.waiting.push_front(id);
+        self.enqueue(id, true);
         self.stats.preemptions += 1;
-        Some(id)
+        Some((id, idx))
     }
 
     /// Picks (sequence, chunk length) pairs for this step and gives them KV blocks.
@@ -473,11 +502,18 @@ impl Engine {
                 budget -= chunk;
                 i += 1;
             } else {
-                // Out of blocks: the youngest goes back to the queue (maybe this one).
-                let victim = self.preempt_youngest();
-                batch.retain(|(b, _)| Some(*b) != victim);
-                if victim == Some(id) {
+                // Out of blocks: a victim goes back to the queue (maybe this one).
+                let Some((victim, at)) = self.preempt_one() else {
                     break;
+                };
+                if let Some(k) = batch.iter().position(|&(b, _)| b == victim) {
+                    budget += batch.remove(k).1;
+                }
+                if victim == id {
+                    break;
+                }
+                if at < i {
+                    i -= 1;
                 }
             }
         }
