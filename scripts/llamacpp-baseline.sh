@@ -93,8 +93,8 @@ bench() {
 import json, sys
 for line in sys.stdin:
     r = json.loads(line)
-    print(f"llamacpp decode threads={r[\"n_threads\"]} seqs=1 tok_s={r[\"avg_ts\"]:.1f} "
-          f"src=llama-bench model={sys.argv[1]} (+-{r[\"stddev_ts\"]:.1f}, n={r[\"n_gen\"]}, reps={len(r[\"samples_ts\"])})")
+    print("llamacpp decode threads=%d seqs=1 tok_s=%.1f src=llama-bench model=%s (+-%.1f, n=%d, reps=%d)"
+          % (r["n_threads"], r["avg_ts"], sys.argv[1], r["stddev_ts"], r["n_gen"], len(r["samples_ts"])))
 ' "$name"
   if [[ "$SEQS" -gt 1 ]]; then
     local ctx=$(( SEQS * (N_PROMPT + N_GEN) + 256 ))
@@ -107,8 +107,8 @@ for line in sys.stdin:
     if not line.startswith("{"):
         continue
     r = json.loads(line)
-    print(f"llamacpp decode threads={r[\"n_threads\"]} seqs={r[\"pl\"]} tok_s={r[\"speed_tg\"]:.1f} "
-          f"src=llama-batched-bench model={sys.argv[1]} (prompt={r[\"pp\"]}/seq, n={r[\"tg\"]}/seq)")
+    print("llamacpp decode threads=%d seqs=%d tok_s=%.1f src=llama-batched-bench model=%s (prompt=%d/seq, n=%d/seq)"
+          % (r["n_threads"], r["pl"], r["speed_tg"], sys.argv[1], r["pp"], r["tg"]))
 ' "$name"
   fi
 }

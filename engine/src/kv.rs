@@ -294,4 +294,78 @@ mod tests {
         assert_eq!(m.ref_count(old), 1);
         m.check([&a, &b]).unwrap();
     }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Grow(usize, usize),
+        Release(usize),
+        Share(usize, usize),
+        Fork(usize, usize),
+        Register(usize, usize, u64),
+        Reuse(usize, Vec<u64>),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0..6usize, 1..40usize).prop_map(|(t, n)| Op::Grow(t, n)),
+            (0..6usize).prop_map(Op::Release),
+            (0..6usize, 0..6usize).prop_map(|(a, b)| Op::Share(a, b)),
+            (0..6usize, 0..4usize).prop_map(|(t, i)| Op::Fork(t, i)),
+            (0..6usize, 0..4usize, 1..12u64).prop_map(|(t, i, h)| Op::Register(t, i, h)),
+            (0..6usize, proptest::collection::vec(1..12u64, 1..4))
+                .prop_map(|(t, h)| Op::Reuse(t, h)),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Any sequence of allocator operations keeps every block free, cached or owned
+        /// with ref count = owners, and releasing everything returns the whole pool.
+        #[test]
+        fn allocator_invariant_holds_under_any_operations(ops in proptest::collection::vec(op(), 1..60)) {
+            let mut m = BlockManager::new(10, 4);
+            let mut tables: Vec<Vec<u32>> = vec![vec![]; 6];
+            for op in ops {
+                match op {
+                    Op::Grow(t, n) => {
+                        let target = tables[t].len() * 4 + n;
+                        let before = tables[t].len();
+                        if !m.grow(&mut tables[t], target) {
+                            proptest::prop_assert_eq!(tables[t].len(), before);
+                        }
+                    }
+                    Op::Release(t) => m.release(&mut tables[t]),
+                    Op::Share(a, b) => {
+                        if tables[b].is_empty() && a != b {
+                            tables[b] = tables[a].clone();
+                            m.share(&tables[b]);
+                        }
+                    }
+                    Op::Fork(t, i) => {
+                        if i < tables[t].len() && m.ref_count(tables[t][i]) > 1 {
+                            let _ = m.fork_block(&mut tables[t], i);
+                        }
+                    }
+                    Op::Register(t, i, h) => {
+                        if i < tables[t].len() {
+                            m.register(tables[t][i], h);
+                        }
+                    }
+                    Op::Reuse(t, hashes) => {
+                        if tables[t].is_empty() {
+                            tables[t] = m.reuse_prefix(&hashes);
+                        }
+                    }
+                }
+                let check = m.check(tables.iter());
+                proptest::prop_assert!(check.is_ok(), "{:?}", check);
+            }
+            for t in tables.iter_mut() {
+                m.release(t);
+            }
+            proptest::prop_assert_eq!(m.num_free(), 10);
+            proptest::prop_assert!(m.check([]).is_ok());
+        }
+    }
 }
