@@ -16,7 +16,7 @@
 # The benchmark prints one line per measurement, e.g.
 #   llamacpp decode threads=2 seqs=1 tok_s=123.4 src=llama-bench model=X.gguf
 #   llamacpp decode threads=2 seqs=16 tok_s=456.7 src=llama-batched-bench model=X.gguf
-# seqs=1 is llama-bench -p 0 -n $N_GEN (mean of $REPS runs, empty context, so no prompt);
+# seqs=1 is llama-bench -p 0 -n $N_GEN (median of $REPS runs, empty context, so no prompt);
 # seqs=16 is llama-batched-bench's aggregate generation speed (S_TG: 16 x $N_GEN tokens over
 # the generation time, after a $N_PROMPT-token prompt per sequence, prompt time excluded).
 # Knobs (environment): THREADS=2 N_GEN=128 REPS=3 SEQS=16 N_PROMPT=16 VERBOSE=0
@@ -90,11 +90,12 @@ bench() {
   [[ -f "$model" ]] || { echo "error: no such model $model" >&2; exit 1; }
   quiet "$bin/llama-bench" -m "$model" -p 0 -n "$N_GEN" -t "$THREADS" -r "$REPS" -o jsonl |
     "$venv/bin/python" -c '
-import json, sys
+import json, statistics, sys
 for line in sys.stdin:
     r = json.loads(line)
-    print("llamacpp decode threads=%d seqs=1 tok_s=%.1f src=llama-bench model=%s (+-%.1f, n=%d, reps=%d)"
-          % (r["n_threads"], r["avg_ts"], sys.argv[1], r["stddev_ts"], r["n_gen"], len(r["samples_ts"])))
+    med = statistics.median(r["samples_ts"])  # robust to a rep slowed by other load
+    print("llamacpp decode threads=%d seqs=1 tok_s=%.1f src=llama-bench model=%s (median; mean %.1f +-%.1f, n=%d, reps=%d)"
+          % (r["n_threads"], med, sys.argv[1], r["avg_ts"], r["stddev_ts"], r["n_gen"], len(r["samples_ts"])))
 ' "$name"
   if [[ "$SEQS" -gt 1 ]]; then
     local ctx=$(( SEQS * (N_PROMPT + N_GEN) + 256 ))

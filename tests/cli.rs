@@ -179,3 +179,118 @@ fn bench_reports_every_level_as_json() {
     assert_ne!(code, 0);
     assert!(err.contains("unknown"), "{err}");
 }
+
+fn score_input(n: usize) -> String {
+    (0..n)
+        .map(|i| format!("{{\"id\":\"doc{i}\",\"text\":\"Line number {i} of a file that is scored in pieces.\"}}\n"))
+        .collect()
+}
+
+fn tmp_file(name: &str, contents: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("vellum-cli-{name}-{}", std::process::id()));
+    std::fs::write(&p, contents).unwrap();
+    p
+}
+
+#[test]
+fn resume_after_a_kill_and_shards_reproduce_the_full_run() {
+    let m = real_model();
+    let m = m.to_str().unwrap();
+    let input = tmp_file("resume-in.jsonl", &score_input(9));
+    let full = tmp_file("resume-full.jsonl", "");
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "score",
+            "-m",
+            m,
+            "-q",
+            "--group",
+            "2",
+            "-i",
+            input.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (code, _, err) = vellum(&args, "");
+        assert_eq!(code, 0, "{err}");
+    };
+    run(&full, &[]);
+    let full_text = std::fs::read_to_string(&full).unwrap();
+    assert_eq!(full_text.lines().count(), 9);
+
+    // A run killed after 4 whole lines and half of the fifth, then resumed.
+    let killed = tmp_file("resume-killed.jsonl", "");
+    let cut: usize = full_text
+        .lines()
+        .take(4)
+        .map(|l| l.len() + 1)
+        .sum::<usize>()
+        + 20;
+    std::fs::write(&killed, &full_text[..cut]).unwrap();
+    run(&killed, &["--resume"]);
+    assert_eq!(std::fs::read_to_string(&killed).unwrap(), full_text);
+
+    // Three shards cover every line exactly once, with the same numbers.
+    let mut lines: Vec<String> = vec![];
+    for s in 0..3 {
+        let out = tmp_file(&format!("shard{s}.jsonl"), "");
+        run(&out, &["--shard", &format!("{s}/3")]);
+        lines.extend(
+            std::fs::read_to_string(&out)
+                .unwrap()
+                .lines()
+                .map(str::to_string),
+        );
+    }
+    let mut want: Vec<String> = full_text.lines().map(str::to_string).collect();
+    lines.sort();
+    want.sort();
+    assert_eq!(lines, want);
+}
+
+#[test]
+fn long_texts_are_scored_with_a_sliding_window() {
+    let m = real_model();
+    let text: String = (0..40).map(|i| format!("Sentence {i} is here. ")).collect();
+    let input = format!(
+        "{{\"id\":1,\"text\":{}}}\n",
+        serde_json::to_string(&text).unwrap()
+    );
+    let score = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["score", "-m", m.to_str().unwrap(), "-q", "--token-logprobs"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = vellum(&args, &input);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(out.lines().next().unwrap()).unwrap()
+    };
+    let full = score(&[]);
+    // 3 MiB of KV holds 64 tokens of this model: windows of 64, advancing by 32.
+    let windowed = score(&["--kv-cache-mem", "3MiB", "--stride", "32"]);
+    let n = full["n_tokens"].as_u64().unwrap() as usize;
+    assert!(
+        n > 150,
+        "the text is longer than several windows ({n} tokens)"
+    );
+    assert_eq!(windowed["n_tokens"], full["n_tokens"]);
+    let (a, b) = (
+        floats(&full["token_logprobs"]),
+        floats(&windowed["token_logprobs"]),
+    );
+    assert_eq!(a[..63], b[..63], "the first window sees the same context");
+    assert_ne!(a, b, "later tokens see less context");
+    let (code, _, err) = vellum(
+        &[
+            "score",
+            "-m",
+            m.to_str().unwrap(),
+            "--kv-cache-mem",
+            "3MiB",
+            "--stride",
+            "64",
+        ],
+        &input,
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("--stride"), "{err}");
+}

@@ -4,6 +4,7 @@
 mod bench;
 mod generate;
 mod inspect;
+mod jsonl;
 mod score;
 
 use anyhow::{bail, Context, Result};
