@@ -1,11 +1,12 @@
 //! `vellum generate`: completions for one prompt (streamed) or a JSONL file of prompts.
 
-use super::{open_input, open_output, EngineArgs};
+use super::{jsonl, open_input, EngineArgs};
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use serde_json::{json, Value};
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
 use vellum_engine::{ChatMessage, Engine, Request, SamplingParams};
 
 #[derive(Args)]
@@ -58,6 +59,15 @@ pub struct GenerateArgs {
     /// Independent samples per prompt (they share the prompt's KV blocks).
     #[arg(long, default_value_t = 1)]
     n: usize,
+    /// Prompts handed to the engine at once (batch mode).
+    #[arg(long, default_value_t = 256)]
+    group: usize,
+    /// Keep an existing --output file's complete lines and skip their ids.
+    #[arg(long)]
+    resume: bool,
+    /// Handle only the input lines with index % N == I (0-based), e.g. --shard 0/4.
+    #[arg(long, value_parser = jsonl::Shard::parse)]
+    shard: Option<jsonl::Shard>,
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
@@ -201,90 +211,119 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
     let Some(input) = &a.input else {
         bail!("give --prompt TEXT or --input FILE (use `-` for stdin)")
     };
-    let mut out = open_output(&a.output)?;
+    let (mut out, already) = jsonl::open_output(&a.output, a.resume)?;
+    let interrupted = jsonl::interrupt_flag();
+    let bar = jsonl::progress(jsonl::count_lines(input), a.engine.quiet, "prompts");
     let mut failed = 0;
-    let mut ok_lines = Vec::new();
-    let mut results: Vec<Value> = Vec::new();
-    for (i, line) in open_input(input)?.lines().enumerate() {
-        let line = line?;
-        let parsed = serde_json::from_str::<Value>(&line)
-            .map_err(|e| (json!(i + 1), format!("not valid JSON: {e}")));
-        let job = parsed.and_then(|v| {
-            let id = v.get("id").cloned().unwrap_or(json!(i + 1));
-            let prompt = v
-                .get("prompt")
-                .and_then(Value::as_str)
-                .ok_or((id.clone(), "missing string `prompt`".to_string()))?;
-            let params = line_params(&base, &v).map_err(|m| (id.clone(), m))?;
-            let tokens =
-                prompt_tokens(&engine, prompt, a.chat).map_err(|e| (id.clone(), e.to_string()))?;
-            let rid = engine
-                .add_request(Request::tokens(tokens.clone(), params))
-                .map_err(|e| (id.clone(), e.to_string()))?;
-            Ok((id, rid, tokens.len()))
-        });
-        match job {
-            Ok(j) => {
-                ok_lines.push((results.len(), j));
-                results.push(Value::Null);
+    let mut lines = open_input(input)?.lines().enumerate().peekable();
+    'groups: while lines.peek().is_some() {
+        // A group of lines runs together; its lines are written whole, in input order.
+        let mut results: Vec<std::result::Result<(Value, u64, usize), (Value, String)>> =
+            Vec::new();
+        for (i, line) in lines.by_ref().take(a.group.max(1)) {
+            let line = line?;
+            if a.shard.is_some_and(|s| !s.takes(i)) {
+                continue;
             }
-            Err((id, msg)) => {
-                failed += 1;
-                results.push(json!({"id": id, "error": msg}));
+            bar.inc(1);
+            let parsed = serde_json::from_str::<Value>(&line);
+            let id = parsed
+                .as_ref()
+                .ok()
+                .and_then(|v| v.get("id").cloned())
+                .unwrap_or(json!(i + 1));
+            if already.contains(&jsonl::id_key(&id)) {
+                continue;
             }
-        }
-    }
-    let mut done = std::collections::HashMap::new();
-    while engine.has_unfinished() {
-        for o in engine.step()? {
-            done.entry(o.request_id)
-                .or_insert_with(vellum_engine::Completion::default)
-                .absorb_sample(o);
-        }
-        if !a.engine.quiet {
-            eprint!(
-                "\r{} of {} prompts done",
-                ok_lines.len() - engine.num_unfinished(),
-                ok_lines.len()
+            results.push(
+                parsed
+                    .map_err(|e| (id.clone(), format!("not valid JSON: {e}")))
+                    .and_then(|v| {
+                        let prompt = v
+                            .get("prompt")
+                            .and_then(Value::as_str)
+                            .ok_or((id.clone(), "missing string `prompt`".to_string()))?;
+                        let params = line_params(&base, &v).map_err(|m| (id.clone(), m))?;
+                        let tokens = prompt_tokens(&engine, prompt, a.chat)
+                            .map_err(|e| (id.clone(), e.to_string()))?;
+                        let n = tokens.len();
+                        let rid = engine
+                            .add_request(Request::tokens(tokens, params))
+                            .map_err(|e| (id.clone(), e.to_string()))?;
+                        Ok((id, rid, n))
+                    }),
             );
         }
-    }
-    if !a.engine.quiet {
-        eprintln!();
-    }
-    for (slot, (id, rid, n_prompt)) in ok_lines {
-        let c = done.remove(&rid).unwrap_or_default();
-        let mut o = json!({
-            "id": id, "completion": c.text,
-            "finish_reason": c.finish_reason.map(|f| f.as_str()),
-            "prompt_tokens": n_prompt, "completion_tokens": c.tokens.len(),
-        });
-        if !c.more_samples.is_empty() {
-            o["more_samples"] = json!(c
-                .more_samples
-                .iter()
-                .map(|s| json!({
-                    "completion": s.text, "finish_reason": s.finish_reason.map(|f| f.as_str()),
-                    "completion_tokens": s.tokens.len(),
-                }))
-                .collect::<Vec<_>>());
+        let mut done = std::collections::HashMap::new();
+        while engine.has_unfinished() {
+            if interrupted.load(Ordering::SeqCst) {
+                bar.abandon_with_message("interrupted");
+                break 'groups;
+            }
+            for o in engine.step()? {
+                done.entry(o.request_id)
+                    .or_insert_with(vellum_engine::Completion::default)
+                    .absorb_sample(o);
+            }
         }
-        if base.logprobs > 0 || c.logprobs.iter().any(|l| !l.top.is_empty()) {
-            o["logprobs"] = json!(c
-                .logprobs
-                .iter()
-                .map(|l| json!({"token": l.token, "logprob": l.logprob, "top": l.top}))
-                .collect::<Vec<_>>());
+        for r in results {
+            let line = match r {
+                Err((id, msg)) => {
+                    failed += 1;
+                    json!({"id": id, "error": msg})
+                }
+                Ok((id, rid, n_prompt)) => completion_line(
+                    id,
+                    n_prompt,
+                    done.remove(&rid).unwrap_or_default(),
+                    base.logprobs,
+                ),
+            };
+            writeln!(out, "{line}")?;
         }
-        results[slot] = o;
+        out.flush()?;
     }
-    for r in results {
-        writeln!(out, "{r}")?;
-    }
+    bar.finish_and_clear();
     out.flush()?;
+    if interrupted.load(Ordering::SeqCst) {
+        eprintln!("interrupted: every written line is complete; rerun with --resume to go on");
+        return Ok(ExitCode::from(130));
+    }
     Ok(if failed > 0 {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The output line of one finished prompt.
+fn completion_line(
+    id: Value,
+    n_prompt: usize,
+    c: vellum_engine::Completion,
+    logprobs: usize,
+) -> Value {
+    let mut o = json!({
+        "id": id, "completion": c.text,
+        "finish_reason": c.finish_reason.map(|f| f.as_str()),
+        "prompt_tokens": n_prompt, "completion_tokens": c.tokens.len(),
+    });
+    if !c.more_samples.is_empty() {
+        o["more_samples"] = json!(c
+            .more_samples
+            .iter()
+            .map(|s| json!({
+                "completion": s.text, "finish_reason": s.finish_reason.map(|f| f.as_str()),
+                "completion_tokens": s.tokens.len(),
+            }))
+            .collect::<Vec<_>>());
+    }
+    if logprobs > 0 || c.logprobs.iter().any(|l| !l.top.is_empty()) {
+        o["logprobs"] = json!(c
+            .logprobs
+            .iter()
+            .map(|l| json!({"token": l.token, "logprob": l.logprob, "top": l.top}))
+            .collect::<Vec<_>>());
+    }
+    o
 }

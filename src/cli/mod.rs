@@ -153,16 +153,6 @@ fn open_input(path: &str) -> Result<Box<dyn std::io::BufRead>> {
     })
 }
 
-/// Opens `path` for writing, `-` meaning stdout.
-fn open_output(path: &str) -> Result<Box<dyn std::io::Write>> {
-    Ok(if path == "-" {
-        Box::new(std::io::BufWriter::new(std::io::stdout()))
-    } else {
-        let f = std::fs::File::create(path).with_context(|| format!("creating {path}"))?;
-        Box::new(std::io::BufWriter::new(f))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
