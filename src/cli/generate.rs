@@ -218,8 +218,7 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
     let mut lines = open_input(input)?.lines().enumerate().peekable();
     'groups: while lines.peek().is_some() {
         // A group of lines runs together; its lines are written whole, in input order.
-        let mut results: Vec<std::result::Result<(Value, u64, usize), (Value, String)>> =
-            Vec::new();
+        let mut results: Vec<Submitted> = Vec::new();
         for (i, line) in lines.by_ref().take(a.group.max(1)) {
             let line = line?;
             if a.shard.is_some_and(|s| !s.takes(i)) {
@@ -295,6 +294,9 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
         ExitCode::SUCCESS
     })
 }
+
+/// A line handed to the engine (id, request, prompt tokens), or its error.
+type Submitted = std::result::Result<(Value, u64, usize), (Value, String)>;
 
 /// The output line of one finished prompt.
 fn completion_line(
