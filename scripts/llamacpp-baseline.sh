@@ -20,7 +20,7 @@
 # seqs=16 is llama-batched-bench's aggregate generation speed (S_TG: 16 x $N_GEN tokens over
 # the generation time, after a $N_PROMPT-token prompt per sequence, prompt time excluded).
 # Knobs (environment): THREADS=2 N_GEN=128 REPS=3 SEQS=16 N_PROMPT=16 VERBOSE=0
-# VELLUM_CACHE=dir moves .cache.
+# VELLUM_CACHE=dir moves .cache. load1= on each line is the load average before it ran.
 set -euo pipefail
 
 LLAMA_CPP_PYTHON_VERSION="0.3.36" # vendors llama.cpp / ggml 0.25.3, commit 0c1e570
@@ -84,6 +84,10 @@ quiet() {
   if [[ "$VERBOSE" == 1 ]]; then "$@"; else "$@" 2>/dev/null; fi
 }
 
+# 1-minute load average before a measurement: the tools' threads spin-wait, so any other
+# load on the cores (e.g. a compile) cuts their speed several-fold. Compare only quiet runs.
+load1() { cut -d' ' -f1 /proc/loadavg; }
+
 bench() {
   local model="$1" name
   name="$(basename "$model")"
@@ -94,9 +98,9 @@ import json, statistics, sys
 for line in sys.stdin:
     r = json.loads(line)
     med = statistics.median(r["samples_ts"])  # robust to a rep slowed by other load
-    print("llamacpp decode threads=%d seqs=1 tok_s=%.1f src=llama-bench model=%s (median; mean %.1f +-%.1f, n=%d, reps=%d)"
-          % (r["n_threads"], med, sys.argv[1], r["avg_ts"], r["stddev_ts"], r["n_gen"], len(r["samples_ts"])))
-' "$name"
+    print("llamacpp decode threads=%d seqs=1 tok_s=%.1f src=llama-bench model=%s load1=%s (median; mean %.1f +-%.1f, n=%d, reps=%d)"
+          % (r["n_threads"], med, sys.argv[1], sys.argv[2], r["avg_ts"], r["stddev_ts"], r["n_gen"], len(r["samples_ts"])))
+' "$name" "$(load1)"
   if [[ "$SEQS" -gt 1 ]]; then
     local ctx=$(( SEQS * (N_PROMPT + N_GEN) + 256 ))
     quiet "$bin/llama-batched-bench" -m "$model" -c "$ctx" -b 2048 -ub 512 -t "$THREADS" -tb "$THREADS" \
@@ -108,9 +112,9 @@ for line in sys.stdin:
     if not line.startswith("{"):
         continue
     r = json.loads(line)
-    print("llamacpp decode threads=%d seqs=%d tok_s=%.1f src=llama-batched-bench model=%s (prompt=%d/seq, n=%d/seq)"
-          % (r["n_threads"], r["pl"], r["speed_tg"], sys.argv[1], r["pp"], r["tg"]))
-' "$name"
+    print("llamacpp decode threads=%d seqs=%d tok_s=%.1f src=llama-batched-bench model=%s load1=%s (prompt=%d/seq, n=%d/seq)"
+          % (r["n_threads"], r["pl"], r["speed_tg"], sys.argv[1], sys.argv[2], r["pp"], r["tg"]))
+' "$name" "$(load1)"
   fi
 }
 

@@ -591,13 +591,10 @@ impl Engine {
             plan.push((id, start, end, first_row));
         }
         self.stats.prompt_tokens += tokens.len() as u64;
-        let logprobs = self.model.forward(
-            self.backend.as_ref(),
-            &tokens,
-            &layout,
-            &mut self.kv,
-            &logit_rows,
-        )?;
+        // The whole forward pass runs on a pool thread: the ops' parallel loops then start
+        // from inside the pool instead of each waking it from outside (hundreds a step).
+        let (model, backend, kv) = (&self.model, self.backend.as_ref(), &mut self.kv);
+        let logprobs = rayon::scope(|_| model.forward(backend, &tokens, &layout, kv, &logit_rows))?;
         let vocab = self.model.config.vocab_size;
         let mut outputs = Vec::with_capacity(plan.len());
         for (id, start, end, first_row) in plan {
