@@ -40,7 +40,7 @@ fn dot_rows_all<R: simd::Row + ?Sized>(isa: Isa, x: &[f32], w: &R, out: &mut [f3
     let per = simd::rows_per_pass(isa);
     let mut t = 0;
     while t + per <= out.len() && per > 1 {
-        let mut rows: [&[f32]; 4] = [&[]; 4];
+        let mut rows: [&[f32]; 8] = [&[]; 8];
         for (i, row) in rows.iter_mut().take(per).enumerate() {
             *row = &x[(t + i) * k..(t + i + 1) * k];
         }

@@ -109,14 +109,14 @@ pub fn dot_row<R: Row + ?Sized>(isa: Isa, x: &[f32], w: &R) -> f32 {
 }
 
 /// How many activation rows [`dot_rows`] takes at once on a path.
-/// At most 4 (callers keep a fixed-size array of row slices).
+/// At most 8 (callers keep a fixed-size array of row slices).
 pub fn rows_per_pass(isa: Isa) -> usize {
     match isa {
         Isa::Scalar => 1,
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => 2,
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => 4,
+        Isa::Avx512 => 8,
     }
 }
 
@@ -133,7 +133,7 @@ pub fn dot_rows<R: Row + ?Sized>(isa: Isa, x: &[&[f32]], w: &R, out: &mut [f32])
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe {
-            x86::dot_rows_avx512::<R, 4>(x.try_into().expect("4 rows"), w, out)
+            x86::dot_rows_avx512::<R, 8>(x.try_into().expect("8 rows"), w, out)
         },
         _ => {
             for (o, x) in out.iter_mut().zip(x) {
