@@ -15,23 +15,66 @@ use vellum_quant::{BlockFormat, QK};
 /// task, few enough that 2–64 cores all get some.
 const MATMUL_CHUNK: usize = 16;
 
-/// `out[t] = x[t] · w[j]` for every activation row `t` of `x` (`cols` wide), reading the
-/// weight row in its stored format (see `simd::Row`), several activation rows per pass.
-fn dot_weight_row(isa: Isa, x: &[f32], w: &Weight, j: usize, out: &mut [f32]) {
+/// `out[i * t + r] = x[r] · w[j0 + i]` for `out.len() / t` weight rows from `j0` and every
+/// activation row `r` of `x`, reading the weights in their stored format (see `simd::Row`).
+fn dot_weight_rows(isa: Isa, x: &[f32], w: &Weight, j0: usize, out: &mut [f32]) {
     let k = w.cols;
+    let n = out.len() / (x.len() / k);
+    let dense = move |r: usize| (j0 + r) * k..(j0 + r + 1) * k;
     match &w.data {
-        WeightData::F32(v) => dot_rows_all(isa, x, &v[j * k..(j + 1) * k], out),
-        WeightData::F16(v) => dot_rows_all(isa, x, &v[j * k..(j + 1) * k], out),
-        WeightData::BF16(v) => dot_rows_all(isa, x, &v[j * k..(j + 1) * k], out),
+        WeightData::F32(v) => dot_rows_tiled(isa, x, n, |r| &v[dense(r)], out),
+        WeightData::F16(v) => dot_rows_tiled(isa, x, n, |r| &v[dense(r)], out),
+        WeightData::BF16(v) => dot_rows_tiled(isa, x, n, |r| &v[dense(r)], out),
         WeightData::Block(f, bytes) => {
             let rb = k / QK * f.block_bytes();
-            let row = &bytes[j * rb..(j + 1) * rb];
+            let row = move |r: usize| &bytes[(j0 + r) * rb..(j0 + r + 1) * rb];
             match f {
-                BlockFormat::Q8_0 => dot_rows_all(isa, x, &rows::Q8_0Row(row), out),
-                BlockFormat::Q4_0 => dot_rows_all(isa, x, &rows::Q4_0Row(row), out),
-                BlockFormat::Q4_1 => dot_rows_all(isa, x, &rows::Q4_1Row(row), out),
+                BlockFormat::Q8_0 => dot_rows_tiled(isa, x, n, |r| rows::Q8_0Row(row(r)), out),
+                BlockFormat::Q4_0 => dot_rows_tiled(isa, x, n, |r| rows::Q4_0Row(row(r)), out),
+                BlockFormat::Q4_1 => dot_rows_tiled(isa, x, n, |r| rows::Q4_1Row(row(r)), out),
             }
         }
+    }
+}
+
+/// Tiles of `TILE_W` weight rows × `TILE_T` activation rows where the path has them, then
+/// multi-row passes for what is left. Every result equals the single-pair dot (tested).
+/// `row(i)` gives weight row `i` of the `n` (cheap views, made as needed).
+fn dot_rows_tiled<V: simd::Row>(
+    isa: Isa,
+    x: &[f32],
+    n: usize,
+    row: impl Fn(usize) -> V,
+    out: &mut [f32],
+) {
+    let t = out.len() / n.max(1);
+    let (tw, tt) = (simd::TILE_W, simd::TILE_T);
+    let mut j = 0;
+    if simd::has_tile(isa) && t >= tt {
+        let k = x.len() / t;
+        while j + tw <= n {
+            let views: [V; simd::TILE_W] = std::array::from_fn(|i| row(j + i));
+            let w: [&V; simd::TILE_W] = std::array::from_fn(|i| &views[i]);
+            let mut r = 0;
+            while r + tt <= t {
+                let xs: [&[f32]; simd::TILE_T] =
+                    std::array::from_fn(|i| &x[(r + i) * k..(r + i + 1) * k]);
+                let mut res = [[0f32; simd::TILE_T]; simd::TILE_W];
+                simd::dot_tile(isa, xs, w, &mut res);
+                for (i, vals) in res.iter().enumerate() {
+                    out[(j + i) * t + r..(j + i) * t + r + tt].copy_from_slice(vals);
+                }
+                r += tt;
+            }
+            for (i, v) in views.iter().enumerate() {
+                let dst = &mut out[(j + i) * t..(j + i + 1) * t];
+                dot_rows_all(isa, &x[r * k..], v, &mut dst[r..]);
+            }
+            j += tw;
+        }
+    }
+    for i in j..n {
+        dot_rows_all(isa, x, &row(i), &mut out[i * t..(i + 1) * t]);
     }
 }
 
@@ -190,11 +233,11 @@ impl Backend for Cpu {
         }
         tasks.into_par_iter().for_each(|(pi, c, chunk)| {
             let (w, bias) = (parts[pi].w, parts[pi].bias);
-            for (i, dst) in chunk.chunks_exact_mut(t).enumerate() {
-                let j = c * MATMUL_CHUNK + i;
-                dot_weight_row(isa, x, w, j, dst);
-                if let Some(b) = bias {
-                    dst.iter_mut().for_each(|o| *o += b[j]);
+            let j0 = c * MATMUL_CHUNK;
+            dot_weight_rows(isa, x, w, j0, chunk);
+            if let Some(b) = bias {
+                for (i, dst) in chunk.chunks_exact_mut(t).enumerate() {
+                    dst.iter_mut().for_each(|o| *o += b[j0 + i]);
                 }
             }
         });
@@ -399,7 +442,7 @@ mod tests {
                     let exact: f64 = x.iter().zip(&row).map(|(a, b)| *a as f64 * *b as f64).sum();
                     for isa in Isa::all_supported() {
                         let mut fused = [0f32];
-                        dot_weight_row(isa, &x, &w, j, &mut fused);
+                        dot_weight_rows(isa, &x, &w, j, &mut fused);
                         let fused = fused[0];
                         let plain = simd::dot(isa, &x, &row);
                         assert_eq!(
@@ -423,23 +466,27 @@ mod tests {
     #[test]
     fn multi_row_passes_equal_single_rows() {
         let cols = 96;
-        for w in weights(3, cols) {
-            for t in 1..=9 {
+        for w in weights(5, cols) {
+            for t in 1..=17 {
                 let x: Vec<f32> = (0..t * cols)
                     .map(|i| ((i * 13 % 71) as f32 - 35.0) / 30.0)
                     .collect();
                 for isa in Isa::all_supported() {
-                    let mut all = vec![0f32; t];
-                    dot_weight_row(isa, &x, &w, 2, &mut all);
-                    for r in 0..t {
-                        let mut one = [0f32];
-                        dot_weight_row(isa, &x[r * cols..(r + 1) * cols], &w, 2, &mut one);
-                        assert_eq!(
-                            all[r].to_bits(),
-                            one[0].to_bits(),
-                            "{} {isa:?} t={t} r={r}",
-                            w.format_name()
-                        );
+                    // All weight rows at once (tiles where the path has them) vs one pair at a time.
+                    let mut all = vec![0f32; w.rows * t];
+                    dot_weight_rows(isa, &x, &w, 0, &mut all);
+                    for j in 0..w.rows {
+                        for r in 0..t {
+                            let mut one = [0f32];
+                            dot_weight_rows(isa, &x[r * cols..(r + 1) * cols], &w, j, &mut one);
+                            let got = all[j * t + r];
+                            assert_eq!(
+                                got.to_bits(),
+                                one[0].to_bits(),
+                                "{} {isa:?} t={t} j={j} r={r}",
+                                w.format_name()
+                            );
+                        }
                     }
                 }
             }
@@ -456,7 +503,7 @@ mod tests {
                 w.row_to_f32(1, &mut row);
                 for isa in Isa::all_supported() {
                     let mut fused = [0f32];
-                    dot_weight_row(isa, &x, &w, 1, &mut fused);
+                    dot_weight_rows(isa, &x, &w, 1, &mut fused);
                     assert_eq!(fused[0].to_bits(), simd::dot(isa, &x, &row).to_bits());
                 }
             }

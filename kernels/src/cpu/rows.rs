@@ -11,6 +11,28 @@ use std::arch::x86_64::*;
 
 // SAFETY (all impls): loads stay within the row for in-range `i`, as the trait requires.
 
+/// A reference to a row is a row (lets callers pass cheap row views by value).
+unsafe impl<T: Row + ?Sized> Row for &T {
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    fn get(&self, i: usize) -> f32 {
+        (**self).get(i)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(&self, i: usize) -> __m256 {
+        (**self).load8(i)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn load16(&self, i: usize) -> __m512 {
+        (**self).load16(i)
+    }
+}
+
 unsafe impl Row for [f32] {
     fn len(&self) -> usize {
         <[f32]>::len(self)

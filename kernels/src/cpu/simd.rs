@@ -143,6 +143,41 @@ pub fn dot_rows<R: Row + ?Sized>(isa: Isa, x: &[&[f32]], w: &R, out: &mut [f32])
     }
 }
 
+/// Weight rows × activation rows of one [`dot_tile`] (AVX-512 only).
+pub const TILE_W: usize = 2;
+pub const TILE_T: usize = 4;
+
+/// Whether [`dot_tile`] runs on this path.
+pub fn has_tile(isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        isa == Isa::Avx512
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        false
+    }
+}
+
+/// `out[j][r] = x[r] · w[j]` for a tile of `TILE_W` weight rows and `TILE_T` activation
+/// rows: every loaded vector feeds several FMAs. Each result is bit-identical to
+/// [`dot_row`] of that pair alone. Only for paths where [`has_tile`] is true.
+#[inline]
+pub fn dot_tile<R: Row + ?Sized>(
+    isa: Isa,
+    x: [&[f32]; TILE_T],
+    w: [&R; TILE_W],
+    out: &mut [[f32; TILE_T]; TILE_W],
+) {
+    assert!(has_tile(isa), "dot_tile on {isa:?}");
+    // SAFETY: has_tile means AVX-512F (and AVX2/FMA/F16C) were detected.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        x86::dot_tile_avx512(x, w, out)
+    }
+}
+
 /// Dot product of equal-length f32 slices.
 #[inline]
 pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
@@ -321,6 +356,55 @@ mod x86 {
                 total += a[r][k] * w.get(k);
             }
             out[r] = total;
+        }
+    }
+
+    /// [`dot_avx512`] for `W` weight rows × `T` activation rows sharing every load.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn dot_tile_avx512<R: Row + ?Sized, const W: usize, const T: usize>(
+        a: [&[f32]; T],
+        w: [&R; W],
+        out: &mut [[f32; T]; W],
+    ) {
+        let n = w[0].len();
+        let mut acc0 = [[_mm512_setzero_ps(); T]; W];
+        let mut acc1 = [[_mm512_setzero_ps(); T]; W];
+        let mut i = 0;
+        while i + 32 <= n {
+            let mut w0 = [_mm512_setzero_ps(); W];
+            let mut w1 = [_mm512_setzero_ps(); W];
+            for j in 0..W {
+                w0[j] = w[j].load16(i);
+                w1[j] = w[j].load16(i + 16);
+            }
+            for r in 0..T {
+                let x0 = _mm512_loadu_ps(a[r].as_ptr().add(i));
+                let x1 = _mm512_loadu_ps(a[r].as_ptr().add(i + 16));
+                for j in 0..W {
+                    acc0[j][r] = _mm512_fmadd_ps(x0, w0[j], acc0[j][r]);
+                    acc1[j][r] = _mm512_fmadd_ps(x1, w1[j], acc1[j][r]);
+                }
+            }
+            i += 32;
+        }
+        while i + 16 <= n {
+            for j in 0..W {
+                let w0 = w[j].load16(i);
+                for r in 0..T {
+                    acc0[j][r] =
+                        _mm512_fmadd_ps(_mm512_loadu_ps(a[r].as_ptr().add(i)), w0, acc0[j][r]);
+                }
+            }
+            i += 16;
+        }
+        for j in 0..W {
+            for r in 0..T {
+                let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc0[j][r], acc1[j][r]));
+                for k in i..n {
+                    total += a[r][k] * w[j].get(k);
+                }
+                out[j][r] = total;
+            }
         }
     }
 
