@@ -144,7 +144,7 @@ pub fn dot_rows<R: Row + ?Sized>(isa: Isa, x: &[&[f32]], w: &R, out: &mut [f32])
 }
 
 /// Weight rows × activation rows of one [`dot_tile`] (AVX-512 only).
-pub const TILE_W: usize = 2;
+pub const TILE_W: usize = 3;
 pub const TILE_T: usize = 4;
 
 /// Whether [`dot_tile`] runs on this path.
