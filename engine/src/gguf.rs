@@ -268,6 +268,12 @@ fn ggml_format(ty: u32) -> Option<TensorFormat> {
 
 type Parsed = (u32, BTreeMap<String, Value>, Vec<TensorInfo>, usize);
 
+/// Parses GGUF bytes already in memory (what `GgufFile::open` does after mapping the file):
+/// `(version, metadata, tensors, data start)`, or a message saying what is wrong.
+pub fn parse_bytes(buf: &[u8]) -> std::result::Result<Parsed, String> {
+    parse(buf)
+}
+
 fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
     let mut r = Reader { buf, pos: 0 };
     let magic = r.take(4, "magic")?;
