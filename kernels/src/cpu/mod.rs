@@ -346,27 +346,34 @@ impl Backend for Cpu {
         }
         let scale = 1.0 / (hd as f32).sqrt();
         let (bs, sw, isa) = (cache.block_size, cache.slot_width(), self.isa);
-        out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
-            let (ti, h) = (idx / n_heads, idx % n_heads);
-            let table = &batch.block_tables[seq_of[ti]];
-            let kvh = h / group;
-            let qv = &q[idx * hd..(idx + 1) * hd];
-            let visible = batch.positions[ti] as usize + 1;
-            let slot = |p: usize| (table[p / bs] as usize * bs + p % bs) * sw + kvh * hd;
-            let mut scores: Vec<f32> = (0..visible)
-                .map(|p| simd::dot(isa, qv, &cache.k[slot(p)..slot(p) + hd]) * scale)
-                .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            o.fill(0.0);
-            for (p, &s) in scores.iter().enumerate() {
-                simd::axpy(isa, s / sum, &cache.v[slot(p)..slot(p) + hd], o);
-            }
-        });
+        out.par_chunks_mut(hd)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (idx, o)| {
+                let (ti, h) = (idx / n_heads, idx % n_heads);
+                let table = &batch.block_tables[seq_of[ti]];
+                let kvh = h / group;
+                let qv = &q[idx * hd..(idx + 1) * hd];
+                let visible = batch.positions[ti] as usize + 1;
+                // Offsets of this head's K/V rows for positions 0..visible, block by block.
+                let rows = || {
+                    table.iter().enumerate().flat_map(move |(b, &blk)| {
+                        let n = bs.min(visible.saturating_sub(b * bs));
+                        (0..n).map(move |i| (blk as usize * bs + i) * sw + kvh * hd)
+                    })
+                };
+                scores.clear();
+                scores.extend(rows().map(|at| simd::dot(isa, qv, &cache.k[at..at + hd]) * scale));
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                o.fill(0.0);
+                for (at, &s) in rows().zip(scores.iter()) {
+                    simd::axpy(isa, s / sum, &cache.v[at..at + hd], o);
+                }
+            });
         Ok(())
     }
 
