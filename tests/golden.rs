@@ -153,3 +153,28 @@ fn real_model_chat_and_scores_match_transformers() {
         assert!(d <= 1e-3, "scoring logprobs differ by {d}");
     }
 }
+
+/// Generated ids decoded one at a time give exactly the text of decoding them all at once,
+/// never a broken multi-byte character on the way.
+#[test]
+fn incremental_decoding_matches_whole_decoding() {
+    let ck = vellum::engine::Checkpoint::open(&real_model()).unwrap();
+    let tok = ck.tokenizer.unwrap();
+    let text = "Un café à Paris 🙂, naïve 日本語 text, 12345.\n  Done!";
+    let ids = tok.encode(text, false).unwrap();
+    let mut dec = vellum::engine::tokenizer::IncrementalDecoder::default();
+    for n in 1..=ids.len() {
+        dec.update(&tok, &ids[..n], n == ids.len()).unwrap();
+        assert!(
+            !dec.text.contains('\u{FFFD}'),
+            "partial character emitted after {n} ids"
+        );
+        assert!(
+            text.starts_with(&dec.text),
+            "{:?} is not a prefix",
+            dec.text
+        );
+    }
+    assert_eq!(dec.text, tok.decode_output(&ids).unwrap());
+    assert_eq!(dec.text, text);
+}

@@ -11,7 +11,7 @@ use crate::kv::BlockManager;
 use crate::loader::Checkpoint;
 use crate::model::Model;
 use crate::sampler::{sample, top_k, Rng, SamplingParams};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use vellum_kernels::{cpu::Cpu, Backend, BatchLayout, KvLayer};
@@ -162,7 +162,8 @@ struct Sequence {
     prompt_logprobs: Vec<f32>,
     /// Whether each prompt token was the most likely one (lm-evaluation-harness `is_greedy`).
     prompt_is_greedy: Vec<bool>,
-    /// Bytes of decoded output text already emitted.
+    /// Decoded output text, and how many of its bytes were emitted already.
+    decoder: IncrementalDecoder,
     emitted: usize,
     usage: Usage,
 }
@@ -207,6 +208,20 @@ pub struct EngineStats {
     pub preemptions: u64,
     pub prompt_tokens: u64,
     pub generated_tokens: u64,
+    /// Wall time inside `step`, and the part of it spent in the model's forward pass; the
+    /// rest is scheduling, block management, sampling and detokenization.
+    pub step_ns: u64,
+    pub forward_ns: u64,
+}
+
+impl EngineStats {
+    /// Share of step time spent outside the forward pass.
+    pub fn overhead_fraction(&self) -> f64 {
+        if self.step_ns == 0 {
+            return 0.0;
+        }
+        self.step_ns.saturating_sub(self.forward_ns) as f64 / self.step_ns as f64
+    }
 }
 
 /// Builder for [`Engine`].
@@ -385,6 +400,7 @@ impl Engine {
                 rng: Rng::new(seed),
                 prompt_logprobs: vec![],
                 prompt_is_greedy: vec![],
+                decoder: IncrementalDecoder::default(),
                 emitted: 0,
             },
         );
@@ -547,6 +563,13 @@ impl Engine {
 
     /// Runs one step of continuous batching and returns what each touched request produced.
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
+        let started = std::time::Instant::now();
+        let outputs = self.step_inner();
+        self.stats.step_ns += started.elapsed().as_nanos() as u64;
+        outputs
+    }
+
+    fn step_inner(&mut self) -> Result<Vec<RequestOutput>> {
         let batch = self.schedule();
         if batch.is_empty() {
             if let Some(&id) = self.waiting.front() {
@@ -594,7 +617,9 @@ impl Engine {
         // The whole forward pass runs on a pool thread: the ops' parallel loops then start
         // from inside the pool instead of each waking it from outside (hundreds a step).
         let (model, backend, kv) = (&self.model, self.backend.as_ref(), &mut self.kv);
+        let forward_start = std::time::Instant::now();
         let logprobs = rayon::scope(|_| model.forward(backend, &tokens, &layout, kv, &logit_rows))?;
+        self.stats.forward_ns += forward_start.elapsed().as_nanos() as u64;
         let vocab = self.model.config.vocab_size;
         let mut outputs = Vec::with_capacity(plan.len());
         for (id, start, end, first_row) in plan {
@@ -663,6 +688,7 @@ impl Engine {
                 rng: Rng::new(parent.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
                 prompt_logprobs: parent.prompt_logprobs.clone(),
                 prompt_is_greedy: parent.prompt_is_greedy.clone(),
+                decoder: IncrementalDecoder::default(),
                 emitted: 0,
                 usage: parent.usage,
             })
@@ -701,8 +727,13 @@ impl Engine {
         if seq.req.score_only {
             out.finish_reason = Some(FinishReason::Scored);
         } else {
-            let history: Vec<u32> = (0..seq.len()).map(|i| seq.token(i)).collect();
-            let token = sample(dist, &seq.req.params, &history, &seq.output, &mut seq.rng);
+            let token = sample(
+                dist,
+                &seq.req.params,
+                &seq.req.prompt,
+                &seq.output,
+                &mut seq.rng,
+            );
             seq.output.push(token);
             seq.usage.completion_tokens += 1;
             self.stats.generated_tokens += 1;
@@ -882,10 +913,10 @@ impl Completion {
 /// incomplete UTF-8 character and any tail that could still grow into a stop string.
 /// Returns whether a stop string was found (the text is cut before it).
 fn text_delta(tok: &Tokenizer, seq: &mut Sequence, finishing: bool) -> (String, bool) {
-    let text = match tok.decode_output(&seq.output) {
-        Ok(t) => t,
-        Err(_) => return (String::new(), false),
-    };
+    if seq.decoder.update(tok, &seq.output, finishing).is_err() {
+        return (String::new(), false);
+    }
+    let text = &seq.decoder.text;
     let stop_at = seq
         .req
         .params
@@ -897,8 +928,8 @@ fn text_delta(tok: &Tokenizer, seq: &mut Sequence, finishing: bool) -> (String, 
         Some(i) => (i, true),
         None if finishing => (text.len(), false),
         None => {
-            // An unfinished multi-byte character decodes as U+FFFD: wait for its other bytes.
-            let mut safe = text.trim_end_matches('\u{FFFD}').len();
+            // Whole characters only (the decoder holds back partial ones).
+            let mut safe = text.len();
             for s in &seq.req.params.stop {
                 for k in (1..s.len()).rev() {
                     if s.is_char_boundary(k) && text[..safe].ends_with(&s[..k]) {

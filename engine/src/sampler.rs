@@ -158,12 +158,13 @@ impl Rng {
     }
 }
 
-/// Picks the next token from a row of log-probabilities. `history` is every token of the
-/// sequence so far (prompt and output), used by the penalties.
+/// Picks the next token from a row of log-probabilities. `prompt` and `output` are the
+/// sequence so far, used by the penalties (repetition counts both; presence and frequency
+/// count the output).
 pub fn sample(
     logprobs: &[f32],
     params: &SamplingParams,
-    history: &[u32],
+    prompt: &[u32],
     output: &[u32],
     rng: &mut Rng,
 ) -> u32 {
@@ -177,7 +178,7 @@ pub fn sample(
             *seen.entry(t).or_default() += 1;
         }
         let mut in_history = std::collections::HashSet::new();
-        for &t in history {
+        for &t in prompt.iter().chain(output) {
             if in_history.insert(t) && (t as usize) < logits.len() {
                 // Log-probabilities are negative: "divide positive / multiply negative" on
                 // logits becomes multiply here, since the shift does not change the order.
@@ -243,10 +244,10 @@ pub fn sample(
 
 /// Index of the largest value (lowest index on ties).
 pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
+    let (mut best, mut best_value) = (0, f32::NEG_INFINITY);
     for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
+        if x > best_value {
+            (best, best_value) = (i, x);
         }
     }
     best as u32

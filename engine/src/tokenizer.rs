@@ -19,6 +19,39 @@ pub struct Tokenizer {
     pub bos_id: Option<u32>,
 }
 
+/// Incremental, UTF-8-safe decoding of a growing list of generated ids: each call decodes
+/// only the last few tokens (a short prefix window keeps tokenizers that render a token
+/// differently at the start of a string right), so a long generation costs O(1) per token.
+#[derive(Debug, Clone, Default)]
+pub struct IncrementalDecoder {
+    prefix_offset: usize,
+    read_offset: usize,
+    /// The text decoded so far.
+    pub text: String,
+}
+
+impl IncrementalDecoder {
+    /// Appends the text of `ids[read_offset..]` once it forms whole characters (or at once
+    /// with `flush`, at the end of a sequence).
+    pub fn update(&mut self, tok: &Tokenizer, ids: &[u32], flush: bool) -> Result<()> {
+        let prefix = tok.decode_output(&ids[self.prefix_offset..self.read_offset])?;
+        let full = tok.decode_output(&ids[self.prefix_offset..])?;
+        // An unfinished multi-byte character decodes as U+FFFD: wait for its other bytes.
+        if full.len() > prefix.len() && (flush || !full.ends_with('\u{FFFD}')) {
+            let new = match full.strip_prefix(prefix.as_str()) {
+                Some(new) => new,
+                // The window rendered differently: keep what the longer decode says beyond
+                // the common part (never re-emits text).
+                None => full.get(prefix.len()..).unwrap_or(""),
+            };
+            self.text.push_str(new);
+            self.prefix_offset = self.read_offset;
+            self.read_offset = ids.len();
+        }
+        Ok(())
+    }
+}
+
 /// One chat message for [`Tokenizer::apply_chat_template`].
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ChatMessage {

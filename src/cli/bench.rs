@@ -6,6 +6,8 @@
 //! - `prefill_tok_s`: prompt tokens / time until every request had its first token;
 //! - `decode_tok_s`: tokens generated after that moment / the time they took;
 //! - `ttft_ms_*`: submission to first token; `itl_ms_*`: gaps between a request's tokens;
+//! - `overhead_pct` ("sched %"): step time outside the forward pass (scheduler, block
+//!   manager, sampler, detokenizer);
 //! - `bandwidth_pct`: (weight bytes + KV bytes read per decode step) / step time, as a % of
 //!   the streaming-read bandwidth measured in the same run.
 
@@ -75,6 +77,8 @@ struct Level {
     itl_ms: Vec<f64>,
     bandwidth_pct: f64,
     kv_usage_max: f64,
+    /// Share of step time outside the forward pass (scheduler, blocks, sampler).
+    overhead_pct: f64,
 }
 
 /// Runs `c` requests of `prompt_len` random tokens, each decoding `gen_len` tokens.
@@ -90,6 +94,7 @@ fn run_level(
     let params = SamplingParams::default()
         .max_tokens(gen_len)
         .ignore_eos(true);
+    let stats_before = engine.stats.clone();
     let start = Instant::now();
     let mut last_token: HashMap<u64, Instant> = HashMap::new();
     let mut ttft = Vec::new();
@@ -141,6 +146,12 @@ fn run_level(
         decode_tok_s: decode_tokens as f64 / decode_s,
         ttft_ms: ttft,
         itl_ms: itl,
+        overhead_pct: {
+            let s = &engine.stats;
+            let step = s.step_ns - stats_before.step_ns;
+            let fwd = s.forward_ns - stats_before.forward_ns;
+            100.0 * step.saturating_sub(fwd) as f64 / step.max(1) as f64
+        },
         bandwidth_pct: if decode_s > 0.0 {
             100.0 * bytes as f64 / decode_s / read_bw
         } else {
@@ -208,14 +219,15 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             read_bw / 1e9
         );
         println!(
-            "{:>5} {:>12} {:>11} {:>22} {:>22} {:>7} {:>6}",
+            "{:>5} {:>12} {:>11} {:>22} {:>22} {:>7} {:>6} {:>7}",
             "conc",
             "prefill t/s",
             "decode t/s",
             "ttft ms p50/p90/p99",
             "itl ms p50/p90/p99",
             "bw %",
-            "kv %"
+            "kv %",
+            "sched %"
         );
     }
     for &c in &a.concurrency {
@@ -229,11 +241,12 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
                 "ttft_ms_p50": p(&l.ttft_ms, 0.5), "ttft_ms_p90": p(&l.ttft_ms, 0.9), "ttft_ms_p99": p(&l.ttft_ms, 0.99),
                 "itl_ms_p50": p(&l.itl_ms, 0.5), "itl_ms_p90": p(&l.itl_ms, 0.9), "itl_ms_p99": p(&l.itl_ms, 0.99),
                 "bandwidth_pct": l.bandwidth_pct, "read_bandwidth_gb_s": read_bw / 1e9, "kv_usage_max": l.kv_usage_max,
+                "overhead_pct": l.overhead_pct,
             });
             println!("{o}");
         } else {
             println!(
-                "{:>5} {:>12.1} {:>11.1} {:>22} {:>22} {:>7.1} {:>6.1}",
+                "{:>5} {:>12.1} {:>11.1} {:>22} {:>22} {:>7.1} {:>6.1} {:>7.2}",
                 l.concurrency,
                 l.prefill_tok_s,
                 l.decode_tok_s,
@@ -250,7 +263,8 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
                     p(&l.itl_ms, 0.99)
                 ),
                 l.bandwidth_pct,
-                100.0 * l.kv_usage_max
+                100.0 * l.kv_usage_max,
+                l.overhead_pct
             );
         }
     }
