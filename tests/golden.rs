@@ -178,3 +178,33 @@ fn incremental_decoding_matches_whole_decoding() {
     assert_eq!(dec.text, tok.decode_output(&ids).unwrap());
     assert_eq!(dec.text, text);
 }
+
+/// A llama.cpp `llama` (SentencePiece) vocabulary in a GGUF file tokenizes like
+/// transformers' own conversion of it (tests/golden/make_spm_llama.py), BOS included.
+#[test]
+fn sentencepiece_gguf_tokenizer_matches_transformers() {
+    let g = golden("spm_llama.json");
+    let path = repo().join("tests/golden/spm_llama.gguf");
+    let ck = vellum::engine::Checkpoint::open(&path).unwrap();
+    ck.load_model().unwrap();
+    let tok = ck.tokenizer.unwrap();
+    assert_eq!(tok.vocab_size(), g["vocab_size"].as_u64().unwrap() as usize);
+    for case in g["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            tok.encode(text, false).unwrap(),
+            ids(&case["ids"]),
+            "encoding {text:?}"
+        );
+        assert_eq!(
+            tok.decode(&ids(&case["ids"])).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "decoding {text:?}"
+        );
+    }
+    let wb = &g["with_bos"];
+    assert_eq!(
+        tok.encode(wb["text"].as_str().unwrap(), true).unwrap(),
+        ids(&wb["ids"])
+    );
+}

@@ -81,12 +81,6 @@ impl Tokenizer {
     /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
     pub fn from_gguf(meta: &GgufMeta) -> Result<Tokenizer> {
         let model = meta.require_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(EngineError::Unsupported {
-                path: meta.path.clone(),
-                msg: format!("GGUF tokenizer model `{model}` (supported: gpt2 byte-level BPE)"),
-            });
-        }
         let strings = |key: &str| -> Result<Vec<String>> {
             meta.get(key)
                 .and_then(Value::as_array)
@@ -98,61 +92,97 @@ impl Tokenizer {
                 })
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
         let types: Vec<u64> = meta
             .get("tokenizer.ggml.token_type")
             .and_then(Value::as_array)
             .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
             .unwrap_or_default();
-        let pre = meta
-            .get("tokenizer.ggml.pre")
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        let pre_tokenizer = gpt2_pre_tokenizer(pre).ok_or_else(|| EngineError::Unsupported {
-            path: meta.path.clone(),
-            msg: format!(
-                "GGUF pre-tokenizer `{pre}` (supported: default, gpt-2, smollm, llama-bpe, qwen2)"
-            ),
-        })?;
         let vocab: serde_json::Map<String, serde_json::Value> = tokens
             .iter()
             .enumerate()
             .map(|(i, t)| (t.clone(), json!(i)))
             .collect();
-        // Control (3) and user-defined (4) tokens are matched before BPE, like llama.cpp does.
+        // Unknown (2), control (3) and user-defined (4) tokens are matched before the model
+        // runs, as llama.cpp and transformers do; the first two are special.
         let added: Vec<serde_json::Value> = types
             .iter()
             .enumerate()
-            .filter(|(_, &ty)| ty == 3 || ty == 4)
+            .filter(|(_, &ty)| (2..=4).contains(&ty))
             .map(|(i, &ty)| {
                 json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false,
-                       "rstrip": false, "normalized": false, "special": ty == 3})
+                       "rstrip": false, "normalized": false, "special": ty != 4})
             })
             .collect();
-        let doc = json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null,
-                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                      "vocab": vocab, "merges": merges},
-        });
+        let doc = match model {
+            "gpt2" => {
+                let merges = strings("tokenizer.ggml.merges")?;
+                let pre = meta.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+                let pre_tokenizer = gpt2_pre_tokenizer(pre).ok_or_else(|| EngineError::Unsupported {
+                    path: meta.path.clone(),
+                    msg: format!("GGUF pre-tokenizer `{pre}` (supported: default, gpt-2, smollm, llama-bpe, qwen2)"),
+                })?;
+                json!({
+                    "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+                    "normalizer": null, "pre_tokenizer": pre_tokenizer, "post_processor": null,
+                    "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                    "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                              "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                              "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                              "vocab": vocab, "merges": merges},
+                })
+            }
+            "llama" => {
+                let scores: Vec<f32> = meta
+                    .get("tokenizer.ggml.scores")
+                    .and_then(Value::as_array)
+                    .and_then(|a| a.iter().map(|v| v.as_f64().map(|f| f as f32)).collect())
+                    .ok_or_else(|| EngineError::Config {
+                        path: meta.path.clone(),
+                        field: "tokenizer.ggml.scores".into(),
+                        msg: "missing or not a list of numbers (needed by SentencePiece vocabularies)".into(),
+                    })?;
+                if scores.len() != tokens.len() {
+                    return Err(EngineError::Config {
+                        path: meta.path.clone(),
+                        field: "tokenizer.ggml.scores".into(),
+                        msg: format!("{} scores for {} tokens", scores.len(), tokens.len()),
+                    });
+                }
+                // SentencePiece BPE as a byte-fallback BPE over `▁`-marked text, the way
+                // transformers converts these vocabularies (Metaspace, prefix once at the start).
+                json!({
+                    "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+                    "normalizer": null,
+                    "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
+                    "post_processor": null,
+                    "decoder": {"type": "Sequence", "decoders": [
+                        {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                        {"type": "ByteFallback"}, {"type": "Fuse"},
+                        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+                    "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                              "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                              "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                              "vocab": vocab, "merges": merges_from_scores(&tokens, &scores)},
+                })
+            }
+            other => {
+                return Err(EngineError::Unsupported {
+                    path: meta.path.clone(),
+                    msg: format!("GGUF tokenizer model `{other}` (supported: gpt2 byte-level BPE, llama SentencePiece)"),
+                })
+            }
+        };
         let mut tok = Tokenizer::from_json(doc.to_string())?;
         let id = |k: &str| meta.get(k).and_then(Value::as_u64).map(|v| v as u32);
         let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
         tok.bos_id = id("tokenizer.ggml.bos_token_id");
         tok.bos_token = name(tok.bos_id);
         tok.eos_token = name(id("tokenizer.ggml.eos_token_id"));
-        tok.add_bos = matches!(
-            meta.get("tokenizer.ggml.add_bos_token"),
-            Some(Value::Bool(true))
-        );
+        tok.add_bos = match meta.get("tokenizer.ggml.add_bos_token") {
+            Some(Value::Bool(b)) => *b,
+            // SentencePiece (Llama) vocabularies add BOS unless told otherwise.
+            _ => model == "llama",
+        };
         tok.chat_template = meta
             .get("tokenizer.chat_template")
             .and_then(Value::as_str)
@@ -284,6 +314,36 @@ impl Tokenizer {
             .and_then(|t| t.render(ctx))
             .map_err(|e| EngineError::Tokenizer(format!("chat template: {e}")))
     }
+}
+
+/// BPE merges of a SentencePiece vocabulary, which GGUF stores as pieces with scores: every
+/// split of a piece into two pieces of the vocabulary is a merge, ranked by the piece's score
+/// (highest first; ties in vocabulary order, then by the ids of the halves).
+fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
+    let ids: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut merges: Vec<(usize, usize, f32)> = Vec::new();
+    for (piece, &score) in tokens.iter().zip(scores) {
+        let mut local: Vec<(usize, usize, f32)> = piece
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| {
+                let (l, r) = piece.split_at(at);
+                Some((*ids.get(l)?, *ids.get(r)?, score))
+            })
+            .collect();
+        local.sort_by_key(|&(l, r, _)| (l, r));
+        merges.extend(local);
+    }
+    // A stable sort keeps the vocabulary order among equal scores.
+    merges.sort_by(|a, b| b.2.total_cmp(&a.2));
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (tokens[l].clone(), tokens[r].clone()))
+        .collect()
 }
 
 /// The Hugging Face pre-tokenizer for a llama.cpp `tokenizer.ggml.pre` name.
