@@ -230,6 +230,8 @@ pub struct EngineBuilder {
     model_path: Option<std::path::PathBuf>,
     config: EngineConfig,
     backend: Option<Box<dyn Backend>>,
+    dtype: Option<vellum_quant::DType>,
+    quant: Option<vellum_kernels::QuantTarget>,
 }
 
 impl EngineBuilder {
@@ -248,6 +250,18 @@ impl EngineBuilder {
         self
     }
 
+    /// Converts all weights to this dense dtype after loading (applied before `quant`).
+    pub fn dtype(mut self, dtype: vellum_quant::DType) -> Self {
+        self.dtype = Some(dtype);
+        self
+    }
+
+    /// Quantizes the linear layers on load (see `Model::quantize_linears`).
+    pub fn quant(mut self, target: vellum_kernels::QuantTarget) -> Self {
+        self.quant = Some(target);
+        self
+    }
+
     pub fn backend(mut self, backend: Box<dyn Backend>) -> Self {
         self.backend = Some(backend);
         self
@@ -259,7 +273,13 @@ impl EngineBuilder {
             msg: "no model path given to the builder".into(),
         })?;
         let ck = Checkpoint::open(&path)?;
-        let model = ck.load_model()?;
+        let mut model = ck.load_model()?;
+        if let Some(d) = self.dtype {
+            model.to_dtype(d)?;
+        }
+        if let Some(q) = self.quant {
+            model.quantize_linears(q)?;
+        }
         let backend = self.backend.unwrap_or_else(|| Box::new(Cpu::new()));
         Engine::new(model, ck.tokenizer, backend, self.config)
     }

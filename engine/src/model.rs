@@ -6,7 +6,9 @@ use crate::error::{EngineError, Result};
 use crate::tensors::{TensorFormat, TensorInfo, TensorStore};
 use half::{bf16, f16};
 use std::path::Path;
-use vellum_kernels::{Backend, BatchLayout, KvLayer, MatmulPart, Rope, Weight, WeightData};
+use vellum_kernels::{
+    Backend, BatchLayout, KvLayer, MatmulPart, QuantTarget, Rope, Weight, WeightData,
+};
 use vellum_quant::DType;
 
 /// One decoder layer's weights.
@@ -108,6 +110,10 @@ pub fn unpermute_rows(w: &Weight, n_head: usize) -> std::result::Result<Weight, 
         WeightData::F16(v) => WeightData::F16(permute(v, w.rows, src_row)),
         WeightData::BF16(v) => WeightData::BF16(permute(v, w.rows, src_row)),
         WeightData::Block(f, v) => WeightData::Block(*f, permute(v, w.rows, src_row)),
+        WeightData::Int8PerRow { q, scales } => WeightData::Int8PerRow {
+            q: permute(q, w.rows, src_row),
+            scales: permute(scales, w.rows, src_row),
+        },
     };
     Weight::new(w.rows, w.cols, data).map_err(|e| e.to_string())
 }
@@ -222,6 +228,50 @@ impl Model {
             lm_head,
             rope,
         })
+    }
+
+    /// Quantizes the linear layers (attention and MLP projections) to `target`. Embeddings
+    /// and norms stay as loaded; an untied LM head stays as loaded too (it decides every
+    /// token, and is read once per step like any other matrix: the accuracy is worth more
+    /// than its share of the bytes).
+    pub fn quantize_linears(&mut self, target: QuantTarget) -> Result<()> {
+        for l in &mut self.layers {
+            for w in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                *w = w.quantize(target)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Converts every weight matrix (embeddings and LM head included) to dense `dtype`,
+    /// dequantizing quantized ones.
+    pub fn to_dtype(&mut self, dtype: DType) -> Result<()> {
+        self.embed = self.embed.to_dense(dtype)?;
+        if let Some(h) = &mut self.lm_head {
+            *h = h.to_dense(dtype)?;
+        }
+        for l in &mut self.layers {
+            for w in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                *w = w.to_dense(dtype)?;
+            }
+        }
+        Ok(())
     }
 
     /// A KV cache of `num_blocks` blocks of `block_size` tokens for every layer.

@@ -11,7 +11,7 @@ pub mod weight;
 
 pub use attention::{BatchLayout, KvLayer};
 pub use rope::{Rope, RopeScaling};
-pub use weight::{Weight, WeightData};
+pub use weight::{QuantTarget, Weight, WeightData};
 
 /// Errors of the kernels crate.
 #[derive(Debug, thiserror::Error)]

@@ -12,6 +12,41 @@ pub enum WeightData {
     BF16(Vec<bf16>),
     /// Block-quantized rows, each `cols / 32` blocks.
     Block(BlockFormat, Vec<u8>),
+    /// Symmetric int8 with one f32 scale per output row (per channel): `x = q * scale`.
+    Int8PerRow {
+        q: Vec<i8>,
+        scales: Vec<f32>,
+    },
+}
+
+/// A weight format to quantize to (on load, or with `vellum quantize`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantTarget {
+    /// Symmetric int8, one scale per output row.
+    Int8PerChannel,
+    /// A group-32 block format (Q8_0, Q4_0 symmetric int4, Q4_1 asymmetric int4).
+    Block(BlockFormat),
+}
+
+impl QuantTarget {
+    /// Parses `int8`, `int8:g32` (Q8_0), `int4` (= `int4:g32`, asymmetric, the Q4_1 layout),
+    /// `int4:sym` (Q4_0), and the GGUF names `q8_0`, `q4_0`, `q4_1`.
+    pub fn parse(s: &str) -> Option<QuantTarget> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "int8" | "int8:channel" => QuantTarget::Int8PerChannel,
+            "q8_0" | "int8:g32" => QuantTarget::Block(BlockFormat::Q8_0),
+            "int4" | "int4:g32" | "q4_1" => QuantTarget::Block(BlockFormat::Q4_1),
+            "int4:sym" | "int4:g32:sym" | "q4_0" => QuantTarget::Block(BlockFormat::Q4_0),
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantTarget::Int8PerChannel => "int8",
+            QuantTarget::Block(f) => f.name(),
+        }
+    }
 }
 
 /// A 2-D weight: `rows` output features by `cols` input features.
@@ -31,6 +66,12 @@ impl Weight {
             WeightData::F16(v) => (v.len(), n),
             WeightData::BF16(v) => (v.len(), n),
             WeightData::Block(f, v) => (v.len(), f.bytes_for(n)?),
+            WeightData::Int8PerRow { q, scales } => {
+                crate::check("weight", scales.len() == rows, || {
+                    format!("int8: {} scales for {rows} rows", scales.len())
+                })?;
+                (q.len(), n)
+            }
         };
         if let WeightData::Block(f, _) = &data {
             crate::check("weight", cols.is_multiple_of(QK), || {
@@ -64,6 +105,7 @@ impl Weight {
             WeightData::F16(_) => "f16",
             WeightData::BF16(_) => "bf16",
             WeightData::Block(f, _) => f.name(),
+            WeightData::Int8PerRow { .. } => "int8",
         }
     }
 
@@ -74,6 +116,7 @@ impl Weight {
             WeightData::F16(v) => v.len() * 2,
             WeightData::BF16(v) => v.len() * 2,
             WeightData::Block(_, v) => v.len(),
+            WeightData::Int8PerRow { q, scales } => q.len() + scales.len() * 4,
         }
     }
 
@@ -102,7 +145,46 @@ impl Weight {
                     f.dequantize_block(block, chunk);
                 }
             }
+            WeightData::Int8PerRow { q, scales } => {
+                for (o, &v) in out.iter_mut().zip(&q[r * c..(r + 1) * c]) {
+                    *o = v as f32 * scales[r];
+                }
+            }
         }
+    }
+
+    /// This weight quantized to `target`, round to nearest from its f32 values (int8 per
+    /// channel: scale `amax / 127` per row).
+    pub fn quantize(&self, target: QuantTarget) -> crate::Result<Weight> {
+        let values = self.to_f32();
+        let data = match target {
+            QuantTarget::Int8PerChannel => {
+                let mut q = Vec::with_capacity(values.len());
+                let mut scales = Vec::with_capacity(self.rows);
+                for row in values.chunks(self.cols.max(1)) {
+                    let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let scale = amax / 127.0;
+                    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                    q.extend(
+                        row.iter()
+                            .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8),
+                    );
+                    scales.push(scale);
+                }
+                WeightData::Int8PerRow { q, scales }
+            }
+            QuantTarget::Block(f) => {
+                let mut bytes = Vec::new();
+                f.quantize(&values, &mut bytes)?;
+                WeightData::Block(f, bytes)
+            }
+        };
+        Weight::new(self.rows, self.cols, data)
+    }
+
+    /// This weight as a dense `dtype` matrix (dequantizing if needed).
+    pub fn to_dense(&self, dtype: DType) -> crate::Result<Weight> {
+        Weight::dense(self.rows, self.cols, dtype, &self.to_f32())
     }
 
     /// The whole matrix as f32 (for conversion and tests; not on hot paths).
@@ -126,6 +208,28 @@ mod tests {
         assert!(Weight::from_f32(2, 3, vec![0.0; 5]).is_err());
         assert!(Weight::new(2, 32, WeightData::Block(BlockFormat::Q8_0, vec![0; 67])).is_err());
         assert!(Weight::new(2, 32, WeightData::Block(BlockFormat::Q8_0, vec![0; 68])).is_ok());
+    }
+
+    #[test]
+    fn int8_per_channel_round_trip_is_within_half_a_step() {
+        let v: Vec<f32> = (0..4 * 50)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / (1 + i / 50) as f32)
+            .collect();
+        let w = Weight::from_f32(4, 50, v.clone()).unwrap();
+        let q = w.quantize(QuantTarget::Int8PerChannel).unwrap();
+        assert_eq!(q.format_name(), "int8");
+        assert_eq!(q.bytes(), 4 * 50 + 4 * 4);
+        for (r, (a, b)) in v.chunks(50).zip(q.to_f32().chunks(50)).enumerate() {
+            let step = a.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 0.5 * step * 1.001, "row {r}: {x} vs {y}");
+            }
+        }
+        assert_eq!(
+            QuantTarget::parse("int4"),
+            Some(QuantTarget::Block(BlockFormat::Q4_1))
+        );
+        assert_eq!(QuantTarget::parse("int3"), None);
     }
 
     #[test]

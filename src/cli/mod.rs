@@ -60,6 +60,14 @@ pub struct EngineArgs {
     /// KV cache memory, with units (e.g. 512MiB, 2GiB).
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     kv_cache_mem: usize,
+    /// Convert all weights to this dense dtype on load: f32, f16 or bf16 (quantized GGUF
+    /// weights are dequantized).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Quantize the linear layers on load: int8 (per channel), int4 (= int4:g32, asymmetric,
+    /// the Q4_1 layout), int4:sym (Q4_0), q8_0. Embeddings, norms and the LM head stay as loaded.
+    #[arg(long)]
+    quant: Option<String>,
     /// Most sequences in one step.
     #[arg(long, default_value_t = 64)]
     max_seqs: usize,
@@ -98,9 +106,19 @@ impl EngineArgs {
             max_batched_tokens: self.max_batched_tokens,
             ..EngineConfig::default()
         };
-        Engine::builder()
-            .model(&self.model)
-            .config(config)
+        let mut builder = Engine::builder().model(&self.model).config(config);
+        if let Some(d) = &self.dtype {
+            let dtype = vellum_quant::DType::parse(d)
+                .ok_or_else(|| anyhow::anyhow!("--dtype {d}: expected f32, f16 or bf16"))?;
+            builder = builder.dtype(dtype);
+        }
+        if let Some(q) = &self.quant {
+            let target = vellum_kernels::QuantTarget::parse(q).ok_or_else(|| {
+                anyhow::anyhow!("--quant {q}: expected int8, int4, int4:sym or q8_0 (int4 groups other than 32 are not built yet)")
+            })?;
+            builder = builder.quant(target);
+        }
+        builder
             .build()
             .with_context(|| format!("loading {}", self.model.display()))
     }

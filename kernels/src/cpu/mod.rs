@@ -25,6 +25,13 @@ fn dot_weight_rows(isa: Isa, x: &[f32], w: &Weight, j0: usize, out: &mut [f32]) 
         WeightData::F32(v) => dot_rows_tiled(isa, x, n, |r| &v[dense(r)], out),
         WeightData::F16(v) => dot_rows_tiled(isa, x, n, |r| &v[dense(r)], out),
         WeightData::BF16(v) => dot_rows_tiled(isa, x, n, |r| &v[dense(r)], out),
+        WeightData::Int8PerRow { q, scales } => dot_rows_tiled(
+            isa,
+            x,
+            n,
+            |r| rows::Int8Row(&q[dense(r)], scales[j0 + r]),
+            out,
+        ),
         WeightData::Block(f, bytes) => {
             let rb = k / QK * f.block_bytes();
             let row = move |r: usize| &bytes[(j0 + r) * rb..(j0 + r + 1) * rb];
@@ -421,6 +428,8 @@ mod tests {
             .iter()
             .map(|&d| Weight::dense(rows, cols, d, &v).unwrap())
             .collect();
+        let int8 = out[0].quantize(crate::QuantTarget::Int8PerChannel).unwrap();
+        out.push(int8);
         let blocks = if cols % QK == 0 {
             &[BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1][..]
         } else {

@@ -99,6 +99,32 @@ unsafe impl Row for [bf16] {
     }
 }
 
+/// A row of per-channel int8 values with its scale: x = q * scale.
+pub struct Int8Row<'a>(pub &'a [i8], pub f32);
+
+unsafe impl Row for Int8Row<'_> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn get(&self, i: usize) -> f32 {
+        self.0[i] as f32 * self.1
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(&self, i: usize) -> __m256 {
+        let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(self.0.as_ptr().add(i) as *const __m128i));
+        _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(self.1))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn load16(&self, i: usize) -> __m512 {
+        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(self.0.as_ptr().add(i) as *const __m128i));
+        _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(self.1))
+    }
+}
+
 /// A row of Q8_0 blocks: `| d: f16 | q[32]: i8 |`, x = q * d.
 pub struct Q8_0Row<'a>(pub &'a [u8]);
 /// A row of Q4_0 blocks: `| d: f16 | qs[16] |`, x = (nibble - 8) * d.
