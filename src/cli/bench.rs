@@ -35,6 +35,12 @@ pub struct BenchArgs {
     /// Weight dtype of a synthetic shape: f32, f16 or bf16.
     #[arg(long, default_value = "f16")]
     dtype: String,
+    /// Quantize the linear layers first (as `--quant` of score/generate: int8, int4, int4:sym, q8_0).
+    #[arg(long)]
+    quant: Option<String>,
+    /// With --model: convert all weights to this dense dtype first (f32, f16, bf16).
+    #[arg(long = "to-dtype")]
+    to_dtype: Option<String>,
     /// Prompt tokens per request.
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
@@ -196,6 +202,19 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         }
         _ => bail!("give --model PATH or --shape NAME"),
     };
+    let (mut model, mut name) = (model, name);
+    if let Some(d) = &a.to_dtype {
+        let dtype =
+            DType::parse(d).ok_or_else(|| anyhow!("--to-dtype {d}: expected f32, f16 or bf16"))?;
+        model.to_dtype(dtype)?;
+        name.push_str(&format!(" as {dtype}"));
+    }
+    if let Some(q) = &a.quant {
+        let target = vellum_kernels::QuantTarget::parse(q)
+            .ok_or_else(|| anyhow!("--quant {q}: expected int8, int4, int4:sym or q8_0"))?;
+        model.quantize_linears(target)?;
+        name.push_str(&format!(", linears {}", target.name()));
+    }
     let max_c = *a.concurrency.iter().max().expect("checked non-empty");
     let needed = max_c * (a.prompt_len + a.gen_len + 16) * model.kv_bytes_per_token();
     let config = EngineConfig {
