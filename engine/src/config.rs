@@ -5,7 +5,7 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufMeta;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use vellum_kernels::RopeScaling;
+use vellum_kernels::{QuantTarget, RopeScaling};
 
 /// Supported architectures (all Llama-shaped decoders).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +54,9 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// The format of the linear layers of a checkpoint written by `vellum quantize`
+    /// (`quantization_config` with `quant_method: "vellum"`).
+    pub quantization: Option<QuantTarget>,
 }
 
 struct Fields<'a> {
@@ -176,6 +179,7 @@ impl ModelConfig {
             None => 0,
         };
         let rope_scaling = parse_rope_scaling(&f)?;
+        let quantization = parse_quantization(&f)?;
         let cfg = ModelConfig {
             arch,
             hidden_size,
@@ -202,6 +206,7 @@ impl ModelConfig {
             max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(2048),
             bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: f.token_ids("eos_token_id")?,
+            quantization,
         };
         if num_heads > 0 && f.opt_usize("head_dim")?.is_none() && hidden_size % num_heads != 0 {
             return Err(f.err(
@@ -271,6 +276,7 @@ impl ModelConfig {
             max_position_embeddings: u("context_length").unwrap_or(2048),
             bos_token_id: token("tokenizer.ggml.bos_token_id"),
             eos_token_ids: token("tokenizer.ggml.eos_token_id").into_iter().collect(),
+            quantization: None,
         };
         cfg.validate(&meta.path)?;
         Ok(cfg)
@@ -378,6 +384,12 @@ impl ModelConfig {
             [one] => j["eos_token_id"] = (*one).into(),
             many => j["eos_token_id"] = many.into(),
         }
+        if let Some(q) = self.quantization {
+            j["quantization_config"] = serde_json::json!({
+                "quant_method": "vellum", "format": q.name().to_ascii_lowercase(),
+                "modules": "attention and MLP projections",
+            });
+        }
         match self.rope_scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => {
@@ -398,6 +410,28 @@ impl ModelConfig {
         }
         j
     }
+}
+
+fn parse_quantization(f: &Fields) -> Result<Option<QuantTarget>> {
+    let Some(q) = f.json.get("quantization_config").filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("");
+    if method != "vellum" {
+        return Err(EngineError::Unsupported {
+            path: f.path.to_path_buf(),
+            msg: format!(
+                "quantization_config with quant_method `{method}` (Vellum reads its own, `vellum`)"
+            ),
+        });
+    }
+    let format = q.get("format").and_then(Value::as_str).unwrap_or("");
+    QuantTarget::parse(format).map(Some).ok_or_else(|| {
+        f.err(
+            "quantization_config.format",
+            format!("`{format}` is not a Vellum format"),
+        )
+    })
 }
 
 fn parse_rope_scaling(f: &Fields) -> Result<RopeScaling> {

@@ -4,9 +4,10 @@
 use crate::error::{io_err, EngineError, Result};
 use crate::loader::Checkpoint;
 use crate::model::Model;
+use crate::tokenizer::Tokenizer;
 use safetensors::tensor::{Dtype, TensorView};
 use std::path::Path;
-use vellum_kernels::Weight;
+use vellum_kernels::{QuantTarget, Weight, WeightData};
 use vellum_quant::dtype::encode_le;
 use vellum_quant::DType;
 
@@ -55,9 +56,72 @@ fn st_dtype(d: DType) -> Dtype {
     }
 }
 
-/// Writes `checkpoint` to `out_dir` with weights in `dtype`.
+/// Writes `checkpoint` to `out_dir` with every weight dense in `dtype` (quantized GGUF weights
+/// dequantized).
 pub fn convert(checkpoint: &Checkpoint, out_dir: &Path, dtype: DType) -> Result<()> {
     let model = checkpoint.load_model()?;
+    write_checkpoint(&model, checkpoint.tokenizer.as_ref(), out_dir, dtype)
+}
+
+/// `vellum quantize`: writes `checkpoint` with its linear layers quantized to `target` (from
+/// their values as loaded) and everything else dense in `dtype`; config.json records the
+/// format in `quantization_config`, and Vellum loads the result back identically.
+pub fn quantize(
+    checkpoint: &Checkpoint,
+    out_dir: &Path,
+    target: QuantTarget,
+    dtype: DType,
+) -> Result<Model> {
+    let mut model = checkpoint.load_model()?;
+    model.quantize_linears(target)?;
+    write_checkpoint(&model, checkpoint.tokenizer.as_ref(), out_dir, dtype)?;
+    Ok(model)
+}
+
+/// One tensor to write: safetensors dtype, shape, little-endian bytes.
+type Encoded = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// A linear layer as stored: quantized formats as raw values (+ scales), dense in `dtype`.
+fn encode_linear(name: &str, w: &Weight, dtype: DType, out: &mut Vec<Encoded>) {
+    match &w.data {
+        WeightData::Int8PerRow { q, scales } => {
+            out.push((
+                name.into(),
+                Dtype::I8,
+                vec![w.rows, w.cols],
+                q.iter().map(|&v| v as u8).collect(),
+            ));
+            let mut bytes = Vec::with_capacity(scales.len() * 4);
+            encode_le(DType::F32, scales, &mut bytes);
+            out.push((format!("{name}_scale"), Dtype::F32, vec![w.rows], bytes));
+        }
+        WeightData::Block(_, bytes) => {
+            out.push((
+                name.into(),
+                Dtype::U8,
+                vec![w.rows, bytes.len() / w.rows.max(1)],
+                bytes.clone(),
+            ));
+        }
+        _ => out.push(encode_dense(name, vec![w.rows, w.cols], &w.to_f32(), dtype)),
+    }
+}
+
+fn encode_dense(name: &str, shape: Vec<usize>, values: &[f32], dtype: DType) -> Encoded {
+    let mut bytes = Vec::with_capacity(values.len() * dtype.size());
+    encode_le(dtype, values, &mut bytes);
+    (name.into(), st_dtype(dtype), shape, bytes)
+}
+
+/// Writes a Hugging Face directory for `model`: config.json (with `quantization_config`
+/// when the linear layers are quantized), generation_config.json, tokenizer files and
+/// model.safetensors.
+pub fn write_checkpoint(
+    model: &Model,
+    tokenizer: Option<&Tokenizer>,
+    out_dir: &Path,
+    dtype: DType,
+) -> Result<()> {
     std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
     let torch_dtype = match dtype {
         DType::F32 => "float32",
@@ -68,6 +132,9 @@ pub fn convert(checkpoint: &Checkpoint, out_dir: &Path, dtype: DType) -> Result<
         let p = out_dir.join(name);
         std::fs::write(&p, text).map_err(io_err(&p))
     };
+    // Linear layers are written quantized only when `quantize_linears` made them all one
+    // format (it records it in the config); otherwise everything is dense.
+    let quantized = model.config.quantization.is_some();
     let config = model.config.to_hf_json(torch_dtype);
     write(
         "config.json",
@@ -84,25 +151,92 @@ pub fn convert(checkpoint: &Checkpoint, out_dir: &Path, dtype: DType) -> Result<
         "generation_config.json",
         serde_json::to_string_pretty(&gen).expect("JSON value"),
     )?;
-    if let Some(tok) = &checkpoint.tokenizer {
+    if let Some(tok) = tokenizer {
         write("tokenizer.json", tok.json().to_string())?;
         write(
             "tokenizer_config.json",
             serde_json::to_string_pretty(&tok.config_json()).expect("JSON value"),
         )?;
     }
-    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = hf_tensors(&model)
-        .into_iter()
-        .map(|(name, shape, values)| {
-            let mut bytes = Vec::with_capacity(values.len() * dtype.size());
-            encode_le(dtype, &values, &mut bytes);
-            (name, shape, bytes)
-        })
-        .collect();
+    let mut tensors: Vec<Encoded> = Vec::new();
+    tensors.push(encode_dense(
+        "model.embed_tokens.weight",
+        vec![model.embed.rows, model.embed.cols],
+        &model.embed.to_f32(),
+        dtype,
+    ));
+    if let Some(h) = &model.lm_head {
+        tensors.push(encode_dense(
+            "lm_head.weight",
+            vec![h.rows, h.cols],
+            &h.to_f32(),
+            dtype,
+        ));
+    }
+    // Norms and biases are tiny: a quantized checkpoint keeps them f32 so that it loads back
+    // exactly; a converted one writes them like every other tensor.
+    let small = if quantized { DType::F32 } else { dtype };
+    tensors.push(encode_dense(
+        "model.norm.weight",
+        vec![model.norm.len()],
+        &model.norm,
+        small,
+    ));
+    for (i, l) in model.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        let linears = [
+            ("self_attn.q_proj", &l.q),
+            ("self_attn.k_proj", &l.k),
+            ("self_attn.v_proj", &l.v),
+            ("self_attn.o_proj", &l.o),
+            ("mlp.gate_proj", &l.gate),
+            ("mlp.up_proj", &l.up),
+            ("mlp.down_proj", &l.down),
+        ];
+        for (name, w) in linears {
+            let name = format!("{p}.{name}.weight");
+            if quantized {
+                encode_linear(&name, w, dtype, &mut tensors);
+            } else {
+                tensors.push(encode_dense(
+                    &name,
+                    vec![w.rows, w.cols],
+                    &w.to_f32(),
+                    dtype,
+                ));
+            }
+        }
+        tensors.push(encode_dense(
+            &format!("{p}.input_layernorm.weight"),
+            vec![l.attn_norm.len()],
+            &l.attn_norm,
+            small,
+        ));
+        tensors.push(encode_dense(
+            &format!("{p}.post_attention_layernorm.weight"),
+            vec![l.mlp_norm.len()],
+            &l.mlp_norm,
+            small,
+        ));
+        for (name, b) in [
+            ("q_proj", &l.q_bias),
+            ("k_proj", &l.k_bias),
+            ("v_proj", &l.v_bias),
+        ] {
+            if let Some(b) = b {
+                tensors.push(encode_dense(
+                    &format!("{p}.self_attn.{name}.bias"),
+                    vec![b.len()],
+                    b,
+                    small,
+                ));
+            }
+        }
+    }
     let views = tensors
         .iter()
-        .map(|(name, shape, bytes)| {
-            TensorView::new(st_dtype(dtype), shape.clone(), bytes)
+        .map(|(name, st, shape, bytes)| {
+            TensorView::new(*st, shape.clone(), bytes)
                 .map(|v| (name.clone(), v))
                 .map_err(|e| EngineError::Tensor {
                     path: out_dir.to_path_buf(),

@@ -73,6 +73,12 @@ pub fn weight_from_tensor(info: &TensorInfo, bytes: &[u8]) -> std::result::Resul
                 .collect(),
         ),
         TensorFormat::Block(f) => WeightData::Block(f, bytes.to_vec()),
+        TensorFormat::U8 | TensorFormat::I8 => {
+            return Err(format!(
+                "{} bytes are quantized values: only linear layers of a checkpoint with a quantization_config may hold them",
+                info.format.name()
+            ))
+        }
     };
     Weight::new(rows, cols, data).map_err(|e| e.to_string())
 }
@@ -152,6 +158,56 @@ impl Loader<'_> {
         weight_from_tensor(info, bytes).map_err(|m| self.err(name, m))
     }
 
+    /// A linear layer: dense, or in the checkpoint's quantized format (written by
+    /// `vellum quantize`: int8 as `I8 [rows, cols]` + `F32 [rows]` `*_scale`; group-32 blocks
+    /// as `U8 [rows, bytes per row]`).
+    fn linear(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        quant: Option<QuantTarget>,
+    ) -> Result<Weight> {
+        let Some(target) = quant else {
+            return self.matrix(name, rows, cols);
+        };
+        let (info, bytes) = self.get(name)?;
+        let expect = |format: TensorFormat, shape: [usize; 2]| -> Result<()> {
+            if info.format != format || info.shape != shape {
+                return Err(self.err(
+                    name,
+                    format!(
+                        "{} {:?} does not match the {} quantization_config, expected {} {shape:?}",
+                        info.format.name(),
+                        info.shape,
+                        target.name(),
+                        format.name()
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        let data = match target {
+            QuantTarget::Int8PerChannel => {
+                expect(TensorFormat::I8, [rows, cols])?;
+                let scale_name = format!("{name}_scale");
+                let scales = self.vector(&scale_name, rows)?;
+                WeightData::Int8PerRow {
+                    q: bytes.iter().map(|&b| b as i8).collect(),
+                    scales,
+                }
+            }
+            QuantTarget::Block(f) => {
+                let row_bytes = f
+                    .bytes_for(cols)
+                    .map_err(|e| self.err(name, e.to_string()))?;
+                expect(TensorFormat::U8, [rows, row_bytes])?;
+                WeightData::Block(f, bytes.to_vec())
+            }
+        };
+        Weight::new(rows, cols, data).map_err(|e| self.err(name, e.to_string()))
+    }
+
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         let (info, bytes) = self.get(name)?;
         if info.shape != [len] {
@@ -188,8 +244,18 @@ impl Model {
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
-            let mut q = l.matrix(&format!("{p}.self_attn.q_proj.weight"), c.q_width(), h)?;
-            let mut k = l.matrix(&format!("{p}.self_attn.k_proj.weight"), c.kv_width(), h)?;
+            let mut q = l.linear(
+                &format!("{p}.self_attn.q_proj.weight"),
+                c.q_width(),
+                h,
+                c.quantization,
+            )?;
+            let mut k = l.linear(
+                &format!("{p}.self_attn.k_proj.weight"),
+                c.kv_width(),
+                h,
+                c.quantization,
+            )?;
             if layout == TensorLayout::GgufLlama {
                 q = unpermute_rows(&q, c.num_heads)
                     .map_err(|m| l.err(&format!("{p}.self_attn.q_proj.weight"), m))?;
@@ -207,15 +273,25 @@ impl Model {
                 attn_norm: l.vector(&format!("{p}.input_layernorm.weight"), h)?,
                 q,
                 k,
-                v: l.matrix(&format!("{p}.self_attn.v_proj.weight"), c.kv_width(), h)?,
+                v: l.linear(
+                    &format!("{p}.self_attn.v_proj.weight"),
+                    c.kv_width(),
+                    h,
+                    c.quantization,
+                )?,
                 q_bias: bias("q_proj", c.q_width())?,
                 k_bias: bias("k_proj", c.kv_width())?,
                 v_bias: bias("v_proj", c.kv_width())?,
-                o: l.matrix(&format!("{p}.self_attn.o_proj.weight"), h, c.q_width())?,
+                o: l.linear(
+                    &format!("{p}.self_attn.o_proj.weight"),
+                    h,
+                    c.q_width(),
+                    c.quantization,
+                )?,
                 mlp_norm: l.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                gate: l.matrix(&format!("{p}.mlp.gate_proj.weight"), f, h)?,
-                up: l.matrix(&format!("{p}.mlp.up_proj.weight"), f, h)?,
-                down: l.matrix(&format!("{p}.mlp.down_proj.weight"), h, f)?,
+                gate: l.linear(&format!("{p}.mlp.gate_proj.weight"), f, h, c.quantization)?,
+                up: l.linear(&format!("{p}.mlp.up_proj.weight"), f, h, c.quantization)?,
+                down: l.linear(&format!("{p}.mlp.down_proj.weight"), h, f, c.quantization)?,
             });
         }
         let norm = l.vector("model.norm.weight", h)?;
@@ -248,6 +324,7 @@ impl Model {
                 *w = w.quantize(target)?;
             }
         }
+        self.config.quantization = Some(target);
         Ok(())
     }
 
@@ -271,6 +348,7 @@ impl Model {
                 *w = w.to_dense(dtype)?;
             }
         }
+        self.config.quantization = None;
         Ok(())
     }
 

@@ -86,6 +86,7 @@ pub fn shape(name: &str) -> Option<ModelConfig> {
         max_position_embeddings: 8192,
         bos_token_id: None,
         eos_token_ids: vec![],
+        quantization: None,
     })
 }
 

@@ -14,6 +14,10 @@ use vellum_quant::{BlockFormat, DType, QuantError};
 pub enum TensorFormat {
     Dense(DType),
     Block(BlockFormat),
+    /// Raw bytes (safetensors `U8` / `I8`): quantized values, read through the model's
+    /// `quantization_config`.
+    U8,
+    I8,
 }
 
 impl TensorFormat {
@@ -21,6 +25,7 @@ impl TensorFormat {
         match self {
             TensorFormat::Dense(d) => Ok(n * d.size()),
             TensorFormat::Block(b) => b.bytes_for(n),
+            TensorFormat::U8 | TensorFormat::I8 => Ok(n),
         }
     }
 
@@ -28,6 +33,8 @@ impl TensorFormat {
         match self {
             TensorFormat::Dense(d) => d.to_string(),
             TensorFormat::Block(b) => b.name().to_string(),
+            TensorFormat::U8 => "u8".into(),
+            TensorFormat::I8 => "i8".into(),
         }
     }
 }
@@ -169,11 +176,20 @@ pub fn parse_safetensors(buf: &[u8]) -> std::result::Result<(usize, Vec<TensorIn
             .get("dtype")
             .and_then(|d| d.as_str())
             .ok_or_else(|| bad("missing `dtype`"))?;
-        let dtype = DType::from_safetensors_name(dtype_name).ok_or_else(|| {
-            bad(&format!(
-                "dtype {dtype_name} is not supported (F32, F16, BF16 are)"
-            ))
-        })?;
+        let format = match dtype_name {
+            "U8" => TensorFormat::U8,
+            "I8" => TensorFormat::I8,
+            name => TensorFormat::Dense(DType::from_safetensors_name(name).ok_or_else(|| {
+                bad(&format!(
+                    "dtype {dtype_name} is not supported (F32, F16, BF16, and U8/I8 for quantized weights are)"
+                ))
+            })?),
+        };
+        let elem = match format {
+            TensorFormat::Dense(d) => d.size(),
+            _ => 1,
+        };
+        let dtype = format.name();
         let shape: Vec<usize> = entry
             .get("shape")
             .and_then(|s| s.as_array())
@@ -194,7 +210,7 @@ pub fn parse_safetensors(buf: &[u8]) -> std::result::Result<(usize, Vec<TensorIn
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .ok_or_else(|| bad("shape overflows"))?;
         let byte_len = numel
-            .checked_mul(dtype.size())
+            .checked_mul(elem)
             .ok_or_else(|| bad("shape overflows"))?;
         if end < begin || end - begin != byte_len {
             return Err(bad(&format!(
@@ -207,15 +223,15 @@ pub fn parse_safetensors(buf: &[u8]) -> std::result::Result<(usize, Vec<TensorIn
                 "data_offsets [{begin}, {end}) lie outside the {data_len} data bytes (truncated file?)"
             )));
         }
-        if begin % dtype.size() != 0 {
+        if begin % elem != 0 {
             return Err(bad(&format!(
                 "data offset {begin} is not aligned to its {}-byte elements",
-                dtype.size()
+                elem
             )));
         }
         tensors.push(TensorInfo {
             name: name.clone(),
-            format: TensorFormat::Dense(dtype),
+            format,
             shape,
             offset: begin,
             byte_len,

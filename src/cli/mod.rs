@@ -38,6 +38,11 @@ enum Command {
     ///
     /// Example: vellum inspect model.gguf
     Inspect(inspect::InspectArgs),
+    /// Write a checkpoint with quantized linear layers (a Hugging Face directory that Vellum
+    /// loads back as it was written).
+    ///
+    /// Example: vellum quantize model.gguf out_dir --to int8
+    Quantize(inspect::QuantizeArgs),
     /// Throughput and latency at several concurrency levels, on a model or a synthetic shape.
     ///
     /// Example: vellum bench --shape tinyllama-1.1b --concurrency 1,4,16 --threads 2
@@ -158,6 +163,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inspect(a) => inspect::inspect(a),
         Command::Convert(a) => inspect::convert(a),
         Command::Bench(a) => bench::run(a),
+        Command::Quantize(a) => inspect::quantize(a),
     }
 }
 
