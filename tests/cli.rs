@@ -151,8 +151,16 @@ fn bench_reports_every_level_as_json() {
         "3",
         "--json",
     ];
+    let plot = std::env::temp_dir().join(format!("vellum-bench-{}.svg", std::process::id()));
+    let mut args = args.to_vec();
+    args.extend(["--plot", plot.to_str().unwrap()]);
     let (code, out, err) = vellum(&args, "");
     assert_eq!(code, 0, "{err}");
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.matches("<polyline").count() == 4,
+        "{svg}"
+    );
     let levels: Vec<serde_json::Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

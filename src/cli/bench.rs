@@ -64,6 +64,10 @@ pub struct BenchArgs {
     /// One JSON object per concurrency level instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also draw decode throughput and inter-token latency (p50/p90/p99) against
+    /// concurrency into this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -249,6 +253,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             "sched %"
         );
     }
+    let mut levels = Vec::new();
     for &c in &a.concurrency {
         let l = run_level(&mut engine, c, a.prompt_len, a.gen_len, read_bw, &mut rng)?;
         let p = |v: &[f64], q| percentile(v, q);
@@ -286,6 +291,105 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
                 l.overhead_pct
             );
         }
+        levels.push(l);
+    }
+    if let Some(path) = &a.plot {
+        std::fs::write(path, plot_svg(&name, &levels))?;
+        eprintln!("plot written to {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Two side-by-side charts: decode tokens/s, and inter-token latency p50/p90/p99, against
+/// concurrency (log-spaced x axis). Plain SVG, no dependencies.
+fn plot_svg(title: &str, levels: &[Level]) -> String {
+    let (w, h, pad) = (420.0, 300.0, 50.0);
+    let xs: Vec<f64> = levels
+        .iter()
+        .map(|l| (l.concurrency as f64).log2())
+        .collect();
+    let x_max = xs.iter().copied().fold(1.0, f64::max);
+    let chart = |ox: f64, label: &str, series: &[(&str, &str, Vec<f64>)]| -> String {
+        let y_max = series
+            .iter()
+            .flat_map(|s| s.2.iter().copied())
+            .fold(1e-9, f64::max)
+            * 1.1;
+        let px = |x: f64| ox + pad + x / x_max * (w - 2.0 * pad);
+        let py = |y: f64| h - pad - y / y_max * (h - 2.0 * pad);
+        let mut out = format!(
+            "<rect x='{ox}' y='0' width='{w}' height='{h}' fill='white' stroke='#ccc'/>\n\
+             <text x='{}' y='20' font-size='13' text-anchor='middle'>{label}</text>\n\
+             <line x1='{}' y1='{}' x2='{}' y2='{}' stroke='black'/>\n\
+             <line x1='{}' y1='{}' x2='{}' y2='{}' stroke='black'/>\n\
+             <text x='{}' y='{}' font-size='10'>{y_max:.0}</text>\n",
+            ox + w / 2.0,
+            px(0.0),
+            py(0.0),
+            px(x_max),
+            py(0.0),
+            px(0.0),
+            py(0.0),
+            px(0.0),
+            py(y_max),
+            ox + 4.0,
+            py(y_max) + 10.0,
+        );
+        for (l, &x) in levels.iter().zip(&xs) {
+            out += &format!(
+                "<text x='{}' y='{}' font-size='10' text-anchor='middle'>{}</text>\n",
+                px(x),
+                h - pad + 14.0,
+                l.concurrency
+            );
+        }
+        for (i, (name, color, ys)) in series.iter().enumerate() {
+            let points: Vec<String> = xs
+                .iter()
+                .zip(ys)
+                .map(|(&x, &y)| format!("{:.1},{:.1}", px(x), py(y)))
+                .collect();
+            out += &format!(
+                "<polyline fill='none' stroke='{color}' stroke-width='2' points='{}'/>\n",
+                points.join(" ")
+            );
+            out += &format!(
+                "<text x='{}' y='{}' font-size='10' fill='{color}'>{name}</text>\n",
+                ox + w - pad - 60.0,
+                40.0 + 12.0 * i as f64
+            );
+        }
+        out
+    };
+    let p = |l: &Level, q: f64| percentile(&l.itl_ms, q);
+    let left = chart(
+        0.0,
+        "decode tokens/s vs concurrency",
+        &[(
+            "tok/s",
+            "#1f77b4",
+            levels.iter().map(|l| l.decode_tok_s).collect(),
+        )],
+    );
+    let right = chart(
+        w + 10.0,
+        "inter-token latency (ms) vs concurrency",
+        &[
+            ("p50", "#2ca02c", levels.iter().map(|l| p(l, 0.5)).collect()),
+            ("p90", "#ff7f0e", levels.iter().map(|l| p(l, 0.9)).collect()),
+            (
+                "p99",
+                "#d62728",
+                levels.iter().map(|l| p(l, 0.99)).collect(),
+            ),
+        ],
+    );
+    let title = title.replace('&', "&amp;").replace('<', "&lt;");
+    format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{}' height='{}' font-family='sans-serif'>\n\
+         <text x='10' y='{}' font-size='12'>vellum bench: {title}</text>\n<g transform='translate(0,20)'>\n{left}{right}</g>\n</svg>\n",
+        2.0 * w + 10.0,
+        h + 30.0,
+        14
+    )
 }
