@@ -302,3 +302,47 @@ fn long_texts_are_scored_with_a_sliding_window() {
     assert_ne!(code, 0);
     assert!(err.contains("--stride"), "{err}");
 }
+
+#[test]
+fn rust_log_turns_on_engine_logs() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vellum"))
+        .args([
+            "generate",
+            "-m",
+            real_model().to_str().unwrap(),
+            "-p",
+            "Hi",
+            "--max-tokens",
+            "2",
+            "-q",
+        ])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("model loaded") && err.contains("KV cache allocated"),
+        "{err}"
+    );
+    let quiet = Command::new(env!("CARGO_BIN_EXE_vellum"))
+        .args([
+            "generate",
+            "-m",
+            real_model().to_str().unwrap(),
+            "-p",
+            "Hi",
+            "--max-tokens",
+            "2",
+            "-q",
+        ])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8(quiet.stderr)
+            .unwrap()
+            .contains("model loaded"),
+        "info logs are off by default"
+    );
+}

@@ -281,6 +281,16 @@ impl EngineBuilder {
             model.quantize_linears(q)?;
         }
         let backend = self.backend.unwrap_or_else(|| Box::new(Cpu::new()));
+        let c = &model.config;
+        tracing::info!(
+            model = %path.display(),
+            arch = ?c.arch,
+            layers = c.num_layers,
+            hidden = c.hidden_size,
+            weights_mib = model.weight_bytes() >> 20,
+            backend = backend.name(),
+            "model loaded"
+        );
         Engine::new(model, ck.tokenizer, backend, self.config)
     }
 }
@@ -318,6 +328,13 @@ impl Engine {
             );
         }
         let kv = model.new_kv_cache(num_blocks, config.block_size);
+        tracing::info!(
+            blocks = num_blocks,
+            block_size = config.block_size,
+            tokens = num_blocks * config.block_size,
+            mib = (num_blocks * block_bytes) >> 20,
+            "KV cache allocated"
+        );
         Ok(Engine {
             blocks: BlockManager::new(num_blocks, config.block_size),
             model,
@@ -517,6 +534,11 @@ impl Engine {
         seq.block_hashes.clear();
         seq.usage.recomputed_tokens += seq.num_computed;
         seq.num_computed = 0;
+        tracing::debug!(
+            seq = id,
+            computed = seq.usage.recomputed_tokens,
+            "preempted by recompute"
+        );
         self.enqueue(id, true);
         self.stats.preemptions += 1;
         Some((id, idx))

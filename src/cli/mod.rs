@@ -90,7 +90,10 @@ pub struct EngineArgs {
 impl EngineArgs {
     fn build(&self) -> Result<Engine> {
         match self.device.as_str() {
-            "auto" | "cpu" => {}
+            "auto" => {
+                tracing::info!("device auto: the CPU backend (the CUDA backend is not built yet)")
+            }
+            "cpu" => {}
             d if d.starts_with("cuda") => {
                 bail!("--device {d}: the CUDA backend is not built yet; use --device cpu")
             }
