@@ -346,3 +346,51 @@ fn rust_log_turns_on_engine_logs() {
         "info logs are off by default"
     );
 }
+
+#[test]
+fn generate_takes_stop_token_ids_and_can_fail_fast() {
+    let m = real_model();
+    let m = m.to_str().unwrap();
+    let line =
+        |extra: &str| format!("{{\"id\":1,\"prompt\":\"The capital of France is\"{extra}}}\n");
+    let (code, out, err) = vellum(
+        &[
+            "generate",
+            "-m",
+            m,
+            "-i",
+            "-",
+            "--max-tokens",
+            "3",
+            "--logprobs",
+            "1",
+            "-q",
+        ],
+        &line(""),
+    );
+    assert_eq!(code, 0, "{err}");
+    let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let t0 = first["logprobs"][0]["token"].as_u64().unwrap();
+    let (code, out, _) = vellum(
+        &["generate", "-m", m, "-i", "-", "--max-tokens", "3", "-q"],
+        &line(&format!(",\"stop_token_ids\":[{t0}]")),
+    );
+    assert_eq!(code, 0);
+    let stopped: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (
+            stopped["finish_reason"].as_str(),
+            stopped["completion_tokens"].as_u64()
+        ),
+        (Some("stop"), Some(1))
+    );
+    let (code, _, err) = vellum(
+        &["generate", "-m", m, "-i", "-", "--on-error", "fail", "-q"],
+        "{\"id\":\"x\"}\n",
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("line \"x\"") && err.contains("prompt"),
+        "{err}"
+    );
+}

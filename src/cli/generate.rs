@@ -53,6 +53,12 @@ pub struct GenerateArgs {
     /// Stop strings (repeatable); not included in the output.
     #[arg(long)]
     stop: Vec<String>,
+    /// Stop token ids, comma separated (the token is kept in the output).
+    #[arg(long, value_delimiter = ',')]
+    stop_token_ids: Vec<u32>,
+    /// What a malformed line does: `skip` writes an error line and goes on, `fail` stops.
+    #[arg(long, value_enum, default_value = "skip")]
+    on_error: jsonl::OnError,
     /// Report this many top alternatives per token (batch mode, in `logprobs`).
     #[arg(long, default_value_t = 0)]
     logprobs: usize,
@@ -85,7 +91,7 @@ impl GenerateArgs {
             frequency_penalty: self.frequency_penalty,
             seed: self.seed,
             max_tokens: self.max_tokens,
-            stop_token_ids: vec![],
+            stop_token_ids: self.stop_token_ids.clone(),
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
             logprobs: self.logprobs,
@@ -137,6 +143,20 @@ fn line_params(base: &SamplingParams, v: &Value) -> std::result::Result<Sampling
     }
     if let Some(x) = int("logprobs") {
         p.logprobs = usize::try_from(x?).map_err(|_| "`logprobs` must be >= 0".to_string())?;
+    }
+    match v.get("stop_token_ids") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(a)) => {
+            p.stop_token_ids = a
+                .iter()
+                .map(|t| {
+                    t.as_u64()
+                        .and_then(|t| u32::try_from(t).ok())
+                        .ok_or("`stop_token_ids` must be token ids".to_string())
+                })
+                .collect::<std::result::Result<_, _>>()?
+        }
+        Some(_) => return Err("`stop_token_ids` must be a list of token ids".into()),
     }
     match v.get("stop") {
         None | Some(Value::Null) => {}
@@ -269,6 +289,10 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
             let line = match r {
                 Err((id, msg)) => {
                     failed += 1;
+                    if a.on_error == jsonl::OnError::Fail {
+                        out.flush()?;
+                        bail!("line {id}: {msg}");
+                    }
                     json!({"id": id, "error": msg})
                 }
                 Ok((id, rid, n_prompt)) => completion_line(

@@ -8,6 +8,13 @@ use std::io::{BufRead, IsTerminal, Seek, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// What a malformed input line does: `skip` writes an error line and goes on, `fail` stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnError {
+    Skip,
+    Fail,
+}
+
 /// `--shard I/N`: this run handles the input lines with `index % N == I` (0-based).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {

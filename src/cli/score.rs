@@ -1,9 +1,9 @@
 //! `vellum score`: log-likelihood of texts (or of continuations given contexts) over JSONL.
 
-use super::jsonl::{self, Shard};
+use super::jsonl::{self, OnError, Shard};
 use super::{open_input, EngineArgs};
 use anyhow::{bail, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -45,12 +45,6 @@ pub struct ScoreArgs {
     /// Score only the input lines with index % N == I (0-based), e.g. --shard 0/4.
     #[arg(long, value_parser = Shard::parse)]
     shard: Option<Shard>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum OnError {
-    Skip,
-    Fail,
 }
 
 /// One parsed input line: the tokens to run and how many trailing ones are scored.
