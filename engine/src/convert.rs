@@ -3,7 +3,7 @@
 
 use crate::error::{io_err, EngineError, Result};
 use crate::loader::Checkpoint;
-use crate::model::Model;
+use crate::model::{Model, LINEAR_NAMES};
 use crate::tokenizer::Tokenizer;
 use safetensors::tensor::{Dtype, TensorView};
 use std::path::Path;
@@ -21,13 +21,9 @@ pub fn hf_tensors(model: &Model) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     }
     for (i, l) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        mat(format!("{p}.self_attn.q_proj.weight"), &l.q);
-        mat(format!("{p}.self_attn.k_proj.weight"), &l.k);
-        mat(format!("{p}.self_attn.v_proj.weight"), &l.v);
-        mat(format!("{p}.self_attn.o_proj.weight"), &l.o);
-        mat(format!("{p}.mlp.gate_proj.weight"), &l.gate);
-        mat(format!("{p}.mlp.up_proj.weight"), &l.up);
-        mat(format!("{p}.mlp.down_proj.weight"), &l.down);
+        for (name, w) in LINEAR_NAMES.iter().zip(l.linears()) {
+            mat(format!("{p}.{name}.weight"), w);
+        }
     }
     let mut vec = |name: String, v: &[f32]| out.push((name, vec![v.len()], v.to_vec()));
     vec("model.norm.weight".into(), &model.norm);
@@ -184,16 +180,7 @@ pub fn write_checkpoint(
     ));
     for (i, l) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        let linears = [
-            ("self_attn.q_proj", &l.q),
-            ("self_attn.k_proj", &l.k),
-            ("self_attn.v_proj", &l.v),
-            ("self_attn.o_proj", &l.o),
-            ("mlp.gate_proj", &l.gate),
-            ("mlp.up_proj", &l.up),
-            ("mlp.down_proj", &l.down),
-        ];
-        for (name, w) in linears {
+        for (name, w) in LINEAR_NAMES.iter().zip(l.linears()) {
             let name = format!("{p}.{name}.weight");
             if quantized {
                 encode_linear(&name, w, dtype, &mut tensors);

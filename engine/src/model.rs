@@ -27,6 +27,38 @@ pub struct Layer {
     pub down: Weight,
 }
 
+/// Hugging Face names of a layer's linear weights, in the order of [`Layer::linears`].
+pub const LINEAR_NAMES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+impl Layer {
+    /// The linear weights, in the order of [`LINEAR_NAMES`].
+    pub fn linears(&self) -> [&Weight; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
+
+    pub fn linears_mut(&mut self) -> [&mut Weight; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+}
+
 /// A loaded model: config, weights and rotary tables.
 pub struct Model {
     pub config: ModelConfig,
@@ -312,15 +344,7 @@ impl Model {
     /// than its share of the bytes).
     pub fn quantize_linears(&mut self, target: QuantTarget) -> Result<()> {
         for l in &mut self.layers {
-            for w in [
-                &mut l.q,
-                &mut l.k,
-                &mut l.v,
-                &mut l.o,
-                &mut l.gate,
-                &mut l.up,
-                &mut l.down,
-            ] {
+            for w in l.linears_mut() {
                 *w = w.quantize(target)?;
             }
         }
@@ -336,15 +360,7 @@ impl Model {
             *h = h.to_dense(dtype)?;
         }
         for l in &mut self.layers {
-            for w in [
-                &mut l.q,
-                &mut l.k,
-                &mut l.v,
-                &mut l.o,
-                &mut l.gate,
-                &mut l.up,
-                &mut l.down,
-            ] {
+            for w in l.linears_mut() {
                 *w = w.to_dense(dtype)?;
             }
         }
@@ -367,12 +383,7 @@ impl Model {
 
     /// Bytes of weights read by one forward step.
     pub fn weight_bytes(&self) -> usize {
-        let per_layer = |l: &Layer| {
-            [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
-                .iter()
-                .map(|w| w.bytes())
-                .sum::<usize>()
-        };
+        let per_layer = |l: &Layer| l.linears().iter().map(|w| w.bytes()).sum::<usize>();
         let head = self.lm_head.as_ref().unwrap_or(&self.embed).bytes();
         self.layers.iter().map(per_layer).sum::<usize>() + head
     }

@@ -238,41 +238,26 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
     let mut lines = open_input(input)?.lines().enumerate().peekable();
     'groups: while lines.peek().is_some() {
         // A group of lines runs together; its lines are written whole, in input order.
-        let mut results: Vec<Submitted> = Vec::new();
-        for (i, line) in lines.by_ref().take(a.group.max(1)) {
-            let line = line?;
-            if a.shard.is_some_and(|s| !s.takes(i)) {
-                continue;
-            }
-            bar.inc(1);
-            let parsed = serde_json::from_str::<Value>(&line);
-            let id = parsed
-                .as_ref()
-                .ok()
-                .and_then(|v| v.get("id").cloned())
-                .unwrap_or(json!(i + 1));
-            if already.contains(&jsonl::id_key(&id)) {
-                continue;
-            }
-            results.push(
-                parsed
-                    .map_err(|e| (id.clone(), format!("not valid JSON: {e}")))
-                    .and_then(|v| {
-                        let prompt = v
-                            .get("prompt")
-                            .and_then(Value::as_str)
-                            .ok_or((id.clone(), "missing string `prompt`".to_string()))?;
-                        let params = line_params(&base, &v).map_err(|m| (id.clone(), m))?;
-                        let tokens = prompt_tokens(&engine, prompt, a.chat)
-                            .map_err(|e| (id.clone(), e.to_string()))?;
-                        let n = tokens.len();
-                        let rid = engine
-                            .add_request(Request::tokens(tokens, params))
-                            .map_err(|e| (id.clone(), e.to_string()))?;
-                        Ok((id, rid, n))
-                    }),
-            );
-        }
+        let (group, _) = jsonl::read_group(&mut lines, a.group, a.shard, &already, &bar)?;
+        let results: Vec<Submitted> = group
+            .into_iter()
+            .map(|l| {
+                let id = l.id;
+                let v = l.json.map_err(|msg| (id.clone(), msg))?;
+                let prompt = v
+                    .get("prompt")
+                    .and_then(Value::as_str)
+                    .ok_or((id.clone(), "missing string `prompt`".to_string()))?;
+                let params = line_params(&base, &v).map_err(|m| (id.clone(), m))?;
+                let tokens = prompt_tokens(&engine, prompt, a.chat)
+                    .map_err(|e| (id.clone(), e.to_string()))?;
+                let n = tokens.len();
+                let rid = engine
+                    .add_request(Request::tokens(tokens, params))
+                    .map_err(|e| (id.clone(), e.to_string()))?;
+                Ok((id, rid, n))
+            })
+            .collect();
         let mut done = std::collections::HashMap::new();
         while engine.has_unfinished() {
             if interrupted.load(Ordering::SeqCst) {

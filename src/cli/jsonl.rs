@@ -41,6 +41,45 @@ impl Shard {
     }
 }
 
+/// One input line of a group: its id (the `"id"` field, else the 1-based line number) and
+/// its JSON, or why it is not JSON.
+pub struct InputLine {
+    pub id: Value,
+    pub json: std::result::Result<Value, String>,
+}
+
+/// Reads the next `size` input lines and keeps those this run handles: in its `shard`, and
+/// not already written (`done`, from `--resume`). Returns them and how many were skipped as
+/// already written.
+pub fn read_group(
+    lines: &mut impl Iterator<Item = (usize, std::io::Result<String>)>,
+    size: usize,
+    shard: Option<Shard>,
+    done: &HashSet<String>,
+    bar: &indicatif::ProgressBar,
+) -> Result<(Vec<InputLine>, usize)> {
+    let (mut group, mut skipped) = (Vec::new(), 0);
+    for (i, line) in lines.take(size.max(1)) {
+        let line = line?;
+        if shard.is_some_and(|s| !s.takes(i)) {
+            continue;
+        }
+        bar.inc(1);
+        let json = serde_json::from_str::<Value>(&line).map_err(|e| format!("not valid JSON: {e}"));
+        let id = json
+            .as_ref()
+            .ok()
+            .and_then(|v| v.get("id").cloned())
+            .unwrap_or(Value::from(i + 1));
+        if done.contains(&id_key(&id)) {
+            skipped += 1;
+            continue;
+        }
+        group.push(InputLine { id, json });
+    }
+    Ok((group, skipped))
+}
+
 /// The key an id is compared by when resuming (its JSON text).
 pub fn id_key(id: &Value) -> String {
     id.to_string()

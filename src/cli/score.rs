@@ -189,28 +189,15 @@ pub fn run(a: ScoreArgs) -> Result<ExitCode> {
     let mut lines = open_input(&a.input)?.lines().enumerate().peekable();
     'groups: while lines.peek().is_some() {
         // Parse a group, run its valid lines together, then write all in input order.
-        let mut group: Vec<LineResult> = Vec::new();
-        for (i, line) in lines.by_ref().take(a.group.max(1)) {
-            let line = line?;
-            if a.shard.is_some_and(|s| !s.takes(i)) {
-                continue;
-            }
-            bar.inc(1);
-            let parsed = serde_json::from_str::<Value>(&line);
-            let id = parsed
-                .as_ref()
-                .ok()
-                .and_then(|v| v.get("id").cloned())
-                .unwrap_or(json!(i + 1));
-            if already.contains(&jsonl::id_key(&id)) {
-                skipped += 1;
-                continue;
-            }
-            group.push(match parsed {
-                Err(e) => Err((id, format!("not valid JSON: {e}"))),
-                Ok(v) => parse_line(&engine, &v, id, prefix),
-            });
-        }
+        let (lines_in, skip) = jsonl::read_group(&mut lines, a.group, a.shard, &already, &bar)?;
+        skipped += skip;
+        let group: Vec<LineResult> = lines_in
+            .into_iter()
+            .map(|l| match l.json {
+                Err(msg) => Err((l.id, msg)),
+                Ok(v) => parse_line(&engine, &v, l.id, prefix),
+            })
+            .collect();
         // Submit every window of every job; remember which request belongs where.
         let mut owner: HashMap<u64, (usize, usize)> = HashMap::new();
         let mut per_job: Vec<Vec<(Completion, usize)>> = Vec::new();
