@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod cpu;
+pub mod cuda;
 pub mod rope;
 pub mod weight;
 
@@ -20,6 +21,8 @@ pub enum KernelError {
     Shape { op: &'static str, detail: String },
     #[error("token id {token} is out of range for an embedding table of {rows} rows")]
     TokenOutOfRange { token: u32, rows: usize },
+    #[error(transparent)]
+    Cuda(#[from] cuda::CudaError),
     #[error(transparent)]
     Quant(#[from] vellum_quant::QuantError),
 }

@@ -1,0 +1,134 @@
+// Shared by every Vellum kernel file. Compiles under NVRTC (for the GPU) and under g++
+// with -DVELLUM_EMU (the CPU emulator, emu.h). Kernels use only what is defined here and the
+// subset documented in emu.h.
+#pragma once
+
+#ifdef VELLUM_EMU
+#include "emu.h"
+#else
+// Under NVRTC nothing is exported by name mangling tricks: kernels are extern "C".
+#define VELLUM_EXPORT(kernel)
+#define VELLUM_DYN_SHARED(type, name) extern __shared__ type name[]
+typedef unsigned int uint32_t;
+typedef int int32_t;
+typedef unsigned short uint16_t;
+typedef unsigned long long uint64_t;
+#endif
+
+// 16-bit float storage types. Vellum's own rather than cuda_fp16.h / cuda_bf16.h so that
+// the GPU and the emulator share one definition, bit for bit (round to nearest even), and
+// NVRTC needs no CUDA headers at run time.
+struct f16 {
+  uint16_t bits;
+};
+struct bf16 {
+  uint16_t bits;
+};
+
+__device__ __forceinline__ uint32_t vf_bits(float f) {
+  union {
+    float f;
+    uint32_t u;
+  } c;
+  c.f = f;
+  return c.u;
+}
+__device__ __forceinline__ float vf_from_bits(uint32_t u) {
+  union {
+    float f;
+    uint32_t u;
+  } c;
+  c.u = u;
+  return c.f;
+}
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) { return vf_from_bits((uint32_t)x.bits << 16); }
+__device__ __forceinline__ float to_f32(f16 x) {
+  uint32_t h = x.bits, sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  if (e == 0) {
+    float v = (float)m * 5.9604644775390625e-8f;  // m * 2^-24, exact
+    return sign ? -v : v;
+  }
+  if (e == 31) return vf_from_bits(sign | 0x7f800000u | (m << 13));
+  return vf_from_bits(sign | ((e + 112) << 23) | (m << 13));
+}
+
+template <class T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) {
+  uint32_t u = vf_bits(x);
+  bf16 r;
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    r.bits = (uint16_t)((u >> 16) | 0x40u);  // quiet NaN
+  } else {
+    r.bits = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  return r;
+}
+template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
+  uint32_t u = vf_bits(x), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  f16 r;
+  if (a > 0x7f800000u) {
+    r.bits = (uint16_t)(sign | 0x7e00u);
+  } else if (a >= 0x477ff000u) {  // rounds to 65520 or more: infinity
+    r.bits = (uint16_t)(sign | 0x7c00u);
+  } else if (a < 0x38800000u) {  // below 2^-14: subnormal half (or zero)
+    uint32_t e = a >> 23, s = 126 - e;
+    if (s > 24) {
+      r.bits = (uint16_t)sign;
+    } else {
+      uint32_t m = (a & 0x7fffffu) | 0x800000u, q = m >> s, rem = m & ((1u << s) - 1);
+      uint32_t half = 1u << (s - 1);
+      if (rem > half || (rem == half && (q & 1u))) ++q;
+      r.bits = (uint16_t)(sign | q);
+    }
+  } else {
+    uint32_t v = a - 0x38000000u;  // rebias the exponent from 127 to 15
+    v += 0xfffu + ((v >> 13) & 1u);
+    r.bits = (uint16_t)(sign | (v >> 13));
+  }
+  return r;
+}
+
+#define V_NEG_INF vf_from_bits(0xff800000u)
+
+// sin and cos of a float angle computed in double, as the CPU backend's rotary does.
+__device__ __forceinline__ void vsincos(float angle, float *s, float *c) {
+  *s = (float)sin((double)angle);
+  *c = (float)cos((double)angle);
+}
+
+// Sum over the 32 lanes of a warp; every lane gets the total.
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Block-wide sum/max for blockDim.x a multiple of 32 (at most 1024); `scratch` holds 32
+// floats of shared memory. Every thread gets the result. Ends with a barrier so scratch
+// can be reused at once.
+__device__ __forceinline__ float block_sum(float v, float *scratch) {
+  unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float t = lane < warps ? scratch[lane] : 0.0f;
+  t = warp_sum(t);
+  __syncthreads();
+  return t;
+}
+__device__ __forceinline__ float block_max(float v, float *scratch) {
+  unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  v = warp_max(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float t = lane < warps ? scratch[lane] : V_NEG_INF;
+  t = warp_max(t);
+  __syncthreads();
+  return t;
+}

@@ -1,0 +1,387 @@
+//! The CUDA backend's host code, written once against [`KernelRuntime`]: argument checks,
+//! launch geometry and argument packing for every kernel, run by a GPU or by the emulator.
+//!
+//! Today it implements the engine's [`Backend`] trait, which works on host `f32` slices: each
+//! op uploads its inputs, launches, and downloads its outputs (the KV cache included). That is
+//! correct and lets the emulator run the engine end to end, but it is not how a GPU should be
+//! driven; device-resident activations and KV blocks need the trait to take device buffers
+//! (see the note in DESIGN.md's "Backends").
+
+use super::runtime::{Arg, DeviceBuffer, KernelRuntime, LaunchConfig, Pod};
+use super::CudaError;
+use crate::{check, Backend, BatchLayout, KvLayer, Result, Rope, Weight, WeightData};
+use std::sync::Arc;
+
+/// Threads per block of the row kernels (norms, softmax, argmax).
+const ROW_THREADS: u32 = 256;
+/// Threads per block of attention; a head_dim up to twice this is supported.
+const ATTENTION_THREADS: u32 = 128;
+/// Warps (output columns) per block of the matmul.
+const MATMUL_WARPS: u32 = 4;
+
+pub struct CudaBackend {
+    rt: Arc<dyn KernelRuntime>,
+    name: String,
+}
+
+impl CudaBackend {
+    pub fn new(rt: Arc<dyn KernelRuntime>) -> Self {
+        let name = rt.name();
+        CudaBackend { rt, name }
+    }
+
+    /// The kernels run on the CPU emulator (tests, and machines without a GPU).
+    pub fn emulated() -> std::result::Result<Self, CudaError> {
+        Ok(Self::new(Arc::new(super::emu::EmuRuntime::new()?)))
+    }
+
+    /// The kernels run on GPU `ordinal`.
+    pub fn gpu(ordinal: usize) -> std::result::Result<Self, CudaError> {
+        Ok(Self::new(Arc::new(super::driver::CudaRuntime::new(
+            ordinal,
+        )?)))
+    }
+
+    pub fn runtime(&self) -> &dyn KernelRuntime {
+        &*self.rt
+    }
+
+    fn up<T: Pod>(&self, data: &[T]) -> Result<DeviceBuffer<'_>> {
+        Ok(DeviceBuffer::upload(&*self.rt, data)?)
+    }
+
+    fn zeroed(&self, bytes: usize) -> Result<DeviceBuffer<'_>> {
+        Ok(DeviceBuffer::zeroed(&*self.rt, bytes)?)
+    }
+
+    fn launch(&self, module: &str, kernel: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        Ok(self.rt.launch(module, kernel, &cfg, args)?)
+    }
+
+    /// A weight on the device and the kernel-name suffix of its storage type. Formats the GPU
+    /// kernels do not read yet (block-quantized, int8) are dequantized to f32 on the way.
+    fn upload_weight(&self, w: &Weight) -> Result<(DeviceBuffer<'_>, &'static str)> {
+        Ok(match &w.data {
+            WeightData::F32(v) => (self.up(v)?, "f32"),
+            WeightData::F16(v) => (self.up(v)?, "f16"),
+            WeightData::BF16(v) => (self.up(v)?, "bf16"),
+            _ => (self.up(&w.to_f32())?, "f32"),
+        })
+    }
+
+    /// Index of the largest logit of each row (lowest index among ties).
+    pub fn argmax(&self, x: &[f32], width: usize) -> Result<Vec<u32>> {
+        check("argmax", width > 0 && x.len().is_multiple_of(width), || {
+            format!("{} floats in rows of {width}", x.len())
+        })?;
+        let rows = x.len() / width;
+        let mut out = vec![0u32; rows];
+        if rows == 0 {
+            return Ok(out);
+        }
+        let xd = self.up(x)?;
+        let od = self.zeroed(rows * 4)?;
+        let cfg = LaunchConfig::linear(rows as u32, ROW_THREADS);
+        let args = [xd.arg(), Arg::U32(width as u32), od.arg()];
+        self.launch("norm", "argmax_f32", cfg, &args)?;
+        od.download(&mut out)?;
+        Ok(out)
+    }
+}
+
+/// Threads for a row of `width` elements: a multiple of 32, at most [`ROW_THREADS`].
+fn row_threads(width: usize) -> u32 {
+    (width.div_ceil(32) * 32).clamp(32, ROW_THREADS as usize) as u32
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn embedding(&self, table: &Weight, tokens: &[u32], out: &mut [f32]) -> Result<()> {
+        let width = table.cols;
+        check("embedding", out.len() == tokens.len() * width, || {
+            format!(
+                "out {} floats for {} tokens x {width}",
+                out.len(),
+                tokens.len()
+            )
+        })?;
+        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= table.rows) {
+            return Err(crate::KernelError::TokenOutOfRange {
+                token,
+                rows: table.rows,
+            });
+        }
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        let (w, ty) = self.upload_weight(table)?;
+        let td = self.up(tokens)?;
+        let od = self.zeroed(out.len() * 4)?;
+        let cfg = LaunchConfig::linear(tokens.len() as u32, row_threads(width));
+        let args = [w.arg(), td.arg(), od.arg(), Arg::U32(width as u32)];
+        self.launch("elementwise", &format!("embedding_f32_{ty}"), cfg, &args)?;
+        od.download(out)?;
+        Ok(())
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut [f32],
+        delta: Option<&[f32]>,
+        weight: &[f32],
+        eps: f32,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let width = weight.len();
+        let ok = width > 0
+            && residual.len().is_multiple_of(width)
+            && out.len() == residual.len()
+            && delta.is_none_or(|d| d.len() == residual.len());
+        check("add_rms_norm", ok, || {
+            format!("residual {} floats, weight {width}", residual.len())
+        })?;
+        let rows = residual.len() / width;
+        if rows == 0 {
+            return Ok(());
+        }
+        let rd = self.up(residual)?;
+        let dd = delta.map(|d| self.up(d)).transpose()?;
+        let wd = self.up(weight)?;
+        let od = self.zeroed(out.len() * 4)?;
+        let cfg = LaunchConfig::linear(rows as u32, row_threads(width));
+        let args = [
+            rd.arg(),
+            dd.as_ref().map_or(Arg::Ptr(0), |d| d.arg()),
+            wd.arg(),
+            Arg::F32(eps),
+            od.arg(),
+            Arg::U32(width as u32),
+        ];
+        self.launch("norm", "add_rms_norm_f32", cfg, &args)?;
+        if delta.is_some() {
+            rd.download(residual)?;
+        }
+        od.download(out)?;
+        Ok(())
+    }
+
+    fn matmul(&self, x: &[f32], w: &Weight, bias: Option<&[f32]>, out: &mut [f32]) -> Result<()> {
+        let (k, n) = (w.cols, w.rows);
+        let ok = k > 0
+            && x.len().is_multiple_of(k)
+            && out.len() == x.len() / k * n
+            && bias.is_none_or(|b| b.len() == n);
+        check("matmul", ok, || {
+            format!("x {} floats, weight {n}x{k}, out {}", x.len(), out.len())
+        })?;
+        let rows = x.len() / k;
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        let xd = self.up(x)?;
+        let (wd, ty) = self.upload_weight(w)?;
+        let bd = bias.map(|b| self.up(b)).transpose()?;
+        let od = self.zeroed(out.len() * 4)?;
+        let blocks = (n as u32).div_ceil(MATMUL_WARPS);
+        let cfg = LaunchConfig::linear(blocks, MATMUL_WARPS * 32);
+        let args = [
+            xd.arg(),
+            wd.arg(),
+            bd.as_ref().map_or(Arg::Ptr(0), |b| b.arg()),
+            od.arg(),
+            Arg::U32(rows as u32),
+            Arg::U32(k as u32),
+            Arg::U32(n as u32),
+        ];
+        self.launch("matmul", &format!("matmul_f32_{ty}"), cfg, &args)?;
+        od.download(out)?;
+        Ok(())
+    }
+
+    fn rotary(&self, x: &mut [f32], positions: &[u32], n_heads: usize, rope: &Rope) -> Result<()> {
+        let hd = rope.head_dim;
+        let ok = hd.is_multiple_of(2) && x.len() == positions.len() * n_heads * hd;
+        check("rotary", ok, || {
+            format!(
+                "x has {} floats for {} tokens x {n_heads} heads x {hd}",
+                x.len(),
+                positions.len()
+            )
+        })?;
+        if positions.is_empty() || n_heads == 0 || hd == 0 {
+            return Ok(());
+        }
+        let xd = self.up(x)?;
+        let pd = self.up(positions)?;
+        let fd = self.up(&rope.inv_freq)?;
+        let cfg = LaunchConfig::linear(positions.len() as u32, 128);
+        let args = [
+            xd.arg(),
+            pd.arg(),
+            fd.arg(),
+            Arg::U32(n_heads as u32),
+            Arg::U32(hd as u32),
+        ];
+        self.launch("elementwise", "rotary_f32", cfg, &args)?;
+        xd.download(x)?;
+        Ok(())
+    }
+
+    fn write_kv(
+        &self,
+        cache: &mut KvLayer,
+        k: &[f32],
+        v: &[f32],
+        slot_mapping: &[u32],
+    ) -> Result<()> {
+        let width = cache.slot_width();
+        let t = slot_mapping.len();
+        let ok = k.len() == t * width
+            && v.len() == k.len()
+            && slot_mapping
+                .iter()
+                .all(|&s| (s as usize) < cache.num_slots());
+        check("write_kv", ok, || {
+            format!("{t} slots for k {} floats of width {width}", k.len())
+        })?;
+        if t == 0 {
+            return Ok(());
+        }
+        let kc = self.up(&cache.k)?;
+        let vc = self.up(&cache.v)?;
+        let (kd, vd, sd) = (self.up(k)?, self.up(v)?, self.up(slot_mapping)?);
+        let cfg = LaunchConfig::linear(t as u32, row_threads(width));
+        let args = [
+            kc.arg(),
+            vc.arg(),
+            kd.arg(),
+            vd.arg(),
+            sd.arg(),
+            Arg::U32(width as u32),
+        ];
+        self.launch("elementwise", "write_kv_f32", cfg, &args)?;
+        kc.download(&mut cache.k)?;
+        vc.download(&mut cache.v)?;
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &[f32],
+        cache: &KvLayer,
+        batch: &BatchLayout,
+        n_heads: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        batch.validate(cache)?;
+        let (hd, n_kv) = (cache.head_dim, cache.n_kv_heads);
+        let t = batch.num_tokens();
+        let ok = n_kv > 0
+            && n_heads.is_multiple_of(n_kv)
+            && hd > 0
+            && hd <= 2 * ATTENTION_THREADS as usize
+            && q.len() == t * n_heads * hd
+            && out.len() == q.len();
+        check("attention", ok, || {
+            format!(
+                "q {} floats, {t} tokens, {n_heads} heads / {n_kv} kv heads of {hd} \
+                 (head_dim at most {})",
+                q.len(),
+                2 * ATTENTION_THREADS
+            )
+        })?;
+        if t == 0 {
+            return Ok(());
+        }
+        let mut seq_of = vec![0u32; t];
+        for s in 0..batch.num_seqs() {
+            seq_of[batch.seq_offsets[s]..batch.seq_offsets[s + 1]].fill(s as u32);
+        }
+        let max_blocks = batch
+            .block_tables
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut tables = vec![0u32; batch.num_seqs() * max_blocks];
+        for (s, table) in batch.block_tables.iter().enumerate() {
+            tables[s * max_blocks..s * max_blocks + table.len()].copy_from_slice(table);
+        }
+        let (qd, kc, vc) = (self.up(q)?, self.up(&cache.k)?, self.up(&cache.v)?);
+        let (pd, sd, td) = (
+            self.up(&batch.positions)?,
+            self.up(&seq_of)?,
+            self.up(&tables)?,
+        );
+        let od = self.zeroed(out.len() * 4)?;
+        let cfg = LaunchConfig {
+            grid: (t as u32, n_heads as u32, 1),
+            block: (ATTENTION_THREADS, 1, 1),
+            shared_bytes: (hd as u32 + ATTENTION_THREADS) * 4,
+        };
+        let args = [
+            qd.arg(),
+            kc.arg(),
+            vc.arg(),
+            od.arg(),
+            pd.arg(),
+            sd.arg(),
+            td.arg(),
+            Arg::U32(max_blocks as u32),
+            Arg::U32(n_heads as u32),
+            Arg::U32(n_kv as u32),
+            Arg::U32(hd as u32),
+            Arg::U32(cache.block_size as u32),
+            Arg::F32(1.0 / (hd as f32).sqrt()),
+        ];
+        self.launch("attention", "attention_f32", cfg, &args)?;
+        od.download(out)?;
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &mut [f32], up: &[f32]) -> Result<()> {
+        check("silu_mul", gate.len() == up.len(), || {
+            format!("gate {} floats, up {}", gate.len(), up.len())
+        })?;
+        if gate.is_empty() {
+            return Ok(());
+        }
+        let (gd, ud) = (self.up(gate)?, self.up(up)?);
+        let blocks = (gate.len() as u32).div_ceil(256).min(1024);
+        let args = [gd.arg(), ud.arg(), Arg::U32(gate.len() as u32)];
+        self.launch(
+            "elementwise",
+            "silu_mul_f32",
+            LaunchConfig::linear(blocks, 256),
+            &args,
+        )?;
+        gd.download(gate)?;
+        Ok(())
+    }
+
+    fn log_softmax(&self, x: &mut [f32], width: usize) -> Result<()> {
+        check(
+            "log_softmax",
+            width > 0 && x.len().is_multiple_of(width),
+            || format!("{} floats in rows of {width}", x.len()),
+        )?;
+        let rows = x.len() / width;
+        if rows == 0 {
+            return Ok(());
+        }
+        let xd = self.up(x)?;
+        let cfg = LaunchConfig::linear(rows as u32, row_threads(width));
+        self.launch(
+            "norm",
+            "log_softmax_f32",
+            cfg,
+            &[xd.arg(), Arg::U32(width as u32)],
+        )?;
+        xd.download(x)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,236 @@
+//! The CPU emulator behind [`KernelRuntime`]: each `.cu` module compiled by g++ against
+//! `emu.h` into a shared library (cached on disk by source hash), loaded with libloading, and
+//! launched through its `vellum_emu_<kernel>` entry with the same packed arguments a GPU gets.
+//! Device memory is host memory; copies are checked against the allocation they touch, so a
+//! host-code bug is an error here rather than memory corruption.
+
+use super::runtime::{Arg, KernelRuntime, LaunchConfig, PackedArgs};
+use super::sources::{self, Module, HEADERS};
+use super::CudaError;
+use std::alloc::Layout;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::c_void;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+type Result<T> = std::result::Result<T, CudaError>;
+
+/// `dim3` as emu.h declares it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Dim3 {
+    x: u32,
+    y: u32,
+    z: u32,
+}
+
+type LaunchFn = unsafe extern "C" fn(Dim3, Dim3, u32, *mut *mut c_void) -> i32;
+
+/// Launches share the emulator's per-process launch state (emu.h), so they run one at a time.
+static LAUNCH_LOCK: Mutex<()> = Mutex::new(());
+
+const ALIGN: usize = 256;
+
+pub struct EmuRuntime {
+    compiler: String,
+    libs: Mutex<HashMap<&'static str, Arc<libloading::Library>>>,
+    /// Allocation start -> size in bytes.
+    allocs: Mutex<BTreeMap<u64, usize>>,
+}
+
+impl EmuRuntime {
+    /// Checks that a C++ compiler (`$CXX`, else `g++`) is there; modules compile on first use.
+    pub fn new() -> Result<Self> {
+        let compiler = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+        let ok = Command::new(&compiler)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !ok {
+            return Err(CudaError::Emulator(format!(
+                "no C++ compiler: `{compiler} --version` failed (set CXX)"
+            )));
+        }
+        Ok(EmuRuntime {
+            compiler,
+            libs: Mutex::new(HashMap::new()),
+            allocs: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn library(&self, name: &str) -> Result<Arc<libloading::Library>> {
+        let module = sources::module(name)
+            .ok_or_else(|| CudaError::Emulator(format!("no kernel module named {name}")))?;
+        let mut libs = self.libs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(lib) = libs.get(module.name) {
+            return Ok(lib.clone());
+        }
+        let path = self.build(module)?;
+        // SAFETY: the library is ours, built from our sources; its initialisers only set up
+        // C++ statics.
+        let lib = unsafe { libloading::Library::new(&path) }
+            .map_err(|e| CudaError::Emulator(format!("loading {}: {e}", path.display())))?;
+        let lib = Arc::new(lib);
+        libs.insert(module.name, lib.clone());
+        Ok(lib)
+    }
+
+    /// Compiles `module` unless the cache already holds it; returns the library path.
+    fn build(&self, module: &Module) -> Result<PathBuf> {
+        let key = sources::source_hash(module) ^ super::stable_hash(&[self.compiler.as_bytes()]);
+        let dir = super::cache_dir().join("emu");
+        let lib = dir.join(format!("{}-{key:016x}.so", module.name));
+        if lib.exists() {
+            return Ok(lib);
+        }
+        let work = dir.join(format!(
+            "build-{}-{key:016x}-{}",
+            module.name,
+            std::process::id()
+        ));
+        let io = |e: std::io::Error| CudaError::Emulator(format!("{}: {e}", work.display()));
+        std::fs::create_dir_all(&work).map_err(io)?;
+        for (name, text) in HEADERS {
+            std::fs::write(work.join(name), text).map_err(io)?;
+        }
+        let src = work.join(module.file_name());
+        std::fs::write(&src, module.source).map_err(io)?;
+        let out = work.join("module.so");
+        let result = compile(&self.compiler, &src, &out);
+        let moved = result.and_then(|()| std::fs::rename(&out, &lib).map_err(io));
+        let _ = std::fs::remove_dir_all(&work);
+        moved.map(|()| lib)
+    }
+
+    fn check_range(&self, ptr: u64, len: usize, what: &str) -> Result<()> {
+        let allocs = self.allocs.lock().unwrap_or_else(|e| e.into_inner());
+        let inside = allocs
+            .range(..=ptr)
+            .next_back()
+            .is_some_and(|(&start, &size)| ptr + len as u64 <= start + size as u64);
+        if inside {
+            Ok(())
+        } else {
+            Err(CudaError::Memory(format!(
+                "{what} of {len} bytes at {ptr:#x} is outside every allocation"
+            )))
+        }
+    }
+}
+
+fn compile(compiler: &str, src: &Path, out: &Path) -> Result<()> {
+    let output = Command::new(compiler)
+        .args(["-std=c++20", "-O2", "-fPIC", "-shared", "-DVELLUM_EMU"])
+        .args(["-Wall", "-Wno-unknown-pragmas", "-Werror", "-x", "c++"])
+        .arg(src)
+        .arg("-o")
+        .arg(out)
+        .output()
+        .map_err(|e| CudaError::Emulator(format!("running {compiler}: {e}")))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(CudaError::Emulator(format!(
+            "{compiler} failed on {}:\n{}",
+            src.display(),
+            String::from_utf8_lossy(&output.stderr)
+        )))
+    }
+}
+
+impl KernelRuntime for EmuRuntime {
+    fn name(&self) -> String {
+        "cuda-emulator".into()
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<u64> {
+        let layout = Layout::from_size_align(bytes.max(1), ALIGN)
+            .map_err(|e| CudaError::Memory(format!("{bytes} bytes: {e}")))?;
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        if p.is_null() {
+            return Err(CudaError::Memory(format!(
+                "out of memory allocating {bytes} bytes"
+            )));
+        }
+        let mut allocs = self.allocs.lock().unwrap_or_else(|e| e.into_inner());
+        allocs.insert(p as u64, bytes);
+        Ok(p as u64)
+    }
+
+    fn free(&self, ptr: u64) {
+        let mut allocs = self.allocs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(bytes) = allocs.remove(&ptr) {
+            // The layout was valid at alloc time with the same size and alignment.
+            let layout = Layout::from_size_align(bytes.max(1), ALIGN).expect("checked at alloc");
+            // SAFETY: `ptr` came from alloc_zeroed with this layout and is freed once.
+            unsafe { std::alloc::dealloc(ptr as *mut u8, layout) };
+        }
+    }
+
+    fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
+        self.check_range(dst, src.len(), "host-to-device copy")?;
+        // SAFETY: the destination range lies inside one live allocation.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+
+    fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        self.check_range(src, dst.len(), "device-to-host copy")?;
+        // SAFETY: the source range lies inside one live allocation.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    fn launch(&self, module: &str, kernel: &str, cfg: &LaunchConfig, args: &[Arg]) -> Result<()> {
+        let lib = self.library(module)?;
+        let symbol = format!("vellum_emu_{kernel}");
+        let err = |detail: String| CudaError::Launch {
+            kernel: kernel.into(),
+            detail,
+        };
+        // SAFETY: every vellum_emu_* symbol is defined by VELLUM_EXPORT with this signature.
+        let f: libloading::Symbol<LaunchFn> = unsafe { lib.get(symbol.as_bytes()) }
+            .map_err(|_| err(format!("not found in module {module}")))?;
+        let dim = |(x, y, z): (u32, u32, u32)| Dim3 { x, y, z };
+        let mut packed = PackedArgs::new(args);
+        let mut ptrs = packed.pointers();
+        let _guard = LAUNCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the argument array matches the kernel's parameters (the backend's host
+        // code is the only caller, and the parity tests cover every launch).
+        let rc = unsafe {
+            f(
+                dim(cfg.grid),
+                dim(cfg.block),
+                cfg.shared_bytes,
+                ptrs.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(err(format!(
+                "invalid configuration: grid {:?}, block {:?}",
+                cfg.grid, cfg.block
+            )));
+        }
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for EmuRuntime {
+    fn drop(&mut self) {
+        let ptrs: Vec<u64> = self
+            .allocs
+            .lock()
+            .map(|a| a.keys().copied().collect())
+            .unwrap_or_default();
+        for p in ptrs {
+            self.free(p);
+        }
+    }
+}
