@@ -2,73 +2,18 @@
 
 mod common;
 use common::*;
-use vellum::engine::{Engine, EngineConfig, Request, SamplingParams};
-
-fn engine_for(path: &std::path::Path, max_batched_tokens: usize) -> Engine {
-    Engine::builder()
-        .model(path)
-        .config(EngineConfig {
-            max_batched_tokens,
-            kv_cache_bytes: 64 << 20,
-            ..EngineConfig::default()
-        })
-        .build()
-        .unwrap()
-}
-
-fn greedy(n: usize) -> SamplingParams {
-    SamplingParams::default()
-        .max_tokens(n)
-        .ignore_eos(true)
-        .logprobs(5)
-}
+use vellum::engine::{Engine, Request};
+use vellum::kernels::Device;
 
 /// Every tiny model: all prompts scored together in one ragged batch with chunked prefill
 /// (chunks of 24 tokens cross the 16-token block boundaries), and greedy decoding.
 #[test]
 fn tiny_models_match_transformers() {
-    let g = golden("tiny.json");
-    for (name, m) in g["models"].as_object().unwrap() {
-        let tol = if m["dtype"] == "bf16" { 2e-2 } else { 1e-4 };
-        let dir = repo().join("tests/golden/models").join(name);
-        let prompts = m["prompts"].as_array().unwrap();
-        let mut engine = engine_for(&dir, 24);
-        let lists: Vec<Vec<u32>> = prompts.iter().map(|p| ids(&p["prompt"])).collect();
-        let scored = engine.score(lists.clone()).unwrap();
-        for (p, got) in prompts.iter().zip(&scored) {
-            let want = floats(&p["prompt_logprobs"]);
-            let d = max_abs_diff(got, &want);
-            assert!(
-                d <= tol,
-                "{name}: prompt of {} tokens: max logprob diff {d}",
-                lists[0].len()
-            );
-        }
-        let reqs = lists
-            .iter()
-            .map(|l| Request::tokens(l.clone(), greedy(8)))
-            .collect();
-        let done = engine.generate(reqs).unwrap();
-        for (p, c) in prompts.iter().zip(&done) {
-            let len = p["prompt"].as_array().unwrap().len();
-            assert_eq!(
-                c.tokens,
-                ids(&p["greedy"]),
-                "{name}: greedy tokens, prompt of {len}"
-            );
-            let lps: Vec<f32> = c.logprobs.iter().map(|l| l.logprob).collect();
-            let d = max_abs_diff(&lps, &floats(&p["greedy_logprobs"]));
-            assert!(d <= tol, "{name}: greedy logprobs differ by {d}");
-            let top: Vec<u32> = c.logprobs[0].top.iter().map(|t| t.0).collect();
-            assert_eq!(
-                top,
-                ids(&p["last_top5"]["ids"]),
-                "{name}: top-5 after the prompt of {len}"
-            );
-        }
-        engine.check_blocks().unwrap();
-        assert!(!engine.has_unfinished());
-    }
+    check_tiny_models(Device::Cpu);
+}
+
+fn engine_for(path: &std::path::Path, max_batched_tokens: usize) -> Engine {
+    golden_engine(path, max_batched_tokens, Device::Cpu)
 }
 
 /// A row's numbers do not depend on the rest of the batch: each prompt alone gives exactly

@@ -232,6 +232,7 @@ pub struct EngineBuilder {
     backend: Option<Box<dyn Backend>>,
     dtype: Option<vellum_quant::DType>,
     quant: Option<vellum_kernels::QuantTarget>,
+    device: Option<vellum_kernels::Device>,
 }
 
 impl EngineBuilder {
@@ -262,6 +263,13 @@ impl EngineBuilder {
         self
     }
 
+    /// Runs on this device's backend (default: the CPU). Fails at `build` when the device is
+    /// unusable, with the reason.
+    pub fn device(mut self, device: vellum_kernels::Device) -> Self {
+        self.device = Some(device);
+        self
+    }
+
     pub fn backend(mut self, backend: Box<dyn Backend>) -> Self {
         self.backend = Some(backend);
         self
@@ -272,6 +280,12 @@ impl EngineBuilder {
             field: "model",
             msg: "no model path given to the builder".into(),
         })?;
+        // The device first: an unusable one fails before a model is read.
+        let backend = match (self.backend, self.device) {
+            (Some(b), _) => b,
+            (None, Some(d)) => d.backend()?,
+            (None, None) => Box::new(Cpu::new()),
+        };
         let ck = Checkpoint::open(&path)?;
         let mut model = ck.load_model()?;
         if let Some(d) = self.dtype {
@@ -280,7 +294,7 @@ impl EngineBuilder {
         if let Some(q) = self.quant {
             model.quantize_linears(q)?;
         }
-        let backend = self.backend.unwrap_or_else(|| Box::new(Cpu::new()));
+
         let c = &model.config;
         tracing::info!(
             model = %path.display(),

@@ -54,7 +54,8 @@ __device__ void attention(const T *q, const T *k_cache, const T *v_cache, T *out
       acc[k] = a;
     }
     m = m_new;
-    __syncthreads();  // probs is rewritten by the next chunk
+    // No barrier needed here: the next chunk writes probs only after block_max, whose
+    // barriers every thread reaches after finishing this chunk's reads.
   }
   T *orow = out + ((size_t)t * n_heads + h) * head_dim;
   for (uint32_t k = 0; k < 2; ++k) {

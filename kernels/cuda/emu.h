@@ -3,7 +3,8 @@
 // this header and run through the same host code as on a GPU (kernels/src/cuda/emu.rs).
 //
 // Execution model: the blocks of a launch run one after another on the calling OS thread;
-// the threads of a block run as fibers (ucontext) on that thread. A fiber runs until it
+// the threads of a block run as fibers on that thread (a hand-written register switch on
+// x86-64, ucontext elsewhere). A fiber runs until it
 // reaches a barrier (__syncthreads, or the warp-level exchange behind shuffles, ballots and
 // __syncwarp), then the next fiber runs. A barrier opens once every live participant has
 // arrived: all live threads of the block for __syncthreads, all live lanes of the warp for
@@ -41,7 +42,8 @@ namespace emu {
 enum State { RUNNABLE, AT_BLOCK_BARRIER, AT_WARP_BARRIER, DONE };
 
 struct Fiber {
-  ucontext_t ctx;
+  ucontext_t ctx;  // used where there is no hand-written switch (not x86-64)
+  void *sp = nullptr;  // saved stack pointer (x86-64 switch)
   dim3 tid;
   unsigned linear = 0;
   State state = RUNNABLE;
@@ -55,6 +57,7 @@ struct Launch {
   // Warp exchange: one 16-byte slot per thread.
   std::vector<unsigned char> exchange;
   ucontext_t scheduler;
+  void *scheduler_sp = nullptr;
   Fiber *current = nullptr;
   std::function<void()> body;
 };
@@ -66,18 +69,101 @@ inline Launch &L() {
   return l;
 }
 
+#if defined(__x86_64__)
+// A user-space context switch without the signal-mask system call swapcontext makes:
+// saves the callee-saved registers and the SSE/x87 control words on the current stack,
+// stores the stack pointer to *save, and resumes the context whose stack pointer is `load`.
+extern "C" void vellum_emu_switch(void **save, void *load);
+asm(R"(
+    .text
+    .hidden vellum_emu_switch
+    .globl vellum_emu_switch
+    .type vellum_emu_switch, @function
+vellum_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size vellum_emu_switch, .-vellum_emu_switch
+)");
+constexpr bool kFastSwitch = true;
+#else
+constexpr bool kFastSwitch = false;
+inline void vellum_emu_switch(void **, void *) {}
+#endif
+
 inline void fiber_main() {
   Launch &l = L();
   l.body();
   l.current->state = DONE;
-  // uc_link returns to the scheduler.
+  if (kFastSwitch) {
+    void *unused;
+    vellum_emu_switch(&unused, l.scheduler_sp);  // never resumed
+  }
+  // ucontext: uc_link returns to the scheduler.
 }
 
 inline void wait(State at) {
   Launch &l = L();
   Fiber *f = l.current;
   f->state = at;
-  swapcontext(&f->ctx, &l.scheduler);
+  if (kFastSwitch) {
+    vellum_emu_switch(&f->sp, l.scheduler_sp);
+  } else {
+    swapcontext(&f->ctx, &l.scheduler);
+  }
+}
+
+// Prepares fiber i to start in fiber_main on its own stack.
+inline void start_fiber(Launch &l, Fiber &f, unsigned i) {
+  char *base = l.stacks.data() + (size_t)i * kStackBytes;
+  if (kFastSwitch) {
+    // The frame vellum_emu_switch pops: control words, r15..rbp, then the return address
+    // (fiber_main), above it a null return address for fiber_main itself, so that its
+    // stack is aligned as after a call.
+    uintptr_t top = ((uintptr_t)(base + kStackBytes)) & ~(uintptr_t)15;
+    uint64_t *sp = (uint64_t *)top;
+    *--sp = 0;
+    *--sp = (uint64_t)(uintptr_t)&fiber_main;
+    for (int r = 0; r < 6; ++r) *--sp = 0;
+    uint32_t csr[2];
+    asm volatile("stmxcsr %0" : "=m"(csr[0]));
+    asm volatile("fnstcw %0" : "=m"(csr[1]));
+    *--sp = (uint64_t)csr[0] | ((uint64_t)(csr[1] & 0xffff) << 32);
+    f.sp = sp;
+  } else {
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = base;
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = &l.scheduler;
+    makecontext(&f.ctx, fiber_main, 0);
+  }
+}
+
+inline void resume(Launch &l, Fiber &f) {
+  l.current = &f;
+  if (kFastSwitch) {
+    vellum_emu_switch(&l.scheduler_sp, f.sp);
+  } else {
+    swapcontext(&l.scheduler, &f.ctx);
+  }
 }
 
 // Runs one block's threads to completion.
@@ -89,19 +175,12 @@ inline void run_block() {
     f.linear = i;
     f.tid = {i % l.block.x, (i / l.block.x) % l.block.y, i / (l.block.x * l.block.y)};
     f.state = RUNNABLE;
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = l.stacks.data() + i * kStackBytes;
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = &l.scheduler;
-    makecontext(&f.ctx, fiber_main, 0);
+    start_fiber(l, f, i);
   }
   unsigned warps = (n + 31) / 32;
   for (;;) {
     for (unsigned i = 0; i < n; ++i) {
-      if (l.fibers[i].state == RUNNABLE) {
-        l.current = &l.fibers[i];
-        swapcontext(&l.scheduler, &l.fibers[i].ctx);
-      }
+      if (l.fibers[i].state == RUNNABLE) resume(l, l.fibers[i]);
     }
     bool any_live = false, released = false;
     for (unsigned w = 0; w < warps; ++w) {
@@ -214,7 +293,7 @@ inline unsigned ballot(bool pred) {
 
 // Exported launch entry, called by the emulator runtime as vellum_emu_<kernel>.
 #define VELLUM_EXPORT(kernel)                                                                  \
-  extern "C" int vellum_emu_##kernel(dim3 grid, dim3 block, unsigned shared, void **args) {   \
+  extern "C" __attribute__((visibility("default"))) int vellum_emu_##kernel(dim3 grid, dim3 block, unsigned shared, void **args) {   \
     return emu::launch(kernel, grid, block, shared, args);                                     \
   }
 

@@ -50,7 +50,7 @@ __device__ __forceinline__ float to_f32(f16 x) {
     float v = (float)m * 5.9604644775390625e-8f;  // m * 2^-24, exact
     return sign ? -v : v;
   }
-  if (e == 31) return vf_from_bits(sign | 0x7f800000u | (m << 13));
+  if (e == 31) return vf_from_bits(sign | 0x7f800000u | (m << 13) | (m ? 0x400000u : 0u));  // NaN stays quiet
   return vf_from_bits(sign | ((e + 112) << 23) | (m << 13));
 }
 

@@ -1,16 +1,18 @@
 //! Vellum backends: the handful of fused ops a Llama-family forward pass needs.
 //!
 //! The engine talks only to the [`Backend`] trait; it never touches SIMD or CUDA directly.
-//! Today there is one implementation, [`cpu::Cpu`]; the CUDA backend plugs in behind the
-//! same trait (see DESIGN.md, "Backends").
+//! Two implementations: [`cpu::Cpu`] and [`cuda::CudaBackend`] (CUDA C kernels on a GPU, or
+//! on the CPU emulator); [`Device`] picks one (see DESIGN.md, "Backends").
 
 pub mod attention;
 pub mod cpu;
 pub mod cuda;
+pub mod device;
 pub mod rope;
 pub mod weight;
 
 pub use attention::{BatchLayout, KvLayer};
+pub use device::Device;
 pub use rope::{Rope, RopeScaling};
 pub use weight::{QuantTarget, Weight, WeightData};
 

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use vellum::engine::{Engine, EngineConfig, Request, SamplingParams};
+use vellum::kernels::Device;
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -45,4 +47,73 @@ pub fn floats(v: &serde_json::Value) -> Vec<f32> {
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// An engine on `device` with a small KV pool, for the golden checks.
+pub fn golden_engine(path: &std::path::Path, max_batched_tokens: usize, device: Device) -> Engine {
+    Engine::builder()
+        .model(path)
+        .device(device)
+        .config(EngineConfig {
+            max_batched_tokens,
+            kv_cache_bytes: 8 << 20,
+            ..EngineConfig::default()
+        })
+        .build()
+        .unwrap()
+}
+
+pub fn greedy(n: usize) -> SamplingParams {
+    SamplingParams::default()
+        .max_tokens(n)
+        .ignore_eos(true)
+        .logprobs(5)
+}
+
+/// Every tiny model on `device` against transformers' goldens: all prompts scored together in
+/// one ragged batch with chunked prefill (chunks of 24 tokens cross the 16-token block
+/// boundaries), and greedy decoding.
+pub fn check_tiny_models(device: Device) {
+    let g = golden("tiny.json");
+    for (name, m) in g["models"].as_object().unwrap() {
+        let tol = if m["dtype"] == "bf16" { 2e-2 } else { 1e-4 };
+        let dir = repo().join("tests/golden/models").join(name);
+        let prompts = m["prompts"].as_array().unwrap();
+        let mut engine = golden_engine(&dir, 24, device);
+        let lists: Vec<Vec<u32>> = prompts.iter().map(|p| ids(&p["prompt"])).collect();
+        let scored = engine.score(lists.clone()).unwrap();
+        for (p, got) in prompts.iter().zip(&scored) {
+            let want = floats(&p["prompt_logprobs"]);
+            let d = max_abs_diff(got, &want);
+            assert!(
+                d <= tol,
+                "{device} {name}: prompt of {} tokens: max logprob diff {d}",
+                lists[0].len()
+            );
+        }
+        let reqs = lists
+            .iter()
+            .map(|l| Request::tokens(l.clone(), greedy(8)))
+            .collect();
+        let done = engine.generate(reqs).unwrap();
+        for (p, c) in prompts.iter().zip(&done) {
+            let len = p["prompt"].as_array().unwrap().len();
+            assert_eq!(
+                c.tokens,
+                ids(&p["greedy"]),
+                "{device} {name}: greedy tokens, prompt of {len}"
+            );
+            let lps: Vec<f32> = c.logprobs.iter().map(|l| l.logprob).collect();
+            let d = max_abs_diff(&lps, &floats(&p["greedy_logprobs"]));
+            assert!(d <= tol, "{device} {name}: greedy logprobs differ by {d}");
+            let top: Vec<u32> = c.logprobs[0].top.iter().map(|t| t.0).collect();
+            assert_eq!(
+                top,
+                ids(&p["last_top5"]["ids"]),
+                "{device} {name}: top-5 after the prompt of {len}"
+            );
+        }
+        engine.check_blocks().unwrap();
+        assert!(!engine.has_unfinished());
+    }
 }

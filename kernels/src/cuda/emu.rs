@@ -29,12 +29,14 @@ type LaunchFn = unsafe extern "C" fn(Dim3, Dim3, u32, *mut *mut c_void) -> i32;
 
 /// Launches share the emulator's per-process launch state (emu.h), so they run one at a time.
 static LAUNCH_LOCK: Mutex<()> = Mutex::new(());
+/// Builds write into the shared cache directory; one at a time per process (processes are
+/// kept apart by their pid in the work directory name and the atomic rename).
+static BUILD_LOCK: Mutex<()> = Mutex::new(());
 
 const ALIGN: usize = 256;
 
 pub struct EmuRuntime {
     compiler: String,
-    libs: Mutex<HashMap<&'static str, Arc<libloading::Library>>>,
     /// Allocation start -> size in bytes.
     allocs: Mutex<BTreeMap<u64, usize>>,
 }
@@ -55,7 +57,6 @@ impl EmuRuntime {
         }
         Ok(EmuRuntime {
             compiler,
-            libs: Mutex::new(HashMap::new()),
             allocs: Mutex::new(BTreeMap::new()),
         })
     }
@@ -63,7 +64,12 @@ impl EmuRuntime {
     fn library(&self, name: &str) -> Result<Arc<libloading::Library>> {
         let module = sources::module(name)
             .ok_or_else(|| CudaError::Emulator(format!("no kernel module named {name}")))?;
-        let mut libs = self.libs.lock().unwrap_or_else(|e| e.into_inner());
+        // Loaded libraries stay loaded for the life of the process (and are shared by every
+        // runtime), so no launch can ever run code that was unloaded.
+        static LIBS: Mutex<Option<HashMap<&'static str, Arc<libloading::Library>>>> =
+            Mutex::new(None);
+        let mut libs = LIBS.lock().unwrap_or_else(|e| e.into_inner());
+        let libs = libs.get_or_insert_with(HashMap::new);
         if let Some(lib) = libs.get(module.name) {
             return Ok(lib.clone());
         }
@@ -82,6 +88,7 @@ impl EmuRuntime {
         let key = sources::source_hash(module) ^ super::stable_hash(&[self.compiler.as_bytes()]);
         let dir = super::cache_dir().join("emu");
         let lib = dir.join(format!("{}-{key:016x}.so", module.name));
+        let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         if lib.exists() {
             return Ok(lib);
         }
@@ -123,6 +130,9 @@ impl EmuRuntime {
 fn compile(compiler: &str, src: &Path, out: &Path) -> Result<()> {
     let output = Command::new(compiler)
         .args(["-std=c++20", "-O2", "-fPIC", "-shared", "-DVELLUM_EMU"])
+        // Each library keeps its own copy of emu.h's inline functions and launch state:
+        // with default visibility, calls would bind to whichever library loaded first.
+        .args(["-fvisibility=hidden", "-fvisibility-inlines-hidden"])
         .args(["-Wall", "-Wno-unknown-pragmas", "-Werror", "-x", "c++"])
         .arg(src)
         .arg("-o")

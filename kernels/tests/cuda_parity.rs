@@ -1,0 +1,566 @@
+//! Parity of every CUDA kernel with the CPU backend, on random inputs with odd sizes and edge
+//! cases, run through the CUDA backend's real host code. Under the CPU emulator always; on a
+//! GPU too when one is usable (and the test says so when it is not).
+
+use half::{bf16, f16};
+use std::sync::Arc;
+use vellum_kernels::cuda::emu::EmuRuntime;
+use vellum_kernels::cuda::runtime::Pod;
+use vellum_kernels::cuda::{driver, Arg, CudaBackend, DeviceBuffer, KernelRuntime, LaunchConfig};
+use vellum_kernels::{
+    cpu::Cpu, Backend, BatchLayout, KvLayer, QuantTarget, Rope, RopeScaling, Weight,
+};
+use vellum_quant::{BlockFormat, DType};
+
+/// The emulator, plus GPU 0 when it is usable.
+fn backends() -> Vec<CudaBackend> {
+    let mut v = vec![CudaBackend::new(Arc::new(
+        EmuRuntime::new().expect("the CUDA emulator needs g++"),
+    ))];
+    match driver::probe(0) {
+        Ok(()) => v.push(CudaBackend::gpu(0).expect("GPU 0 probed usable")),
+        Err(e) => eprintln!("GPU parity SKIPPED (emulator only): {e}"),
+    }
+    v
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn f(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f()).collect()
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Largest |a - b| relative to `scale`, asserted within `tol`.
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs() / scale;
+        assert!(
+            err <= tol,
+            "{what}: element {i}: got {g}, want {w} (error {err:.2e} of max |value| {scale}, tolerance {tol:.0e})"
+        );
+    }
+}
+
+#[test]
+fn embedding_matches_for_every_table_format() {
+    let cpu = Cpu::new();
+    let mut rng = Rng(1);
+    for be in backends() {
+        for (cols, dtype) in [
+            (37, Some(DType::F32)),
+            (37, Some(DType::F16)),
+            (65, Some(DType::BF16)),
+            (64, None),
+        ] {
+            let rows = 11;
+            let values = rng.vec(rows * cols);
+            let table = match dtype {
+                Some(d) => Weight::dense(rows, cols, d, &values).unwrap(),
+                None => Weight::from_f32(rows, cols, values)
+                    .unwrap()
+                    .quantize(QuantTarget::Block(BlockFormat::Q8_0))
+                    .unwrap(),
+            };
+            let tokens = [0u32, 10, 3, 3];
+            let (mut got, mut want) = (vec![0.0; 4 * cols], vec![0.0; 4 * cols]);
+            be.embedding(&table, &tokens, &mut got).unwrap();
+            cpu.embedding(&table, &tokens, &mut want).unwrap();
+            assert_eq!(got, want, "{} embedding {}", be.name(), table.format_name());
+            let err = be.embedding(&table, &[11], &mut got[..cols]).unwrap_err();
+            assert!(err.to_string().contains("11"), "{err}");
+        }
+    }
+}
+
+#[test]
+fn add_rms_norm_matches_with_and_without_residual() {
+    let cpu = Cpu::new();
+    let mut rng = Rng(2);
+    for be in backends() {
+        for width in [1usize, 31, 577] {
+            let rows = 3;
+            let residual = rng.vec(rows * width);
+            let delta = rng.vec(rows * width);
+            let weight = rng.vec(width);
+            for with_delta in [false, true] {
+                let d = with_delta.then_some(&delta[..]);
+                let (mut r1, mut r2) = (residual.clone(), residual.clone());
+                let (mut o1, mut o2) = (vec![0.0; rows * width], vec![0.0; rows * width]);
+                be.add_rms_norm(&mut r1, d, &weight, 1e-5, &mut o1).unwrap();
+                cpu.add_rms_norm(&mut r2, d, &weight, 1e-5, &mut o2)
+                    .unwrap();
+                let what = format!("{} rms_norm width {width} delta {with_delta}", be.name());
+                assert_eq!(r1, r2, "{what}: residual");
+                assert_close(&what, &o1, &o2, 2e-6);
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_matches_for_odd_shapes_and_every_dense_type() {
+    let cpu = Cpu::new();
+    let mut rng = Rng(3);
+    for be in backends() {
+        for (rows, k, n) in [
+            (1usize, 37usize, 5usize),
+            (3, 64, 33),
+            (9, 130, 7),
+            (17, 65, 4),
+        ] {
+            let x = rng.vec(rows * k);
+            let values = rng.vec(n * k);
+            let bias = rng.vec(n);
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let w = Weight::dense(n, k, dtype, &values).unwrap();
+                for b in [None, Some(&bias[..])] {
+                    let (mut got, mut want) = (vec![0.0; rows * n], vec![0.0; rows * n]);
+                    be.matmul(&x, &w, b, &mut got).unwrap();
+                    cpu.matmul(&x, &w, b, &mut want).unwrap();
+                    let what = format!(
+                        "{} matmul {rows}x{k}x{n} {dtype:?} bias {}",
+                        be.name(),
+                        b.is_some()
+                    );
+                    assert_close(&what, &got, &want, 1e-5);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rotary_matches_for_both_head_dims_and_far_positions() {
+    let cpu = Cpu::new();
+    let mut rng = Rng(4);
+    for be in backends() {
+        for hd in [64usize, 128] {
+            let rope = Rope::new(hd, 10000.0, &RopeScaling::None);
+            let positions = [0u32, 7, 1000, 32767];
+            let x = rng.vec(positions.len() * 3 * hd);
+            let (mut a, mut b) = (x.clone(), x.clone());
+            be.rotary(&mut a, &positions, 3, &rope).unwrap();
+            cpu.rotary(&mut b, &positions, 3, &rope).unwrap();
+            assert_close(&format!("{} rotary hd {hd}", be.name()), &a, &b, 1e-6);
+        }
+    }
+}
+
+/// A cache with random contents, a batch of three sequences (a decode deep in a long
+/// context, a prefill chunk, a single first token) over shuffled blocks.
+fn paged_case(rng: &mut Rng, n_kv: usize, hd: usize, block_size: usize) -> (KvLayer, BatchLayout) {
+    let num_blocks = 120;
+    let mut cache = KvLayer::new(num_blocks, block_size, n_kv, hd);
+    cache.k = rng.vec(cache.k.len());
+    cache.v = rng.vec(cache.v.len());
+    let mut free: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..free.len()).rev() {
+        free.swap(i, rng.below(i + 1));
+    }
+    // (context length, query positions)
+    let seqs: [(usize, Vec<u32>); 3] = [(300, vec![299]), (21, (16..21).collect()), (1, vec![0])];
+    let mut batch = BatchLayout {
+        seq_offsets: vec![0],
+        ..Default::default()
+    };
+    for (ctx, positions) in seqs {
+        let table: Vec<u32> = free.drain(..ctx.div_ceil(block_size)).collect();
+        for &p in &positions {
+            let blk = table[p as usize / block_size] as usize;
+            batch
+                .slot_mapping
+                .push((blk * block_size + p as usize % block_size) as u32);
+        }
+        batch.positions.extend(&positions);
+        batch.seq_offsets.push(batch.positions.len());
+        batch.block_tables.push(table);
+        batch.context_lens.push(ctx);
+    }
+    (cache, batch)
+}
+
+#[test]
+fn write_kv_and_paged_attention_match_for_gqa_ratios_and_head_dims() {
+    let cpu = Cpu::new();
+    let mut rng = Rng(5);
+    for be in backends() {
+        for (n_heads, n_kv, hd, bs) in [
+            (2usize, 2usize, 64usize, 16usize),
+            (3, 1, 128, 16),
+            (8, 1, 64, 5),
+        ] {
+            let (mut cache, batch) = paged_case(&mut rng, n_kv, hd, bs);
+            let t = batch.num_tokens();
+            let (k, v) = (rng.vec(t * n_kv * hd), rng.vec(t * n_kv * hd));
+            let mut mirror = cache.clone();
+            be.write_kv(&mut cache, &k, &v, &batch.slot_mapping)
+                .unwrap();
+            cpu.write_kv(&mut mirror, &k, &v, &batch.slot_mapping)
+                .unwrap();
+            assert_eq!(cache.k, mirror.k, "{} write_kv K", be.name());
+            assert_eq!(cache.v, mirror.v, "{} write_kv V", be.name());
+
+            let q = rng.vec(t * n_heads * hd);
+            let (mut got, mut want) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+            be.attention(&q, &cache, &batch, n_heads, &mut got).unwrap();
+            cpu.attention(&q, &cache, &batch, n_heads, &mut want)
+                .unwrap();
+            let what = format!(
+                "{} attention heads {n_heads}/{n_kv} hd {hd} block {bs}",
+                be.name()
+            );
+            assert_close(&what, &got, &want, 2e-5);
+        }
+    }
+}
+
+#[test]
+fn silu_mul_log_softmax_and_argmax_match() {
+    let cpu = Cpu::new();
+    let mut rng = Rng(6);
+    for be in backends() {
+        for n in [1usize, 1000] {
+            let (gate, up) = (rng.vec(n), rng.vec(n));
+            let (mut a, mut b) = (gate.clone(), gate.clone());
+            be.silu_mul(&mut a, &up).unwrap();
+            cpu.silu_mul(&mut b, &up).unwrap();
+            assert_close(&format!("{} silu_mul {n}", be.name()), &a, &b, 1e-6);
+        }
+        for width in [1usize, 1000] {
+            let x: Vec<f32> = rng.vec(2 * width).iter().map(|v| v * 20.0).collect();
+            let (mut a, mut b) = (x.clone(), x.clone());
+            be.log_softmax(&mut a, width).unwrap();
+            cpu.log_softmax(&mut b, width).unwrap();
+            assert_close(&format!("{} log_softmax {width}", be.name()), &a, &b, 1e-6);
+        }
+        // Ties resolve to the lowest index, as a host argmax does.
+        let mut x = rng.vec(3 * 777);
+        x[5] = 9.0;
+        x[700] = 9.0;
+        x[777 + 776] = 3.0;
+        x[2 * 777] = 2.0;
+        assert_eq!(
+            be.argmax(&x, 777).unwrap(),
+            vec![5, 776, 0],
+            "{} argmax",
+            be.name()
+        );
+    }
+}
+
+/// Launches a one-input cast kernel over `input` and returns the output elements.
+fn cast<I: Pod, O: Pod>(rt: &dyn KernelRuntime, kernel: &str, input: &[I]) -> Vec<O> {
+    let src = DeviceBuffer::upload(rt, input).unwrap();
+    let dst = DeviceBuffer::zeroed(rt, input.len() * std::mem::size_of::<O>()).unwrap();
+    let cfg = LaunchConfig::linear((input.len() as u32).div_ceil(256).min(64), 256);
+    let args = [src.arg(), dst.arg(), Arg::U32(input.len() as u32)];
+    rt.launch("elementwise", kernel, &cfg, &args).unwrap();
+    dst.to_vec().unwrap()
+}
+
+#[test]
+fn half_and_bfloat16_conversions_round_like_the_half_crate() {
+    // Every f16 and bf16 bit pattern widens exactly; f32 inputs that exercise rounding
+    // (halfway cases, subnormals, overflow, NaN, infinities) narrow to nearest even.
+    let mut rng = Rng(7);
+    let mut probes: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        65504.0,
+        65519.99,
+        65520.0,
+        1e-8,
+        -3e-8,
+        6.0e-8,
+        2.98e-8,
+        6.1e-5,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MIN_POSITIVE,
+        1.0 + 1.0 / 2048.0,
+        1.0 + 3.0 / 2048.0,
+        3.0e38,
+    ];
+    probes.extend((0..20000).map(|_| f32::from_bits(rng.next() as u32)));
+    probes.extend((0..20000).map(|_| rng.f() * 1e-4));
+    for be in backends() {
+        let rt = be.runtime();
+        let halves: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        let widened: Vec<f32> = cast(rt, "cast_f16_to_f32", &halves);
+        for (h, w) in halves.iter().zip(&widened) {
+            let same = w.to_bits() == h.to_f32().to_bits() || (h.is_nan() && w.is_nan());
+            assert!(
+                same,
+                "{} f16 {:#06x} widened to {w}",
+                be.name(),
+                h.to_bits()
+            );
+        }
+        let bfs: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+        let widened: Vec<f32> = cast(rt, "cast_bf16_to_f32", &bfs);
+        for (h, w) in bfs.iter().zip(&widened) {
+            let same = w.to_bits() == h.to_f32().to_bits() || (h.is_nan() && w.is_nan());
+            assert!(
+                same,
+                "{} bf16 {:#06x} widened to {w}",
+                be.name(),
+                h.to_bits()
+            );
+        }
+        let narrowed: Vec<f16> = cast(rt, "cast_f32_to_f16", &probes);
+        for (p, n) in probes.iter().zip(&narrowed) {
+            let want = f16::from_f32(*p);
+            let same = n.to_bits() == want.to_bits() || (want.is_nan() && n.is_nan());
+            assert!(
+                same,
+                "{} f32 {p:e} -> f16 {:#06x}, want {:#06x}",
+                be.name(),
+                n.to_bits(),
+                want.to_bits()
+            );
+        }
+        let narrowed: Vec<bf16> = cast(rt, "cast_f32_to_bf16", &probes);
+        for (p, n) in probes.iter().zip(&narrowed) {
+            let want = bf16::from_f32(*p);
+            let same = n.to_bits() == want.to_bits() || (want.is_nan() && n.is_nan());
+            assert!(
+                same,
+                "{} f32 {p:e} -> bf16 {:#06x}, want {:#06x}",
+                be.name(),
+                n.to_bits(),
+                want.to_bits()
+            );
+        }
+    }
+}
+
+/// A 16-bit activation type of the kernels, with the tolerance its rounding allows.
+trait Half: Pod {
+    const NAME: &'static str;
+    const TOL: f32;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+impl Half for f16 {
+    const NAME: &'static str = "f16";
+    const TOL: f32 = 2e-3;
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+impl Half for bf16 {
+    const NAME: &'static str = "bf16";
+    const TOL: f32 = 1.6e-2;
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+/// Rounds to `H` and back, so the f32 reference sees exactly the kernel's inputs.
+fn rounded<H: Half>(v: &[f32]) -> (Vec<H>, Vec<f32>) {
+    let h: Vec<H> = v.iter().map(|&x| H::from_f32(x)).collect();
+    let f = h.iter().map(|&x| x.to_f32()).collect();
+    (h, f)
+}
+
+fn widen<H: Half>(buf: &DeviceBuffer) -> Vec<f32> {
+    buf.to_vec::<H>()
+        .unwrap()
+        .into_iter()
+        .map(H::to_f32)
+        .collect()
+}
+
+/// The 16-bit instantiations of matmul, RMSNorm, rotary, SiLU·mul and attention against the
+/// CPU backend in f32 on the same (rounded) inputs.
+fn half_kernels_match<H: Half>() {
+    let cpu = Cpu::new();
+    let mut rng = Rng(8);
+    let ty = H::NAME;
+    for be in backends() {
+        let rt = be.runtime();
+        let what = |op: &str| format!("{} {op}_{ty}", be.name());
+        // matmul, weights of the same type
+        let (rows, k, n) = (5usize, 67usize, 9usize);
+        let (xh, xf) = rounded::<H>(&rng.vec(rows * k));
+        let (wh, wf) = rounded::<H>(&rng.vec(n * k));
+        let (xd, wd) = (
+            DeviceBuffer::upload(rt, &xh).unwrap(),
+            DeviceBuffer::upload(rt, &wh).unwrap(),
+        );
+        let od = DeviceBuffer::zeroed(rt, rows * n * 2).unwrap();
+        let args = [
+            xd.arg(),
+            wd.arg(),
+            Arg::Ptr(0),
+            od.arg(),
+            Arg::U32(rows as u32),
+            Arg::U32(k as u32),
+            Arg::U32(n as u32),
+        ];
+        rt.launch(
+            "matmul",
+            &format!("matmul_{ty}_{ty}"),
+            &LaunchConfig::linear(3, 128),
+            &args,
+        )
+        .unwrap();
+        let mut want = vec![0.0; rows * n];
+        cpu.matmul(&xf, &Weight::from_f32(n, k, wf).unwrap(), None, &mut want)
+            .unwrap();
+        assert_close(&what("matmul"), &widen::<H>(&od), &want, H::TOL);
+
+        // add_rms_norm
+        let width = 300;
+        let (rh, rf) = rounded::<H>(&rng.vec(2 * width));
+        let (dh, df) = rounded::<H>(&rng.vec(2 * width));
+        let weight = rng.vec(width);
+        let (rd, dd, wd) = (
+            DeviceBuffer::upload(rt, &rh).unwrap(),
+            DeviceBuffer::upload(rt, &dh).unwrap(),
+            DeviceBuffer::upload(rt, &weight).unwrap(),
+        );
+        let od = DeviceBuffer::zeroed(rt, 2 * width * 2).unwrap();
+        let args = [
+            rd.arg(),
+            dd.arg(),
+            wd.arg(),
+            Arg::F32(1e-6),
+            od.arg(),
+            Arg::U32(width as u32),
+        ];
+        rt.launch(
+            "norm",
+            &format!("add_rms_norm_{ty}"),
+            &LaunchConfig::linear(2, 128),
+            &args,
+        )
+        .unwrap();
+        let (mut r, mut want) = (rf.clone(), vec![0.0; 2 * width]);
+        cpu.add_rms_norm(&mut r, Some(&df), &weight, 1e-6, &mut want)
+            .unwrap();
+        assert_close(&what("add_rms_norm residual"), &widen::<H>(&rd), &r, H::TOL);
+        assert_close(&what("add_rms_norm"), &widen::<H>(&od), &want, H::TOL);
+
+        // rotary
+        let (hd, heads) = (64usize, 2usize);
+        let rope = Rope::new(hd, 10000.0, &RopeScaling::None);
+        let positions = [3u32, 4000];
+        let (xh, xf) = rounded::<H>(&rng.vec(2 * heads * hd));
+        let (xd, pd, fd) = (
+            DeviceBuffer::upload(rt, &xh).unwrap(),
+            DeviceBuffer::upload(rt, &positions).unwrap(),
+            DeviceBuffer::upload(rt, &rope.inv_freq).unwrap(),
+        );
+        let args = [
+            xd.arg(),
+            pd.arg(),
+            fd.arg(),
+            Arg::U32(heads as u32),
+            Arg::U32(hd as u32),
+        ];
+        rt.launch(
+            "elementwise",
+            &format!("rotary_{ty}"),
+            &LaunchConfig::linear(2, 64),
+            &args,
+        )
+        .unwrap();
+        let mut want = xf.clone();
+        cpu.rotary(&mut want, &positions, heads, &rope).unwrap();
+        assert_close(&what("rotary"), &widen::<H>(&xd), &want, H::TOL);
+
+        // silu_mul
+        let (gh, gf) = rounded::<H>(&rng.vec(777));
+        let (uh, uf) = rounded::<H>(&rng.vec(777));
+        let (gd, ud) = (
+            DeviceBuffer::upload(rt, &gh).unwrap(),
+            DeviceBuffer::upload(rt, &uh).unwrap(),
+        );
+        let args = [gd.arg(), ud.arg(), Arg::U32(777)];
+        rt.launch(
+            "elementwise",
+            &format!("silu_mul_{ty}"),
+            &LaunchConfig::linear(2, 256),
+            &args,
+        )
+        .unwrap();
+        let mut want = gf.clone();
+        cpu.silu_mul(&mut want, &uf).unwrap();
+        assert_close(&what("silu_mul"), &widen::<H>(&gd), &want, H::TOL);
+
+        // attention over a paged cache stored in H
+        let (n_heads, n_kv, hd, bs) = (3usize, 1usize, 64usize, 16usize);
+        let (mut cache, batch) = paged_case(&mut rng, n_kv, hd, bs);
+        let (kh, kf) = rounded::<H>(&cache.k);
+        let (vh, vf) = rounded::<H>(&cache.v);
+        (cache.k, cache.v) = (kf, vf);
+        let t = batch.num_tokens();
+        let (qh, qf) = rounded::<H>(&rng.vec(t * n_heads * hd));
+        let max_blocks = batch.block_tables.iter().map(Vec::len).max().unwrap();
+        let mut tables = vec![0u32; batch.num_seqs() * max_blocks];
+        let mut seq_of = vec![0u32; t];
+        for (s, table) in batch.block_tables.iter().enumerate() {
+            tables[s * max_blocks..s * max_blocks + table.len()].copy_from_slice(table);
+            seq_of[batch.seq_offsets[s]..batch.seq_offsets[s + 1]].fill(s as u32);
+        }
+        let bufs = [
+            DeviceBuffer::upload(rt, &qh).unwrap(),
+            DeviceBuffer::upload(rt, &kh).unwrap(),
+            DeviceBuffer::upload(rt, &vh).unwrap(),
+            DeviceBuffer::zeroed(rt, qh.len() * 2).unwrap(),
+            DeviceBuffer::upload(rt, &batch.positions).unwrap(),
+            DeviceBuffer::upload(rt, &seq_of).unwrap(),
+            DeviceBuffer::upload(rt, &tables).unwrap(),
+        ];
+        let mut args: Vec<Arg> = bufs.iter().map(|b| b.arg()).collect();
+        args.extend([max_blocks, n_heads, n_kv, hd, bs].map(|v| Arg::U32(v as u32)));
+        args.push(Arg::F32(1.0 / (hd as f32).sqrt()));
+        let cfg = LaunchConfig {
+            grid: (t as u32, n_heads as u32, 1),
+            block: (128, 1, 1),
+            shared_bytes: (hd as u32 + 128) * 4,
+        };
+        rt.launch("attention", &format!("attention_{ty}"), &cfg, &args)
+            .unwrap();
+        let mut want = vec![0.0; qf.len()];
+        cpu.attention(&qf, &cache, &batch, n_heads, &mut want)
+            .unwrap();
+        assert_close(&what("attention"), &widen::<H>(&bufs[3]), &want, H::TOL);
+    }
+}
+
+#[test]
+fn f16_kernels_match_the_cpu_backend() {
+    half_kernels_match::<f16>();
+}
+
+#[test]
+fn bf16_kernels_match_the_cpu_backend() {
+    half_kernels_match::<bf16>();
+}
