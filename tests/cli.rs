@@ -394,3 +394,32 @@ fn generate_takes_stop_token_ids_and_can_fail_fast() {
         "{err}"
     );
 }
+
+/// `--device cuda-emu` runs the CUDA kernels on the CPU emulator and scores like the CPU;
+/// an unusable or unknown device is a clear error, not a panic or a silent fallback.
+#[test]
+fn device_flag_selects_the_backend_and_rejects_unusable_devices() {
+    // A tiny GGUF that carries its own tokenizer.
+    let path = repo().join("tests/golden/spm_llama.gguf");
+    let m = path.to_str().unwrap();
+    let input = "{\"id\":\"a\",\"text\":\"hello world, hello again\"}\n";
+    let score = |device: &str| vellum(&["score", "-m", m, "-q", "--device", device], input);
+    let (code, cpu, err) = score("cpu");
+    assert_eq!(code, 0, "{err}");
+    let (code, emu, err) = score("cuda-emu");
+    assert_eq!(code, 0, "{err}");
+    let logprob = |out: &str| -> f64 {
+        let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        v["total_logprob"].as_f64().unwrap()
+    };
+    let (a, b) = (logprob(&cpu), logprob(&emu));
+    assert!((a - b).abs() < 1e-3 * a.abs().max(1.0), "cpu {a} vs cuda-emu {b}");
+
+    let (code, _, err) = score("cuda:7");
+    assert_ne!(code, 0);
+    assert!(err.contains("cuda:7"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let (code, _, err) = score("tpu");
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown device `tpu`"), "{err}");
+}

@@ -21,7 +21,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 use vellum_engine::sampler::Rng;
 use vellum_engine::{synthetic, Engine, EngineConfig, Request, SamplingParams};
-use vellum_kernels::cpu::{membw, Cpu};
+use vellum_kernels::cpu::membw;
 use vellum_quant::DType;
 
 #[derive(Args)]
@@ -53,6 +53,9 @@ pub struct BenchArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Backend: cpu, cuda:N or cuda-emu (see `score --help`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// KV cache memory (default: enough for the largest level).
     #[arg(long, value_parser = parse_size)]
     kv_cache_mem: Option<usize>,
@@ -227,9 +230,10 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         max_seqs: max_c.max(1),
         ..EngineConfig::default()
     };
-    let backend = Cpu::new();
-    let backend_name = vellum_kernels::Backend::name(&backend).to_string();
-    let mut engine = Engine::new(model, None, Box::new(backend), config)?;
+    let device = vellum_kernels::Device::parse(&a.device).map_err(|e| anyhow!("--device: {e}"))?;
+    let backend = device.backend()?;
+    let backend_name = backend.name().to_string();
+    let mut engine = Engine::new(model, None, backend, config)?;
     let read_bw = membw::read_bandwidth(512 << 20, 5);
     let mut rng = Rng::new(a.seed);
     // Warm-up: page in the weights and the pool.

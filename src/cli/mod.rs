@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vellum_engine::{Engine, EngineConfig};
+use vellum_kernels::Device;
 
 #[derive(Parser)]
 #[command(
@@ -59,7 +60,9 @@ pub struct EngineArgs {
     /// Model: a Hugging Face directory (config.json + safetensors) or a .gguf file.
     #[arg(long, short = 'm')]
     model: PathBuf,
-    /// Device to run on: auto, cpu (CUDA is not built yet; auto means cpu).
+    /// Device to run on: auto (VELLUM_DEVICE, else cpu), cpu, cuda:N (a GPU; the CUDA backend
+    /// still copies per op, see README), or cuda-emu (the CUDA kernels on the CPU emulator,
+    /// slow, for debugging).
     #[arg(long, default_value = "auto")]
     device: String,
     /// KV cache memory, with units (e.g. 512MiB, 2GiB).
@@ -89,16 +92,10 @@ pub struct EngineArgs {
 
 impl EngineArgs {
     fn build(&self) -> Result<Engine> {
-        match self.device.as_str() {
-            "auto" => {
-                tracing::info!("device auto: the CPU backend (the CUDA backend is not built yet)")
-            }
-            "cpu" => {}
-            d if d.starts_with("cuda") => {
-                bail!("--device {d}: the CUDA backend is not built yet; use --device cpu")
-            }
-            d => bail!("--device {d}: expected auto, cpu or cuda:N"),
-        }
+        let device = match self.device.as_str() {
+            "auto" => Device::auto().map_err(|e| anyhow::anyhow!("--device auto: {e}"))?,
+            d => Device::parse(d).map_err(|e| anyhow::anyhow!("--device: {e}"))?,
+        };
         if let Some(n) = self.threads {
             if n == 0 {
                 bail!("--threads must be at least 1");
@@ -114,7 +111,10 @@ impl EngineArgs {
             max_batched_tokens: self.max_batched_tokens,
             ..EngineConfig::default()
         };
-        let mut builder = Engine::builder().model(&self.model).config(config);
+        let mut builder = Engine::builder()
+            .model(&self.model)
+            .config(config)
+            .device(device);
         if let Some(d) = &self.dtype {
             let dtype = vellum_quant::DType::parse(d)
                 .ok_or_else(|| anyhow::anyhow!("--dtype {d}: expected f32, f16 or bf16"))?;
