@@ -19,6 +19,9 @@ fn backends() -> Vec<CudaBackend> {
     ))];
     match driver::probe(0) {
         Ok(()) => v.push(CudaBackend::gpu(0).expect("GPU 0 probed usable")),
+        Err(e) if std::env::var_os("VELLUM_REQUIRE_GPU").is_some() => {
+            panic!("VELLUM_REQUIRE_GPU is set but GPU 0 is unusable: {e}")
+        }
         Err(e) => eprintln!("GPU parity SKIPPED (emulator only): {e}"),
     }
     v

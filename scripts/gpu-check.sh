@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GPU verification in one go (DESIGN.md, "Testing kernels without a GPU"; the device tool's
+# budget is minutes, so everything is built beforehand).
+#
+#   scripts/gpu-check.sh prepare   # here, with Rust: builds the release binary and the CUDA
+#                                  # test executables into gpu-carry/ (git-ignored, carried)
+#   scripts/gpu-check.sh run       # on the GPU machine (no Rust needed): runs every GPU test
+#                                  # and the GPU benches, prints a short table last
+#
+# The run step needs libcuda (the driver) and libnvrtc (the CUDA toolkit's, or the wheel from
+# scripts/install-nvrtc.sh) on the library path; it fails rather than skips without a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+carry=gpu-carry
+
+prepare() {
+  rm -rf "$carry" && mkdir -p "$carry"
+  cargo build --release --bin vellum
+  cp target/release/vellum "$carry/"
+  # The test executables whose names the run step knows.
+  cargo test --release --no-run --message-format=json -p vellum-kernels 2>/dev/null |
+    python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    exe = m.get("executable")
+    name = m.get("target", {}).get("name")
+    if exe and name in ("cuda_parity", "cuda_compile", "vellum_kernels"):
+        shutil.copy(exe, sys.argv[1] + "/" + name)
+        print("carried", name)
+' "$carry"
+  strip "$carry"/* 2>/dev/null || true  # debug info would not fit the 64 MiB carry
+  du -sh "$carry"
+}
+
+run() {
+  local lib
+  for lib in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [[ -d "$lib" ]] && export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  done
+  export VELLUM_REQUIRE_GPU=1 VELLUM_REQUIRE_NVRTC=1 VELLUM_CACHE_DIR="$PWD/$carry/cache"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  local status=()
+  for t in cuda_compile cuda_parity vellum_kernels; do
+    if "$carry/$t" --test-threads=1 >"$carry/$t.log" 2>&1; then
+      status+=("$t|ok|$(grep -o '[0-9]* passed' "$carry/$t.log" | tail -1)")
+    else
+      status+=("$t|FAILED|see $carry/$t.log")
+      tail -30 "$carry/$t.log"
+    fi
+  done
+  "$carry/vellum" bench --shape smollm-135m --dtype f16 --device cuda:0 \
+    --concurrency 1,16 --prompt-len 64 --gen-len 16 --json >"$carry/bench-cuda.json" 2>"$carry/bench-cuda.log" ||
+    status+=("bench cuda:0|FAILED|see $carry/bench-cuda.log")
+  echo
+  echo "| check | result | detail |"
+  echo "|---|---|---|"
+  for s in "${status[@]}"; do echo "| ${s//|/ | } |"; done
+  python3 - "$carry/bench-cuda.json" <<'PY' || true
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"| bench smollm-135m f16 cuda:0 x{r.get('concurrency')} | {r.get('decode_tok_s', 0):.1f} tok/s | |")
+PY
+}
+
+case "${1:-}" in
+  prepare) prepare ;;
+  run) run ;;
+  *) echo "usage: $0 prepare|run" >&2; exit 2 ;;
+esac
