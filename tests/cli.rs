@@ -413,7 +413,10 @@ fn device_flag_selects_the_backend_and_rejects_unusable_devices() {
         v["total_logprob"].as_f64().unwrap()
     };
     let (a, b) = (logprob(&cpu), logprob(&emu));
-    assert!((a - b).abs() < 1e-3 * a.abs().max(1.0), "cpu {a} vs cuda-emu {b}");
+    assert!(
+        (a - b).abs() < 1e-3 * a.abs().max(1.0),
+        "cpu {a} vs cuda-emu {b}"
+    );
 
     let (code, _, err) = score("cuda:7");
     assert_ne!(code, 0);

@@ -1,35 +1,34 @@
 // Causal attention of a ragged batch of queries over the paged KV cache, prefill chunks and
-// decodes alike (a decode is a chunk of one token). Single pass with online softmax: keys are
-// visited in chunks of blockDim.x; each thread scores one key of the chunk, then each thread
-// accumulates its own output dimensions over the chunk's probabilities.
+// decodes alike (a decode is a chunk of one token). Online softmax: keys are visited in
+// chunks of blockDim.x; each thread scores one key of the chunk, then each thread
+// accumulates its own output dimensions over the chunk's probabilities. One pass for short
+// contexts (attention_*); for long ones the context is split across blocks and merged by a
+// second kernel (attention_split_* + attention_merge_*, flash-decoding), so that a small
+// decode batch still fills the GPU.
 //
-// grid = (tokens, n_heads), block = 128 threads, dynamic shared memory:
+// grid = (tokens, n_heads[, splits]), block = 128 threads, dynamic shared memory:
 // (head_dim + blockDim.x) floats. head_dim <= 2 * blockDim.x.
 // Layouts: q/out [tokens, n_heads, head_dim]; caches [slots, n_kv_heads, head_dim];
 // block_tables [seqs, max_blocks]; seq_of_token[t] = t's sequence.
 #include "vellum.cuh"
 
+// Online softmax over keys [begin, end) of one (token, head): on return m is the running
+// max, l the sum of exp(score - m), acc[k] the unnormalised output at dims
+// threadIdx.x + k * blockDim.x. qs holds the scaled-free query in shared memory, probs
+// blockDim.x floats of shared memory. Every thread of the block must call it (barriers).
 template <class T>
-__device__ void attention(const T *q, const T *k_cache, const T *v_cache, T *out,
-                          const uint32_t *positions, const uint32_t *seq_of_token,
-                          const uint32_t *block_tables, uint32_t max_blocks, uint32_t n_heads,
-                          uint32_t n_kv_heads, uint32_t head_dim, uint32_t block_size,
-                          float scale) {
-  VELLUM_DYN_SHARED(float, shared);
-  __shared__ float scratch[32];
-  float *qs = shared, *probs = shared + head_dim;
-  uint32_t t = blockIdx.x, h = blockIdx.y, kvh = h / (n_heads / n_kv_heads);
-  uint32_t visible = positions[t] + 1;
-  const uint32_t *table = block_tables + (size_t)seq_of_token[t] * max_blocks;
-  const T *qrow = q + ((size_t)t * n_heads + h) * head_dim;
-  for (uint32_t d = threadIdx.x; d < head_dim; d += blockDim.x) qs[d] = to_f32(qrow[d]);
-  __syncthreads();
-
-  float m = V_NEG_INF, l = 0.0f, acc[2] = {0.0f, 0.0f};
-  for (uint32_t c0 = 0; c0 < visible; c0 += blockDim.x) {
+__device__ void attend_range(const float *qs, float *probs, float *scratch, const T *k_cache,
+                             const T *v_cache, const uint32_t *table, uint32_t begin,
+                             uint32_t end, uint32_t kvh, uint32_t n_kv_heads, uint32_t head_dim,
+                             uint32_t block_size, float scale, float &m, float &l,
+                             float acc[2]) {
+  m = V_NEG_INF;
+  l = 0.0f;
+  acc[0] = acc[1] = 0.0f;
+  for (uint32_t c0 = begin; c0 < end; c0 += blockDim.x) {
     uint32_t j = c0 + threadIdx.x;
     float s = V_NEG_INF;
-    if (j < visible) {
+    if (j < end) {
       size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
       const T *krow = k_cache + (slot * n_kv_heads + kvh) * head_dim;
       float dot = 0.0f;
@@ -37,11 +36,11 @@ __device__ void attention(const T *q, const T *k_cache, const T *v_cache, T *out
       s = dot * scale;
     }
     float m_new = fmaxf(m, block_max(s, scratch));
-    float p = j < visible ? expf(s - m_new) : 0.0f;
+    float p = j < end ? expf(s - m_new) : 0.0f;
     probs[threadIdx.x] = p;
     float correction = expf(m - m_new);  // 0 on the first chunk (m = -inf)
     l = l * correction + block_sum(p, scratch);  // its barrier publishes probs
-    uint32_t n = visible - c0 < blockDim.x ? visible - c0 : blockDim.x;
+    uint32_t n = end - c0 < blockDim.x ? end - c0 : blockDim.x;
     for (uint32_t k = 0; k < 2; ++k) {
       uint32_t d = threadIdx.x + k * blockDim.x;
       if (d >= head_dim) break;
@@ -57,12 +56,95 @@ __device__ void attention(const T *q, const T *k_cache, const T *v_cache, T *out
     // No barrier needed here: the next chunk writes probs only after block_max, whose
     // barriers every thread reaches after finishing this chunk's reads.
   }
+}
+
+// Loads the query of (token blockIdx.x, head blockIdx.y) into shared memory as f32.
+template <class T>
+__device__ void load_query(const T *q, float *qs, uint32_t n_heads, uint32_t head_dim) {
+  const T *qrow = q + ((size_t)blockIdx.x * n_heads + blockIdx.y) * head_dim;
+  for (uint32_t d = threadIdx.x; d < head_dim; d += blockDim.x) qs[d] = to_f32(qrow[d]);
+  __syncthreads();
+}
+
+template <class T>
+__device__ void attention(const T *q, const T *k_cache, const T *v_cache, T *out,
+                          const uint32_t *positions, const uint32_t *seq_of_token,
+                          const uint32_t *block_tables, uint32_t max_blocks, uint32_t n_heads,
+                          uint32_t n_kv_heads, uint32_t head_dim, uint32_t block_size,
+                          float scale) {
+  VELLUM_DYN_SHARED(float, shared);
+  __shared__ float scratch[32];
+  float *qs = shared, *probs = shared + head_dim;
+  uint32_t t = blockIdx.x, h = blockIdx.y, kvh = h / (n_heads / n_kv_heads);
+  const uint32_t *table = block_tables + (size_t)seq_of_token[t] * max_blocks;
+  load_query(q, qs, n_heads, head_dim);
+  float m, l, acc[2];
+  attend_range(qs, probs, scratch, k_cache, v_cache, table, 0, positions[t] + 1, kvh,
+               n_kv_heads, head_dim, block_size, scale, m, l, acc);
   T *orow = out + ((size_t)t * n_heads + h) * head_dim;
   for (uint32_t k = 0; k < 2; ++k) {
     uint32_t d = threadIdx.x + k * blockDim.x;
     if (d < head_dim) orow[d] = from_f32<T>(acc[k] / l);
   }
 }
+
+// Flash-decoding, pass 1: grid = (tokens, n_heads, splits); block z attends to keys
+// [z * split_keys, (z + 1) * split_keys) of its token's visible context and writes its partial
+// (m, l, unnormalised acc) to the f32 workspace: part_ml [tokens, n_heads, splits, 2],
+// part_acc [tokens, n_heads, splits, head_dim]. A split past the context writes l = 0.
+template <class T>
+__device__ void attention_split(const T *q, const T *k_cache, const T *v_cache,
+                                float *part_ml, float *part_acc, const uint32_t *positions,
+                                const uint32_t *seq_of_token, const uint32_t *block_tables,
+                                uint32_t max_blocks, uint32_t n_heads, uint32_t n_kv_heads,
+                                uint32_t head_dim, uint32_t block_size, float scale,
+                                uint32_t split_keys) {
+  VELLUM_DYN_SHARED(float, shared);
+  __shared__ float scratch[32];
+  float *qs = shared, *probs = shared + head_dim;
+  uint32_t t = blockIdx.x, h = blockIdx.y, z = blockIdx.z, kvh = h / (n_heads / n_kv_heads);
+  uint32_t visible = positions[t] + 1, begin = z * split_keys;
+  uint32_t end = begin + split_keys < visible ? begin + split_keys : visible;
+  const uint32_t *table = block_tables + (size_t)seq_of_token[t] * max_blocks;
+  load_query(q, qs, n_heads, head_dim);
+  float m = V_NEG_INF, l = 0.0f, acc[2] = {0.0f, 0.0f};
+  if (begin < end)  // uniform across the block: barriers inside stay convergent
+    attend_range(qs, probs, scratch, k_cache, v_cache, table, begin, end, kvh, n_kv_heads,
+                 head_dim, block_size, scale, m, l, acc);
+  size_t part = ((size_t)t * n_heads + h) * gridDim.z + z;
+  if (threadIdx.x == 0) {
+    part_ml[part * 2] = m;
+    part_ml[part * 2 + 1] = l;
+  }
+  for (uint32_t k = 0; k < 2; ++k) {
+    uint32_t d = threadIdx.x + k * blockDim.x;
+    if (d < head_dim) part_acc[part * head_dim + d] = acc[k];
+  }
+}
+
+// Flash-decoding, pass 2: grid = (tokens, n_heads); merges the splits' partials in split
+// order (a fixed order, so results do not depend on the batch).
+template <class T>
+__device__ void attention_merge(const float *part_ml, const float *part_acc, T *out,
+                                uint32_t n_heads, uint32_t head_dim, uint32_t splits) {
+  size_t first = ((size_t)blockIdx.x * n_heads + blockIdx.y) * splits;
+  float m = V_NEG_INF;
+  for (uint32_t z = 0; z < splits; ++z)
+    if (part_ml[(first + z) * 2 + 1] > 0.0f) m = fmaxf(m, part_ml[(first + z) * 2]);
+  T *orow = out + ((size_t)blockIdx.x * n_heads + blockIdx.y) * head_dim;
+  for (uint32_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float l = 0.0f, a = 0.0f;
+    for (uint32_t z = 0; z < splits; ++z) {
+      float lz = part_ml[(first + z) * 2 + 1];
+      if (lz == 0.0f) continue;
+      float w = expf(part_ml[(first + z) * 2] - m);
+      l += lz * w;
+      a += part_acc[(first + z) * head_dim + d] * w;
+    }
+    orow[d] = from_f32<T>(a / l);
+  }
+}
+
 #define ATTENTION(name, T)                                                                   \
   extern "C" __global__ void name(const T *q, const T *k_cache, const T *v_cache, T *out,   \
                                   const uint32_t *positions, const uint32_t *seq_of_token,   \
@@ -76,3 +158,24 @@ __device__ void attention(const T *q, const T *k_cache, const T *v_cache, T *out
 ATTENTION(attention_f32, float)
 ATTENTION(attention_f16, f16)
 ATTENTION(attention_bf16, bf16)
+
+#define ATTENTION_SPLIT(name, merge, T)                                                      \
+  extern "C" __global__ void name(const T *q, const T *k_cache, const T *v_cache,           \
+                                  float *part_ml, float *part_acc, const uint32_t *positions, \
+                                  const uint32_t *seq_of_token, const uint32_t *block_tables, \
+                                  uint32_t max_blocks, uint32_t n_heads, uint32_t n_kv_heads, \
+                                  uint32_t head_dim, uint32_t block_size, float scale,       \
+                                  uint32_t split_keys) {                                     \
+    attention_split<T>(q, k_cache, v_cache, part_ml, part_acc, positions, seq_of_token,     \
+                       block_tables, max_blocks, n_heads, n_kv_heads, head_dim, block_size, \
+                       scale, split_keys);                                                   \
+  }                                                                                          \
+  VELLUM_EXPORT(name)                                                                        \
+  extern "C" __global__ void merge(const float *part_ml, const float *part_acc, T *out,     \
+                                   uint32_t n_heads, uint32_t head_dim, uint32_t splits) {   \
+    attention_merge<T>(part_ml, part_acc, out, n_heads, head_dim, splits);                   \
+  }                                                                                          \
+  VELLUM_EXPORT(merge)
+ATTENTION_SPLIT(attention_split_f32, attention_merge_f32, float)
+ATTENTION_SPLIT(attention_split_f16, attention_merge_f16, f16)
+ATTENTION_SPLIT(attention_split_bf16, attention_merge_bf16, bf16)

@@ -203,7 +203,7 @@ fn paged_case(rng: &mut Rng, n_kv: usize, hd: usize, block_size: usize) -> (KvLa
 fn write_kv_and_paged_attention_match_for_gqa_ratios_and_head_dims() {
     let cpu = Cpu::new();
     let mut rng = Rng(5);
-    for be in backends() {
+    for mut be in backends() {
         for (n_heads, n_kv, hd, bs) in [
             (2usize, 2usize, 64usize, 16usize),
             (3, 1, 128, 16),
@@ -221,15 +221,24 @@ fn write_kv_and_paged_attention_match_for_gqa_ratios_and_head_dims() {
             assert_eq!(cache.v, mirror.v, "{} write_kv V", be.name());
 
             let q = rng.vec(t * n_heads * hd);
-            let (mut got, mut want) = (vec![0.0; q.len()], vec![0.0; q.len()]);
-            be.attention(&q, &cache, &batch, n_heads, &mut got).unwrap();
+            let mut want = vec![0.0; q.len()];
             cpu.attention(&q, &cache, &batch, n_heads, &mut want)
                 .unwrap();
+            let mut got = vec![0.0; q.len()];
+            be.attention(&q, &cache, &batch, n_heads, &mut got).unwrap();
             let what = format!(
                 "{} attention heads {n_heads}/{n_kv} hd {hd} block {bs}",
                 be.name()
             );
             assert_close(&what, &got, &want, 2e-5);
+            // Split-K: 128-key splits cut the 300-token context into 3 (the last partial),
+            // the 21-token one is a single split, the 1-token one leaves two splits empty.
+            let default = be.split_keys();
+            be.set_split_keys(128);
+            let mut got = vec![0.0; q.len()];
+            be.attention(&q, &cache, &batch, n_heads, &mut got).unwrap();
+            be.set_split_keys(default);
+            assert_close(&format!("{what} split-K"), &got, &want, 2e-5);
         }
     }
 }

@@ -19,15 +19,23 @@ const ATTENTION_THREADS: u32 = 128;
 /// Warps (output columns) per block of the matmul.
 const MATMUL_WARPS: u32 = 4;
 
+/// Keys per block of split-K (flash-decoding) attention; contexts longer than this are split.
+const DEFAULT_SPLIT_KEYS: u32 = 512;
+
 pub struct CudaBackend {
     rt: Arc<dyn KernelRuntime>,
     name: String,
+    split_keys: u32,
 }
 
 impl CudaBackend {
     pub fn new(rt: Arc<dyn KernelRuntime>) -> Self {
         let name = rt.name();
-        CudaBackend { rt, name }
+        CudaBackend {
+            rt,
+            name,
+            split_keys: DEFAULT_SPLIT_KEYS,
+        }
     }
 
     /// The kernels run on the CPU emulator (tests, and machines without a GPU).
@@ -40,6 +48,16 @@ impl CudaBackend {
         Ok(Self::new(Arc::new(super::driver::CudaRuntime::new(
             ordinal,
         )?)))
+    }
+
+    /// Contexts longer than `keys` (a multiple of the attention block's 128 threads) are
+    /// attended in splits of `keys` merged by a second kernel.
+    pub fn set_split_keys(&mut self, keys: u32) {
+        self.split_keys = keys.div_ceil(ATTENTION_THREADS).max(1) * ATTENTION_THREADS;
+    }
+
+    pub fn split_keys(&self) -> u32 {
+        self.split_keys
     }
 
     pub fn runtime(&self) -> &dyn KernelRuntime {
@@ -318,16 +336,9 @@ impl Backend for CudaBackend {
             self.up(&tables)?,
         );
         let od = self.zeroed(out.len() * 4)?;
-        let cfg = LaunchConfig {
-            grid: (t as u32, n_heads as u32, 1),
-            block: (ATTENTION_THREADS, 1, 1),
-            shared_bytes: (hd as u32 + ATTENTION_THREADS) * 4,
-        };
-        let args = [
-            qd.arg(),
-            kc.arg(),
-            vc.arg(),
-            od.arg(),
+        let shared_bytes = (hd as u32 + ATTENTION_THREADS) * 4;
+        let scale = Arg::F32(1.0 / (hd as f32).sqrt());
+        let layout = [
             pd.arg(),
             sd.arg(),
             td.arg(),
@@ -336,8 +347,47 @@ impl Backend for CudaBackend {
             Arg::U32(n_kv as u32),
             Arg::U32(hd as u32),
             Arg::U32(cache.block_size as u32),
-            Arg::F32(1.0 / (hd as f32).sqrt()),
+            scale,
         ];
+        let longest = batch.positions.iter().max().map_or(0, |&p| p + 1);
+        let splits = longest.div_ceil(self.split_keys);
+        if splits > 1 {
+            let parts = t * n_heads * splits as usize;
+            let ml = self.zeroed(parts * 2 * 4)?;
+            let acc = self.zeroed(parts * hd * 4)?;
+            let mut args = vec![qd.arg(), kc.arg(), vc.arg(), ml.arg(), acc.arg()];
+            args.extend(layout);
+            args.push(Arg::U32(self.split_keys));
+            let cfg = LaunchConfig {
+                grid: (t as u32, n_heads as u32, splits),
+                block: (ATTENTION_THREADS, 1, 1),
+                shared_bytes,
+            };
+            self.launch("attention", "attention_split_f32", cfg, &args)?;
+            let merge = LaunchConfig {
+                grid: (t as u32, n_heads as u32, 1),
+                block: (row_threads(hd), 1, 1),
+                shared_bytes: 0,
+            };
+            let args = [
+                ml.arg(),
+                acc.arg(),
+                od.arg(),
+                Arg::U32(n_heads as u32),
+                Arg::U32(hd as u32),
+                Arg::U32(splits),
+            ];
+            self.launch("attention", "attention_merge_f32", merge, &args)?;
+            od.download(out)?;
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid: (t as u32, n_heads as u32, 1),
+            block: (ATTENTION_THREADS, 1, 1),
+            shared_bytes,
+        };
+        let mut args = vec![qd.arg(), kc.arg(), vc.arg(), od.arg()];
+        args.extend(layout);
         self.launch("attention", "attention_f32", cfg, &args)?;
         od.download(out)?;
         Ok(())
