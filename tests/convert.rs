@@ -40,7 +40,7 @@ fn converted_gguf_loads_back_bit_exact() {
 #[test]
 fn quantized_checkpoints_load_back_identically() {
     let src = Checkpoint::open(&real_model()).unwrap();
-    for name in ["int8", "int4"] {
+    for name in ["int8", "int4", "int4:g128", "int4:g64:sym"] {
         let target = vellum::kernels::QuantTarget::parse(name).unwrap();
         let out =
             std::env::temp_dir().join(format!("vellum-quantize-{name}-{}", std::process::id()));

@@ -91,6 +91,26 @@ fn encode_linear(name: &str, w: &Weight, dtype: DType, out: &mut Vec<Encoded>) {
             encode_le(DType::F32, scales, &mut bytes);
             out.push((format!("{name}_scale"), Dtype::F32, vec![w.rows], bytes));
         }
+        WeightData::Int4(_, d) => {
+            let groups = d.scales.len() / w.rows.max(1);
+            out.push((
+                name.into(),
+                Dtype::U8,
+                vec![w.rows, w.cols / 2],
+                d.packed.clone(),
+            ));
+            let f16_bytes = |v: &[half::f16]| v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let shape = vec![w.rows, groups];
+            out.push((
+                format!("{name}_scale"),
+                Dtype::F16,
+                shape.clone(),
+                f16_bytes(&d.scales),
+            ));
+            if !d.mins.is_empty() {
+                out.push((format!("{name}_min"), Dtype::F16, shape, f16_bytes(&d.mins)));
+            }
+        }
         WeightData::Block(_, bytes) => {
             out.push((
                 name.into(),

@@ -152,6 +152,14 @@ pub fn unpermute_rows(w: &Weight, n_head: usize) -> std::result::Result<Weight, 
             q: permute(q, w.rows, src_row),
             scales: permute(scales, w.rows, src_row),
         },
+        WeightData::Int4(f, d) => WeightData::Int4(
+            *f,
+            vellum_quant::Int4Data {
+                packed: permute(&d.packed, w.rows, src_row),
+                scales: permute(&d.scales, w.rows, src_row),
+                mins: permute(&d.mins, w.rows, src_row),
+            },
+        ),
     };
     Weight::new(w.rows, w.cols, data).map_err(|e| e.to_string())
 }
@@ -192,7 +200,8 @@ impl Loader<'_> {
 
     /// A linear layer: dense, or in the checkpoint's quantized format (written by
     /// `vellum quantize`: int8 as `I8 [rows, cols]` + `F32 [rows]` `*_scale`; group-32 blocks
-    /// as `U8 [rows, bytes per row]`).
+    /// as `U8 [rows, bytes per row]`; planar int4 as `U8 [rows, cols / 2]` codes +
+    /// `F16 [rows, groups]` `*_scale` (+ `*_min` when asymmetric)).
     fn linear(
         &self,
         name: &str,
@@ -236,8 +245,31 @@ impl Loader<'_> {
                 expect(TensorFormat::U8, [rows, row_bytes])?;
                 WeightData::Block(f, bytes.to_vec())
             }
+            QuantTarget::Int4(f, _) => {
+                let groups = f.groups(cols).map_err(|e| self.err(name, e.to_string()))?;
+                expect(TensorFormat::U8, [rows, cols / 2])?;
+                let mins = if f.symmetric {
+                    Vec::new()
+                } else {
+                    self.f16_matrix(&format!("{name}_min"), rows, groups)?
+                };
+                let data = vellum_quant::Int4Data {
+                    packed: bytes.to_vec(),
+                    scales: self.f16_matrix(&format!("{name}_scale"), rows, groups)?,
+                    mins,
+                };
+                WeightData::Int4(f, data)
+            }
         };
         Weight::new(rows, cols, data).map_err(|e| self.err(name, e.to_string()))
+    }
+
+    /// A `[rows, cols]` F16 tensor's values (int4 scales and offsets).
+    fn f16_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<half::f16>> {
+        match self.matrix(name, rows, cols)?.data {
+            WeightData::F16(v) => Ok(v),
+            _ => Err(self.err(name, "must be F16 (int4 scales and offsets)")),
+        }
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {

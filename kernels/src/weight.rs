@@ -2,7 +2,7 @@
 //! (bf16/f16 are not widened to f32 in memory), or group-32 block-quantized rows.
 
 use half::{bf16, f16};
-use vellum_quant::{BlockFormat, DType, QK};
+use vellum_quant::{BlockFormat, DType, Int4Data, Int4Format, ScaleSearch, QK};
 
 /// Storage of a `[rows, cols]` weight matrix, row-major.
 #[derive(Debug, Clone)]
@@ -17,6 +17,8 @@ pub enum WeightData {
         q: Vec<i8>,
         scales: Vec<f32>,
     },
+    /// Planar group-wise int4 (groups of 32/64/128; layout in `vellum_quant::int4`).
+    Int4(Int4Format, Int4Data),
 }
 
 /// A weight format to quantize to (on load, or with `vellum quantize`).
@@ -26,13 +28,43 @@ pub enum QuantTarget {
     Int8PerChannel,
     /// A group-32 block format (Q8_0, Q4_0 symmetric int4, Q4_1 asymmetric int4).
     Block(BlockFormat),
+    /// Planar int4 with groups of 64 or 128 (and the scale search used to quantize).
+    Int4(Int4Format, ScaleSearch),
 }
 
 impl QuantTarget {
     /// Parses `int8`, `int8:g32` (Q8_0), `int4` (= `int4:g32`, asymmetric, the Q4_1 layout),
-    /// `int4:sym` (Q4_0), and the GGUF names `q8_0`, `q4_0`, `q4_1`.
+    /// `int4:sym` (Q4_0), the GGUF names `q8_0`, `q4_0`, `q4_1`, and planar int4 with larger
+    /// groups: `int4:g64`, `int4:g128`, `…:sym` for symmetric, `…:mse` for the MSE scale
+    /// search instead of round to nearest (it lowers weight error but, measured on SmolLM2,
+    /// raises perplexity; see README).
     pub fn parse(s: &str) -> Option<QuantTarget> {
-        Some(match s.to_ascii_lowercase().as_str() {
+        let lower = s.to_ascii_lowercase();
+        if let Some(rest) = lower.strip_prefix("int4:g") {
+            let mut parts = rest.split(':');
+            let group: usize = parts.next()?.parse().ok()?;
+            let (mut symmetric, mut search) = (false, ScaleSearch::RoundToNearest);
+            for p in parts {
+                match p {
+                    "sym" => symmetric = true,
+                    "mse" => search = ScaleSearch::Mse,
+                    _ => return None,
+                }
+            }
+            if group == QK {
+                // Group 32 is GGUF's block layout (kept for llama.cpp compatibility).
+                let f = if symmetric {
+                    BlockFormat::Q4_0
+                } else {
+                    BlockFormat::Q4_1
+                };
+                return (search == ScaleSearch::RoundToNearest).then_some(QuantTarget::Block(f));
+            }
+            return Int4Format::new(group, symmetric)
+                .ok()
+                .map(|f| QuantTarget::Int4(f, search));
+        }
+        Some(match lower.as_str() {
             "int8" | "int8:channel" => QuantTarget::Int8PerChannel,
             "q8_0" | "int8:g32" => QuantTarget::Block(BlockFormat::Q8_0),
             "int4" | "int4:g32" | "q4_1" => QuantTarget::Block(BlockFormat::Q4_1),
@@ -45,6 +77,7 @@ impl QuantTarget {
         match self {
             QuantTarget::Int8PerChannel => "int8",
             QuantTarget::Block(f) => f.name(),
+            QuantTarget::Int4(f, _) => f.name(),
         }
     }
 }
@@ -71,6 +104,10 @@ impl Weight {
                     format!("int8: {} scales for {rows} rows", scales.len())
                 })?;
                 (q.len(), n)
+            }
+            WeightData::Int4(f, d) => {
+                f.check(rows, cols, d)?;
+                (n, n)
             }
         };
         if let WeightData::Block(f, _) = &data {
@@ -106,6 +143,7 @@ impl Weight {
             WeightData::BF16(_) => "bf16",
             WeightData::Block(f, _) => f.name(),
             WeightData::Int8PerRow { .. } => "int8",
+            WeightData::Int4(f, _) => f.name(),
         }
     }
 
@@ -117,6 +155,7 @@ impl Weight {
             WeightData::BF16(v) => v.len() * 2,
             WeightData::Block(_, v) => v.len(),
             WeightData::Int8PerRow { q, scales } => q.len() + scales.len() * 4,
+            WeightData::Int4(_, d) => d.packed.len() + (d.scales.len() + d.mins.len()) * 2,
         }
     }
 
@@ -150,6 +189,7 @@ impl Weight {
                     *o = v as f32 * scales[r];
                 }
             }
+            WeightData::Int4(f, d) => f.dequantize_row(d, c, r, out),
         }
     }
 
@@ -177,6 +217,9 @@ impl Weight {
                 let mut bytes = Vec::new();
                 f.quantize(&values, &mut bytes)?;
                 WeightData::Block(f, bytes)
+            }
+            QuantTarget::Int4(f, search) => {
+                WeightData::Int4(f, f.quantize(self.rows, self.cols, &values, search)?)
             }
         };
         Weight::new(self.rows, self.cols, data)
@@ -230,6 +273,27 @@ mod tests {
             Some(QuantTarget::Block(BlockFormat::Q4_1))
         );
         assert_eq!(QuantTarget::parse("int3"), None);
+        let g128 = Int4Format::new(128, true).unwrap();
+        assert_eq!(
+            QuantTarget::parse("int4:g128:sym:mse"),
+            Some(QuantTarget::Int4(g128, ScaleSearch::Mse))
+        );
+        assert_eq!(
+            QuantTarget::parse("INT4:G32"),
+            Some(QuantTarget::Block(BlockFormat::Q4_1))
+        );
+        assert_eq!(
+            QuantTarget::parse("int4:g32:mse"),
+            None,
+            "g32 is GGUF's RTN layout"
+        );
+        assert_eq!(QuantTarget::parse("int4:g96"), None);
+        assert_eq!(QuantTarget::parse("int4:g64:asym"), None);
+        // The name written to quantization_config parses back to the same format.
+        for name in ["int4:g64", "int4:g128:sym"] {
+            let t = QuantTarget::parse(name).unwrap();
+            assert_eq!(QuantTarget::parse(t.name()), Some(t));
+        }
     }
 
     #[test]

@@ -1,14 +1,16 @@
 //! Weight formats of Vellum and their reference (plain Rust, obviously correct) code.
 //!
-//! Dense dtypes (`f32`, `f16`, `bf16`) and the group-32 block formats that llama.cpp ships
-//! in GGUF files. Every kernel in `vellum-kernels` is tested against the reference
+//! Dense dtypes (`f32`, `f16`, `bf16`), the group-32 block formats that llama.cpp ships
+//! in GGUF files, and planar group-wise int4 (groups of 32/64/128). Every kernel in `vellum-kernels` is tested against the reference
 //! dequantize here.
 
 pub mod block;
 pub mod dtype;
+pub mod int4;
 
 pub use block::{BlockFormat, QK};
 pub use dtype::DType;
+pub use int4::{Int4Data, Int4Format, ScaleSearch};
 
 /// Errors of this crate: they name the format and the sizes at fault.
 #[derive(Debug, thiserror::Error)]
@@ -26,4 +28,6 @@ pub enum QuantError {
         expected: usize,
         got: usize,
     },
+    #[error("int4: group size {group} is not supported (32, 64 or 128)")]
+    UnsupportedGroup { group: usize },
 }

@@ -35,7 +35,8 @@ pub struct BenchArgs {
     /// Weight dtype of a synthetic shape: f32, f16 or bf16.
     #[arg(long, default_value = "f16")]
     dtype: String,
-    /// Quantize the linear layers first (as `--quant` of score/generate: int8, int4, int4:sym, q8_0).
+    /// Quantize the linear layers first (as `--quant` of score/generate: int8, int4, int4:sym,
+    /// q8_0, int4:g64|g128[:sym][:mse]).
     #[arg(long)]
     quant: Option<String>,
     /// With --model: convert all weights to this dense dtype first (f32, f16, bf16).
@@ -217,8 +218,9 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         name.push_str(&format!(" as {dtype}"));
     }
     if let Some(q) = &a.quant {
-        let target = vellum_kernels::QuantTarget::parse(q)
-            .ok_or_else(|| anyhow!("--quant {q}: expected int8, int4, int4:sym or q8_0"))?;
+        let target = vellum_kernels::QuantTarget::parse(q).ok_or_else(|| {
+            anyhow!("--quant {q}: expected int8, int4, int4:sym, q8_0 or int4:g64|g128[:sym][:mse]")
+        })?;
         model.quantize_linears(target)?;
         name.push_str(&format!(", linears {}", target.name()));
     }

@@ -43,8 +43,12 @@ pub struct QuantizeArgs {
 }
 
 pub fn quantize(a: QuantizeArgs) -> Result<ExitCode> {
-    let target = vellum_kernels::QuantTarget::parse(&a.to)
-        .ok_or_else(|| anyhow!("--to {}: expected int8, int4, int4:sym or q8_0 (int4 groups other than 32 are not built yet)", a.to))?;
+    let target = vellum_kernels::QuantTarget::parse(&a.to).ok_or_else(|| {
+        anyhow!(
+            "--to {}: expected int8, int4, int4:sym, q8_0 or int4:g64|g128[:sym][:mse]",
+            a.to
+        )
+    })?;
     let dtype = DType::parse(&a.dtype)
         .ok_or_else(|| anyhow!("--dtype {}: expected f32, f16 or bf16", a.dtype))?;
     let ck = Checkpoint::open(&a.input)?;

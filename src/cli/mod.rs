@@ -73,7 +73,9 @@ pub struct EngineArgs {
     #[arg(long)]
     dtype: Option<String>,
     /// Quantize the linear layers on load: int8 (per channel), int4 (= int4:g32, asymmetric,
-    /// the Q4_1 layout), int4:sym (Q4_0), q8_0. Embeddings, norms and the LM head stay as loaded.
+    /// the Q4_1 layout), int4:sym (Q4_0), q8_0, int4:g64 / int4:g128 (planar, `:sym` for
+    /// symmetric, `:mse` for the MSE scale search). Embeddings, norms and the LM head stay as
+    /// loaded.
     #[arg(long)]
     quant: Option<String>,
     /// Most sequences in one step.
@@ -122,7 +124,9 @@ impl EngineArgs {
         }
         if let Some(q) = &self.quant {
             let target = vellum_kernels::QuantTarget::parse(q).ok_or_else(|| {
-                anyhow::anyhow!("--quant {q}: expected int8, int4, int4:sym or q8_0 (int4 groups other than 32 are not built yet)")
+                anyhow::anyhow!(
+                    "--quant {q}: expected int8, int4, int4:sym, q8_0 or int4:g64|g128[:sym][:mse]"
+                )
             })?;
             builder = builder.quant(target);
         }

@@ -41,6 +41,28 @@ fn dot_weight_rows(isa: Isa, x: &[f32], w: &Weight, j0: usize, out: &mut [f32]) 
                 BlockFormat::Q4_1 => dot_rows_tiled(isa, x, n, |r| rows::Q4_1Row(row(r)), out),
             }
         }
+        WeightData::Int4(f, d) => {
+            let groups = k.div_ceil(f.group);
+            let packed = move |r: usize| &d.packed[(j0 + r) * k / 2..(j0 + r + 1) * k / 2];
+            let span = move |r: usize| (j0 + r) * groups..(j0 + r + 1) * groups;
+            if f.symmetric {
+                let row = |r| rows::Int4Row::<true> {
+                    packed: packed(r),
+                    scales: &d.scales[span(r)],
+                    mins: &[],
+                    group: f.group,
+                };
+                dot_rows_tiled(isa, x, n, row, out)
+            } else {
+                let row = |r| rows::Int4Row::<false> {
+                    packed: packed(r),
+                    scales: &d.scales[span(r)],
+                    mins: &d.mins[span(r)],
+                    group: f.group,
+                };
+                dot_rows_tiled(isa, x, n, row, out)
+            }
+        }
     }
 }
 
@@ -439,6 +461,13 @@ mod tests {
             let mut bytes = Vec::new();
             f.quantize(&v, &mut bytes).unwrap();
             out.push(Weight::new(rows, cols, WeightData::Block(f, bytes)).unwrap());
+        }
+        for name in ["int4:g64", "int4:g64:sym", "int4:g128", "int4:g128:sym"] {
+            let target = crate::QuantTarget::parse(name).unwrap();
+            // Rows of whole 32-value chunks; the last group of a row may be short.
+            if cols % QK == 0 {
+                out.push(out[0].quantize(target).unwrap());
+            }
         }
         out
     }

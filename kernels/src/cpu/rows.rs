@@ -284,3 +284,64 @@ unsafe impl Row for Q4_1Row<'_> {
         _mm512_add_ps(scaled, scale16(self.0.as_ptr().add(b + 2)))
     }
 }
+
+/// A row of planar int4 (`vellum_quant::int4`): the row's codes (`cols / 2` bytes, 32-value
+/// chunks of 16 bytes in GGUF's nibble order), its group scales and, asymmetric, offsets.
+/// `SYM`: x = (q - 8) * d; otherwise x = q * d + m.
+pub struct Int4Row<'a, const SYM: bool> {
+    pub packed: &'a [u8],
+    pub scales: &'a [f16],
+    pub mins: &'a [f16],
+    pub group: usize,
+}
+
+unsafe impl<const SYM: bool> Row for Int4Row<'_, SYM> {
+    fn len(&self) -> usize {
+        self.packed.len() * 2
+    }
+    fn get(&self, i: usize) -> f32 {
+        let q = nibble(self.packed, i / QK * (QK / 2), i % QK);
+        let g = i / self.group;
+        let d = self.scales[g].to_f32();
+        if SYM {
+            (q as i32 - 8) as f32 * d
+        } else {
+            q as f32 * d + self.mins[g].to_f32()
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(&self, i: usize) -> __m256 {
+        let q = nibbles8(self.packed.as_ptr().add(i / QK * (QK / 2)), i % QK);
+        let g = i / self.group;
+        let d = scale8(self.scales.as_ptr().add(g) as *const u8);
+        if SYM {
+            _mm256_mul_ps(
+                _mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(8))),
+                d,
+            )
+        } else {
+            // Multiply then add (not fma): the same two roundings as the reference dequantize.
+            let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+            _mm256_add_ps(scaled, scale8(self.mins.as_ptr().add(g) as *const u8))
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn load16(&self, i: usize) -> __m512 {
+        let q = nibbles16(self.packed.as_ptr().add(i / QK * (QK / 2)), i % QK);
+        let g = i / self.group;
+        let d = scale16(self.scales.as_ptr().add(g) as *const u8);
+        if SYM {
+            _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8))),
+                d,
+            )
+        } else {
+            let scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(q), d);
+            _mm512_add_ps(scaled, scale16(self.mins.as_ptr().add(g) as *const u8))
+        }
+    }
+}
