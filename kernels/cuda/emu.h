@@ -33,6 +33,11 @@
 #include <utility>
 #include <vector>
 
+// CUDA's built-in 16-byte vector type (16-byte loads of packed weights).
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
 };

@@ -13,6 +13,8 @@ typedef unsigned int uint32_t;
 typedef int int32_t;
 typedef unsigned short uint16_t;
 typedef unsigned long long uint64_t;
+typedef signed char int8_t;
+typedef unsigned char uint8_t;
 #endif
 
 // 16-bit float storage types. Vellum's own rather than cuda_fp16.h / cuda_bf16.h so that

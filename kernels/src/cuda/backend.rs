@@ -10,7 +10,9 @@
 use super::runtime::{Arg, DeviceBuffer, KernelRuntime, LaunchConfig, Pod};
 use super::CudaError;
 use crate::{check, Backend, BatchLayout, KvLayer, Result, Rope, Weight, WeightData};
+use half::f16;
 use std::sync::Arc;
+use vellum_quant::{BlockFormat, Int4Format, QK};
 
 /// Threads per block of the row kernels (norms, softmax, argmax).
 const ROW_THREADS: u32 = 256;
@@ -76,14 +78,71 @@ impl CudaBackend {
         Ok(self.rt.launch(module, kernel, &cfg, args)?)
     }
 
-    /// A weight on the device and the kernel-name suffix of its storage type. Formats the GPU
-    /// kernels do not read yet (block-quantized, int8) are dequantized to f32 on the way.
-    fn upload_weight(&self, w: &Weight) -> Result<(DeviceBuffer<'_>, &'static str)> {
+    /// A weight on the device for a row gather (embedding): dense as stored, quantized
+    /// formats dequantized to f32. Returns the buffer and the kernel-name suffix of its type.
+    fn upload_rows(&self, w: &Weight) -> Result<(DeviceBuffer<'_>, &'static str)> {
         Ok(match &w.data {
             WeightData::F32(v) => (self.up(v)?, "f32"),
             WeightData::F16(v) => (self.up(v)?, "f16"),
             WeightData::BF16(v) => (self.up(v)?, "bf16"),
             _ => (self.up(&w.to_f32())?, "f32"),
+        })
+    }
+
+    /// A weight on the device in the form a matmul kernel reads: dense as stored; int4
+    /// (planar, or GGUF Q4_0/Q4_1 repacked to planar group 32 bit for bit) and int8 (per
+    /// channel, or Q8_0 repacked to codes + a scale per 32) as codes and scales.
+    fn upload_matrix(&self, w: &Weight) -> Result<DeviceMatrix<'_>> {
+        let (rows, cols) = (w.rows, w.cols);
+        Ok(match &w.data {
+            WeightData::F32(_) | WeightData::F16(_) | WeightData::BF16(_) => {
+                let (buf, ty) = self.upload_rows(w)?;
+                DeviceMatrix::Dense(buf, ty)
+            }
+            WeightData::Int4(f, d) => self.upload_int4(*f, &d.packed, &d.scales, &d.mins)?,
+            WeightData::Block(f @ (BlockFormat::Q4_0 | BlockFormat::Q4_1), bytes) => {
+                let (f, d) = Int4Format::from_q4_blocks(*f, rows, cols, bytes)?;
+                self.upload_int4(f, &d.packed, &d.scales, &d.mins)?
+            }
+            WeightData::Block(BlockFormat::Q8_0, bytes) if cols.is_multiple_of(16) => {
+                let blocks = bytes.chunks_exact(BlockFormat::Q8_0.block_bytes());
+                let mut codes = Vec::with_capacity(rows * cols);
+                let mut scales = Vec::with_capacity(rows * cols / QK);
+                for b in blocks {
+                    scales.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+                    codes.extend_from_slice(&b[2..]);
+                }
+                DeviceMatrix::Int8 {
+                    codes: self.up(&codes)?,
+                    scales: self.up(&scales)?,
+                    group: QK as u32,
+                }
+            }
+            WeightData::Int8PerRow { q, scales } if cols.is_multiple_of(16) => {
+                let codes: Vec<u8> = q.iter().map(|&v| v as u8).collect();
+                DeviceMatrix::Int8 {
+                    codes: self.up(&codes)?,
+                    scales: self.up(scales)?,
+                    group: cols as u32,
+                }
+            }
+            // int8 rows that are not whole 16-byte loads: dequantized (no real model has them).
+            _ => DeviceMatrix::Dense(self.up(&w.to_f32())?, "f32"),
+        })
+    }
+
+    fn upload_int4(
+        &self,
+        f: Int4Format,
+        packed: &[u8],
+        scales: &[f16],
+        mins: &[f16],
+    ) -> Result<DeviceMatrix<'_>> {
+        Ok(DeviceMatrix::Int4 {
+            packed: self.up(packed)?,
+            scales: self.up(scales)?,
+            mins: (!f.symmetric).then(|| self.up(mins)).transpose()?,
+            group: f.group as u32,
         })
     }
 
@@ -105,6 +164,25 @@ impl CudaBackend {
         od.download(&mut out)?;
         Ok(out)
     }
+}
+
+/// A matmul weight as the kernels read it (see [`CudaBackend::upload_matrix`]).
+enum DeviceMatrix<'r> {
+    /// Dense rows and the kernel-name suffix of their type.
+    Dense(DeviceBuffer<'r>, &'static str),
+    /// Planar int4 codes, f16 scales, f16 offsets (asymmetric only), group size.
+    Int4 {
+        packed: DeviceBuffer<'r>,
+        scales: DeviceBuffer<'r>,
+        mins: Option<DeviceBuffer<'r>>,
+        group: u32,
+    },
+    /// int8 codes and one f32 scale per `group` values of a row.
+    Int8 {
+        codes: DeviceBuffer<'r>,
+        scales: DeviceBuffer<'r>,
+        group: u32,
+    },
 }
 
 /// Threads for a row of `width` elements: a multiple of 32, at most [`ROW_THREADS`].
@@ -135,7 +213,7 @@ impl Backend for CudaBackend {
         if tokens.is_empty() {
             return Ok(());
         }
-        let (w, ty) = self.upload_weight(table)?;
+        let (w, ty) = self.upload_rows(table)?;
         let td = self.up(tokens)?;
         let od = self.zeroed(out.len() * 4)?;
         let cfg = LaunchConfig::linear(tokens.len() as u32, row_threads(width));
@@ -200,21 +278,42 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let xd = self.up(x)?;
-        let (wd, ty) = self.upload_weight(w)?;
+        let wd = self.upload_matrix(w)?;
         let bd = bias.map(|b| self.up(b)).transpose()?;
         let od = self.zeroed(out.len() * 4)?;
         let blocks = (n as u32).div_ceil(MATMUL_WARPS);
         let cfg = LaunchConfig::linear(blocks, MATMUL_WARPS * 32);
-        let args = [
-            xd.arg(),
-            wd.arg(),
-            bd.as_ref().map_or(Arg::Ptr(0), |b| b.arg()),
-            od.arg(),
-            Arg::U32(rows as u32),
-            Arg::U32(k as u32),
-            Arg::U32(n as u32),
-        ];
-        self.launch("matmul", &format!("matmul_f32_{ty}"), cfg, &args)?;
+        let bias = bd.as_ref().map_or(Arg::Ptr(0), |b| b.arg());
+        let shape = [rows, k, n].map(|v| Arg::U32(v as u32));
+        match &wd {
+            DeviceMatrix::Dense(wb, ty) => {
+                let mut args = vec![xd.arg(), wb.arg(), bias, od.arg()];
+                args.extend(shape);
+                self.launch("matmul", &format!("matmul_f32_{ty}"), cfg, &args)?;
+            }
+            DeviceMatrix::Int4 {
+                packed,
+                scales,
+                mins,
+                group,
+            } => {
+                let mins = mins.as_ref().map_or(Arg::Ptr(0), |m| m.arg());
+                let mut args = vec![xd.arg(), packed.arg(), scales.arg(), mins, bias, od.arg()];
+                args.extend(shape);
+                args.push(Arg::U32(*group));
+                self.launch("qmatmul", "matmul_w4_f32", cfg, &args)?;
+            }
+            DeviceMatrix::Int8 {
+                codes,
+                scales,
+                group,
+            } => {
+                let mut args = vec![xd.arg(), codes.arg(), scales.arg(), bias, od.arg()];
+                args.extend(shape);
+                args.push(Arg::U32(*group));
+                self.launch("qmatmul", "matmul_w8_f32", cfg, &args)?;
+            }
+        }
         od.download(out)?;
         Ok(())
     }

@@ -38,6 +38,10 @@ pub const MODULES: &[Module] = &[
         name: "matmul",
         source: include_str!("../../cuda/matmul.cu"),
     },
+    Module {
+        name: "qmatmul",
+        source: include_str!("../../cuda/qmatmul.cu"),
+    },
 ];
 
 /// The module called `name`.

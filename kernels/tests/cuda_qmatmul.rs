@@ -1,0 +1,206 @@
+//! Parity of the weight-quantized CUDA matmuls (W4A16, W8A16) with vellum-quant's reference
+//! dequantize and an f64 matmul, for every int4 group size and symmetry, GGUF Q4_0/Q4_1/Q8_0
+//! (repacked at upload) and per-channel int8, on shapes that are not multiples of the
+//! kernels' tiles (k not a multiple of 256, n not of 128, a short last int4 group). Under the
+//! CPU emulator always; on GPU 0 too when it is usable.
+
+use half::{bf16, f16};
+use std::sync::Arc;
+use vellum_kernels::cuda::emu::EmuRuntime;
+use vellum_kernels::cuda::{driver, Arg, CudaBackend, DeviceBuffer, LaunchConfig};
+use vellum_kernels::{Backend, QuantTarget, Weight, WeightData};
+use vellum_quant::{Int4Format, ScaleSearch};
+
+fn backends() -> Vec<CudaBackend> {
+    let mut v = vec![CudaBackend::new(Arc::new(
+        EmuRuntime::new().expect("the CUDA emulator needs g++"),
+    ))];
+    match driver::probe(0) {
+        Ok(()) => v.push(CudaBackend::gpu(0).expect("GPU 0 probed usable")),
+        Err(e) if std::env::var_os("VELLUM_REQUIRE_GPU").is_some() => {
+            panic!("VELLUM_REQUIRE_GPU is set but GPU 0 is unusable: {e}")
+        }
+        Err(e) => eprintln!("GPU parity SKIPPED (emulator only): {e}"),
+    }
+    v
+}
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Every quantized format the kernels read, built from the same values.
+fn formats(n: usize, k: usize, v: &[f32]) -> Vec<Weight> {
+    let dense = Weight::from_f32(n, k, v.to_vec()).unwrap();
+    let mut out: Vec<Weight> = [
+        "int8",
+        "q8_0",
+        "int4",
+        "int4:sym",
+        "int4:g64",
+        "int4:g128:sym",
+    ]
+    .iter()
+    .map(|t| dense.quantize(QuantTarget::parse(t).unwrap()).unwrap())
+    .collect();
+    for group in Int4Format::GROUPS {
+        for symmetric in [false, true] {
+            let f = Int4Format::new(group, symmetric).unwrap();
+            let d = f.quantize(n, k, v, ScaleSearch::RoundToNearest).unwrap();
+            out.push(Weight::new(n, k, WeightData::Int4(f, d)).unwrap());
+        }
+    }
+    out
+}
+
+/// out = x · wᵀ (+ bias) in f64 from the reference dequantize, and the scale of each output's
+/// terms (Σ|x·w|) for a relative bound.
+fn reference(x: &[f32], w: &Weight, bias: Option<&[f32]>) -> (Vec<f32>, Vec<f64>) {
+    let k = w.cols;
+    let wf = w.to_f32();
+    let mut out = Vec::new();
+    let mut mag = Vec::new();
+    for xr in x.chunks(k) {
+        for (c, wr) in wf.chunks(k).enumerate() {
+            let dot: f64 = xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let m: f64 = xr
+                .iter()
+                .zip(wr)
+                .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                .sum();
+            out.push((dot + bias.map_or(0.0, |b| b[c] as f64)) as f32);
+            mag.push(m + 1.0);
+        }
+    }
+    (out, mag)
+}
+
+#[test]
+fn quantized_matmuls_match_the_reference_for_every_format_and_odd_shapes() {
+    for be in backends() {
+        for (rows, k, n) in [
+            (1usize, 96usize, 5usize),
+            (3, 576, 33),
+            (9, 320, 130),
+            (16, 1536, 7),
+        ] {
+            let v = values(n * k, (k * n) as u64);
+            let x = values(rows * k, 7 + k as u64);
+            let bias = values(n, 3);
+            for w in formats(n, k, &v) {
+                for b in [None, Some(&bias[..])] {
+                    let mut got = vec![0f32; rows * n];
+                    be.matmul(&x, &w, b, &mut got).unwrap();
+                    let (want, mag) = reference(&x, &w, b);
+                    for (i, ((g, w_), m)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                        let err = (g - w_).abs() as f64 / m;
+                        assert!(
+                            err < 1e-6,
+                            "{} {} {rows}x{k}x{n} bias {}: output {i}: {g} vs {w_} ({err:.1e} of the terms)",
+                            be.name(),
+                            w.format_name(),
+                            b.is_some()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The 16-bit activation instantiations of both kernels, launched directly.
+#[test]
+fn f16_and_bf16_activations_match_the_f32_kernels() {
+    let (rows, k, n) = (4usize, 320usize, 9usize);
+    let v = values(n * k, 11);
+    let x = values(rows * k, 12);
+    let f = Int4Format::new(128, false).unwrap();
+    let d = f.quantize(n, k, &v, ScaleSearch::RoundToNearest).unwrap();
+    let w4 = Weight::new(n, k, WeightData::Int4(f, d.clone())).unwrap();
+    let w8 = Weight::from_f32(n, k, v.clone())
+        .unwrap()
+        .quantize(QuantTarget::Int8PerChannel)
+        .unwrap();
+    let WeightData::Int8PerRow { q, scales } = &w8.data else {
+        unreachable!("int8 per channel")
+    };
+    for be in backends() {
+        let rt = be.runtime();
+        let cfg = LaunchConfig::linear((n as u32).div_ceil(4), 128);
+        let shape = [rows, k, n].map(|s| Arg::U32(s as u32));
+        let (packed, sc, mins) = (
+            DeviceBuffer::upload(rt, &d.packed).unwrap(),
+            DeviceBuffer::upload(rt, &d.scales).unwrap(),
+            DeviceBuffer::upload(rt, &d.mins).unwrap(),
+        );
+        let codes: Vec<u8> = q.iter().map(|&c| c as u8).collect();
+        let (q8, s8) = (
+            DeviceBuffer::upload(rt, &codes).unwrap(),
+            DeviceBuffer::upload(rt, scales).unwrap(),
+        );
+        for (ty, tol) in [("f16", 2e-3f32), ("bf16", 1.6e-2)] {
+            let (xd, xr): (DeviceBuffer, Vec<f32>) = if ty == "f16" {
+                let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+                (
+                    DeviceBuffer::upload(rt, &h).unwrap(),
+                    h.iter().map(|v| v.to_f32()).collect(),
+                )
+            } else {
+                let h: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+                (
+                    DeviceBuffer::upload(rt, &h).unwrap(),
+                    h.iter().map(|v| v.to_f32()).collect(),
+                )
+            };
+            for (kernel, w) in [("matmul_w4", &w4), ("matmul_w8", &w8)] {
+                let od = DeviceBuffer::zeroed(rt, rows * n * 2).unwrap();
+                let mut args = if kernel == "matmul_w4" {
+                    vec![
+                        xd.arg(),
+                        packed.arg(),
+                        sc.arg(),
+                        mins.arg(),
+                        Arg::Ptr(0),
+                        od.arg(),
+                    ]
+                } else {
+                    vec![xd.arg(), q8.arg(), s8.arg(), Arg::Ptr(0), od.arg()]
+                };
+                args.extend(shape);
+                args.push(Arg::U32(if kernel == "matmul_w4" { 128 } else { k as u32 }));
+                rt.launch("qmatmul", &format!("{kernel}_{ty}"), &cfg, &args)
+                    .unwrap();
+                let got: Vec<f32> = if ty == "f16" {
+                    od.to_vec::<f16>()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_f32())
+                        .collect()
+                } else {
+                    od.to_vec::<bf16>()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_f32())
+                        .collect()
+                };
+                let (want, _) = reference(&xr, w, None);
+                let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                for (g, w_) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w_).abs() <= tol * scale,
+                        "{} {kernel}_{ty}: {g} vs {w_}",
+                        be.name()
+                    );
+                }
+            }
+        }
+    }
+}
