@@ -77,7 +77,15 @@ proptest! {
                         Request::tokens(prompt, SamplingParams::default().max_tokens(max_tokens).n(n).temperature(0.5).seed(3).ignore_eos(true))
                     };
                     req.priority = priority;
-                    ids.push(e.add_request(req).unwrap());
+                    match e.add_request(req) {
+                        Ok(id) => ids.push(id),
+                        // A request the whole pool can never hold (long prompt, n = 2) is
+                        // refused at admission, naming why; it must not be queued forever.
+                        Err(err) => prop_assert!(
+                            err.to_string().contains("does not fit the KV cache"),
+                            "unexpected admission error: {}", err
+                        ),
+                    }
                 }
                 Op::Step => {
                     for o in e.step().unwrap() {
