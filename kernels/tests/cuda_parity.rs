@@ -2,30 +2,16 @@
 //! cases, run through the CUDA backend's real host code. Under the CPU emulator always; on a
 //! GPU too when one is usable (and the test says so when it is not).
 
+mod common;
+use common::backends;
+
 use half::{bf16, f16};
-use std::sync::Arc;
-use vellum_kernels::cuda::emu::EmuRuntime;
 use vellum_kernels::cuda::runtime::Pod;
 use vellum_kernels::cuda::{driver, Arg, CudaBackend, DeviceBuffer, KernelRuntime, LaunchConfig};
 use vellum_kernels::{
     cpu::Cpu, Backend, BatchLayout, KvLayer, QuantTarget, Rope, RopeScaling, Weight,
 };
 use vellum_quant::{BlockFormat, DType};
-
-/// The emulator, plus GPU 0 when it is usable.
-fn backends() -> Vec<CudaBackend> {
-    let mut v = vec![CudaBackend::new(Arc::new(
-        EmuRuntime::new().expect("the CUDA emulator needs g++"),
-    ))];
-    match driver::probe(0) {
-        Ok(()) => v.push(CudaBackend::gpu(0).expect("GPU 0 probed usable")),
-        Err(e) if std::env::var_os("VELLUM_REQUIRE_GPU").is_some() => {
-            panic!("VELLUM_REQUIRE_GPU is set but GPU 0 is unusable: {e}")
-        }
-        Err(e) => eprintln!("GPU parity SKIPPED (emulator only): {e}"),
-    }
-    v
-}
 
 struct Rng(u64);
 impl Rng {

@@ -5,25 +5,11 @@
 //! CPU emulator always; on GPU 0 too when it is usable.
 
 use half::{bf16, f16};
-use std::sync::Arc;
-use vellum_kernels::cuda::emu::EmuRuntime;
-use vellum_kernels::cuda::{driver, Arg, CudaBackend, DeviceBuffer, LaunchConfig};
+mod common;
+use common::backends;
+use vellum_kernels::cuda::{Arg, DeviceBuffer, LaunchConfig};
 use vellum_kernels::{Backend, QuantTarget, Weight, WeightData};
 use vellum_quant::{Int4Format, ScaleSearch};
-
-fn backends() -> Vec<CudaBackend> {
-    let mut v = vec![CudaBackend::new(Arc::new(
-        EmuRuntime::new().expect("the CUDA emulator needs g++"),
-    ))];
-    match driver::probe(0) {
-        Ok(()) => v.push(CudaBackend::gpu(0).expect("GPU 0 probed usable")),
-        Err(e) if std::env::var_os("VELLUM_REQUIRE_GPU").is_some() => {
-            panic!("VELLUM_REQUIRE_GPU is set but GPU 0 is unusable: {e}")
-        }
-        Err(e) => eprintln!("GPU parity SKIPPED (emulator only): {e}"),
-    }
-    v
-}
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;

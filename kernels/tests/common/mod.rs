@@ -1,0 +1,24 @@
+//! Helpers shared by the CUDA kernel tests.
+
+use std::sync::Arc;
+use vellum_kernels::cuda::emu::EmuRuntime;
+use vellum_kernels::cuda::{driver, CudaBackend};
+
+/// The emulator, plus GPU 0 when it is usable.
+pub fn backends() -> Vec<CudaBackend> {
+    let mut v = vec![CudaBackend::new(Arc::new(
+        EmuRuntime::new().expect("the CUDA emulator needs g++"),
+    ))];
+    match driver::probe(0) {
+        Ok(()) => v.push(CudaBackend::gpu(0).expect("GPU 0 probed usable")),
+        Err(e) if std::env::var_os("VELLUM_REQUIRE_GPU").is_some() => {
+            panic!("VELLUM_REQUIRE_GPU is set but GPU 0 is unusable: {e}")
+        }
+        Err(e) => {
+            // Straight to stderr, past the test harness's capture: a skip must be seen.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "GPU parity SKIPPED (emulator only): {e}");
+        }
+    }
+    v
+}
