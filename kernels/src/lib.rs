@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod rope;
+pub mod shapes;
 pub mod weight;
 
 pub use attention::{BatchLayout, KvLayer};

@@ -248,6 +248,22 @@ fn silu_mul_log_softmax_and_argmax_match() {
             cpu.log_softmax(&mut b, width).unwrap();
             assert_close(&format!("{} log_softmax {width}", be.name()), &a, &b, 1e-6);
         }
+        // Bad arguments are the same error on both backends (shared checks, kernels::shapes).
+        let (mut g, u) = (vec![0f32; 3], vec![0f32; 2]);
+        let errs = (be.silu_mul(&mut g, &u), cpu.silu_mul(&mut g, &u));
+        assert_eq!(
+            errs.0.unwrap_err().to_string(),
+            errs.1.unwrap_err().to_string()
+        );
+        let w = Weight::from_f32(4, 8, vec![0.0; 32]).unwrap();
+        let errs = (
+            be.matmul(&g, &w, None, &mut [0.0; 4]),
+            cpu.matmul(&g, &w, None, &mut [0.0; 4]),
+        );
+        assert_eq!(
+            errs.0.unwrap_err().to_string(),
+            errs.1.unwrap_err().to_string()
+        );
         // Ties resolve to the lowest index, as a host argmax does.
         let mut x = rng.vec(3 * 777);
         x[5] = 9.0;

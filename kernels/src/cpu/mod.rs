@@ -5,7 +5,7 @@ mod rows;
 pub mod simd;
 
 use crate::{
-    check, Backend, BatchLayout, KernelError, KvLayer, MatmulPart, Result, Rope, Weight, WeightData,
+    check, shapes, Backend, BatchLayout, KvLayer, MatmulPart, Result, Rope, Weight, WeightData,
 };
 use rayon::prelude::*;
 use simd::Isa;
@@ -161,20 +161,8 @@ impl Backend for Cpu {
     }
 
     fn embedding(&self, table: &Weight, tokens: &[u32], out: &mut [f32]) -> Result<()> {
+        shapes::embedding(table, tokens, out)?;
         let d = table.cols;
-        check("embedding", out.len() == tokens.len() * d, || {
-            format!(
-                "out has {} floats for {} tokens of width {d}",
-                out.len(),
-                tokens.len()
-            )
-        })?;
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= table.rows) {
-            return Err(KernelError::TokenOutOfRange {
-                token: bad,
-                rows: table.rows,
-            });
-        }
         out.par_chunks_mut(d.max(1))
             .zip(tokens.par_iter())
             .for_each(|(row, &t)| table.row_to_f32(t as usize, row));
@@ -189,18 +177,8 @@ impl Backend for Cpu {
         eps: f32,
         out: &mut [f32],
     ) -> Result<()> {
+        shapes::add_rms_norm(residual, delta, weight, out)?;
         let d = weight.len();
-        let ok = d > 0
-            && residual.len().is_multiple_of(d)
-            && out.len() == residual.len()
-            && delta.is_none_or(|x| x.len() == residual.len());
-        check("add_rms_norm", ok, || {
-            format!(
-                "residual {} / out {} floats, width {d}",
-                residual.len(),
-                out.len()
-            )
-        })?;
         let isa = self.isa;
         residual
             .par_chunks_mut(d)
@@ -229,22 +207,12 @@ impl Backend for Cpu {
         let Some(k) = parts.first().map(|p| p.w.cols) else {
             return Ok(());
         };
-        let t = x.len().checked_div(k).unwrap_or(0);
+        let mut t = 0;
         for p in parts.iter() {
-            let n = p.w.rows;
-            let ok = k > 0
-                && p.w.cols == k
-                && x.len() == t * k
-                && p.out.len() == t * n
-                && p.bias.is_none_or(|b| b.len() == n);
-            check("matmul", ok, || {
-                format!(
-                    "x has {} floats, weight [{n}, {}], out {} floats",
-                    x.len(),
-                    p.w.cols,
-                    p.out.len()
-                )
+            check("matmul", p.w.cols == k, || {
+                format!("weights of {} and {k} columns in one call", p.w.cols)
             })?;
+            t = shapes::matmul(x, p.w, p.bias, p.out)?;
         }
         if t == 0 {
             return Ok(());
@@ -286,19 +254,9 @@ impl Backend for Cpu {
     }
 
     fn rotary(&self, x: &mut [f32], positions: &[u32], n_heads: usize, rope: &Rope) -> Result<()> {
+        shapes::rotary(x, positions, n_heads, rope)?;
         let hd = rope.head_dim;
         let width = n_heads * hd;
-        check(
-            "rotary",
-            hd.is_multiple_of(2) && x.len() == positions.len() * width,
-            || {
-                format!(
-                    "x has {} floats for {} tokens x {n_heads} heads x {hd}",
-                    x.len(),
-                    positions.len()
-                )
-            },
-        )?;
         let half = hd / 2;
         x.par_chunks_mut(width.max(1))
             .zip(positions.par_iter())
@@ -325,20 +283,8 @@ impl Backend for Cpu {
         v: &[f32],
         slot_mapping: &[u32],
     ) -> Result<()> {
+        shapes::write_kv(cache, k, v, slot_mapping)?;
         let w = cache.slot_width();
-        let ok = k.len() == slot_mapping.len() * w
-            && v.len() == k.len()
-            && slot_mapping
-                .iter()
-                .all(|&s| (s as usize) < cache.num_slots());
-        check("write_kv", ok, || {
-            format!(
-                "{} slots, k {} floats, slot width {w}, pool {} slots",
-                slot_mapping.len(),
-                k.len(),
-                cache.num_slots()
-            )
-        })?;
         for (t, &slot) in slot_mapping.iter().enumerate() {
             let s = slot as usize;
             cache.k[s * w..(s + 1) * w].copy_from_slice(&k[t * w..(t + 1) * w]);
@@ -355,19 +301,9 @@ impl Backend for Cpu {
         n_heads: usize,
         out: &mut [f32],
     ) -> Result<()> {
-        batch.validate(cache)?;
+        shapes::attention(q, cache, batch, n_heads, out)?;
         let (hd, n_kv) = (cache.head_dim, cache.n_kv_heads);
         let t = batch.num_tokens();
-        let ok = n_kv > 0
-            && n_heads.is_multiple_of(n_kv)
-            && q.len() == t * n_heads * hd
-            && out.len() == q.len();
-        check("attention", ok, || {
-            format!(
-                "q {} floats, {t} tokens, {n_heads} heads / {n_kv} kv heads of {hd}",
-                q.len()
-            )
-        })?;
         let group = n_heads / n_kv;
         let mut seq_of = vec![0usize; t];
         for s in 0..batch.num_seqs() {
@@ -407,9 +343,7 @@ impl Backend for Cpu {
     }
 
     fn silu_mul(&self, gate: &mut [f32], up: &[f32]) -> Result<()> {
-        check("silu_mul", gate.len() == up.len(), || {
-            format!("gate {} floats, up {}", gate.len(), up.len())
-        })?;
+        shapes::silu_mul(gate, up)?;
         gate.par_chunks_mut(4096)
             .zip(up.par_chunks(4096))
             .for_each(|(g, u)| {
@@ -421,11 +355,7 @@ impl Backend for Cpu {
     }
 
     fn log_softmax(&self, x: &mut [f32], width: usize) -> Result<()> {
-        check(
-            "log_softmax",
-            width > 0 && x.len().is_multiple_of(width),
-            || format!("{} floats in rows of {width}", x.len()),
-        )?;
+        shapes::rows_of("log_softmax", x, width)?;
         x.par_chunks_mut(width).for_each(|row| {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();

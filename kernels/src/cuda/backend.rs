@@ -9,7 +9,7 @@
 
 use super::runtime::{Arg, DeviceBuffer, KernelRuntime, LaunchConfig, Pod};
 use super::CudaError;
-use crate::{check, Backend, BatchLayout, KvLayer, Result, Rope, Weight, WeightData};
+use crate::{check, shapes, Backend, BatchLayout, KvLayer, Result, Rope, Weight, WeightData};
 use half::f16;
 use std::sync::Arc;
 use vellum_quant::{BlockFormat, Int4Format, QK};
@@ -148,10 +148,7 @@ impl CudaBackend {
 
     /// Index of the largest logit of each row (lowest index among ties).
     pub fn argmax(&self, x: &[f32], width: usize) -> Result<Vec<u32>> {
-        check("argmax", width > 0 && x.len().is_multiple_of(width), || {
-            format!("{} floats in rows of {width}", x.len())
-        })?;
-        let rows = x.len() / width;
+        let rows = shapes::rows_of("argmax", x, width)?;
         let mut out = vec![0u32; rows];
         if rows == 0 {
             return Ok(out);
@@ -196,20 +193,8 @@ impl Backend for CudaBackend {
     }
 
     fn embedding(&self, table: &Weight, tokens: &[u32], out: &mut [f32]) -> Result<()> {
+        shapes::embedding(table, tokens, out)?;
         let width = table.cols;
-        check("embedding", out.len() == tokens.len() * width, || {
-            format!(
-                "out {} floats for {} tokens x {width}",
-                out.len(),
-                tokens.len()
-            )
-        })?;
-        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= table.rows) {
-            return Err(crate::KernelError::TokenOutOfRange {
-                token,
-                rows: table.rows,
-            });
-        }
         if tokens.is_empty() {
             return Ok(());
         }
@@ -232,14 +217,7 @@ impl Backend for CudaBackend {
         out: &mut [f32],
     ) -> Result<()> {
         let width = weight.len();
-        let ok = width > 0
-            && residual.len().is_multiple_of(width)
-            && out.len() == residual.len()
-            && delta.is_none_or(|d| d.len() == residual.len());
-        check("add_rms_norm", ok, || {
-            format!("residual {} floats, weight {width}", residual.len())
-        })?;
-        let rows = residual.len() / width;
+        let rows = shapes::add_rms_norm(residual, delta, weight, out)?;
         if rows == 0 {
             return Ok(());
         }
@@ -266,14 +244,7 @@ impl Backend for CudaBackend {
 
     fn matmul(&self, x: &[f32], w: &Weight, bias: Option<&[f32]>, out: &mut [f32]) -> Result<()> {
         let (k, n) = (w.cols, w.rows);
-        let ok = k > 0
-            && x.len().is_multiple_of(k)
-            && out.len() == x.len() / k * n
-            && bias.is_none_or(|b| b.len() == n);
-        check("matmul", ok, || {
-            format!("x {} floats, weight {n}x{k}, out {}", x.len(), out.len())
-        })?;
-        let rows = x.len() / k;
+        let rows = shapes::matmul(x, w, bias, out)?;
         if rows == 0 || n == 0 {
             return Ok(());
         }
@@ -319,15 +290,8 @@ impl Backend for CudaBackend {
     }
 
     fn rotary(&self, x: &mut [f32], positions: &[u32], n_heads: usize, rope: &Rope) -> Result<()> {
+        shapes::rotary(x, positions, n_heads, rope)?;
         let hd = rope.head_dim;
-        let ok = hd.is_multiple_of(2) && x.len() == positions.len() * n_heads * hd;
-        check("rotary", ok, || {
-            format!(
-                "x has {} floats for {} tokens x {n_heads} heads x {hd}",
-                x.len(),
-                positions.len()
-            )
-        })?;
         if positions.is_empty() || n_heads == 0 || hd == 0 {
             return Ok(());
         }
@@ -354,16 +318,9 @@ impl Backend for CudaBackend {
         v: &[f32],
         slot_mapping: &[u32],
     ) -> Result<()> {
+        shapes::write_kv(cache, k, v, slot_mapping)?;
         let width = cache.slot_width();
         let t = slot_mapping.len();
-        let ok = k.len() == t * width
-            && v.len() == k.len()
-            && slot_mapping
-                .iter()
-                .all(|&s| (s as usize) < cache.num_slots());
-        check("write_kv", ok, || {
-            format!("{t} slots for k {} floats of width {width}", k.len())
-        })?;
         if t == 0 {
             return Ok(());
         }
@@ -393,20 +350,12 @@ impl Backend for CudaBackend {
         n_heads: usize,
         out: &mut [f32],
     ) -> Result<()> {
-        batch.validate(cache)?;
+        shapes::attention(q, cache, batch, n_heads, out)?;
         let (hd, n_kv) = (cache.head_dim, cache.n_kv_heads);
         let t = batch.num_tokens();
-        let ok = n_kv > 0
-            && n_heads.is_multiple_of(n_kv)
-            && hd > 0
-            && hd <= 2 * ATTENTION_THREADS as usize
-            && q.len() == t * n_heads * hd
-            && out.len() == q.len();
-        check("attention", ok, || {
+        check("attention", hd <= 2 * ATTENTION_THREADS as usize, || {
             format!(
-                "q {} floats, {t} tokens, {n_heads} heads / {n_kv} kv heads of {hd} \
-                 (head_dim at most {})",
-                q.len(),
+                "head_dim {hd}: the CUDA kernel takes at most {}",
                 2 * ATTENTION_THREADS
             )
         })?;
@@ -493,9 +442,7 @@ impl Backend for CudaBackend {
     }
 
     fn silu_mul(&self, gate: &mut [f32], up: &[f32]) -> Result<()> {
-        check("silu_mul", gate.len() == up.len(), || {
-            format!("gate {} floats, up {}", gate.len(), up.len())
-        })?;
+        shapes::silu_mul(gate, up)?;
         if gate.is_empty() {
             return Ok(());
         }
@@ -513,12 +460,7 @@ impl Backend for CudaBackend {
     }
 
     fn log_softmax(&self, x: &mut [f32], width: usize) -> Result<()> {
-        check(
-            "log_softmax",
-            width > 0 && x.len().is_multiple_of(width),
-            || format!("{} floats in rows of {width}", x.len()),
-        )?;
-        let rows = x.len() / width;
+        let rows = shapes::rows_of("log_softmax", x, width)?;
         if rows == 0 {
             return Ok(());
         }

@@ -1,0 +1,127 @@
+//! Argument checks of the [`crate::Backend`] ops, shared by every backend so that a bad call
+//! is the same error (naming the op and the sizes) whichever backend gets it. Each returns
+//! the row count the op will work on where there is one.
+
+use crate::{check, BatchLayout, KernelError, KvLayer, Result, Rope, Weight};
+
+/// `out` holds one row per token; every token is a row of the table.
+pub fn embedding(table: &Weight, tokens: &[u32], out: &[f32]) -> Result<()> {
+    let d = table.cols;
+    check("embedding", out.len() == tokens.len() * d, || {
+        format!(
+            "out has {} floats for {} tokens of width {d}",
+            out.len(),
+            tokens.len()
+        )
+    })?;
+    match tokens.iter().find(|&&t| t as usize >= table.rows) {
+        Some(&token) => Err(KernelError::TokenOutOfRange {
+            token,
+            rows: table.rows,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Returns the number of rows.
+pub fn add_rms_norm(
+    residual: &[f32],
+    delta: Option<&[f32]>,
+    weight: &[f32],
+    out: &[f32],
+) -> Result<usize> {
+    let d = weight.len();
+    let ok = d > 0
+        && residual.len().is_multiple_of(d)
+        && out.len() == residual.len()
+        && delta.is_none_or(|x| x.len() == residual.len());
+    check("add_rms_norm", ok, || {
+        format!(
+            "residual {} / out {} floats, width {d}",
+            residual.len(),
+            out.len()
+        )
+    })?;
+    Ok(residual.len() / d)
+}
+
+/// Returns the number of activation rows.
+pub fn matmul(x: &[f32], w: &Weight, bias: Option<&[f32]>, out: &[f32]) -> Result<usize> {
+    let (k, n) = (w.cols, w.rows);
+    let t = x.len().checked_div(k).unwrap_or(0);
+    let ok = k > 0 && x.len() == t * k && out.len() == t * n && bias.is_none_or(|b| b.len() == n);
+    check("matmul", ok, || {
+        format!(
+            "x has {} floats, weight [{n}, {k}], out {} floats",
+            x.len(),
+            out.len()
+        )
+    })?;
+    Ok(t)
+}
+
+pub fn rotary(x: &[f32], positions: &[u32], n_heads: usize, rope: &Rope) -> Result<()> {
+    let hd = rope.head_dim;
+    let ok = hd.is_multiple_of(2) && x.len() == positions.len() * n_heads * hd;
+    check("rotary", ok, || {
+        format!(
+            "x has {} floats for {} tokens x {n_heads} heads x {hd}",
+            x.len(),
+            positions.len()
+        )
+    })
+}
+
+pub fn write_kv(cache: &KvLayer, k: &[f32], v: &[f32], slot_mapping: &[u32]) -> Result<()> {
+    let w = cache.slot_width();
+    let ok = k.len() == slot_mapping.len() * w
+        && v.len() == k.len()
+        && slot_mapping
+            .iter()
+            .all(|&s| (s as usize) < cache.num_slots());
+    check("write_kv", ok, || {
+        format!(
+            "{} slots, k {} floats, slot width {w}, pool {} slots",
+            slot_mapping.len(),
+            k.len(),
+            cache.num_slots()
+        )
+    })
+}
+
+/// Also validates the batch layout against the cache.
+pub fn attention(
+    q: &[f32],
+    cache: &KvLayer,
+    batch: &BatchLayout,
+    n_heads: usize,
+    out: &[f32],
+) -> Result<()> {
+    batch.validate(cache)?;
+    let (hd, n_kv) = (cache.head_dim, cache.n_kv_heads);
+    let t = batch.num_tokens();
+    let ok = n_kv > 0
+        && n_heads.is_multiple_of(n_kv)
+        && q.len() == t * n_heads * hd
+        && out.len() == q.len();
+    check("attention", ok, || {
+        format!(
+            "q {} floats, {t} tokens, {n_heads} heads / {n_kv} kv heads of {hd}",
+            q.len()
+        )
+    })
+}
+
+pub fn silu_mul(gate: &[f32], up: &[f32]) -> Result<()> {
+    check("silu_mul", gate.len() == up.len(), || {
+        format!("gate {} floats, up {}", gate.len(), up.len())
+    })
+}
+
+/// Returns the number of rows.
+pub fn rows_of(op: &'static str, x: &[f32], width: usize) -> Result<usize> {
+    check(op, width > 0 && x.len().is_multiple_of(width), || {
+        format!("{} floats in rows of {width}", x.len())
+    })?;
+    Ok(x.len() / width)
+}
