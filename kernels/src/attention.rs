@@ -66,6 +66,15 @@ impl BatchLayout {
         self.seq_offsets.len().saturating_sub(1)
     }
 
+    /// The sequence of each query token.
+    pub fn seq_of_token(&self) -> Vec<u32> {
+        let mut seq_of = vec![0u32; self.num_tokens()];
+        for s in 0..self.num_seqs() {
+            seq_of[self.seq_offsets[s]..self.seq_offsets[s + 1]].fill(s as u32);
+        }
+        seq_of
+    }
+
     /// Checks internal consistency against a cache; an inconsistent layout is an engine bug,
     /// reported as an error instead of an out-of-bounds panic inside a kernel.
     pub fn validate(&self, cache: &KvLayer) -> crate::Result<()> {

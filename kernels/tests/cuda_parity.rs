@@ -538,11 +538,10 @@ fn half_kernels_match<H: Half>() {
         let (qh, qf) = rounded::<H>(&rng.vec(t * n_heads * hd));
         let max_blocks = batch.block_tables.iter().map(Vec::len).max().unwrap();
         let mut tables = vec![0u32; batch.num_seqs() * max_blocks];
-        let mut seq_of = vec![0u32; t];
         for (s, table) in batch.block_tables.iter().enumerate() {
             tables[s * max_blocks..s * max_blocks + table.len()].copy_from_slice(table);
-            seq_of[batch.seq_offsets[s]..batch.seq_offsets[s + 1]].fill(s as u32);
         }
+        let seq_of = batch.seq_of_token();
         let bufs = [
             DeviceBuffer::upload(rt, &qh).unwrap(),
             DeviceBuffer::upload(rt, &kh).unwrap(),

@@ -303,19 +303,15 @@ impl Backend for Cpu {
     ) -> Result<()> {
         shapes::attention(q, cache, batch, n_heads, out)?;
         let (hd, n_kv) = (cache.head_dim, cache.n_kv_heads);
-        let t = batch.num_tokens();
         let group = n_heads / n_kv;
-        let mut seq_of = vec![0usize; t];
-        for s in 0..batch.num_seqs() {
-            seq_of[batch.seq_offsets[s]..batch.seq_offsets[s + 1]].fill(s);
-        }
+        let seq_of = batch.seq_of_token();
         let scale = 1.0 / (hd as f32).sqrt();
         let (bs, sw, isa) = (cache.block_size, cache.slot_width(), self.isa);
         out.par_chunks_mut(hd)
             .enumerate()
             .for_each_init(Vec::new, |scores, (idx, o)| {
                 let (ti, h) = (idx / n_heads, idx % n_heads);
-                let table = &batch.block_tables[seq_of[ti]];
+                let table = &batch.block_tables[seq_of[ti] as usize];
                 let kvh = h / group;
                 let qv = &q[idx * hd..(idx + 1) * hd];
                 let visible = batch.positions[ti] as usize + 1;

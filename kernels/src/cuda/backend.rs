@@ -362,10 +362,7 @@ impl Backend for CudaBackend {
         if t == 0 {
             return Ok(());
         }
-        let mut seq_of = vec![0u32; t];
-        for s in 0..batch.num_seqs() {
-            seq_of[batch.seq_offsets[s]..batch.seq_offsets[s + 1]].fill(s as u32);
-        }
+        let seq_of = batch.seq_of_token();
         let max_blocks = batch
             .block_tables
             .iter()
