@@ -1,6 +1,7 @@
 //! The CPU backend: rayon across rows/heads, SIMD primitives chosen once at start-up.
 
 pub mod membw;
+pub mod qdot;
 mod rows;
 pub mod simd;
 
@@ -129,11 +130,14 @@ fn dot_rows_all<R: simd::Row + ?Sized>(isa: Isa, x: &[f32], w: &R, out: &mut [f3
 pub struct Cpu {
     isa: Isa,
     name: String,
+    int_dot: bool,
 }
 
 impl Default for Cpu {
+    /// The best SIMD path; integer dots for block weights when `VELLUM_INT_DOT=1`.
     fn default() -> Self {
-        Cpu::with_isa(simd::isa())
+        let int_dot = std::env::var("VELLUM_INT_DOT").is_ok_and(|v| v == "1");
+        Cpu::with_isa(simd::isa()).with_int_dot(int_dot)
     }
 }
 
@@ -147,7 +151,20 @@ impl Cpu {
         Cpu {
             isa,
             name: format!("cpu-{}", isa.name()),
+            int_dot: false,
         }
+    }
+
+    /// Group-32 block weights (Q8_0, Q4_0, Q4_1) meet activations quantized to int8 in
+    /// integer dot products (`qdot`): faster, but activations are rounded to 8 bits.
+    pub fn with_int_dot(mut self, on: bool) -> Cpu {
+        self.int_dot = on;
+        self.name = format!(
+            "cpu-{}{}",
+            self.isa.name(),
+            if on { "-int8dot" } else { "" }
+        );
+        self
     }
 
     pub fn isa(&self) -> Isa {
@@ -218,6 +235,9 @@ impl Backend for Cpu {
             return Ok(());
         }
         let isa = self.isa;
+        let blocks = |p: &MatmulPart| matches!(p.w.data, WeightData::Block(..));
+        let q8 = (self.int_dot && k.is_multiple_of(QK) && parts.iter().any(blocks))
+            .then(|| qdot::Q8Rows::quantize(x, k));
         // Each part is computed transposed ([n, t]) so that each task owns a contiguous
         // slice, then transposed back; every weight is read once whatever t is. All parts
         // share one parallel region: fewer hand-offs between threads per layer.
@@ -231,7 +251,16 @@ impl Backend for Cpu {
         tasks.into_par_iter().for_each(|(pi, c, chunk)| {
             let (w, bias) = (parts[pi].w, parts[pi].bias);
             let j0 = c * MATMUL_CHUNK;
-            dot_weight_rows(isa, x, w, j0, chunk);
+            match (&q8, &w.data) {
+                (Some(q8), WeightData::Block(f, bytes)) => {
+                    let rb = k / QK * f.block_bytes();
+                    for (i, dst) in chunk.chunks_exact_mut(t).enumerate() {
+                        let row = &bytes[(j0 + i) * rb..(j0 + i + 1) * rb];
+                        qdot::dot_rows(*f, row, q8, dst);
+                    }
+                }
+                _ => dot_weight_rows(isa, x, w, j0, chunk),
+            }
             if let Some(b) = bias {
                 for (i, dst) in chunk.chunks_exact_mut(t).enumerate() {
                     dst.iter_mut().for_each(|o| *o += b[j0 + i]);
@@ -465,6 +494,37 @@ mod tests {
     }
 
     /// Dense rows of odd lengths exercise the vector tails.
+    /// The integer-dot matmul stays within the activation rounding of the float one, and a
+    /// row alone gives exactly what it gave in the batch.
+    #[test]
+    fn int_dot_matmul_is_close_to_float_and_batch_invariant() {
+        let (n, k, t) = (37, 96, 5);
+        let cpu = Cpu::new();
+        let int = Cpu::new().with_int_dot(true);
+        let x: Vec<f32> = (0..t * k)
+            .map(|i| ((i * 31 % 97) as f32 / 97.0 - 0.5))
+            .collect();
+        for w in weights(n, k) {
+            if !matches!(w.data, WeightData::Block(..)) {
+                continue;
+            }
+            let (mut a, mut b) = (vec![0f32; t * n], vec![0f32; t * n]);
+            cpu.matmul(&x, &w, None, &mut a).unwrap();
+            int.matmul(&x, &w, None, &mut b).unwrap();
+            let scale = a.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            for (p, q) in a.iter().zip(&b) {
+                assert!(
+                    (p - q).abs() <= 2e-2 * scale,
+                    "{}: {p} vs {q}",
+                    w.format_name()
+                );
+            }
+            let mut alone = vec![0f32; n];
+            int.matmul(&x[2 * k..3 * k], &w, None, &mut alone).unwrap();
+            assert_eq!(alone, b[2 * n..3 * n].to_vec(), "{}", w.format_name());
+        }
+    }
+
     #[test]
     fn dense_rows_with_odd_lengths() {
         for cols in [1usize, 7, 17, 33, 100] {
