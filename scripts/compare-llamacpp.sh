@@ -19,11 +19,17 @@ fi
 cargo build --release --quiet
 printf '%-45s %5s %12s %12s %7s\n' model seqs llama.cpp vellum ratio
 for m in "${models[@]}"; do
-  base="$(THREADS=2 N_GEN=128 N_PROMPT=16 SEQS=16 scripts/llamacpp-baseline.sh "$m")"
+  # A llama.cpp tool that crashes (llama-batched-bench segfaults on some quantized models on
+  # some CPUs) leaves its cell empty instead of ending the comparison.
+  base="$(THREADS=2 N_GEN=128 N_PROMPT=16 SEQS=16 scripts/llamacpp-baseline.sh "$m" || true)"
   ours="$(./target/release/vellum bench --model "$m" --threads 2 --prompt-len 16 --gen-len 128 --concurrency 1,16 --json)"
   for seqs in 1 16; do
-    l="$(grep -o "seqs=$seqs tok_s=[0-9.]*" <<<"$base" | cut -d= -f3)"
+    l="$(grep -o "seqs=$seqs tok_s=[0-9.]*" <<<"$base" | cut -d= -f3 || true)"
     v="$(python3 -c 'import json,sys; s=int(sys.argv[1]); print(next(json.loads(x)["decode_tok_s"] for x in sys.stdin if json.loads(x)["concurrency"]==s))' "$seqs" <<<"$ours")"
-    printf '%-45s %5s %12.1f %12.1f %6.2fx\n' "$(basename "$m")" "$seqs" "$l" "$v" "$(python3 -c "print($v/$l)")"
+    if [[ -z "$l" ]]; then
+      printf '%-45s %5s %12s %12.1f %7s\n' "$(basename "$m")" "$seqs" "crashed" "$v" "-"
+    else
+      printf '%-45s %5s %12.1f %12.1f %6.2fx\n' "$(basename "$m")" "$seqs" "$l" "$v" "$(python3 -c "print($v/$l)")"
+    fi
   done
 done
