@@ -153,7 +153,9 @@ impl KernelRuntime for CudaRuntime {
     fn launch(&self, module: &str, kernel: &str, cfg: &LaunchConfig, args: &[Arg]) -> Result<()> {
         let f = self.function(module, kernel)?;
         // Launches come from whichever (pool) thread runs the op: make the context current.
-        self.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("cuCtxSetCurrent"))?;
         let mut packed = PackedArgs::new(args);
         let mut ptrs = packed.pointers();
         // SAFETY: the argument array matches the kernel's parameters (the backend's host code
