@@ -22,12 +22,7 @@ __device__ void matmul(const T *x, const W *w, const float *bias, T *out, uint32
       for (int r = 0; r < MATMUL_ROWS; ++r)
         if (r < (int)rr) acc[r] += to_f32(x[(size_t)(r0 + r) * k + i]) * wv;
     }
-#pragma unroll
-    for (int r = 0; r < MATMUL_ROWS; ++r) {
-      float s = warp_sum(acc[r]);
-      if (lane == 0 && r < (int)rr)
-        out[(size_t)(r0 + r) * n + col] = from_f32<T>(s + (bias ? bias[col] : 0.0f));
-    }
+    store_warp_rows(acc, rr, r0, n, col, bias, out);
   }
 }
 #define MATMUL(name, T, W)                                                                   \

@@ -53,12 +53,7 @@ __device__ void matmul_w4(const T *x, const uint8_t *packed, const f16 *scales, 
         acc[r] += s;
       }
     }
-#pragma unroll
-    for (int r = 0; r < QROWS; ++r) {
-      float s = warp_sum(acc[r]);
-      if (lane == 0 && r < (int)rr)
-        out[(size_t)(r0 + r) * n + col] = from_f32<T>(s + (bias ? bias[col] : 0.0f));
-    }
+    store_warp_rows(acc, rr, r0, n, col, bias, out);
   }
 }
 
@@ -94,12 +89,7 @@ __device__ void matmul_w8(const T *x, const int8_t *q, const float *scales, cons
         acc[r] += s;
       }
     }
-#pragma unroll
-    for (int r = 0; r < QROWS; ++r) {
-      float s = warp_sum(acc[r]);
-      if (lane == 0 && r < (int)rr)
-        out[(size_t)(r0 + r) * n + col] = from_f32<T>(s + (bias ? bias[col] : 0.0f));
-    }
+    store_warp_rows(acc, rr, r0, n, col, bias, out);
   }
 }
 

@@ -134,3 +134,18 @@ __device__ __forceinline__ float block_max(float v, float *scratch) {
   __syncthreads();
   return t;
 }
+
+// The end of one pass of a warp-per-column matmul: each of the first `rows` partial sums is
+// reduced across the warp and lane 0 writes out[(r0 + r) * n + col] (+ bias[col]).
+template <class T, int R>
+__device__ __forceinline__ void store_warp_rows(const float (&acc)[R], uint32_t rows, uint32_t r0,
+                                                uint32_t n, uint32_t col, const float *bias,
+                                                T *out) {
+  uint32_t lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float s = warp_sum(acc[r]);
+    if (lane == 0 && r < (int)rows)
+      out[(size_t)(r0 + r) * n + col] = from_f32<T>(s + (bias ? bias[col] : 0.0f));
+  }
+}
