@@ -123,3 +123,39 @@ proptest! {
         prop_assert_eq!(e.kv_usage(), 0.0);
     }
 }
+
+/// A sequence proptest found: after short requests finish, a 47-token prompt that fits the
+/// pool must still be scheduled (it was refused as "does not fit" mid-run).
+#[test]
+fn a_request_that_passed_admission_is_always_scheduled() {
+    let mut e = engine();
+    let add = |e: &mut Engine, len: usize, max_tokens: usize, priority: i32| {
+        let prompt: Vec<u32> = (0..len)
+            .map(|t| if t < 20 { 9 } else { (t * 13 % 256) as u32 })
+            .collect();
+        let params = SamplingParams::default()
+            .max_tokens(max_tokens)
+            .temperature(0.5)
+            .seed(3)
+            .ignore_eos(true);
+        let mut req = Request::tokens(prompt, params);
+        req.priority = priority;
+        e.add_request(req).unwrap()
+    };
+    add(&mut e, 25, 3, 0);
+    e.step().unwrap();
+    e.step().unwrap();
+    add(&mut e, 12, 6, 1);
+    add(&mut e, 12, 3, 0);
+    e.step().unwrap();
+    add(&mut e, 1, 6, 0);
+    add(&mut e, 47, 4, 0);
+    let mut steps = 0;
+    while e.has_unfinished() {
+        e.step().unwrap();
+        e.check_blocks().unwrap();
+        steps += 1;
+        assert!(steps < 1000, "no progress");
+    }
+    assert_eq!(e.kv_usage(), 0.0);
+}

@@ -582,7 +582,9 @@ impl Engine {
                     budget += batch.remove(k).1;
                 }
                 if victim == id {
-                    break;
+                    // This sequence went back to the queue (it was the one to give way, e.g.
+                    // by priority); the rest of the running list still gets its turn.
+                    continue;
                 }
                 if at < i {
                     i -= 1;
