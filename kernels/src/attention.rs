@@ -66,6 +66,23 @@ impl BatchLayout {
         self.seq_offsets.len().saturating_sub(1)
     }
 
+    /// The block tables as one row-major `[seqs, width]` array (rows padded with block 0,
+    /// never read past a sequence's context), and `width`: what a GPU kernel indexes.
+    pub fn flat_block_tables(&self) -> (Vec<u32>, usize) {
+        let width = self
+            .block_tables
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut flat = vec![0u32; self.num_seqs() * width];
+        for (s, table) in self.block_tables.iter().enumerate() {
+            flat[s * width..s * width + table.len()].copy_from_slice(table);
+        }
+        (flat, width)
+    }
+
     /// The sequence of each query token.
     pub fn seq_of_token(&self) -> Vec<u32> {
         let mut seq_of = vec![0u32; self.num_tokens()];

@@ -536,11 +536,7 @@ fn half_kernels_match<H: Half>() {
         (cache.k, cache.v) = (kf, vf);
         let t = batch.num_tokens();
         let (qh, qf) = rounded::<H>(&rng.vec(t * n_heads * hd));
-        let max_blocks = batch.block_tables.iter().map(Vec::len).max().unwrap();
-        let mut tables = vec![0u32; batch.num_seqs() * max_blocks];
-        for (s, table) in batch.block_tables.iter().enumerate() {
-            tables[s * max_blocks..s * max_blocks + table.len()].copy_from_slice(table);
-        }
+        let (tables, max_blocks) = batch.flat_block_tables();
         let seq_of = batch.seq_of_token();
         let bufs = [
             DeviceBuffer::upload(rt, &qh).unwrap(),

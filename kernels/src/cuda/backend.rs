@@ -363,17 +363,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let seq_of = batch.seq_of_token();
-        let max_blocks = batch
-            .block_tables
-            .iter()
-            .map(Vec::len)
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let mut tables = vec![0u32; batch.num_seqs() * max_blocks];
-        for (s, table) in batch.block_tables.iter().enumerate() {
-            tables[s * max_blocks..s * max_blocks + table.len()].copy_from_slice(table);
-        }
+        let (tables, max_blocks) = batch.flat_block_tables();
         let (qd, kc, vc) = (self.up(q)?, self.up(&cache.k)?, self.up(&cache.v)?);
         let (pd, sd, td) = (
             self.up(&batch.positions)?,
