@@ -7,6 +7,22 @@
 
 #define QROWS 8
 
+// acc[r] += wv · x[r * k .. r * k + W] for the first `rows` activation rows of the pass: one
+// decoded weight chunk meets every row.
+template <class T, int W>
+__device__ __forceinline__ void accumulate_rows(const float (&wv)[W], const T *x, uint32_t k,
+                                                uint32_t rows, float (&acc)[QROWS]) {
+#pragma unroll
+  for (int r = 0; r < QROWS; ++r) {
+    if (r >= (int)rows) break;
+    const T *xr = x + (size_t)r * k;
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < W; ++j) s += wv[j] * to_f32(xr[j]);
+    acc[r] += s;
+  }
+}
+
 // Planar int4 (vellum_quant::int4): packed [n, k/2] (32-value chunks of 16 bytes: byte j =
 // value j | value j+16 << 4), scales [n, groups] f16, mins [n, groups] f16 or null when
 // symmetric (x = (q - 8) * d; else x = q * d + m). k is a multiple of 32.
@@ -43,15 +59,7 @@ __device__ void matmul_w4(const T *x, const uint8_t *packed, const f16 *scales, 
           wv[j + 16] = (float)((int)hi - 8) * d;
         }
       }
-#pragma unroll
-      for (int r = 0; r < QROWS; ++r) {
-        if (r >= (int)rr) break;
-        const T *xr = x + (size_t)(r0 + r) * k + c * 32;
-        float s = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) s += wv[j] * to_f32(xr[j]);
-        acc[r] += s;
-      }
+      accumulate_rows<T, 32>(wv, x + (size_t)r0 * k + c * 32, k, rr, acc);
     }
     store_warp_rows(acc, rr, r0, n, col, bias, out);
   }
@@ -79,15 +87,7 @@ __device__ void matmul_w8(const T *x, const int8_t *q, const float *scales, cons
 #pragma unroll
       for (int j = 0; j < 16; ++j)
         wv[j] = (float)(int8_t)((words[j / 4] >> (8 * (j % 4))) & 0xffu) * d;
-#pragma unroll
-      for (int r = 0; r < QROWS; ++r) {
-        if (r >= (int)rr) break;
-        const T *xr = x + (size_t)(r0 + r) * k + c * 16;
-        float s = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) s += wv[j] * to_f32(xr[j]);
-        acc[r] += s;
-      }
+      accumulate_rows<T, 16>(wv, x + (size_t)r0 * k + c * 16, k, rr, acc);
     }
     store_warp_rows(acc, rr, r0, n, col, bias, out);
   }
