@@ -7,7 +7,7 @@ use common::backends;
 
 use half::{bf16, f16};
 use vellum_kernels::cuda::runtime::Pod;
-use vellum_kernels::cuda::{driver, Arg, CudaBackend, DeviceBuffer, KernelRuntime, LaunchConfig};
+use vellum_kernels::cuda::{Arg, DeviceBuffer, KernelRuntime, LaunchConfig};
 use vellum_kernels::{
     cpu::Cpu, Backend, BatchLayout, KvLayer, QuantTarget, Rope, RopeScaling, Weight,
 };
