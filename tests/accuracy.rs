@@ -34,6 +34,9 @@ fn quantized_weights_keep_perplexity_close_to_the_dequantized_model() {
     let base = perplexity(Some(DType::F16), None);
     let rows = [
         ("Q4_1 as shipped (native)", perplexity(None, None), 0.005),
+        // These bounds are for the default float path. The opt-in integer-dot path
+        // (VELLUM_INT_DOT=1) rounds activations to int8 and moves this short text's
+        // perplexity by up to ~1% either way (README has both columns).
         (
             "int8 g32 (Q8_0)",
             perplexity(Some(DType::F16), QuantTarget::parse("q8_0")),
@@ -71,15 +74,18 @@ fn quantized_weights_keep_perplexity_close_to_the_dequantized_model() {
         ),
     ];
     eprintln!("perplexity, f16 dequantized: {base:.4}");
+    let mut failed = Vec::new();
     for (name, ppl, bound) in rows {
         let rel = ppl / base - 1.0;
         eprintln!("perplexity, {name}: {ppl:.4} ({:+.2}%)", 100.0 * rel);
-        assert!(
-            rel.abs() <= bound,
-            "{name}: {ppl:.4} vs {base:.4} ({:+.2}%)",
-            100.0 * rel
-        );
+        if rel.abs() > bound {
+            failed.push(format!(
+                "{name}: {ppl:.4} vs {base:.4} ({:+.2}%)",
+                100.0 * rel
+            ));
+        }
     }
+    assert!(failed.is_empty(), "beyond the bounds: {failed:?}");
     assert!(
         (10.0..30.0).contains(&base),
         "the model reads this prose well ({base})"
