@@ -11,10 +11,19 @@ use std::arch::x86_64::*;
 
 // SAFETY (all impls): loads stay within the row for in-range `i`, as the trait requires.
 
+/// A slice of plain numbers (no padding, any bit pattern valid) as its bytes.
+fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: f32/f16/bf16/i8 have no padding and every byte is initialised.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
 /// A reference to a row is a row (lets callers pass cheap row views by value).
 unsafe impl<T: Row + ?Sized> Row for &T {
     fn len(&self) -> usize {
         (**self).len()
+    }
+    fn bytes(&self) -> &[u8] {
+        (**self).bytes()
     }
     fn get(&self, i: usize) -> f32 {
         (**self).get(i)
@@ -37,6 +46,9 @@ unsafe impl Row for [f32] {
     fn len(&self) -> usize {
         <[f32]>::len(self)
     }
+    fn bytes(&self) -> &[u8] {
+        as_bytes(self)
+    }
     fn get(&self, i: usize) -> f32 {
         self[i]
     }
@@ -58,6 +70,9 @@ unsafe impl Row for [f16] {
     fn len(&self) -> usize {
         <[f16]>::len(self)
     }
+    fn bytes(&self) -> &[u8] {
+        as_bytes(self)
+    }
     fn get(&self, i: usize) -> f32 {
         self[i].to_f32()
     }
@@ -78,6 +93,9 @@ unsafe impl Row for [f16] {
 unsafe impl Row for [bf16] {
     fn len(&self) -> usize {
         <[bf16]>::len(self)
+    }
+    fn bytes(&self) -> &[u8] {
+        as_bytes(self)
     }
     fn get(&self, i: usize) -> f32 {
         f32::from_bits((self[i].to_bits() as u32) << 16)
@@ -105,6 +123,9 @@ pub struct Int8Row<'a>(pub &'a [i8], pub f32);
 unsafe impl Row for Int8Row<'_> {
     fn len(&self) -> usize {
         self.0.len()
+    }
+    fn bytes(&self) -> &[u8] {
+        as_bytes(self.0)
     }
     fn get(&self, i: usize) -> f32 {
         self.0[i] as f32 * self.1
@@ -200,6 +221,9 @@ unsafe impl Row for Q8_0Row<'_> {
     fn len(&self) -> usize {
         self.0.len() / Q8_BYTES * QK
     }
+    fn bytes(&self) -> &[u8] {
+        self.0
+    }
     fn get(&self, i: usize) -> f32 {
         let b = (i / QK) * Q8_BYTES;
         (self.0[b + 2 + i % QK] as i8) as f32 * f16_at(self.0, b)
@@ -227,6 +251,9 @@ unsafe impl Row for Q8_0Row<'_> {
 unsafe impl Row for Q4_0Row<'_> {
     fn len(&self) -> usize {
         self.0.len() / Q40_BYTES * QK
+    }
+    fn bytes(&self) -> &[u8] {
+        self.0
     }
     fn get(&self, i: usize) -> f32 {
         let b = (i / QK) * Q40_BYTES;
@@ -259,6 +286,9 @@ unsafe impl Row for Q4_0Row<'_> {
 unsafe impl Row for Q4_1Row<'_> {
     fn len(&self) -> usize {
         self.0.len() / Q41_BYTES * QK
+    }
+    fn bytes(&self) -> &[u8] {
+        self.0
     }
     fn get(&self, i: usize) -> f32 {
         let b = (i / QK) * Q41_BYTES;
@@ -298,6 +328,9 @@ pub struct Int4Row<'a, const SYM: bool> {
 unsafe impl<const SYM: bool> Row for Int4Row<'_, SYM> {
     fn len(&self) -> usize {
         self.packed.len() * 2
+    }
+    fn bytes(&self) -> &[u8] {
+        self.packed
     }
     fn get(&self, i: usize) -> f32 {
         let q = nibble(self.packed, i / QK * (QK / 2), i % QK);

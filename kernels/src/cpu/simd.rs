@@ -78,6 +78,8 @@ pub fn isa() -> Isa {
 #[allow(clippy::len_without_is_empty)]
 pub unsafe trait Row {
     fn len(&self) -> usize;
+    /// The row's stored bytes (to prefetch them ahead of use).
+    fn bytes(&self) -> &[u8];
     /// Element `i` as f32 (scalar path and tails).
     fn get(&self, i: usize) -> f32;
     /// Elements `i..i+8`.
@@ -92,6 +94,19 @@ pub unsafe trait Row {
     /// `i + 16 <= len()`, and the CPU has AVX-512F (and AVX2, FMA, F16C).
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(&self, i: usize) -> std::arch::x86_64::__m512;
+}
+
+/// Asks for `bytes` to be brought into the cache (a hint; no effect off x86-64).
+#[inline]
+pub fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        // SAFETY: prefetching is a hint that never faults; the address is inside `bytes`.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8)
+        };
+    }
 }
 
 /// Dot product of `x` with a row of the same length.
