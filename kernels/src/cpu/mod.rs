@@ -359,31 +359,23 @@ impl Backend for Cpu {
         let (bs, sw, isa) = (cache.block_size, cache.slot_width(), self.isa);
         let mut heads: Vec<_> = out.chunks_mut(hd).enumerate().collect();
         Pool::global().for_each_mut(&mut heads, |(idx, o)| {
-            let (idx, mut scores) = (*idx, Vec::new());
+            let idx = *idx;
             let (ti, h) = (idx / n_heads, idx % n_heads);
             let table = &batch.block_tables[seq_of[ti] as usize];
             let kvh = h / group;
-            let qv = &q[idx * hd..(idx + 1) * hd];
             let visible = batch.positions[ti] as usize + 1;
             // Offsets of this head's K/V rows for positions 0..visible, block by block.
-            let rows = || {
-                table.iter().enumerate().flat_map(move |(b, &blk)| {
+            let offsets: Vec<usize> = table
+                .iter()
+                .enumerate()
+                .flat_map(|(b, &blk)| {
                     let n = bs.min(visible.saturating_sub(b * bs));
                     (0..n).map(move |i| (blk as usize * bs + i) * sw + kvh * hd)
                 })
-            };
-            scores.clear();
-            scores.extend(rows().map(|at| simd::dot(isa, qv, &cache.k[at..at + hd]) * scale));
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            o.fill(0.0);
-            for (at, &s) in rows().zip(scores.iter()) {
-                simd::axpy(isa, s / sum, &cache.v[at..at + hd], o);
-            }
+                .collect();
+            let qv = &q[idx * hd..(idx + 1) * hd];
+            let kv = (&cache.k[..], &cache.v[..]);
+            simd::attend(isa, qv, kv, &offsets, scale, &mut Vec::new(), o);
         });
         Ok(())
     }
