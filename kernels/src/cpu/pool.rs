@@ -146,15 +146,7 @@ impl Pool {
             .current
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(job.clone());
-        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
-        if self.shared.sleepers.load(Ordering::SeqCst) > 0 {
-            let _g = self
-                .shared
-                .wake_lock
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            self.shared.wake.notify_all();
-        }
+        self.shared.announce();
         IN_JOB.with(|j| j.set(true));
         job.work(0);
         IN_JOB.with(|j| j.set(false));
@@ -192,13 +184,20 @@ impl Pool {
 impl Drop for Pool {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
-        let _g = self
-            .shared
-            .wake_lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        self.shared.wake.notify_all();
+        self.shared.announce();
+    }
+}
+
+impl Shared {
+    /// Starts a new epoch (a job, or the end) and wakes the parked workers.
+    fn announce(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        // SeqCst pairs with the worker's `sleepers` increment before its last epoch check:
+        // either it sees the new epoch, or this sees it parked.
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            let _g = self.wake_lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.wake.notify_all();
+        }
     }
 }
 

@@ -686,41 +686,19 @@ mod x86 {
     /// Blocks `8c..8c + n` of the tile's weight rows against its activation rows. A macro,
     /// not a function: it must be inlined into `tile` to keep the sums in registers, and
     /// `#[inline(always)]` is not allowed with `#[target_feature]`.
-    /// `body` for `i` = 0, 1, … while `i < n` (`n` ≤ 4, or ≤ 2), written out: each `i` is a constant,
+    /// `body` for each listed `i` below `n`, written out: each `i` is a constant,
     /// so arrays indexed by it (the tile's sums) stay in registers. LLVM does not unroll
     /// loops this large by itself.
     macro_rules! unroll {
-        ($i:ident < $n:expr, at most 2 => $body:block) => {{
+        ($i:ident in [$($k:literal),+] < $n:expr => $body:block) => {{
             let n: usize = $n;
-            debug_assert!(n <= 2);
-            if 0 < n {
-                let $i = 0usize;
-                $body
-            }
-            if 1 < n {
-                let $i = 1usize;
-                $body
-            }
-        }};
-        ($i:ident < $n:expr => $body:block) => {{
-            let n: usize = $n;
-            debug_assert!(n <= 4);
-            if 0 < n {
-                let $i = 0usize;
-                $body
-            }
-            if 1 < n {
-                let $i = 1usize;
-                $body
-            }
-            if 2 < n {
-                let $i = 2usize;
-                $body
-            }
-            if 3 < n {
-                let $i = 3usize;
-                $body
-            }
+            debug_assert!(n <= [$($k),+].len());
+            $(
+                if $k < n {
+                    let $i: usize = $k;
+                    $body
+                }
+            )+
         }};
     }
 
@@ -730,7 +708,7 @@ mod x86 {
                 ($w, $x, $r0, $c, $n, $acc);
             // The offset terms first, block by block in the low 8 lanes.
             let mut sums = [_mm256_setzero_ps(); R];
-            unroll!(r < R => {
+            unroll!(r in [0, 1, 2, 3] < R => {
                 let at = ((r0 + r) * x.chunks + c) * CHUNK;
                 sums[r] = _mm256_loadu_ps(x.scaled_sums.as_ptr().add(at));
             });
@@ -738,7 +716,7 @@ mod x86 {
             let low = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
             let high = _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
             let mut d = [[_mm512_setzero_ps(); 2]; W];
-            unroll!(wi < W => {
+            unroll!(wi in [0, 1, 2, 3] < W => {
                 let (scales, coef) = w[wi].chunk(c, n);
                 let scales = _mm512_castps256_ps512(scales);
                 d[wi] = [
@@ -746,19 +724,19 @@ mod x86 {
                     _mm512_permutexvar_ps(high, scales),
                 ];
                 let coef = _mm512_zextps256_ps512(coef);
-                unroll!(r < R => {
+                unroll!(r in [0, 1, 2, 3] < R => {
                     let s = _mm512_zextps256_ps512(sums[r]);
                     acc[wi][r] = _mm512_fmadd_ps(coef, s, acc[wi][r]);
                 });
             });
             let halves = if n > 4 { 2 } else { 1 };
-            unroll!(wi < W => {
+            unroll!(wi in [0, 1, 2, 3] < W => {
                 let u = w[wi].codes(c, n);
-                unroll!(r < R => {
+                unroll!(r in [0, 1, 2, 3] < R => {
                     let at = (r0 + r) * x.chunks + c;
                     let xq = x.codes.as_ptr().add(at * CHUNK_VALUES);
                     let dx = x.lane_scales.as_ptr().add(at * CHUNK_LANES);
-                    unroll!(h < halves, at most 2 => {
+                    unroll!(h in [0, 1] < halves => {
                         let x0 = _mm512_loadu_si512(xq.add(128 * h) as *const _);
                         let x1 = _mm512_loadu_si512(xq.add(128 * h + 64) as *const _);
                         let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[2 * h], x0);
