@@ -150,8 +150,9 @@ impl Pool {
         IN_JOB.with(|j| j.set(true));
         job.work(0);
         IN_JOB.with(|j| j.set(false));
+        let mut polls = 0u32;
         while job.pending.load(Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
+            relax(&mut polls);
         }
         *self
             .shared
@@ -210,6 +211,17 @@ impl<T> SendPtr<T> {
     }
 }
 
+/// One step of a busy wait: a pause, and after the first thousand a yield too, so that a
+/// descheduled thread holding the awaited task (more threads than cores) gets to run.
+fn relax(polls: &mut u32) {
+    *polls = polls.wrapping_add(1);
+    if *polls < 1024 {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
 fn worker(s: &Shared, me: usize) {
     let mut seen = s.epoch.load(Ordering::SeqCst);
     loop {
@@ -224,9 +236,8 @@ fn worker(s: &Shared, me: usize) {
             if s.stop.load(Ordering::Relaxed) {
                 return;
             }
-            polls = polls.wrapping_add(1);
-            if !polls.is_multiple_of(1024) || idle_since.elapsed() < SPIN {
-                std::hint::spin_loop();
+            if !(polls + 1).is_multiple_of(1024) || idle_since.elapsed() < SPIN {
+                relax(&mut polls);
                 continue;
             }
             let guard = s.wake_lock.lock().unwrap_or_else(|e| e.into_inner());
