@@ -28,16 +28,17 @@ const MATMUL_CHUNK: usize = 16;
 fn dot_weight_rows(isa: Isa, x: &[f32], w: &Weight, j0: usize, out: &mut [f32]) {
     let k = w.cols;
     let n = out.len() / (x.len() / k);
-    let n = (n, w.rows - j0 - n);
+    // This task's rows, and how many follow it in the matrix (for the prefetcher).
+    let task = (n, w.rows - j0 - n);
     let dense = move |r: usize| (j0 + r) * k..(j0 + r + 1) * k;
     match &w.data {
-        WeightData::F32(v) => dot_rows_tiled(isa, x, n, |r| &v[dense(r)], out),
-        WeightData::F16(v) => dot_rows_tiled(isa, x, n, |r| &v[dense(r)], out),
-        WeightData::BF16(v) => dot_rows_tiled(isa, x, n, |r| &v[dense(r)], out),
+        WeightData::F32(v) => dot_rows_tiled(isa, x, task, |r| &v[dense(r)], out),
+        WeightData::F16(v) => dot_rows_tiled(isa, x, task, |r| &v[dense(r)], out),
+        WeightData::BF16(v) => dot_rows_tiled(isa, x, task, |r| &v[dense(r)], out),
         WeightData::Int8PerRow { q, scales } => dot_rows_tiled(
             isa,
             x,
-            n,
+            task,
             |r| rows::Int8Row(&q[dense(r)], scales[j0 + r]),
             out,
         ),
@@ -45,9 +46,9 @@ fn dot_weight_rows(isa: Isa, x: &[f32], w: &Weight, j0: usize, out: &mut [f32]) 
             let rb = k / QK * f.block_bytes();
             let row = move |r: usize| &bytes[(j0 + r) * rb..(j0 + r + 1) * rb];
             match f {
-                BlockFormat::Q8_0 => dot_rows_tiled(isa, x, n, |r| rows::Q8_0Row(row(r)), out),
-                BlockFormat::Q4_0 => dot_rows_tiled(isa, x, n, |r| rows::Q4_0Row(row(r)), out),
-                BlockFormat::Q4_1 => dot_rows_tiled(isa, x, n, |r| rows::Q4_1Row(row(r)), out),
+                BlockFormat::Q8_0 => dot_rows_tiled(isa, x, task, |r| rows::Q8_0Row(row(r)), out),
+                BlockFormat::Q4_0 => dot_rows_tiled(isa, x, task, |r| rows::Q4_0Row(row(r)), out),
+                BlockFormat::Q4_1 => dot_rows_tiled(isa, x, task, |r| rows::Q4_1Row(row(r)), out),
             }
         }
         WeightData::Int4(f, d) => {
@@ -61,7 +62,7 @@ fn dot_weight_rows(isa: Isa, x: &[f32], w: &Weight, j0: usize, out: &mut [f32]) 
                     mins: &[],
                     group: f.group,
                 };
-                dot_rows_tiled(isa, x, n, row, out)
+                dot_rows_tiled(isa, x, task, row, out)
             } else {
                 let row = |r| rows::Int4Row::<false> {
                     packed: packed(r),
@@ -69,7 +70,7 @@ fn dot_weight_rows(isa: Isa, x: &[f32], w: &Weight, j0: usize, out: &mut [f32]) 
                     mins: &d.mins[span(r)],
                     group: f.group,
                 };
-                dot_rows_tiled(isa, x, n, row, out)
+                dot_rows_tiled(isa, x, task, row, out)
             }
         }
     }
