@@ -376,7 +376,7 @@ impl Backend for Cpu {
                 .collect();
             let qv = &q[idx * hd..(idx + 1) * hd];
             let kv = (&cache.k[..], &cache.v[..]);
-            simd::attend(isa, qv, kv, &offsets, scale, &mut Vec::new(), o);
+            simd::attend(isa, qv, kv, &offsets, scale, o);
         });
         Ok(())
     }

@@ -200,7 +200,7 @@ pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// One query head's attention over the K/V rows that start at `offsets` (each `q.len()`
-/// long, in `k` and `v`): `out = Σ_i softmax_i(scale · q·k_i) v_i`. `scores` is scratch.
+/// long, in `k` and `v`): `out = Σ_i softmax_i(scale · q·k_i) v_i`.
 /// The AVX-512 path (head sizes 64 and 128) keeps the query and the output in registers
 /// across all rows instead of a dot and an axpy call per row.
 pub fn attend(
@@ -209,7 +209,6 @@ pub fn attend(
     (k, v): (&[f32], &[f32]),
     offsets: &[usize],
     scale: f32,
-    scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     let hd = q.len();
@@ -218,7 +217,7 @@ pub fn attend(
         offsets.iter().all(|&at| fits(at)),
         "attention rows past the cache"
     );
-    scores.clear();
+    let mut scores = Vec::with_capacity(offsets.len());
     #[cfg(target_arch = "x86_64")]
     let wide = isa == Isa::Avx512 && (hd == 64 || hd == 128);
     #[cfg(not(target_arch = "x86_64"))]
@@ -228,8 +227,8 @@ pub fn attend(
         #[cfg(target_arch = "x86_64")]
         unsafe {
             match hd {
-                64 => x86::scores_avx512::<4>(q, k, offsets, scale, scores),
-                _ => x86::scores_avx512::<8>(q, k, offsets, scale, scores),
+                64 => x86::scores_avx512::<4>(q, k, offsets, scale, &mut scores),
+                _ => x86::scores_avx512::<8>(q, k, offsets, scale, &mut scores),
             }
         }
     } else {
@@ -251,8 +250,8 @@ pub fn attend(
         #[cfg(target_arch = "x86_64")]
         unsafe {
             match hd {
-                64 => x86::weighted_sum_avx512::<4>(v, offsets, scores, inv, out),
-                _ => x86::weighted_sum_avx512::<8>(v, offsets, scores, inv, out),
+                64 => x86::weighted_sum_avx512::<4>(v, offsets, &scores, inv, out),
+                _ => x86::weighted_sum_avx512::<8>(v, offsets, &scores, inv, out),
             }
         }
     } else {
@@ -609,15 +608,7 @@ mod tests {
                 let total: f64 = w.iter().sum();
                 for isa in Isa::all_supported() {
                     let mut out = vec![f32::NAN; hd];
-                    attend(
-                        isa,
-                        &q,
-                        (&k, &v),
-                        &offsets,
-                        scale as f32,
-                        &mut Vec::new(),
-                        &mut out,
-                    );
+                    attend(isa, &q, (&k, &v), &offsets, scale as f32, &mut out);
                     for (j, &o) in out.iter().enumerate() {
                         let exact: f64 = offsets
                             .iter()
