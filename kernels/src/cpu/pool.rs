@@ -31,10 +31,20 @@ const SPIN: Duration = Duration::from_millis(2);
 /// interleave the threads' reads.
 struct Job {
     f: *const (dyn Fn(usize) + Sync),
-    /// Per thread: the next task of its range, and the range's end.
-    ranges: Vec<(AtomicUsize, usize)>,
+    ranges: Vec<Range>,
+    /// Tasks not yet finished; each thread subtracts what it ran once it has run out.
     pending: AtomicUsize,
     panicked: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+}
+
+/// A thread's range of tasks: the next unclaimed one and the end. Each range sits alone on
+/// its cache lines: the threads claim tasks from their own ranges at the same moment, and
+/// with the counters (or a shared count of finished tasks) on one line every claim moved
+/// that line between cores. That cost ~15 µs of a 32 µs matmul on 2 threads.
+#[repr(align(128))]
+struct Range {
+    next: AtomicUsize,
+    end: usize,
 }
 
 // SAFETY: `f` points to a `Sync` closure that outlives every call made through it (above).
@@ -44,7 +54,10 @@ unsafe impl Sync for Job {}
 impl Job {
     fn new(f: *const (dyn Fn(usize) + Sync), n: usize, threads: usize) -> Job {
         let ranges = (0..threads)
-            .map(|t| (AtomicUsize::new(n * t / threads), n * (t + 1) / threads))
+            .map(|t| Range {
+                next: AtomicUsize::new(n * t / threads),
+                end: n * (t + 1) / threads,
+            })
             .collect();
         Job {
             f,
@@ -57,20 +70,25 @@ impl Job {
     /// Claims and runs tasks until none is left: thread `me`'s range first, then the others.
     fn work(&self, me: usize) {
         let k = self.ranges.len();
-        for (next, end) in (0..k).map(|r| &self.ranges[(me + r) % k]) {
+        let mut ran = 0;
+        for range in (0..k).map(|r| &self.ranges[(me + r) % k]) {
             loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= *end {
+                let i = range.next.fetch_add(1, Ordering::Relaxed);
+                if i >= range.end {
                     break;
                 }
+                ran += 1;
                 // SAFETY: task `i` is claimed once, before the caller stops waiting.
                 let f = unsafe { &*self.f };
                 if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(i))) {
                     let mut first = self.panicked.lock().unwrap_or_else(|e| e.into_inner());
                     first.get_or_insert(p);
                 }
-                self.pending.fetch_sub(1, Ordering::Release);
             }
+        }
+        // After this thread's last call of `f`: the caller stops waiting only then.
+        if ran > 0 {
+            self.pending.fetch_sub(ran, Ordering::Release);
         }
     }
 }
