@@ -1,7 +1,9 @@
 //! Weights as the backends consume them: dense rows kept in the dtype they were loaded in
 //! (bf16/f16 are not widened to f32 in memory), or group-32 block-quantized rows.
 
+use crate::cpu::rows16::Rows16;
 use half::{bf16, f16};
+use std::sync::OnceLock;
 use vellum_quant::{BlockFormat, DType, Int4Data, Int4Format, ScaleSearch, QK};
 
 /// Storage of a `[rows, cols]` weight matrix, row-major.
@@ -88,6 +90,9 @@ pub struct Weight {
     pub rows: usize,
     pub cols: usize,
     pub data: WeightData,
+    /// The CPU integer path's 16-row repacking of GGUF blocks (`cpu::rows16`), built from
+    /// `data` on first use. Build a new `Weight` rather than change `data` after that.
+    packed_rows16: OnceLock<Option<Rows16>>,
 }
 
 impl Weight {
@@ -118,7 +123,19 @@ impl Weight {
         crate::check("weight", have == unit, || {
             format!("[{rows}, {cols}] needs {unit} elements/bytes, storage has {have}")
         })?;
-        Ok(Weight { rows, cols, data })
+        Ok(Weight {
+            rows,
+            cols,
+            data,
+            packed_rows16: OnceLock::new(),
+        })
+    }
+
+    /// This weight repacked for the CPU integer path, if it is GGUF blocks (built once).
+    pub(crate) fn packed_rows16(&self) -> Option<&Rows16> {
+        self.packed_rows16
+            .get_or_init(|| Rows16::pack(self))
+            .as_ref()
     }
 
     pub fn from_f32(rows: usize, cols: usize, values: Vec<f32>) -> crate::Result<Weight> {

@@ -5,6 +5,7 @@ pub mod membw;
 pub mod pool;
 pub mod qdot;
 mod rows;
+pub mod rows16;
 pub mod simd;
 
 use crate::{
@@ -22,6 +23,8 @@ const PREFETCH_BYTES: usize = 4096;
 /// Output features handled by one pool task in a matmul: enough work to amortise the
 /// task, few enough that 2–64 cores all get some.
 const MATMUL_CHUNK: usize = 16;
+// A task's rows start on a group of the integer path's repacked weights.
+const _: () = assert!(MATMUL_CHUNK.is_multiple_of(rows16::ROWS));
 
 /// `out[i * t + r] = x[r] · w[j0 + i]` for `out.len() / t` weight rows from `j0` and every
 /// activation row `r` of `x`, reading the weights in their stored format (see `simd::Row`).
@@ -264,6 +267,10 @@ impl Backend for Cpu {
         let isa = self.isa;
         let q8 = (self.int_dot && parts.iter().any(|p| qdot::supports(p.w)))
             .then(|| qdot::Q8Acts::quantize(x, k));
+        if q8.is_some() {
+            // Repacked once per weight, here rather than inside a task that others wait on.
+            parts.iter().for_each(|p| _ = p.w.packed_rows16());
+        }
         // Each part is computed transposed ([n, t]) so that each task owns a contiguous
         // slice, then transposed back; every weight is read once whatever t is. All parts
         // share one parallel region: fewer hand-offs between threads per layer.
@@ -279,7 +286,10 @@ impl Backend for Cpu {
             let (w, bias, j0) = (parts[*pi].w, parts[*pi].bias, *j0);
             let chunk = &mut **chunk;
             match &q8 {
-                Some(q8) if qdot::supports(w) => qdot::dot_weight_rows(w, j0, q8, chunk),
+                Some(q8) if qdot::supports(w) => match w.packed_rows16() {
+                    Some(packed) => rows16::dot_rows(packed, j0, q8, chunk),
+                    None => qdot::dot_weight_rows(w, j0, q8, chunk),
+                },
                 _ => dot_weight_rows(isa, x, w, j0, chunk),
             }
             if let Some(b) = bias {

@@ -60,6 +60,13 @@ const CHUNK_VALUES: usize = CHUNK * QK;
 /// Dot lanes (i32) per chunk: two registers' worth, 4 per block.
 const CHUNK_LANES: usize = 2 * 16;
 
+/// Where values `4k..4k + 4` of a block sit, from its first code (values 0..16 of a block
+/// are adjacent, 16..32 one register on).
+#[inline]
+pub(super) fn quad_offset(k: usize) -> usize {
+    chunk_pos(0, 4 * k)
+}
+
 /// Where value `j` of block `b` sits in the chunk order (see the module docs).
 #[inline]
 fn chunk_pos(b: usize, j: usize) -> usize {
@@ -138,6 +145,33 @@ impl Q8Acts {
         self.rows
     }
 
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// Block `b` of row `r`: a pointer to its first code in the chunk order, its scale
+    /// `dx` and `dx Σ q`. Values `4k..4k + 4` are the 4 bytes at [`quad_offset`]`(k)`.
+    pub(super) fn block_raw(&self, r: usize, b: usize) -> (*const i8, f32, f32) {
+        let at = r * self.chunks * CHUNK + b;
+        let first = r * self.chunks * CHUNK_VALUES + chunk_pos(b, 0);
+        (
+            self.codes[first..].as_ptr(),
+            self.scales[at],
+            self.scaled_sums[at],
+        )
+    }
+
+    /// Block `b` of row `r`: its codes in value order, `dx` and `dx Σ q`.
+    pub(super) fn block(&self, r: usize, b: usize) -> ([i8; QK], f32, f32) {
+        let mut q = [0i8; QK];
+        let base = r * self.chunks * CHUNK_VALUES;
+        for (j, v) in q.iter_mut().enumerate() {
+            *v = self.codes[base + chunk_pos(b, j)];
+        }
+        let at = r * self.chunks * CHUNK + b;
+        (q, self.scales[at], self.scaled_sums[at])
+    }
+
     /// Activation value `j` of row `r` as the integer path sees it (code × scale).
     pub fn value(&self, r: usize, j: usize) -> f32 {
         let (b, jj) = (j / QK, j % QK);
@@ -203,7 +237,7 @@ pub unsafe trait QRow: Sync {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn prefetch_bytes<T>(p: *const T, len: usize) {
+pub(super) unsafe fn prefetch_bytes<T>(p: *const T, len: usize) {
     let p = p as *const i8;
     for off in (0..len).step_by(64) {
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
@@ -230,6 +264,16 @@ impl<const F: u8> BlockRow<'_, F> {
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Block `b` of a row of GGUF blocks in format `f`: u8 codes in value order, scale and
+/// offset coefficient (see the module docs).
+pub(super) fn block_codes(f: BlockFormat, row: &[u8], b: usize) -> ([u8; QK], f32, f32) {
+    match f {
+        BlockFormat::Q8_0 => BlockRow::<Q8_0>(row).block(b),
+        BlockFormat::Q4_0 => BlockRow::<Q4_0>(row).block(b),
+        BlockFormat::Q4_1 => BlockRow::<Q4_1>(row).block(b),
+    }
 }
 
 /// A 16-byte chunk of nibbles (GGUF order) as 32 u8 codes in value order.

@@ -1,0 +1,413 @@
+//! GGUF block weights (Q4_0, Q4_1, Q8_0) repacked 16 rows at a time for the integer-dot
+//! path: one 512-bit register holds 4 codes of each of 16 rows, so one `vpdpbusd` against
+//! 4 activation codes broadcast to every lane advances 16 dot products, and a block's 16
+//! scales are one load. In the GGUF layout each row is read on its own and each block's
+//! scale is gathered and spread over the lanes that hold it: single-threaded on cached
+//! SmolLM2 shapes that decoded 14 GB/s of Q4_0 at one activation row, this reads ~50
+//! (benches/RESULTS.md, 2026-12-03). llama.cpp repacks for the same reason.
+//!
+//! Layout, per group of 16 rows (rows past the matrix's end are zero) and per block of 32
+//! columns, in order:
+//! ```text
+//! 4-bit: 4 lines of 64 bytes. Line k, lane l (bytes 4l..4l+4) = row l's nibble bytes
+//!        4k..4k+4 in GGUF order: byte i holds value 4k+i (low) and 16+4k+i (high).
+//! 8-bit: 8 lines. Line k, lane l = row l's codes for values 4k..4k+4, as u8 (s + 128).
+//! scales: 16 f16 `d` per (group, block), one per row; Q4_1 also 16 f16 offsets `m`.
+//! ```
+//! Each block's sum is `d dx Σ u q + c dx Σ q` as in `qdot` (`c` = -8d, -128d or m), with
+//! the activations of `qdot::Q8Acts` read in place: values 4k..4k+4 of a block are 4
+//! adjacent bytes of its chunk order.
+//!
+//! The packed copy is built from the GGUF bytes on first use and kept with the weight
+//! (`Weight::packed_rows16`), so a model run this way holds its quantized weights twice.
+
+use super::qdot::{self, Q8Acts};
+use crate::{Weight, WeightData};
+use half::f16;
+use vellum_quant::{BlockFormat, QK};
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Rows per group: the f32 lanes of a 512-bit register.
+pub const ROWS: usize = 16;
+
+/// How far ahead in the code stream a group prefetches, in bytes (past the end of its task
+/// too, so the next task's first group is on its way).
+const PREFETCH_AHEAD: usize = 4096;
+
+/// 64 bytes on a cache line of their own, so each register load is one aligned line.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// A quantized matrix in the 16-row layout (module docs).
+#[derive(Clone, Debug)]
+pub struct Rows16 {
+    format: BlockFormat,
+    rows: usize,
+    blocks: usize,
+    /// `[groups, blocks, lines]`
+    codes: Vec<Line>,
+    /// `[groups, blocks, 16]`
+    scales: Vec<f16>,
+    /// `[groups, blocks, 16]` (Q4_1 only)
+    mins: Vec<f16>,
+}
+
+impl Rows16 {
+    /// Repacks a GGUF block weight; `None` for every other layout.
+    pub fn pack(w: &Weight) -> Option<Rows16> {
+        let WeightData::Block(format, bytes) = &w.data else {
+            return None;
+        };
+        let blocks = w.cols / QK;
+        let groups = w.rows.div_ceil(ROWS);
+        let lines = lines_per_block(*format);
+        let row_bytes = blocks * format.block_bytes();
+        let mut p = Rows16 {
+            format: *format,
+            rows: w.rows,
+            blocks,
+            codes: vec![Line([0; 64]); groups * blocks * lines],
+            scales: vec![f16::ZERO; groups * blocks * ROWS],
+            mins: if *format == BlockFormat::Q4_1 {
+                vec![f16::ZERO; groups * blocks * ROWS]
+            } else {
+                Vec::new()
+            },
+        };
+        for row in 0..w.rows {
+            let (g, l) = (row / ROWS, row % ROWS);
+            let src = &bytes[row * row_bytes..(row + 1) * row_bytes];
+            for b in 0..blocks {
+                let (u, d, c) = qdot::block_codes(*format, src, b);
+                let at = (g * blocks + b) * lines;
+                for (k, line) in p.codes[at..at + lines].iter_mut().enumerate() {
+                    let lane = &mut line.0[4 * l..4 * l + 4];
+                    for (i, byte) in lane.iter_mut().enumerate() {
+                        *byte = if lines == 4 {
+                            u[4 * k + i] | (u[16 + 4 * k + i] << 4)
+                        } else {
+                            u[4 * k + i]
+                        };
+                    }
+                }
+                let s = (g * blocks + b) * ROWS + l;
+                p.scales[s] = f16::from_f32(d);
+                if !p.mins.is_empty() {
+                    p.mins[s] = f16::from_f32(c);
+                }
+            }
+        }
+        Some(p)
+    }
+
+    /// Block `b` of row `row`: u8 codes in value order, scale `d` and offset coefficient.
+    fn block(&self, row: usize, b: usize) -> ([u8; QK], f32, f32) {
+        let (g, l) = (row / ROWS, row % ROWS);
+        let lines = lines_per_block(self.format);
+        let at = (g * self.blocks + b) * lines;
+        let mut u = [0u8; QK];
+        for (k, line) in self.codes[at..at + lines].iter().enumerate() {
+            for (i, &byte) in line.0[4 * l..4 * l + 4].iter().enumerate() {
+                if lines == 4 {
+                    u[4 * k + i] = byte & 0x0f;
+                    u[16 + 4 * k + i] = byte >> 4;
+                } else {
+                    u[4 * k + i] = byte;
+                }
+            }
+        }
+        let s = (g * self.blocks + b) * ROWS + l;
+        let d = self.scales[s].to_f32();
+        let c = match self.format {
+            BlockFormat::Q4_1 => self.mins[s].to_f32(),
+            f => offset_factor(f) * d,
+        };
+        (u, d, c)
+    }
+}
+
+fn lines_per_block(f: BlockFormat) -> usize {
+    if f == BlockFormat::Q8_0 {
+        8
+    } else {
+        4
+    }
+}
+
+/// `c / d` for the formats whose offset coefficient is a multiple of the scale.
+fn offset_factor(f: BlockFormat) -> f32 {
+    if f == BlockFormat::Q8_0 {
+        -128.0
+    } else {
+        -8.0
+    }
+}
+
+/// `out[i * t + r] = x_r · w[j0 + i]` for `out.len() / t` rows from `j0` (a multiple of
+/// [`ROWS`]) and every activation row `r` (`t` of them).
+pub fn dot_rows(w: &Rows16, j0: usize, x: &Q8Acts, out: &mut [f32]) {
+    let t = x.rows().max(1);
+    assert!(
+        j0.is_multiple_of(ROWS) && j0 + out.len() / t <= w.rows && x.blocks() == w.blocks,
+        "rows {j0}+{} of a [{}, {}x32] 16-row weight, activations of {} blocks",
+        out.len() / t,
+        w.rows,
+        w.blocks,
+        x.blocks()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if qdot::vnni_available() {
+        // SAFETY: the features were detected above; shapes checked by the caller.
+        unsafe { x86::dot_rows(w, j0, x, out) };
+        return;
+    }
+    dot_rows_scalar(w, j0, x, out)
+}
+
+/// The scalar reference of [`dot_rows`]: same sums, in block order.
+pub fn dot_rows_scalar(w: &Rows16, j0: usize, x: &Q8Acts, out: &mut [f32]) {
+    let t = x.rows().max(1);
+    for (i, dst) in out.chunks_exact_mut(t).enumerate() {
+        for (r, o) in dst.iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for b in 0..w.blocks {
+                let (u, d, c) = w.block(j0 + i, b);
+                let (codes, dx, sdx) = x.block(r, b);
+                let isum: i32 = (0..QK).map(|j| u[j] as i32 * codes[j] as i32).sum();
+                acc += d * dx * isum as f32 + c * sdx;
+            }
+            *o = acc;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+
+    /// Activation rows per pass over a group: each decoded block serves them all.
+    const TILE_R: usize = 4;
+
+    /// # Safety
+    /// AVX-512 F/BW/VL/VNNI, FMA and F16C must be present; `j0` a multiple of [`ROWS`],
+    /// `out.len() / t` rows from it inside the matrix, `x` of the matrix's blocks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn dot_rows(w: &Rows16, j0: usize, x: &Q8Acts, out: &mut [f32]) {
+        let t = x.rows().max(1);
+        let n = out.len() / t;
+        let mut i = 0;
+        while i < n {
+            let rows = (n - i).min(ROWS);
+            let g = (j0 + i) / ROWS;
+            let mut r = 0;
+            while r < t {
+                let rn = (t - r).min(TILE_R);
+                let mut acc = [_mm512_setzero_ps(); TILE_R];
+                match (w.format, rn) {
+                    (BlockFormat::Q4_0, 1) => group::<1, 4, false>(w, g, x, r, &mut acc),
+                    (BlockFormat::Q4_0, 2) => group::<2, 4, false>(w, g, x, r, &mut acc),
+                    (BlockFormat::Q4_0, 3) => group::<3, 4, false>(w, g, x, r, &mut acc),
+                    (BlockFormat::Q4_0, _) => group::<4, 4, false>(w, g, x, r, &mut acc),
+                    (BlockFormat::Q4_1, 1) => group::<1, 4, true>(w, g, x, r, &mut acc),
+                    (BlockFormat::Q4_1, 2) => group::<2, 4, true>(w, g, x, r, &mut acc),
+                    (BlockFormat::Q4_1, 3) => group::<3, 4, true>(w, g, x, r, &mut acc),
+                    (BlockFormat::Q4_1, _) => group::<4, 4, true>(w, g, x, r, &mut acc),
+                    (BlockFormat::Q8_0, 1) => group::<1, 8, false>(w, g, x, r, &mut acc),
+                    (BlockFormat::Q8_0, 2) => group::<2, 8, false>(w, g, x, r, &mut acc),
+                    (BlockFormat::Q8_0, 3) => group::<3, 8, false>(w, g, x, r, &mut acc),
+                    (BlockFormat::Q8_0, _) => group::<4, 8, false>(w, g, x, r, &mut acc),
+                }
+                let mut lanes = [0f32; ROWS];
+                for (dr, a) in acc.iter().take(rn).enumerate() {
+                    _mm512_storeu_ps(lanes.as_mut_ptr(), *a);
+                    for (l, &v) in lanes.iter().take(rows).enumerate() {
+                        out[(i + l) * t + r + dr] = v;
+                    }
+                }
+                r += rn;
+            }
+            i += rows;
+        }
+    }
+
+    /// Group `g` (16 weight rows) against activation rows `r0..r0 + R`, into `acc[..R]`.
+    /// `LINES`: 4 (4-bit codes) or 8 (8-bit); `MINS`: Q4_1's per-block offsets. Each
+    /// (weight row, activation row) sum goes through the same operations whatever `R`, so
+    /// a row's result does not depend on the batch.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn group<const R: usize, const LINES: usize, const MINS: bool>(
+        w: &Rows16,
+        g: usize,
+        x: &Q8Acts,
+        r0: usize,
+        acc: &mut [__m512; TILE_R],
+    ) {
+        let nib = _mm512_set1_epi8(0x0f);
+        let factor = _mm512_set1_ps(offset_factor(w.format));
+        let codes = w.codes.as_ptr().add(g * w.blocks * LINES) as *const u8;
+        let scales = w.scales.as_ptr().add(g * w.blocks * ROWS);
+        let mins = w.mins.as_ptr().wrapping_add(g * w.blocks * ROWS);
+        for b in 0..w.blocks {
+            let line = codes.add(b * LINES * 64);
+            qdot::prefetch_bytes(line.wrapping_add(PREFETCH_AHEAD), LINES * 64);
+            // The block's codes as registers whose lane l holds row l's values 4k..4k+4.
+            let mut u = [_mm512_setzero_si512(); 8];
+            if LINES == 4 {
+                for k in 0..4 {
+                    let v = _mm512_load_si512(line.add(64 * k) as *const _);
+                    u[k] = _mm512_and_si512(v, nib);
+                    u[4 + k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+                }
+            } else {
+                for (k, reg) in u.iter_mut().enumerate() {
+                    *reg = _mm512_load_si512(line.add(64 * k) as *const _);
+                }
+            }
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(b * ROWS) as *const _));
+            let m = if MINS {
+                _mm512_cvtph_ps(_mm256_loadu_si256(mins.add(b * ROWS) as *const _))
+            } else {
+                _mm512_setzero_ps()
+            };
+            for (r, a) in acc.iter_mut().enumerate().take(R) {
+                let (xq, dx, sdx) = x.block_raw(r0 + r, b);
+                // 4-byte groups of the block's activation codes, values 4k..4k+4.
+                let quad = |k: usize| {
+                    let at = xq.add(qdot::quad_offset(k)) as *const i32;
+                    _mm512_set1_epi32(at.read_unaligned())
+                };
+                let mut s0 = _mm512_setzero_si512();
+                let mut s1 = _mm512_setzero_si512();
+                for k in 0..4 {
+                    s0 = _mm512_dpbusd_epi32(s0, u[k], quad(k));
+                    s1 = _mm512_dpbusd_epi32(s1, u[4 + k], quad(4 + k));
+                }
+                let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                let (dx, sdx) = (_mm512_set1_ps(dx), _mm512_set1_ps(sdx));
+                if MINS {
+                    *a = _mm512_fmadd_ps(_mm512_mul_ps(isum, dx), d, *a);
+                    *a = _mm512_fmadd_ps(m, sdx, *a);
+                } else {
+                    let t = _mm512_fmadd_ps(isum, dx, _mm512_mul_ps(factor, sdx));
+                    *a = _mm512_fmadd_ps(t, d, *a);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let h = (i as u32 ^ seed).wrapping_mul(2_654_435_761);
+                ((h >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * (1.0 + (i % 5) as f32)
+            })
+            .collect()
+    }
+
+    fn weight(f: BlockFormat, rows: usize, k: usize) -> Weight {
+        let mut bytes = Vec::new();
+        f.quantize(&values(rows * k, 1), &mut bytes).unwrap();
+        Weight::new(rows, k, WeightData::Block(f, bytes)).unwrap()
+    }
+
+    const FORMATS: [BlockFormat; 3] = [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1];
+
+    #[test]
+    fn packing_keeps_every_code_scale_and_offset() {
+        for f in FORMATS {
+            let w = weight(f, 19, 96);
+            let p = Rows16::pack(&w).unwrap();
+            let WeightData::Block(_, bytes) = &w.data else {
+                unreachable!()
+            };
+            let row_bytes = 3 * f.block_bytes();
+            for row in 0..19 {
+                for b in 0..3 {
+                    let src = &bytes[row * row_bytes..(row + 1) * row_bytes];
+                    assert_eq!(
+                        p.block(row, b),
+                        qdot::block_codes(f, src, b),
+                        "{f:?} {row}/{b}"
+                    );
+                }
+            }
+        }
+        assert!(Rows16::pack(&Weight::from_f32(2, 32, vec![0.0; 64]).unwrap()).is_none());
+    }
+
+    /// The SIMD path and the scalar one against the f64 dot of the dequantized weights with
+    /// the dequantized activations, within 1e-5 of Σ|terms|: every format, row counts that
+    /// end inside a group, block counts 1, 3 and 18, 1–6 activation rows (every tile height).
+    #[test]
+    fn dots_match_the_exact_value_on_both_paths() {
+        for (k, t) in [(32usize, 1usize), (96, 6), (576, 5), (576, 1)] {
+            let x = Q8Acts::quantize(&values(t * k, 2), k);
+            for f in FORMATS {
+                for rows in [1usize, 16, 17, 40] {
+                    let w = weight(f, rows, k);
+                    let p = w.packed_rows16().unwrap();
+                    let mut simd = vec![0f32; rows * t];
+                    dot_rows(p, 0, &x, &mut simd);
+                    let mut scalar = vec![0f32; rows * t];
+                    dot_rows_scalar(p, 0, &x, &mut scalar);
+                    let mut wf = vec![0f32; k];
+                    for j in 0..rows {
+                        w.row_to_f32(j, &mut wf);
+                        for r in 0..t {
+                            let (mut exact, mut mag) = (0f64, 1e-3f64);
+                            for (i, &wv) in wf.iter().enumerate() {
+                                let term = x.value(r, i) as f64 * wv as f64;
+                                exact += term;
+                                mag += term.abs();
+                            }
+                            for (path, got) in
+                                [("scalar", scalar[j * t + r]), ("simd", simd[j * t + r])]
+                            {
+                                let err = (got as f64 - exact).abs() / mag;
+                                assert!(
+                                    err < 1e-5,
+                                    "{f:?} k {k} rows {rows} row {j}/{r} {path}: {got} vs {exact}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A task that starts at a later group computes what the whole matrix gives there, and a
+    /// row gives the same bits alone as among 6 activation rows.
+    #[test]
+    fn results_do_not_depend_on_the_task_or_the_batch() {
+        let k = 576;
+        let x = Q8Acts::quantize(&values(6 * k, 4), k);
+        let last = Q8Acts::quantize(&values(6 * k, 4)[5 * k..], k);
+        for f in FORMATS {
+            let w = weight(f, 40, k);
+            let p = w.packed_rows16().unwrap();
+            let (mut all, mut part, mut alone) =
+                (vec![0f32; 40 * 6], vec![0f32; 24 * 6], vec![0f32; 40]);
+            dot_rows(p, 0, &x, &mut all);
+            dot_rows(p, 16, &x, &mut part);
+            dot_rows(p, 0, &last, &mut alone);
+            assert_eq!(&all[16 * 6..], &part[..], "{f:?}");
+            for j in 0..40 {
+                assert_eq!(
+                    alone[j].to_bits(),
+                    all[j * 6 + 5].to_bits(),
+                    "{f:?} row {j}"
+                );
+            }
+        }
+    }
+}
