@@ -161,8 +161,9 @@ pub struct Cpu {
 impl Default for Cpu {
     /// The best SIMD path. Quantized weights are decoded to f32 in registers (outputs match
     /// transformers' to the golden tolerances); `VELLUM_INT_DOT=1` switches them to integer
-    /// dots over int8-rounded activations where AVX-512 VNNI is present, as llama.cpp does:
-    /// 1.2–2x faster, but log-probabilities move by up to ~0.3 nats (`qdot`).
+    /// dots over int8-rounded activations where AVX-512 VNNI is present, as llama.cpp does
+    /// (`qdot`, `rows16`): 1.6–2.3x faster decode, but log-probabilities move by up to ~0.3
+    /// nats.
     fn default() -> Self {
         let int_dot = std::env::var("VELLUM_INT_DOT").is_ok_and(|v| v == "1");
         Cpu::with_isa(simd::isa()).with_int_dot(int_dot && qdot::vnni_available())
