@@ -25,11 +25,17 @@ for m in "${models[@]}"; do
   ours="$(./target/release/vellum bench --model "$m" --threads 2 --prompt-len 16 --gen-len 128 --concurrency 1,16 --json)"
   for seqs in 1 16; do
     l="$(grep -o "seqs=$seqs tok_s=[0-9.]*" <<<"$base" | cut -d= -f3 || true)"
+    # llama.cpp measured without its repacked weights (see llamacpp-baseline.sh): marked *.
+    nr="$(grep -q "seqs=$seqs tok_s=[0-9.]* src=[a-z-]*-nr" <<<"$base" && echo '*' || true)"
+    [[ -n "$nr" ]] && any_nr=1
     v="$(python3 -c 'import json,sys; s=int(sys.argv[1]); print(next(json.loads(x)["decode_tok_s"] for x in sys.stdin if json.loads(x)["concurrency"]==s))' "$seqs" <<<"$ours")"
     if [[ -z "$l" ]]; then
       printf '%-45s %5s %12s %12.1f %7s\n' "$(basename "$m")" "$seqs" "crashed" "$v" "-"
     else
-      printf '%-45s %5s %12.1f %12.1f %6.2fx\n' "$(basename "$m")" "$seqs" "$l" "$v" "$(python3 -c "print($v/$l)")"
+      printf '%-45s %5s %11.1f%1s %12.1f %6.2fx\n' "$(basename "$m")" "$seqs" "$l" "$nr" "$v" "$(python3 -c "print($v/$l)")"
     fi
   done
 done
+if [[ -n "${any_nr:-}" ]]; then
+  echo "* llama.cpp with -nr: its default (AMX / repacked weights) crashed on this model and CPU"
+fi

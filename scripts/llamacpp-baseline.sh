@@ -19,6 +19,8 @@
 # seqs=1 is llama-bench -p 0 -n $N_GEN (median of $REPS runs, empty context, so no prompt);
 # seqs=16 is llama-batched-bench's aggregate generation speed (S_TG: 16 x $N_GEN tokens over
 # the generation time, after a $N_PROMPT-token prompt per sequence, prompt time excluded).
+# Where llama-batched-bench crashes (its AMX path on AMX CPUs), it runs again with -nr and
+# says src=llama-batched-bench-nr.
 # Knobs (environment): THREADS=2 N_GEN=128 REPS=3 SEQS=16 N_PROMPT=16 VERBOSE=0
 # VELLUM_CACHE=dir moves .cache. load1= on each line is the load average before it ran.
 set -euo pipefail
@@ -102,9 +104,20 @@ for line in sys.stdin:
           % (r["n_threads"], med, sys.argv[1], sys.argv[2], r["avg_ts"], r["stddev_ts"], r["n_gen"], len(r["samples_ts"])))
 ' "$name" "$(load1)"
   if [[ "$SEQS" -gt 1 ]]; then
-    local ctx=$(( SEQS * (N_PROMPT + N_GEN) + 256 ))
-    quiet "$bin/llama-batched-bench" -m "$model" -c "$ctx" -b 2048 -ub 512 -t "$THREADS" -tb "$THREADS" \
-      -npp "$N_PROMPT" -ntg "$N_GEN" -npl "$SEQS" --output-format jsonl |
+    local ctx=$(( SEQS * (N_PROMPT + N_GEN) + 256 )) out src=llama-batched-bench
+    batched() {
+      quiet "$bin/llama-batched-bench" -m "$model" -c "$ctx" -b 2048 -ub 512 -t "$THREADS" \
+        -tb "$THREADS" -npp "$N_PROMPT" -ntg "$N_GEN" -npl "$SEQS" --output-format jsonl "$@"
+    }
+    # On CPUs with AMX, llama.cpp moves Q4_0/Q8_0/... weights into its AMX buffers, and its
+    # AMX matmul segfaults on batches here (ggml_backend_amx_mul_mat, ggml 0.25.3). Without
+    # repacked weights (-nr: no AMX, no interleaved CPU layouts) it runs: reported as such.
+    if ! out="$(batched)"; then
+      log "llama-batched-bench crashed on $name; measuring again with -nr (no weight repacking)"
+      out="$(batched -nr)"
+      src=llama-batched-bench-nr
+    fi
+    printf '%s\n' "$out" |
       "$venv/bin/python" -c '
 import json, sys
 for line in sys.stdin:
@@ -112,9 +125,9 @@ for line in sys.stdin:
     if not line.startswith("{"):
         continue
     r = json.loads(line)
-    print("llamacpp decode threads=%d seqs=%d tok_s=%.1f src=llama-batched-bench model=%s load1=%s (prompt=%d/seq, n=%d/seq)"
-          % (r["n_threads"], r["pl"], r["speed_tg"], sys.argv[1], sys.argv[2], r["pp"], r["tg"]))
-' "$name" "$(load1)"
+    print("llamacpp decode threads=%d seqs=%d tok_s=%.1f src=%s model=%s load1=%s (prompt=%d/seq, n=%d/seq)"
+          % (r["n_threads"], r["pl"], r["speed_tg"], sys.argv[3], sys.argv[1], sys.argv[2], r["pp"], r["tg"]))
+' "$name" "$(load1)" "$src"
   fi
 }
 

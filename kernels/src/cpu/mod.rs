@@ -7,6 +7,7 @@ pub mod qdot;
 mod rows;
 pub mod rows16;
 pub mod simd;
+pub mod vmath;
 
 use crate::{
     check, shapes, Backend, BatchLayout, KvLayer, MatmulPart, Result, Rope, Weight, WeightData,
@@ -394,24 +395,17 @@ impl Backend for Cpu {
 
     fn silu_mul(&self, gate: &mut [f32], up: &[f32]) -> Result<()> {
         shapes::silu_mul(gate, up)?;
+        let isa = self.isa;
         let mut chunks: Vec<_> = gate.chunks_mut(4096).zip(up.chunks(4096)).collect();
-        Pool::global().for_each_mut(&mut chunks, |(g, u)| {
-            for (g, &u) in g.iter_mut().zip(u.iter()) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-        });
+        Pool::global().for_each_mut(&mut chunks, |(g, u)| vmath::silu_mul(isa, g, u));
         Ok(())
     }
 
     fn log_softmax(&self, x: &mut [f32], width: usize) -> Result<()> {
         shapes::rows_of("log_softmax", x, width)?;
+        let isa = self.isa;
         let mut rows: Vec<_> = x.chunks_mut(width).collect();
-        Pool::global().for_each_mut(&mut rows, |row| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-            let lse = max + sum.ln() as f32;
-            row.iter_mut().for_each(|v| *v -= lse);
-        });
+        Pool::global().for_each_mut(&mut rows, |row| vmath::log_softmax(isa, row));
         Ok(())
     }
 }

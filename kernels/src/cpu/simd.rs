@@ -241,7 +241,7 @@ pub fn attend(
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
     for s in scores.iter_mut() {
-        *s = (*s - max).exp();
+        *s = super::vmath::exp(*s - max);
         sum += *s;
     }
     let inv = 1.0 / sum;
