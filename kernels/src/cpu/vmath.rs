@@ -25,8 +25,12 @@ pub fn exp(x: f32) -> f32 {
         * r
         + 0.5;
     let y = p * (r * r) + r + 1.0;
-    // 2^n by its exponent bits; n is in [-126, 127] after the clamp (NaN casts to 0).
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from its exponent bits. n + 127 is in [1, 254] after the clamp; adding 2^23 puts it
+    // in the low mantissa bits, and the shift moves it to the exponent field (the bits above
+    // fall off). An `as i32` conversion would not vectorize: it saturates lane by lane. A
+    // NaN `n` gives some finite scale, and `y` is NaN anyway.
+    const SHIFTER: f32 = 127.0 + (1 << 23) as f32;
+    y * f32::from_bits((n + SHIFTER).to_bits() << 23)
 }
 
 /// Runs `body` compiled for the given instruction set.
