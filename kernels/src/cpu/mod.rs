@@ -275,17 +275,28 @@ impl Backend for Cpu {
         }
         // Each part is computed transposed ([n, t]) so that each task owns a contiguous
         // slice, then transposed back; every weight is read once whatever t is. All parts
-        // share one parallel region: fewer hand-offs between threads per layer.
-        let mut outs_t: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; p.w.rows * t]).collect();
+        // share one parallel region: fewer hand-offs between threads per layer. With one
+        // activation row the transposed layout is the output's own, so tasks write there.
+        let specs: Vec<(&Weight, Option<&[f32]>)> = parts.iter().map(|p| (p.w, p.bias)).collect();
+        let mut outs_t: Vec<Vec<f32>> = if t == 1 {
+            Vec::new()
+        } else {
+            parts.iter().map(|p| vec![0f32; p.w.rows * t]).collect()
+        };
         let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
-        for (pi, o) in outs_t.iter_mut().enumerate() {
+        let outs: Vec<&mut [f32]> = if t == 1 {
+            parts.iter_mut().map(|p| &mut *p.out).collect()
+        } else {
+            outs_t.iter_mut().map(|o| &mut o[..]).collect()
+        };
+        for (pi, o) in outs.into_iter().enumerate() {
             for (c, chunk) in o.chunks_mut(MATMUL_CHUNK * t).enumerate() {
                 tasks.push((pi, c * MATMUL_CHUNK, chunk));
             }
         }
         // The spinning pool, not rayon: these run back to back all through a forward pass.
         Pool::global().for_each_mut(&mut tasks, |(pi, j0, chunk)| {
-            let (w, bias, j0) = (parts[*pi].w, parts[*pi].bias, *j0);
+            let ((w, bias), j0) = (specs[*pi], *j0);
             let chunk = &mut **chunk;
             match &q8 {
                 Some(q8) if qdot::supports(w) => match w.packed_rows16() {
@@ -300,18 +311,15 @@ impl Backend for Cpu {
                 }
             }
         });
+        drop(tasks);
         for (p, out_t) in parts.iter_mut().zip(outs_t) {
             let n = p.w.rows;
-            if t == 1 {
-                p.out.copy_from_slice(&out_t);
-            } else {
-                let mut rows: Vec<_> = p.out.chunks_mut(n).enumerate().collect();
-                Pool::global().for_each_mut(&mut rows, |(ti, row)| {
-                    for (j, o) in row.iter_mut().enumerate() {
-                        *o = out_t[j * t + *ti];
-                    }
-                });
-            }
+            let mut rows: Vec<_> = p.out.chunks_mut(n).enumerate().collect();
+            Pool::global().for_each_mut(&mut rows, |(ti, row)| {
+                for (j, o) in row.iter_mut().enumerate() {
+                    *o = out_t[j * t + *ti];
+                }
+            });
         }
         Ok(())
     }
