@@ -10,6 +10,7 @@
 #   scripts/llamacpp-baseline.sh bench MODEL.gguf [...]         # same
 #   scripts/llamacpp-baseline.sh setup                          # only build the tools
 #   scripts/llamacpp-baseline.sh f16 IN.gguf OUT.gguf           # re-type IN to F16 (llama-quantize)
+#   scripts/llamacpp-baseline.sh quantize IN.gguf OUT.gguf TYPE # to Q4_0, Q8_0, ... (llama-quantize)
 #   scripts/llamacpp-baseline.sh synthetic OUT.gguf [ARGS...]   # random TinyLlama-1.1B-shape F16
 #   scripts/llamacpp-baseline.sh generate MODEL.gguf "PROMPT"   # greedy 24 tokens, sanity check
 #
@@ -141,6 +142,12 @@ case "$cmd" in
     [[ $# -eq 3 ]] || { echo "usage: $0 f16 IN.gguf OUT.gguf" >&2; exit 2; }
     setup
     quiet "$bin/llama-quantize" --allow-requantize "$2" "$3" F16 "$THREADS" >&2
+    echo "$3"
+    ;;
+  quantize)
+    [[ $# -eq 4 ]] || { echo "usage: $0 quantize IN.gguf OUT.gguf TYPE (Q4_0, Q4_1, Q8_0, ...)" >&2; exit 2; }
+    setup
+    quiet "$bin/llama-quantize" --allow-requantize "$2" "$3" "$4" "$THREADS" >&2
     echo "$3"
     ;;
   synthetic)
