@@ -10,7 +10,7 @@
 #   scripts/llamacpp-baseline.sh bench MODEL.gguf [...]         # same
 #   scripts/llamacpp-baseline.sh setup                          # only build the tools
 #   scripts/llamacpp-baseline.sh f16 IN.gguf OUT.gguf           # re-type IN to F16 (llama-quantize)
-#   scripts/llamacpp-baseline.sh quantize IN.gguf OUT.gguf TYPE # to Q4_0, Q8_0, ... (llama-quantize)
+#   scripts/llamacpp-baseline.sh quantize IN.gguf OUT.gguf TYPE # every tensor to Q4_0, Q8_0, ...
 #   scripts/llamacpp-baseline.sh synthetic OUT.gguf [ARGS...]   # random TinyLlama-1.1B-shape F16
 #   scripts/llamacpp-baseline.sh generate MODEL.gguf "PROMPT"   # greedy 24 tokens, sanity check
 #
@@ -147,7 +147,9 @@ case "$cmd" in
   quantize)
     [[ $# -eq 4 ]] || { echo "usage: $0 quantize IN.gguf OUT.gguf TYPE (Q4_0, Q4_1, Q8_0, ...)" >&2; exit 2; }
     setup
-    quiet "$bin/llama-quantize" --allow-requantize "$2" "$3" "$4" "$THREADS" >&2
+    # --pure: every tensor to TYPE. By default llama-quantize gives output.weight a K-quant
+    # (Q6_K), which Vellum does not read; both sides must run the same file.
+    quiet "$bin/llama-quantize" --allow-requantize --pure "$2" "$3" "$4" "$THREADS" >&2
     echo "$3"
     ;;
   synthetic)
