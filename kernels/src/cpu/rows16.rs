@@ -188,14 +188,31 @@ pub fn dot_rows_scalar(w: &Rows16, j0: usize, x: &Q8Acts, out: &mut [f32]) {
 mod x86 {
     use super::*;
 
-    /// Activation rows per pass over a group: each decoded block serves them all.
-    const TILE_R: usize = 4;
+    /// Activation rows per pass over a group, at most: each decoded block serves them all.
+    const TILE_R: usize = 8;
 
     /// # Safety
     /// AVX-512 F/BW/VL/VNNI, FMA and F16C must be present; `j0` a multiple of [`ROWS`],
     /// `out.len() / t` rows from it inside the matrix, `x` of the matrix's blocks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn dot_rows(w: &Rows16, j0: usize, x: &Q8Acts, out: &mut [f32]) {
+        match w.format {
+            BlockFormat::Q4_0 => rows_of::<4, false>(w, j0, x, out),
+            BlockFormat::Q4_1 => rows_of::<4, true>(w, j0, x, out),
+            BlockFormat::Q8_0 => rows_of::<8, false>(w, j0, x, out),
+        }
+    }
+
+    /// [`dot_rows`] for one format: each group of 16 weight rows against the activation rows
+    /// 8, 4, 2 or 1 at a time.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn rows_of<const LINES: usize, const MINS: bool>(
+        w: &Rows16,
+        j0: usize,
+        x: &Q8Acts,
+        out: &mut [f32],
+    ) {
         let t = x.rows().max(1);
         let n = out.len() / t;
         let mut i = 0;
@@ -204,22 +221,13 @@ mod x86 {
             let g = (j0 + i) / ROWS;
             let mut r = 0;
             while r < t {
-                let rn = (t - r).min(TILE_R);
                 let mut acc = [_mm512_setzero_ps(); TILE_R];
-                match (w.format, rn) {
-                    (BlockFormat::Q4_0, 1) => group::<1, 4, false>(w, g, x, r, &mut acc),
-                    (BlockFormat::Q4_0, 2) => group::<2, 4, false>(w, g, x, r, &mut acc),
-                    (BlockFormat::Q4_0, 3) => group::<3, 4, false>(w, g, x, r, &mut acc),
-                    (BlockFormat::Q4_0, _) => group::<4, 4, false>(w, g, x, r, &mut acc),
-                    (BlockFormat::Q4_1, 1) => group::<1, 4, true>(w, g, x, r, &mut acc),
-                    (BlockFormat::Q4_1, 2) => group::<2, 4, true>(w, g, x, r, &mut acc),
-                    (BlockFormat::Q4_1, 3) => group::<3, 4, true>(w, g, x, r, &mut acc),
-                    (BlockFormat::Q4_1, _) => group::<4, 4, true>(w, g, x, r, &mut acc),
-                    (BlockFormat::Q8_0, 1) => group::<1, 8, false>(w, g, x, r, &mut acc),
-                    (BlockFormat::Q8_0, 2) => group::<2, 8, false>(w, g, x, r, &mut acc),
-                    (BlockFormat::Q8_0, 3) => group::<3, 8, false>(w, g, x, r, &mut acc),
-                    (BlockFormat::Q8_0, _) => group::<4, 8, false>(w, g, x, r, &mut acc),
-                }
+                let rn = match t - r {
+                    8.. => group::<8, LINES, MINS>(w, g, x, r, &mut acc),
+                    4..=7 => group::<4, LINES, MINS>(w, g, x, r, &mut acc),
+                    2..=3 => group::<2, LINES, MINS>(w, g, x, r, &mut acc),
+                    _ => group::<1, LINES, MINS>(w, g, x, r, &mut acc),
+                };
                 let mut lanes = [0f32; ROWS];
                 for (dr, a) in acc.iter().take(rn).enumerate() {
                     _mm512_storeu_ps(lanes.as_mut_ptr(), *a);
@@ -233,7 +241,8 @@ mod x86 {
         }
     }
 
-    /// Group `g` (16 weight rows) against activation rows `r0..r0 + R`, into `acc[..R]`.
+    /// Group `g` (16 weight rows) against activation rows `r0..r0 + R`, into `acc[..R]`;
+    /// returns `R`.
     /// `LINES`: 4 (4-bit codes) or 8 (8-bit); `MINS`: Q4_1's per-block offsets. Each
     /// (weight row, activation row) sum goes through the same operations whatever `R`, so
     /// a row's result does not depend on the batch.
@@ -245,7 +254,7 @@ mod x86 {
         x: &Q8Acts,
         r0: usize,
         acc: &mut [__m512; TILE_R],
-    ) {
+    ) -> usize {
         let nib = _mm512_set1_epi8(0x0f);
         let factor = _mm512_set1_ps(offset_factor(w.format));
         let codes = w.codes.as_ptr().add(g * w.blocks * LINES) as *const u8;
@@ -280,13 +289,13 @@ mod x86 {
                     let at = xq.add(qdot::quad_offset(k)) as *const i32;
                     _mm512_set1_epi32(at.read_unaligned())
                 };
-                let mut s0 = _mm512_setzero_si512();
-                let mut s1 = _mm512_setzero_si512();
-                for k in 0..4 {
-                    s0 = _mm512_dpbusd_epi32(s0, u[k], quad(k));
-                    s1 = _mm512_dpbusd_epi32(s1, u[4 + k], quad(4 + k));
+                // One chain per activation row: integer sums are exact in any grouping, so
+                // a row's result is the same whatever `R`.
+                let mut s = _mm512_setzero_si512();
+                for (k, &uk) in u.iter().enumerate() {
+                    s = _mm512_dpbusd_epi32(s, uk, quad(k));
                 }
-                let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                let isum = _mm512_cvtepi32_ps(s);
                 let (dx, sdx) = (_mm512_set1_ps(dx), _mm512_set1_ps(sdx));
                 if MINS {
                     *a = _mm512_fmadd_ps(_mm512_mul_ps(isum, dx), d, *a);
@@ -297,6 +306,7 @@ mod x86 {
                 }
             }
         }
+        R
     }
 }
 
@@ -349,7 +359,7 @@ mod tests {
     /// end inside a group, block counts 1, 3 and 18, 1–6 activation rows (every tile height).
     #[test]
     fn dots_match_the_exact_value_on_both_paths() {
-        for (k, t) in [(32usize, 1usize), (96, 6), (576, 5), (576, 1)] {
+        for (k, t) in [(32usize, 1usize), (96, 6), (576, 5), (576, 1), (288, 15)] {
             let x = Q8Acts::quantize(&values(t * k, 2), k);
             for f in FORMATS {
                 for rows in [1usize, 16, 17, 40] {
@@ -385,28 +395,27 @@ mod tests {
         }
     }
 
-    /// A task that starts at a later group computes what the whole matrix gives there, and a
-    /// row gives the same bits alone as among 6 activation rows.
+    /// A task that starts at a later group computes what the whole matrix gives there, and
+    /// each row gives the same bits alone as among 11 activation rows (passes of 8, 2, 1).
     #[test]
     fn results_do_not_depend_on_the_task_or_the_batch() {
-        let k = 576;
-        let x = Q8Acts::quantize(&values(6 * k, 4), k);
-        let last = Q8Acts::quantize(&values(6 * k, 4)[5 * k..], k);
+        let (k, t) = (576, 11);
+        let v = values(t * k, 4);
+        let x = Q8Acts::quantize(&v, k);
         for f in FORMATS {
             let w = weight(f, 40, k);
             let p = w.packed_rows16().unwrap();
-            let (mut all, mut part, mut alone) =
-                (vec![0f32; 40 * 6], vec![0f32; 24 * 6], vec![0f32; 40]);
+            let (mut all, mut part) = (vec![0f32; 40 * t], vec![0f32; 24 * t]);
             dot_rows(p, 0, &x, &mut all);
             dot_rows(p, 16, &x, &mut part);
-            dot_rows(p, 0, &last, &mut alone);
-            assert_eq!(&all[16 * 6..], &part[..], "{f:?}");
-            for j in 0..40 {
-                assert_eq!(
-                    alone[j].to_bits(),
-                    all[j * 6 + 5].to_bits(),
-                    "{f:?} row {j}"
-                );
+            assert_eq!(&all[16 * t..], &part[..], "{f:?}");
+            for r in 0..t {
+                let alone = Q8Acts::quantize(&v[r * k..(r + 1) * k], k);
+                let mut one = vec![0f32; 40];
+                dot_rows(p, 0, &alone, &mut one);
+                for (j, o) in one.iter().enumerate() {
+                    assert_eq!(o.to_bits(), all[j * t + r].to_bits(), "{f:?} row {j}/{r}");
+                }
             }
         }
     }
