@@ -27,6 +27,36 @@ const MATMUL_CHUNK: usize = 16;
 // A task's rows start on a group of the integer path's repacked weights.
 const _: () = assert!(MATMUL_CHUNK.is_multiple_of(rows16::ROWS));
 
+/// An output that pool tasks fill in disjoint runs (a matmul's `[t, n]` output, each task
+/// its own features of every row), which `&mut` slices cannot express.
+struct DisjointOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: tasks only write through `run`, whose callers guarantee disjoint runs.
+unsafe impl Sync for DisjointOut {}
+
+impl DisjointOut {
+    fn new(out: &mut [f32]) -> DisjointOut {
+        DisjointOut {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        }
+    }
+
+    /// The `n` values from `at`.
+    ///
+    /// # Safety
+    /// No other live reference may overlap the run (each task has its own runs), and the
+    /// output must outlive the returned slice.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn run(&self, at: usize, n: usize) -> &mut [f32] {
+        assert!(at + n <= self.len, "run {at}+{n} past {}", self.len);
+        std::slice::from_raw_parts_mut(self.ptr.add(at), n)
+    }
+}
+
 /// `out[i * t + r] = x[r] · w[j0 + i]` for `out.len() / t` weight rows from `j0` and every
 /// activation row `r` of `x`, reading the weights in their stored format (see `simd::Row`).
 fn dot_weight_rows(isa: Isa, x: &[f32], w: &Weight, j0: usize, out: &mut [f32]) {
@@ -273,54 +303,56 @@ impl Backend for Cpu {
             // Repacked once per weight, here rather than inside a task that others wait on.
             parts.iter().for_each(|p| _ = p.w.packed_rows16());
         }
-        // Each part is computed transposed ([n, t]) so that each task owns a contiguous
-        // slice, then transposed back; every weight is read once whatever t is. All parts
-        // share one parallel region: fewer hand-offs between threads per layer. With one
-        // activation row the transposed layout is the output's own, so tasks write there.
+        // A task computes up to MATMUL_CHUNK output features for every activation row as a
+        // [features, t] block (the layout every kernel writes: each weight row is read once
+        // whatever t is), then stores the block's columns into the [t, n] output. All parts
+        // share one parallel region: fewer hand-offs between threads per layer.
         let specs: Vec<(&Weight, Option<&[f32]>)> = parts.iter().map(|p| (p.w, p.bias)).collect();
-        let mut outs_t: Vec<Vec<f32>> = if t == 1 {
-            Vec::new()
-        } else {
-            parts.iter().map(|p| vec![0f32; p.w.rows * t]).collect()
-        };
-        let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
-        let outs: Vec<&mut [f32]> = if t == 1 {
-            parts.iter_mut().map(|p| &mut *p.out).collect()
-        } else {
-            outs_t.iter_mut().map(|o| &mut o[..]).collect()
-        };
-        for (pi, o) in outs.into_iter().enumerate() {
-            for (c, chunk) in o.chunks_mut(MATMUL_CHUNK * t).enumerate() {
-                tasks.push((pi, c * MATMUL_CHUNK, chunk));
-            }
-        }
+        let outs: Vec<DisjointOut> = parts.iter_mut().map(|p| DisjointOut::new(p.out)).collect();
+        let tasks: Vec<(usize, usize, usize)> = specs
+            .iter()
+            .enumerate()
+            .flat_map(|(pi, (w, _))| {
+                (0..w.rows)
+                    .step_by(MATMUL_CHUNK)
+                    .map(move |j0| (pi, j0, MATMUL_CHUNK.min(w.rows - j0)))
+            })
+            .collect();
         // The spinning pool, not rayon: these run back to back all through a forward pass.
-        Pool::global().for_each_mut(&mut tasks, |(pi, j0, chunk)| {
-            let ((w, bias), j0) = (specs[*pi], *j0);
-            let chunk = &mut **chunk;
+        Pool::global().run(tasks.len(), &|task| {
+            let (pi, j0, n) = tasks[task];
+            let (w, bias) = specs[pi];
+            let mut scratch = Vec::new();
+            let block: &mut [f32] = if t == 1 {
+                // SAFETY: task (pi, j0) is the only one to touch features j0..j0 + n of part
+                // pi, and with one activation row those are one contiguous run.
+                unsafe { outs[pi].run(j0, n) }
+            } else {
+                scratch.resize(n * t, 0.0);
+                &mut scratch
+            };
             match &q8 {
                 Some(q8) if qdot::supports(w) => match w.packed_rows16() {
-                    Some(packed) => rows16::dot_rows(packed, j0, q8, chunk),
-                    None => qdot::dot_weight_rows(w, j0, q8, chunk),
+                    Some(packed) => rows16::dot_rows(packed, j0, q8, block),
+                    None => qdot::dot_weight_rows(w, j0, q8, block),
                 },
-                _ => dot_weight_rows(isa, x, w, j0, chunk),
+                _ => dot_weight_rows(isa, x, w, j0, block),
             }
             if let Some(b) = bias {
-                for (i, dst) in chunk.chunks_exact_mut(t).enumerate() {
+                for (i, dst) in block.chunks_exact_mut(t).enumerate() {
                     dst.iter_mut().for_each(|o| *o += b[j0 + i]);
                 }
             }
-        });
-        drop(tasks);
-        for (p, out_t) in parts.iter_mut().zip(outs_t) {
-            let n = p.w.rows;
-            let mut rows: Vec<_> = p.out.chunks_mut(n).enumerate().collect();
-            Pool::global().for_each_mut(&mut rows, |(ti, row)| {
-                for (j, o) in row.iter_mut().enumerate() {
-                    *o = out_t[j * t + *ti];
+            if t > 1 {
+                for r in 0..t {
+                    // SAFETY: as above; row r's features j0..j0 + n are this task's alone.
+                    let dst = unsafe { outs[pi].run(r * w.rows + j0, n) };
+                    for (i, o) in dst.iter_mut().enumerate() {
+                        *o = scratch[i * t + r];
+                    }
                 }
-            });
-        }
+            }
+        });
         Ok(())
     }
 
