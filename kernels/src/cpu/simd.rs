@@ -238,13 +238,7 @@ pub fn attend(
                 .map(|&at| dot(isa, q, &k[at..at + hd]) * scale),
         );
     }
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = super::vmath::exp(*s - max);
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / super::vmath::exp_normalized(isa, &mut scores);
     if wide {
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]

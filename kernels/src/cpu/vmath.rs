@@ -59,6 +59,33 @@ pub fn log_softmax(isa: Isa, row: &mut [f32]) {
     per_isa!(isa, log_softmax(row))
 }
 
+/// Softmax numerators in place, `x = e^(x - max(x))`; returns their sum (f32, eight partial
+/// sums in a fixed order). Empty input sums to 0.
+pub fn exp_normalized(isa: Isa, xs: &mut [f32]) -> f32 {
+    per_isa!(isa, exp_normalized(xs))
+}
+
+mod exp_normalized {
+    #[inline(always)]
+    pub fn generic(xs: &mut [f32]) -> f32 {
+        let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut acc = [0f32; 8];
+        let whole = xs.len() / 8 * 8;
+        for c in xs[..whole].chunks_exact_mut(8) {
+            for (a, v) in acc.iter_mut().zip(c) {
+                *v = super::exp(*v - max);
+                *a += *v;
+            }
+        }
+        let mut tail = 0f32;
+        for v in &mut xs[whole..] {
+            *v = super::exp(*v - max);
+            tail += *v;
+        }
+        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+    }
+}
+
 mod silu_mul {
     #[inline(always)]
     pub fn generic(gate: &mut [f32], up: &[f32]) {
@@ -94,14 +121,14 @@ mod log_softmax {
 mod x86 {
     /// `avx512`/`avx2` builds of an op's `generic` body.
     macro_rules! builds {
-        ($op:ident($($arg:ident: $ty:ty),*)) => {
+        ($op:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
             pub mod $op {
                 #[target_feature(enable = "avx512f,avx2,fma")]
-                pub unsafe fn avx512($($arg: $ty),*) {
+                pub unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
                     super::super::$op::generic($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                pub unsafe fn avx2($($arg: $ty),*) {
+                pub unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     super::super::$op::generic($($arg),*)
                 }
             }
@@ -109,6 +136,7 @@ mod x86 {
     }
     builds!(silu_mul(gate: &mut [f32], up: &[f32]));
     builds!(log_softmax(row: &mut [f32]));
+    builds!(exp_normalized(xs: &mut [f32]) -> f32);
 }
 
 #[cfg(test)]
@@ -168,6 +196,22 @@ mod tests {
             let mut scalar = vals.clone();
             log_softmax(Isa::Scalar, &mut scalar);
             assert_eq!(row, scalar, "{isa:?} vs scalar");
+            let mut num = vals.clone();
+            let sum = exp_normalized(isa, &mut num);
+            let want: f64 = vals.iter().map(|&v| (v as f64 - max).exp()).sum();
+            assert!(
+                (sum as f64 - want).abs() < 1e-5 * want,
+                "{isa:?} sum {sum} vs {want}"
+            );
+            for (&got, &x) in num.iter().zip(&vals) {
+                // Against e^ of the f32 difference the op computes (its rounding is not exp's).
+                let want = ((x - max as f32) as f64).exp();
+                assert!(
+                    (got as f64 - want).abs() <= 3e-7 * want.max(1e-30),
+                    "{isa:?} e^{x}"
+                );
+            }
+            assert_eq!(exp_normalized(isa, &mut []), 0.0);
         }
     }
 }
