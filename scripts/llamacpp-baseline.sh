@@ -22,7 +22,9 @@
 # the generation time, after a $N_PROMPT-token prompt per sequence, prompt time excluded).
 # Where llama-batched-bench crashes (its AMX path on AMX CPUs), it runs again with -nr and
 # says src=llama-batched-bench-nr.
-# Knobs (environment): THREADS=2 N_GEN=128 REPS=3 SEQS=16 N_PROMPT=16 VERBOSE=0
+# A prefill line (llama-bench -p $PP -n 0, prompt processing tokens/s) comes first:
+#   llamacpp prefill threads=2 tokens=512 tok_s=675.4 src=llama-bench model=X.gguf
+# Knobs (environment): THREADS=2 N_GEN=128 REPS=3 SEQS=16 N_PROMPT=16 PP=512 (0: none) VERBOSE=0
 # VELLUM_CACHE=dir moves .cache. load1= on each line is the load average before it ran.
 set -euo pipefail
 
@@ -36,6 +38,7 @@ N_GEN="${N_GEN:-128}"
 REPS="${REPS:-3}"
 SEQS="${SEQS:-16}"
 N_PROMPT="${N_PROMPT:-16}"
+PP="${PP:-512}"
 VERBOSE="${VERBOSE:-0}"
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -104,6 +107,25 @@ for line in sys.stdin:
     print("llamacpp decode threads=%d seqs=1 tok_s=%.1f src=llama-bench model=%s load1=%s (median; mean %.1f +-%.1f, n=%d, reps=%d)"
           % (r["n_threads"], med, sys.argv[1], sys.argv[2], r["avg_ts"], r["stddev_ts"], r["n_gen"], len(r["samples_ts"])))
 ' "$name" "$(load1)"
+  if [[ "$PP" -gt 0 ]]; then
+    local pout psrc=llama-bench
+    prefill() {
+      quiet "$bin/llama-bench" -m "$model" -p "$PP" -n 0 -t "$THREADS" -r "$REPS" -o jsonl "$@"
+    }
+    # Prompt batches go through the AMX kernel on AMX CPUs, which crashes there (see below).
+    if ! pout="$(prefill)"; then
+      log "llama-bench -p $PP crashed on $name; measuring again with --repack 0"
+      pout="$(prefill --repack 0)"
+      psrc=llama-bench-nr
+    fi
+    printf '%s\n' "$pout" | "$venv/bin/python" -c '
+import json, statistics, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    print("llamacpp prefill threads=%d tokens=%d tok_s=%.1f src=%s model=%s load1=%s (median of %d)"
+          % (r["n_threads"], r["n_prompt"], statistics.median(r["samples_ts"]), sys.argv[3], sys.argv[1], sys.argv[2], len(r["samples_ts"])))
+' "$name" "$(load1)" "$psrc"
+  fi
   if [[ "$SEQS" -gt 1 ]]; then
     local ctx=$(( SEQS * (N_PROMPT + N_GEN) + 256 )) out src=llama-batched-bench
     batched() {
