@@ -246,15 +246,15 @@ pub unsafe trait QRow: Sync {
     unsafe fn prefetch(&self, c: usize);
 }
 
-/// Prefetches the cache lines of `len` bytes from `p` (a hint: never faults, even past the
-/// end of the data).
+/// Prefetches the cache lines of `len` bytes from `p` into L2, like `simd::prefetch` (a hint:
+/// never faults, even past the end of the data).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub(super) unsafe fn prefetch_bytes<T>(p: *const T, len: usize) {
     let p = p as *const i8;
     for off in (0..len).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
+        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(off));
     }
 }
 

@@ -96,15 +96,19 @@ pub unsafe trait Row {
     unsafe fn load16(&self, i: usize) -> std::arch::x86_64::__m512;
 }
 
-/// Asks for `bytes` to be brought into the cache (a hint; no effect off x86-64).
+/// Asks for `bytes` to be brought into L2 (a hint; no effect off x86-64). Into L2, not L1: an
+/// L1 prefetch holds one of the core's few L1 miss buffers until its line arrives, which
+/// caps the lines in flight from memory. Measured (2 threads): TinyLlama-shape Q4_0 decode
+/// with integer dots 39-40 -> 46-47 tok/s, SmolLM2 Q4_0 291 -> 350, f16 93 -> 104-106
+/// (benches/RESULTS.md).
 #[inline]
 pub fn prefetch(bytes: &[u8]) {
     #[cfg(target_arch = "x86_64")]
     for line in bytes.chunks(64) {
         // SAFETY: prefetching is a hint that never faults; the address is inside `bytes`.
         unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8)
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+            _mm_prefetch::<_MM_HINT_T1>(line.as_ptr() as *const i8)
         };
     }
 }
