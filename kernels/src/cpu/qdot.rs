@@ -840,12 +840,13 @@ mod x86 {
     }
 }
 
+/// Test helpers shared with `rows16`.
 #[cfg(test)]
-mod tests {
+pub(super) mod testing {
     use super::*;
-    use vellum_quant::{Int4Format, ScaleSearch};
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
+    /// Deterministic values in about ±3 with varied magnitudes.
+    pub fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
             .map(|i| {
                 let h = (i as u32 ^ seed).wrapping_mul(2_654_435_761);
@@ -853,6 +854,37 @@ mod tests {
             })
             .collect()
     }
+
+    /// Asserts that each path's `out[j * t + r]` is the f64 dot of weight row `j`
+    /// (dequantized) with activation row `r` as the integer path sees it, within 1e-5 of
+    /// Σ|terms|: the exact value of what the integer kernels compute.
+    pub fn assert_exact(w: &Weight, x: &Q8Acts, paths: &[(&str, &[f32])], what: &str) {
+        let t = x.rows();
+        let mut wf = vec![0f32; w.cols];
+        for j in 0..paths[0].1.len() / t {
+            w.row_to_f32(j, &mut wf);
+            for r in 0..t {
+                let (mut exact, mut mag) = (0f64, 1e-3f64);
+                for (i, &wv) in wf.iter().enumerate() {
+                    let term = x.value(r, i) as f64 * wv as f64;
+                    exact += term;
+                    mag += term.abs();
+                }
+                for (path, out) in paths {
+                    let got = out[j * t + r];
+                    let err = (got as f64 - exact).abs() / mag;
+                    assert!(err < 1e-5, "{what} row {j}/{r} {path}: {got} vs {exact}");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{assert_exact, values};
+    use super::*;
+    use vellum_quant::{Int4Format, ScaleSearch};
 
     /// A quantized weight of every layout the integer path reads, `rows × k`.
     fn weights(k: usize, rows: usize) -> Vec<(String, Weight)> {
@@ -914,27 +946,8 @@ mod tests {
                 dot_weight_rows(&w, 0, &x, &mut simd);
                 let mut scalar = vec![0f32; 3 * t];
                 weight_rows_on(Path::Scalar, &w, 0, &x, &mut scalar);
-                let mut wf = vec![0f32; k];
-                for j in 0..3 {
-                    w.row_to_f32(j, &mut wf);
-                    for r in 0..t {
-                        let (mut exact, mut mag) = (0f64, 1e-3f64);
-                        for (i, &wv) in wf.iter().enumerate() {
-                            let term = x.value(r, i) as f64 * wv as f64;
-                            exact += term;
-                            mag += term.abs();
-                        }
-                        for (path, got) in
-                            [("scalar", scalar[j * t + r]), ("simd", simd[j * t + r])]
-                        {
-                            let err = (got as f64 - exact).abs() / mag;
-                            assert!(
-                                err < 1e-5,
-                                "{name} k {k} row {j}/{r} {path}: {got} vs {exact}"
-                            );
-                        }
-                    }
-                }
+                let paths = [("scalar", &scalar[..]), ("simd", &simd[..])];
+                assert_exact(&w, &x, &paths, &format!("{name} k {k}"));
             }
         }
     }

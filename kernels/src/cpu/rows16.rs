@@ -312,16 +312,8 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::qdot::testing::{assert_exact, values};
     use super::*;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let h = (i as u32 ^ seed).wrapping_mul(2_654_435_761);
-                ((h >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * (1.0 + (i % 5) as f32)
-            })
-            .collect()
-    }
 
     fn weight(f: BlockFormat, rows: usize, k: usize) -> Weight {
         let mut bytes = Vec::new();
@@ -354,9 +346,9 @@ mod tests {
         assert!(Rows16::pack(&Weight::from_f32(2, 32, vec![0.0; 64]).unwrap()).is_none());
     }
 
-    /// The SIMD path and the scalar one against the f64 dot of the dequantized weights with
-    /// the dequantized activations, within 1e-5 of Σ|terms|: every format, row counts that
-    /// end inside a group, block counts 1, 3 and 18, 1–6 activation rows (every tile height).
+    /// The SIMD path and the scalar one against the exact value (`assert_exact`): every
+    /// format, row counts that end inside a group, block counts 1, 3, 9 and 18, and 1–15
+    /// activation rows (every pass height).
     #[test]
     fn dots_match_the_exact_value_on_both_paths() {
         for (k, t) in [(32usize, 1usize), (96, 6), (576, 5), (576, 1), (288, 15)] {
@@ -369,27 +361,8 @@ mod tests {
                     dot_rows(p, 0, &x, &mut simd);
                     let mut scalar = vec![0f32; rows * t];
                     dot_rows_scalar(p, 0, &x, &mut scalar);
-                    let mut wf = vec![0f32; k];
-                    for j in 0..rows {
-                        w.row_to_f32(j, &mut wf);
-                        for r in 0..t {
-                            let (mut exact, mut mag) = (0f64, 1e-3f64);
-                            for (i, &wv) in wf.iter().enumerate() {
-                                let term = x.value(r, i) as f64 * wv as f64;
-                                exact += term;
-                                mag += term.abs();
-                            }
-                            for (path, got) in
-                                [("scalar", scalar[j * t + r]), ("simd", simd[j * t + r])]
-                            {
-                                let err = (got as f64 - exact).abs() / mag;
-                                assert!(
-                                    err < 1e-5,
-                                    "{f:?} k {k} rows {rows} row {j}/{r} {path}: {got} vs {exact}"
-                                );
-                            }
-                        }
-                    }
+                    let paths = [("scalar", &scalar[..]), ("simd", &simd[..])];
+                    assert_exact(&w, &x, &paths, &format!("{f:?} k {k} rows {rows}"));
                 }
             }
         }
