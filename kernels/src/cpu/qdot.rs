@@ -290,6 +290,56 @@ pub(super) fn block_codes(f: BlockFormat, row: &[u8], b: usize) -> ([u8; QK], f3
     }
 }
 
+/// `(row, block) -> (codes, d, c)` of a quantized weight, as [`block_codes`].
+pub(super) type BlockReader<'a> = Box<dyn Fn(usize, usize) -> ([u8; QK], f32, f32) + 'a>;
+
+/// The blocks of a weight whose every block has an f16 scale (GGUF blocks, planar int4),
+/// with the GGUF format whose offset rule they follow: `c = -8d` (Q4_0, symmetric int4),
+/// `c = m` (Q4_1, asymmetric int4) or `c = -128d` (Q8_0). `None` for other layouts.
+pub(super) fn f16_blocks(w: &Weight) -> Option<(BlockFormat, BlockReader<'_>)> {
+    let k = w.cols;
+    match &w.data {
+        WeightData::Block(f, bytes) => {
+            let rb = k / QK * f.block_bytes();
+            let f = *f;
+            let read = move |j: usize, b: usize| block_codes(f, &bytes[j * rb..(j + 1) * rb], b);
+            Some((f, Box::new(read)))
+        }
+        WeightData::Int4(f, d) => {
+            let groups = k.div_ceil(f.group);
+            let per = f.group / QK;
+            let span = move |j: usize| j * groups..(j + 1) * groups;
+            let packed = move |j: usize| &d.packed[j * k / 2..(j + 1) * k / 2];
+            if f.symmetric {
+                let read = move |j: usize, b: usize| {
+                    let (scales, mins) = (&d.scales[span(j)], &[][..]);
+                    Int4Row::<true> {
+                        packed: packed(j),
+                        scales,
+                        mins,
+                        per,
+                    }
+                    .block(b)
+                };
+                Some((BlockFormat::Q4_0, Box::new(read)))
+            } else {
+                let read = move |j: usize, b: usize| {
+                    let (scales, mins) = (&d.scales[span(j)], &d.mins[span(j)]);
+                    Int4Row::<false> {
+                        packed: packed(j),
+                        scales,
+                        mins,
+                        per,
+                    }
+                    .block(b)
+                };
+                Some((BlockFormat::Q4_1, Box::new(read)))
+            }
+        }
+        _ => None,
+    }
+}
+
 /// A 16-byte chunk of nibbles (GGUF order) as 32 u8 codes in value order.
 fn nibbles(qs: &[u8], out: &mut [u8; QK]) {
     for j in 0..QK / 2 {
@@ -844,6 +894,7 @@ mod x86 {
 #[cfg(test)]
 pub(super) mod testing {
     use super::*;
+    use vellum_quant::{Int4Format, ScaleSearch};
 
     /// Deterministic values in about ±3 with varied magnitudes.
     pub fn values(n: usize, seed: u32) -> Vec<f32> {
@@ -855,39 +906,8 @@ pub(super) mod testing {
             .collect()
     }
 
-    /// Asserts that each path's `out[j * t + r]` is the f64 dot of weight row `j`
-    /// (dequantized) with activation row `r` as the integer path sees it, within 1e-5 of
-    /// Σ|terms|: the exact value of what the integer kernels compute.
-    pub fn assert_exact(w: &Weight, x: &Q8Acts, paths: &[(&str, &[f32])], what: &str) {
-        let t = x.rows();
-        let mut wf = vec![0f32; w.cols];
-        for j in 0..paths[0].1.len() / t {
-            w.row_to_f32(j, &mut wf);
-            for r in 0..t {
-                let (mut exact, mut mag) = (0f64, 1e-3f64);
-                for (i, &wv) in wf.iter().enumerate() {
-                    let term = x.value(r, i) as f64 * wv as f64;
-                    exact += term;
-                    mag += term.abs();
-                }
-                for (path, out) in paths {
-                    let got = out[j * t + r];
-                    let err = (got as f64 - exact).abs() / mag;
-                    assert!(err < 1e-5, "{what} row {j}/{r} {path}: {got} vs {exact}");
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::testing::{assert_exact, values};
-    use super::*;
-    use vellum_quant::{Int4Format, ScaleSearch};
-
     /// A quantized weight of every layout the integer path reads, `rows × k`.
-    fn weights(k: usize, rows: usize) -> Vec<(String, Weight)> {
+    pub fn weights(k: usize, rows: usize) -> Vec<(String, Weight)> {
         let v = values(rows * k, 1);
         let mut out = Vec::new();
         for f in [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1] {
@@ -923,6 +943,36 @@ mod tests {
         ));
         out
     }
+
+    /// Asserts that each path's `out[j * t + r]` is the f64 dot of weight row `j`
+    /// (dequantized) with activation row `r` as the integer path sees it, within 1e-5 of
+    /// Σ|terms|: the exact value of what the integer kernels compute.
+    pub fn assert_exact(w: &Weight, x: &Q8Acts, paths: &[(&str, &[f32])], what: &str) {
+        let t = x.rows();
+        let mut wf = vec![0f32; w.cols];
+        for j in 0..paths[0].1.len() / t {
+            w.row_to_f32(j, &mut wf);
+            for r in 0..t {
+                let (mut exact, mut mag) = (0f64, 1e-3f64);
+                for (i, &wv) in wf.iter().enumerate() {
+                    let term = x.value(r, i) as f64 * wv as f64;
+                    exact += term;
+                    mag += term.abs();
+                }
+                for (path, out) in paths {
+                    let got = out[j * t + r];
+                    let err = (got as f64 - exact).abs() / mag;
+                    assert!(err < 1e-5, "{what} row {j}/{r} {path}: {got} vs {exact}");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{assert_exact, values, weights};
+    use super::*;
 
     /// Both paths against the f64 dot of the dequantized weights with the dequantized
     /// activations (the exact value of what the integer path computes), and the SIMD path

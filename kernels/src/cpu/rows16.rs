@@ -1,5 +1,5 @@
-//! GGUF block weights (Q4_0, Q4_1, Q8_0) repacked 16 rows at a time for the integer-dot
-//! path: one 512-bit register holds 4 codes of each of 16 rows, so one `vpdpbusd` against
+//! Quantized weights with an f16 scale per block of 32 (GGUF Q4_0, Q4_1, Q8_0 and planar
+//! int4 of any group size) repacked 16 rows at a time for the integer-dot path: one 512-bit register holds 4 codes of each of 16 rows, so one `vpdpbusd` against
 //! 4 activation codes broadcast to every lane advances 16 dot products, and a block's 16
 //! scales are one load. In the GGUF layout each row is read on its own and each block's
 //! scale is gathered and spread over the lanes that hold it: single-threaded on cached
@@ -14,15 +14,17 @@
 //! 8-bit: 8 lines. Line k, lane l = row l's codes for values 4k..4k+4, as u8 (s + 128).
 //! scales: 16 f16 `d` per (group, block), one per row; Q4_1 also 16 f16 offsets `m`.
 //! ```
+//! Planar int4 follows the rule of the GGUF format it matches (symmetric: Q4_0, asymmetric:
+//! Q4_1), its group's scale repeated for each block of the group.
 //! Each block's sum is `d dx Σ u q + c dx Σ q` as in `qdot` (`c` = -8d, -128d or m), with
 //! the activations of `qdot::Q8Acts` read in place: values 4k..4k+4 of a block are 4
 //! adjacent bytes of its chunk order.
 //!
-//! The packed copy is built from the GGUF bytes on first use and kept with the weight
+//! The packed copy is built from the weight's own storage on first use and kept with it
 //! (`Weight::packed_rows16`), so a model run this way holds its quantized weights twice.
 
 use super::qdot::{self, Q8Acts};
-use crate::{Weight, WeightData};
+use crate::Weight;
 use half::f16;
 use vellum_quant::{BlockFormat, QK};
 
@@ -56,22 +58,20 @@ pub struct Rows16 {
 }
 
 impl Rows16 {
-    /// Repacks a GGUF block weight; `None` for every other layout.
+    /// Repacks a weight with an f16 scale per block (`qdot::f16_blocks`); `None` for every
+    /// other layout.
     pub fn pack(w: &Weight) -> Option<Rows16> {
-        let WeightData::Block(format, bytes) = &w.data else {
-            return None;
-        };
+        let (format, read) = qdot::f16_blocks(w)?;
         let blocks = w.cols / QK;
         let groups = w.rows.div_ceil(ROWS);
-        let lines = lines_per_block(*format);
-        let row_bytes = blocks * format.block_bytes();
+        let lines = lines_per_block(format);
         let mut p = Rows16 {
-            format: *format,
+            format,
             rows: w.rows,
             blocks,
             codes: vec![Line([0; 64]); groups * blocks * lines],
             scales: vec![f16::ZERO; groups * blocks * ROWS],
-            mins: if *format == BlockFormat::Q4_1 {
+            mins: if format == BlockFormat::Q4_1 {
                 vec![f16::ZERO; groups * blocks * ROWS]
             } else {
                 Vec::new()
@@ -79,9 +79,8 @@ impl Rows16 {
         };
         for row in 0..w.rows {
             let (g, l) = (row / ROWS, row % ROWS);
-            let src = &bytes[row * row_bytes..(row + 1) * row_bytes];
             for b in 0..blocks {
-                let (u, d, c) = qdot::block_codes(*format, src, b);
+                let (u, d, c) = read(row, b);
                 let at = (g * blocks + b) * lines;
                 for (k, line) in p.codes[at..at + lines].iter_mut().enumerate() {
                     let lane = &mut line.0[4 * l..4 * l + 4];
@@ -312,34 +311,23 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use super::qdot::testing::{assert_exact, values};
+    use super::qdot::testing::{assert_exact, values, weights};
     use super::*;
-
-    fn weight(f: BlockFormat, rows: usize, k: usize) -> Weight {
-        let mut bytes = Vec::new();
-        f.quantize(&values(rows * k, 1), &mut bytes).unwrap();
-        Weight::new(rows, k, WeightData::Block(f, bytes)).unwrap()
-    }
-
-    const FORMATS: [BlockFormat; 3] = [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1];
 
     #[test]
     fn packing_keeps_every_code_scale_and_offset() {
-        for f in FORMATS {
-            let w = weight(f, 19, 96);
-            let p = Rows16::pack(&w).unwrap();
-            let WeightData::Block(_, bytes) = &w.data else {
-                unreachable!()
+        for (name, w) in weights(96, 19) {
+            let Some(p) = Rows16::pack(&w) else {
+                assert_eq!(
+                    name, "int8",
+                    "only int8 per channel has no f16 block scales"
+                );
+                continue;
             };
-            let row_bytes = 3 * f.block_bytes();
+            let (_, read) = qdot::f16_blocks(&w).unwrap();
             for row in 0..19 {
                 for b in 0..3 {
-                    let src = &bytes[row * row_bytes..(row + 1) * row_bytes];
-                    assert_eq!(
-                        p.block(row, b),
-                        qdot::block_codes(f, src, b),
-                        "{f:?} {row}/{b}"
-                    );
+                    assert_eq!(p.block(row, b), read(row, b), "{name} {row}/{b}");
                 }
             }
         }
@@ -347,22 +335,21 @@ mod tests {
     }
 
     /// The SIMD path and the scalar one against the exact value (`assert_exact`): every
-    /// format, row counts that end inside a group, block counts 1, 3, 9 and 18, and 1–15
-    /// activation rows (every pass height).
+    /// layout that packs, row counts that end inside a group, block counts 1, 3, 9 and 18,
+    /// and 1–15 activation rows (every pass height).
     #[test]
     fn dots_match_the_exact_value_on_both_paths() {
         for (k, t) in [(32usize, 1usize), (96, 6), (576, 5), (576, 1), (288, 15)] {
             let x = Q8Acts::quantize(&values(t * k, 2), k);
-            for f in FORMATS {
-                for rows in [1usize, 16, 17, 40] {
-                    let w = weight(f, rows, k);
-                    let p = w.packed_rows16().unwrap();
+            for rows in [1usize, 16, 17, 40] {
+                for (name, w) in weights(k, rows) {
+                    let Some(p) = w.packed_rows16() else { continue };
                     let mut simd = vec![0f32; rows * t];
                     dot_rows(p, 0, &x, &mut simd);
                     let mut scalar = vec![0f32; rows * t];
                     dot_rows_scalar(p, 0, &x, &mut scalar);
                     let paths = [("scalar", &scalar[..]), ("simd", &simd[..])];
-                    assert_exact(&w, &x, &paths, &format!("{f:?} k {k} rows {rows}"));
+                    assert_exact(&w, &x, &paths, &format!("{name} k {k} rows {rows}"));
                 }
             }
         }
@@ -375,19 +362,18 @@ mod tests {
         let (k, t) = (576, 11);
         let v = values(t * k, 4);
         let x = Q8Acts::quantize(&v, k);
-        for f in FORMATS {
-            let w = weight(f, 40, k);
-            let p = w.packed_rows16().unwrap();
+        for (name, w) in weights(k, 40) {
+            let Some(p) = w.packed_rows16() else { continue };
             let (mut all, mut part) = (vec![0f32; 40 * t], vec![0f32; 24 * t]);
             dot_rows(p, 0, &x, &mut all);
             dot_rows(p, 16, &x, &mut part);
-            assert_eq!(&all[16 * t..], &part[..], "{f:?}");
+            assert_eq!(&all[16 * t..], &part[..], "{name}");
             for r in 0..t {
                 let alone = Q8Acts::quantize(&v[r * k..(r + 1) * k], k);
                 let mut one = vec![0f32; 40];
                 dot_rows(p, 0, &alone, &mut one);
                 for (j, o) in one.iter().enumerate() {
-                    assert_eq!(o.to_bits(), all[j * t + r].to_bits(), "{f:?} row {j}/{r}");
+                    assert_eq!(o.to_bits(), all[j * t + r].to_bits(), "{name} row {j}/{r}");
                 }
             }
         }
