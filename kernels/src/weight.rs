@@ -90,8 +90,8 @@ pub struct Weight {
     pub rows: usize,
     pub cols: usize,
     pub data: WeightData,
-    /// The CPU integer path's 16-row repacking of GGUF blocks (`cpu::rows16`), built from
-    /// `data` on first use. Build a new `Weight` rather than change `data` after that.
+    /// The CPU integer path's 16-row repacking of a quantized `data` (`cpu::rows16`), built
+    /// on first use. Build a new `Weight` rather than change `data` after that.
     packed_rows16: OnceLock<Option<Rows16>>,
 }
 
@@ -131,7 +131,7 @@ impl Weight {
         })
     }
 
-    /// This weight repacked for the CPU integer path, if it is GGUF blocks (built once).
+    /// This weight repacked for the CPU integer path, if it is quantized (built once).
     pub(crate) fn packed_rows16(&self) -> Option<&Rows16> {
         self.packed_rows16
             .get_or_init(|| Rows16::pack(self))

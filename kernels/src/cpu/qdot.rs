@@ -293,12 +293,23 @@ pub(super) fn block_codes(f: BlockFormat, row: &[u8], b: usize) -> ([u8; QK], f3
 /// `(row, block) -> (codes, d, c)` of a quantized weight, as [`block_codes`].
 pub(super) type BlockReader<'a> = Box<dyn Fn(usize, usize) -> ([u8; QK], f32, f32) + 'a>;
 
-/// The blocks of a weight whose every block has an f16 scale (GGUF blocks, planar int4),
-/// with the GGUF format whose offset rule they follow: `c = -8d` (Q4_0, symmetric int4),
-/// `c = m` (Q4_1, asymmetric int4) or `c = -128d` (Q8_0). `None` for other layouts.
-pub(super) fn f16_blocks(w: &Weight) -> Option<(BlockFormat, BlockReader<'_>)> {
+/// The blocks of a quantized weight (GGUF blocks, planar int4, int8 per channel), with the
+/// GGUF format whose offset rule they follow: `c = -8d` (Q4_0, symmetric int4), `c = m`
+/// (Q4_1, asymmetric int4) or `c = -128d` (Q8_0, int8 per channel). `None` for dense
+/// weights.
+pub(super) fn blocks_of(w: &Weight) -> Option<(BlockFormat, BlockReader<'_>)> {
     let k = w.cols;
     match &w.data {
+        WeightData::Int8PerRow { q, scales } => {
+            let read = move |j: usize, b: usize| {
+                let row = Int8Row {
+                    q: &q[j * k..(j + 1) * k],
+                    scale: scales[j],
+                };
+                row.block(b)
+            };
+            Some((BlockFormat::Q8_0, Box::new(read)))
+        }
         WeightData::Block(f, bytes) => {
             let rb = k / QK * f.block_bytes();
             let f = *f;

@@ -1,5 +1,5 @@
-//! Quantized weights with an f16 scale per block of 32 (GGUF Q4_0, Q4_1, Q8_0 and planar
-//! int4 of any group size) repacked 16 rows at a time for the integer-dot path: one 512-bit register holds 4 codes of each of 16 rows, so one `vpdpbusd` against
+//! Quantized weights (GGUF Q4_0, Q4_1, Q8_0, planar int4 of any group size, int8 per
+//! channel) repacked 16 rows at a time for the integer-dot path: one 512-bit register holds 4 codes of each of 16 rows, so one `vpdpbusd` against
 //! 4 activation codes broadcast to every lane advances 16 dot products, and a block's 16
 //! scales are one load. In the GGUF layout each row is read on its own and each block's
 //! scale is gathered and spread over the lanes that hold it: single-threaded on cached
@@ -15,7 +15,8 @@
 //! scales: 16 f16 `d` per (group, block), one per row; Q4_1 also 16 f16 offsets `m`.
 //! ```
 //! Planar int4 follows the rule of the GGUF format it matches (symmetric: Q4_0, asymmetric:
-//! Q4_1), its group's scale repeated for each block of the group.
+//! Q4_1), its group's scale repeated for each block of the group. Int8 per channel follows
+//! Q8_0's, with its f32 row scales kept as they are: 16 per group instead of the f16 `d`s.
 //! Each block's sum is `d dx Σ u q + c dx Σ q` as in `qdot` (`c` = -8d, -128d or m), with
 //! the activations of `qdot::Q8Acts` read in place: values 4k..4k+4 of a block are 4
 //! adjacent bytes of its chunk order.
@@ -24,7 +25,7 @@
 //! (`Weight::packed_rows16`), so a model run this way holds its quantized weights twice.
 
 use super::qdot::{self, Q8Acts};
-use crate::Weight;
+use crate::{Weight, WeightData};
 use half::f16;
 use vellum_quant::{BlockFormat, QK};
 
@@ -55,27 +56,27 @@ pub struct Rows16 {
     scales: Vec<f16>,
     /// `[groups, blocks, 16]` (Q4_1 only)
     mins: Vec<f16>,
+    /// `[groups, 16]` f32 scales of int8 per channel, which then has no `scales`.
+    row_scales: Vec<f32>,
 }
 
 impl Rows16 {
-    /// Repacks a weight with an f16 scale per block (`qdot::f16_blocks`); `None` for every
-    /// other layout.
+    /// Repacks a quantized weight (`qdot::blocks_of`); `None` for dense ones.
     pub fn pack(w: &Weight) -> Option<Rows16> {
-        let (format, read) = qdot::f16_blocks(w)?;
+        let (format, read) = qdot::blocks_of(w)?;
+        let per_row = matches!(w.data, WeightData::Int8PerRow { .. });
         let blocks = w.cols / QK;
         let groups = w.rows.div_ceil(ROWS);
         let lines = lines_per_block(format);
+        let sized = |yes: bool, n: usize| if yes { n } else { 0 };
         let mut p = Rows16 {
             format,
             rows: w.rows,
             blocks,
             codes: vec![Line([0; 64]); groups * blocks * lines],
-            scales: vec![f16::ZERO; groups * blocks * ROWS],
-            mins: if format == BlockFormat::Q4_1 {
-                vec![f16::ZERO; groups * blocks * ROWS]
-            } else {
-                Vec::new()
-            },
+            scales: vec![f16::ZERO; sized(!per_row, groups * blocks * ROWS)],
+            mins: vec![f16::ZERO; sized(format == BlockFormat::Q4_1, groups * blocks * ROWS)],
+            row_scales: vec![0.0; sized(per_row, groups * ROWS)],
         };
         for row in 0..w.rows {
             let (g, l) = (row / ROWS, row % ROWS);
@@ -93,7 +94,11 @@ impl Rows16 {
                     }
                 }
                 let s = (g * blocks + b) * ROWS + l;
-                p.scales[s] = f16::from_f32(d);
+                if per_row {
+                    p.row_scales[g * ROWS + l] = d;
+                } else {
+                    p.scales[s] = f16::from_f32(d);
+                }
                 if !p.mins.is_empty() {
                     p.mins[s] = f16::from_f32(c);
                 }
@@ -119,7 +124,10 @@ impl Rows16 {
             }
         }
         let s = (g * self.blocks + b) * ROWS + l;
-        let d = self.scales[s].to_f32();
+        let d = match self.row_scales.get(g * ROWS + l) {
+            Some(&d) => d,
+            None => self.scales[s].to_f32(),
+        };
         let c = match self.format {
             BlockFormat::Q4_1 => self.mins[s].to_f32(),
             f => offset_factor(f) * d,
@@ -196,9 +204,12 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn dot_rows(w: &Rows16, j0: usize, x: &Q8Acts, out: &mut [f32]) {
         match w.format {
-            BlockFormat::Q4_0 => rows_of::<4, false>(w, j0, x, out),
-            BlockFormat::Q4_1 => rows_of::<4, true>(w, j0, x, out),
-            BlockFormat::Q8_0 => rows_of::<8, false>(w, j0, x, out),
+            BlockFormat::Q4_0 => rows_of::<4, false, false>(w, j0, x, out),
+            BlockFormat::Q4_1 => rows_of::<4, true, false>(w, j0, x, out),
+            BlockFormat::Q8_0 if w.row_scales.is_empty() => {
+                rows_of::<8, false, false>(w, j0, x, out)
+            }
+            BlockFormat::Q8_0 => rows_of::<8, false, true>(w, j0, x, out),
         }
     }
 
@@ -206,7 +217,7 @@ mod x86 {
     /// 8, 4, 2 or 1 at a time.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn rows_of<const LINES: usize, const MINS: bool>(
+    unsafe fn rows_of<const LINES: usize, const MINS: bool, const ROW_SCALES: bool>(
         w: &Rows16,
         j0: usize,
         x: &Q8Acts,
@@ -222,10 +233,10 @@ mod x86 {
             while r < t {
                 let mut acc = [_mm512_setzero_ps(); TILE_R];
                 let rn = match t - r {
-                    8.. => group::<8, LINES, MINS>(w, g, x, r, &mut acc),
-                    4..=7 => group::<4, LINES, MINS>(w, g, x, r, &mut acc),
-                    2..=3 => group::<2, LINES, MINS>(w, g, x, r, &mut acc),
-                    _ => group::<1, LINES, MINS>(w, g, x, r, &mut acc),
+                    8.. => group::<8, LINES, MINS, ROW_SCALES>(w, g, x, r, &mut acc),
+                    4..=7 => group::<4, LINES, MINS, ROW_SCALES>(w, g, x, r, &mut acc),
+                    2..=3 => group::<2, LINES, MINS, ROW_SCALES>(w, g, x, r, &mut acc),
+                    _ => group::<1, LINES, MINS, ROW_SCALES>(w, g, x, r, &mut acc),
                 };
                 let mut lanes = [0f32; ROWS];
                 for (dr, a) in acc.iter().take(rn).enumerate() {
@@ -242,12 +253,18 @@ mod x86 {
 
     /// Group `g` (16 weight rows) against activation rows `r0..r0 + R`, into `acc[..R]`;
     /// returns `R`.
-    /// `LINES`: 4 (4-bit codes) or 8 (8-bit); `MINS`: Q4_1's per-block offsets. Each
+    /// `LINES`: 4 (4-bit codes) or 8 (8-bit); `MINS`: Q4_1's per-block offsets;
+    /// `ROW_SCALES`: one f32 scale per row (int8 per channel), not an f16 per block. Each
     /// (weight row, activation row) sum goes through the same operations whatever `R`, so
     /// a row's result does not depend on the batch.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn group<const R: usize, const LINES: usize, const MINS: bool>(
+    unsafe fn group<
+        const R: usize,
+        const LINES: usize,
+        const MINS: bool,
+        const ROW_SCALES: bool,
+    >(
         w: &Rows16,
         g: usize,
         x: &Q8Acts,
@@ -257,7 +274,12 @@ mod x86 {
         let nib = _mm512_set1_epi8(0x0f);
         let factor = _mm512_set1_ps(offset_factor(w.format));
         let codes = w.codes.as_ptr().add(g * w.blocks * LINES) as *const u8;
-        let scales = w.scales.as_ptr().add(g * w.blocks * ROWS);
+        let scales = w.scales.as_ptr().wrapping_add(g * w.blocks * ROWS);
+        let row_scales = if ROW_SCALES {
+            _mm512_loadu_ps(w.row_scales.as_ptr().add(g * ROWS))
+        } else {
+            _mm512_setzero_ps()
+        };
         let mins = w.mins.as_ptr().wrapping_add(g * w.blocks * ROWS);
         for b in 0..w.blocks {
             let line = codes.add(b * LINES * 64);
@@ -275,7 +297,11 @@ mod x86 {
                     *reg = _mm512_load_si512(line.add(64 * k) as *const _);
                 }
             }
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(b * ROWS) as *const _));
+            let d = if ROW_SCALES {
+                row_scales
+            } else {
+                _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(b * ROWS) as *const _))
+            };
             let m = if MINS {
                 _mm512_cvtph_ps(_mm256_loadu_si256(mins.add(b * ROWS) as *const _))
             } else {
@@ -317,14 +343,8 @@ mod tests {
     #[test]
     fn packing_keeps_every_code_scale_and_offset() {
         for (name, w) in weights(96, 19) {
-            let Some(p) = Rows16::pack(&w) else {
-                assert_eq!(
-                    name, "int8",
-                    "only int8 per channel has no f16 block scales"
-                );
-                continue;
-            };
-            let (_, read) = qdot::f16_blocks(&w).unwrap();
+            let p = Rows16::pack(&w).unwrap();
+            let (_, read) = qdot::blocks_of(&w).unwrap();
             for row in 0..19 {
                 for b in 0..3 {
                     assert_eq!(p.block(row, b), read(row, b), "{name} {row}/{b}");
@@ -335,7 +355,7 @@ mod tests {
     }
 
     /// The SIMD path and the scalar one against the exact value (`assert_exact`): every
-    /// layout that packs, row counts that end inside a group, block counts 1, 3, 9 and 18,
+    /// quantized layout, row counts that end inside a group, block counts 1, 3, 9 and 18,
     /// and 1–15 activation rows (every pass height).
     #[test]
     fn dots_match_the_exact_value_on_both_paths() {
@@ -343,7 +363,7 @@ mod tests {
             let x = Q8Acts::quantize(&values(t * k, 2), k);
             for rows in [1usize, 16, 17, 40] {
                 for (name, w) in weights(k, rows) {
-                    let Some(p) = w.packed_rows16() else { continue };
+                    let p = w.packed_rows16().unwrap();
                     let mut simd = vec![0f32; rows * t];
                     dot_rows(p, 0, &x, &mut simd);
                     let mut scalar = vec![0f32; rows * t];
@@ -363,7 +383,7 @@ mod tests {
         let v = values(t * k, 4);
         let x = Q8Acts::quantize(&v, k);
         for (name, w) in weights(k, 40) {
-            let Some(p) = w.packed_rows16() else { continue };
+            let p = w.packed_rows16().unwrap();
             let (mut all, mut part) = (vec![0f32; 40 * t], vec![0f32; 24 * t]);
             dot_rows(p, 0, &x, &mut all);
             dot_rows(p, 16, &x, &mut part);
