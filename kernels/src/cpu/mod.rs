@@ -301,7 +301,10 @@ impl Backend for Cpu {
             .then(|| qdot::Q8Acts::quantize(x, k));
         if q8.is_some() {
             // Repacked once per weight, here rather than inside a task that others wait on.
-            parts.iter().for_each(|p| _ = p.w.packed_rows16());
+            parts
+                .iter()
+                .filter(|p| qdot::supports(p.w))
+                .for_each(|p| _ = p.w.packed_rows16());
         }
         // A task computes up to MATMUL_CHUNK output features for every activation row as a
         // [features, t] block (the layout every kernel writes: each weight row is read once
@@ -331,12 +334,11 @@ impl Backend for Cpu {
                 scratch.resize(n * t, 0.0);
                 &mut scratch
             };
-            match &q8 {
-                Some(q8) if qdot::supports(w) => match w.packed_rows16() {
-                    Some(packed) => rows16::dot_rows(packed, j0, q8, block),
-                    None => qdot::dot_weight_rows(w, j0, q8, block),
-                },
-                _ => dot_weight_rows(isa, x, w, j0, block),
+            // `packed_rows16` only under integer dots: it builds the repacked copy.
+            let packed = q8.as_ref().filter(|_| qdot::supports(w));
+            match packed.and_then(|q8| Some((q8, w.packed_rows16()?))) {
+                Some((q8, packed)) => rows16::dot_rows(packed, j0, q8, block),
+                None => dot_weight_rows(isa, x, w, j0, block),
             }
             if let Some(b) = bias {
                 for (i, dst) in block.chunks_exact_mut(t).enumerate() {

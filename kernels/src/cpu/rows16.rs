@@ -19,7 +19,7 @@
 //! Q8_0's, with its f32 row scales kept as they are: 16 per group instead of the f16 `d`s.
 //! Each block's sum is `d dx Σ u q + c dx Σ q` as in `qdot` (`c` = -8d, -128d or m), with
 //! the activations of `qdot::Q8Acts` read in place: values 4k..4k+4 of a block are 4
-//! adjacent bytes of its chunk order.
+//! adjacent bytes.
 //!
 //! The packed copy is built from the weight's own storage on first use and kept with it
 //! (`Weight::packed_rows16`), so a model run this way holds its quantized weights twice.
@@ -308,10 +308,10 @@ mod x86 {
                 _mm512_setzero_ps()
             };
             for (r, a) in acc.iter_mut().enumerate().take(R) {
-                let (xq, dx, sdx) = x.block_raw(r0 + r, b);
+                let (xq, dx, sdx) = x.block(r0 + r, b);
                 // 4-byte groups of the block's activation codes, values 4k..4k+4.
                 let quad = |k: usize| {
-                    let at = xq.add(qdot::quad_offset(k)) as *const i32;
+                    let at = xq.as_ptr().add(4 * k) as *const i32;
                     _mm512_set1_epi32(at.read_unaligned())
                 };
                 // One chain per activation row: integer sums are exact in any grouping, so
