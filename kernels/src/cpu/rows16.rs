@@ -1,10 +1,11 @@
 //! Quantized weights (GGUF Q4_0, Q4_1, Q8_0, planar int4 of any group size, int8 per
-//! channel) repacked 16 rows at a time for the integer-dot path: one 512-bit register holds 4 codes of each of 16 rows, so one `vpdpbusd` against
-//! 4 activation codes broadcast to every lane advances 16 dot products, and a block's 16
-//! scales are one load. In the GGUF layout each row is read on its own and each block's
-//! scale is gathered and spread over the lanes that hold it: single-threaded on cached
-//! SmolLM2 shapes that decoded 14 GB/s of Q4_0 at one activation row, this reads ~50
-//! (benches/RESULTS.md, 2026-12-03). llama.cpp repacks for the same reason.
+//! channel) repacked 16 rows at a time for the integer-dot path: one 512-bit register holds
+//! 4 codes of each of 16 rows, so one `vpdpbusd` against 4 activation codes broadcast to
+//! every lane advances 16 dot products, and a block's 16 scales are one load. Reading the
+//! GGUF layout in place, each row on its own with each block's scale gathered and spread
+//! over the lanes that hold it, decoded 14 GB/s of Q4_0 on one thread at one activation row
+//! (cached SmolLM2 shapes); this reads ~50 (benches/RESULTS.md, 2026-12-03). llama.cpp
+//! repacks for the same reason.
 //!
 //! Layout, per group of 16 rows (rows past the matrix's end are zero) and per block of 32
 //! columns, in order:
@@ -167,7 +168,7 @@ pub fn dot_rows(w: &Rows16, j0: usize, x: &Q8Acts, out: &mut [f32]) {
     );
     #[cfg(target_arch = "x86_64")]
     if qdot::vnni_available() {
-        // SAFETY: the features were detected above; shapes checked by the caller.
+        // SAFETY: the features were detected above, the shapes asserted.
         unsafe { x86::dot_rows(w, j0, x, out) };
         return;
     }
