@@ -9,8 +9,7 @@ use vellum::engine::Checkpoint;
 fn tmpdir(name: &str) -> PathBuf {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let d = std::env::temp_dir().join(format!("vellum-bad-{name}-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
+    let d = scratch(&format!("bad-{name}-{n}"));
     std::fs::create_dir_all(&d).unwrap();
     d
 }

@@ -130,7 +130,7 @@ fn inspect_validates_and_fails_on_bad_models() {
     let (code, out, _) = vellum(&["inspect", real_model().to_str().unwrap()], "");
     assert_eq!(code, 0);
     assert!(out.contains("30 layers") && out.contains("Q4_1"), "{out}");
-    let bad = std::env::temp_dir().join(format!("vellum-cli-bad-{}.gguf", std::process::id()));
+    let bad = scratch("cli-bad.gguf");
     std::fs::write(&bad, b"GGUF\x09\0\0\0").unwrap();
     let (code, _, err) = vellum(&["inspect", bad.to_str().unwrap()], "");
     assert_ne!(code, 0);
@@ -151,7 +151,7 @@ fn bench_reports_every_level_as_json() {
         "3",
         "--json",
     ];
-    let plot = std::env::temp_dir().join(format!("vellum-bench-{}.svg", std::process::id()));
+    let plot = scratch("bench.svg");
     let mut args = args.to_vec();
     args.extend(["--plot", plot.to_str().unwrap()]);
     let (code, out, err) = vellum(&args, "");
@@ -195,7 +195,7 @@ fn score_input(n: usize) -> String {
 }
 
 fn tmp_file(name: &str, contents: &str) -> std::path::PathBuf {
-    let p = std::env::temp_dir().join(format!("vellum-cli-{name}-{}", std::process::id()));
+    let p = scratch(&format!("cli-{name}"));
     std::fs::write(&p, contents).unwrap();
     p
 }

@@ -9,7 +9,7 @@ use vellum::quant::DType;
 #[test]
 fn converted_gguf_loads_back_bit_exact() {
     let gguf = Checkpoint::open(&real_model()).unwrap();
-    let out = std::env::temp_dir().join(format!("vellum-convert-{}", std::process::id()));
+    let out = scratch("convert");
     convert::convert(&gguf, &out, DType::F32).unwrap();
     let hf = Checkpoint::open(&out).unwrap();
     assert_eq!(hf.config.num_layers, gguf.config.num_layers);
@@ -42,8 +42,7 @@ fn quantized_checkpoints_load_back_identically() {
     let src = Checkpoint::open(&real_model()).unwrap();
     for name in ["int8", "int4", "int4:g128", "int4:g64:sym"] {
         let target = vellum::kernels::QuantTarget::parse(name).unwrap();
-        let out =
-            std::env::temp_dir().join(format!("vellum-quantize-{name}-{}", std::process::id()));
+        let out = scratch(&format!("quantize-{name}"));
         let written = convert::quantize(&src, &out, target, DType::F16).unwrap();
         let back = Checkpoint::open(&out).unwrap();
         assert_eq!(back.config.quantization, Some(target));

@@ -42,8 +42,7 @@ fn sharded_checkpoints_load_like_single_files() {
             )
         })
         .collect();
-    let dir = std::env::temp_dir().join(format!("vellum-sharded-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = scratch("sharded");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
     let (a, b) = tensors.split_at(tensors.len() / 2);

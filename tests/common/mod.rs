@@ -9,6 +9,16 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A path for a test's scratch files, under cargo's directory for them (target/tmp), not the
+/// system temp directory: reruns reuse the same names instead of leaving a trail there.
+/// Removed first if it exists.
+pub fn scratch(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&p);
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
 pub fn golden(name: &str) -> serde_json::Value {
     let p = repo().join("tests/golden").join(name);
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
