@@ -301,10 +301,7 @@ impl Backend for Cpu {
             .then(|| qdot::Q8Acts::quantize(x, k));
         if q8.is_some() {
             // Repacked once per weight, here rather than inside a task that others wait on.
-            parts
-                .iter()
-                .filter(|p| qdot::supports(p.w))
-                .for_each(|p| _ = p.w.packed_rows16());
+            parts.iter().for_each(|p| _ = p.w.packed_rows16());
         }
         // A task computes up to MATMUL_CHUNK output features for every activation row as a
         // [features, t] block (the layout every kernel writes: each weight row is read once
@@ -334,9 +331,9 @@ impl Backend for Cpu {
                 scratch.resize(n * t, 0.0);
                 &mut scratch
             };
-            // `packed_rows16` only under integer dots: it builds the repacked copy.
-            let packed = q8.as_ref().filter(|_| qdot::supports(w));
-            match packed.and_then(|q8| Some((q8, w.packed_rows16()?))) {
+            // `packed_rows16` only under integer dots: it builds the repacked copy (`None`
+            // for a weight the integer path cannot read).
+            match q8.as_ref().and_then(|q8| Some((q8, w.packed_rows16()?))) {
                 Some((q8, packed)) => rows16::dot_rows(packed, j0, q8, block),
                 None => dot_weight_rows(isa, x, w, j0, block),
             }

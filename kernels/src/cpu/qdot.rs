@@ -162,11 +162,14 @@ pub(super) type Block = ([u8; QK], f32, f32);
 /// `(row, block) -> Block` of a quantized weight.
 pub(super) type BlockReader<'a> = Box<dyn Fn(usize, usize) -> Block + 'a>;
 
-/// The blocks of a quantized weight (GGUF blocks, planar int4 whose rows are whole blocks,
-/// int8 per channel), with the GGUF format whose offset rule they follow: `c = -8d` (Q4_0,
-/// symmetric int4), `c = m` (Q4_1, asymmetric int4) or `c = -128d` (Q8_0, int8 per channel).
-/// `None` for dense weights.
+/// The blocks of a quantized weight (GGUF blocks, planar int4, int8 per channel), with the
+/// GGUF format whose offset rule they follow: `c = -8d` (Q4_0, symmetric int4), `c = m`
+/// (Q4_1, asymmetric int4) or `c = -128d` (Q8_0, int8 per channel). `None` where the
+/// integer path cannot read the weight ([`supports`]): dense, or rows not whole blocks.
 pub(super) fn blocks_of(w: &Weight) -> Option<(BlockFormat, BlockReader<'_>)> {
+    if !supports(w) {
+        return None;
+    }
     let k = w.cols;
     match &w.data {
         WeightData::Block(f, bytes) => {

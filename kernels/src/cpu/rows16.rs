@@ -62,7 +62,8 @@ pub struct Rows16 {
 }
 
 impl Rows16 {
-    /// Repacks a quantized weight (`qdot::blocks_of`); `None` for dense ones.
+    /// Repacks a quantized weight (`qdot::blocks_of`); `None` for one the integer path cannot
+    /// read.
     pub fn pack(w: &Weight) -> Option<Rows16> {
         let (format, read) = qdot::blocks_of(w)?;
         let per_row = matches!(w.data, WeightData::Int8PerRow { .. });
