@@ -4,6 +4,7 @@
 
 mod common;
 use common::*;
+use vellum::kernels::cpu::Cpu;
 use vellum::kernels::Device;
 
 #[test]
@@ -12,7 +13,8 @@ fn tiny_models_match_transformers_on_the_emulated_cuda_backend() {
 }
 
 /// Quantized weights (planar int4 g64, int8 per channel, GGUF-style Q4_1) through the
-/// emulated CUDA matmuls give the CPU backend's greedy tokens and logprobs.
+/// emulated CUDA matmuls give the CPU backend's greedy tokens and logprobs. Both decode the
+/// weights to f32 against unrounded activations, so the CPU runs without integer dots.
 #[test]
 fn quantized_tiny_model_decodes_like_the_cpu_on_the_emulated_cuda_backend() {
     use vellum::engine::{Engine, EngineConfig, Request};
@@ -21,9 +23,12 @@ fn quantized_tiny_model_decodes_like_the_cpu_on_the_emulated_cuda_backend() {
     let prompts: Vec<Vec<u32>> = vec![(1..20).collect(), vec![5, 9, 200, 7]];
     for quant in ["int4:g64:sym", "int8", "int4"] {
         let run = |device: Device| {
-            let mut e = Engine::builder()
+            let b = match device {
+                Device::Cpu => Engine::builder().backend(Box::new(Cpu::new().with_int_dot(None))),
+                _ => Engine::builder().device(device),
+            };
+            let mut e = b
                 .model(&dir)
-                .device(device)
                 .quant(QuantTarget::parse(quant).unwrap())
                 .config(EngineConfig {
                     kv_cache_bytes: 4 << 20,

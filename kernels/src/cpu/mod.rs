@@ -13,6 +13,7 @@ use crate::{
     check, shapes, Backend, BatchLayout, KvLayer, MatmulPart, Result, Rope, Weight, WeightData,
 };
 use pool::Pool;
+use qdot::ActBits;
 use simd::Isa;
 use vellum_quant::{BlockFormat, QK};
 
@@ -186,18 +187,28 @@ fn dot_rows_all<R: simd::Row + ?Sized>(isa: Isa, x: &[f32], w: &R, out: &mut [f3
 pub struct Cpu {
     isa: Isa,
     name: String,
-    int_dot: bool,
+    int_dot: Option<ActBits>,
 }
 
 impl Default for Cpu {
-    /// The best SIMD path. Quantized weights are decoded to f32 in registers (outputs match
-    /// transformers' to the golden tolerances); `VELLUM_INT_DOT=1` switches them to integer
-    /// dots over int8-rounded activations where AVX-512 VNNI is present, as llama.cpp does
-    /// (`qdot`, `rows16`): 1.6–2.3x faster decode, but log-probabilities move by up to ~0.3
-    /// nats.
+    /// The best SIMD path. Where AVX-512 VNNI is present, quantized weights meet activations
+    /// rounded to int16 per block of 32 in integer dots (`qdot`, `rows16`): ~2x the speed of
+    /// decoding the weights to f32, with log-probabilities within ~3e-3 nats of the float
+    /// path on SmolLM2 (README, "Quantization accuracy"). `VELLUM_INT_DOT` chooses: `=0`
+    /// decodes the weights to f32 (transformers' numbers to 1e-5), `=8` (or `=1`) rounds
+    /// activations to int8 as llama.cpp does (faster still at batch, but log-probabilities
+    /// move by up to ~0.3 nats), `=16` is the default.
     fn default() -> Self {
-        let int_dot = std::env::var("VELLUM_INT_DOT").is_ok_and(|v| v == "1");
-        Cpu::with_isa(simd::isa()).with_int_dot(int_dot && qdot::vnni_available())
+        let int_dot = match std::env::var("VELLUM_INT_DOT").as_deref() {
+            Ok("8" | "1") => Some(ActBits::Eight),
+            Ok("16") | Err(_) => Some(ActBits::Sixteen),
+            Ok("0") => None,
+            Ok(other) => {
+                tracing::warn!("VELLUM_INT_DOT={other:?} is not 0, 8 (or 1) or 16: ignored");
+                None
+            }
+        };
+        Cpu::with_isa(simd::isa()).with_int_dot(int_dot.filter(|_| qdot::vnni_available()))
     }
 }
 
@@ -211,20 +222,20 @@ impl Cpu {
         Cpu {
             isa,
             name: format!("cpu-{}", isa.name()),
-            int_dot: false,
+            int_dot: None,
         }
     }
 
-    /// Quantized weights (GGUF blocks, planar int4, int8 per channel) meet activations
-    /// quantized to int8 in integer dot products (`qdot`): faster than decoding the weights
-    /// to f32, but activations are rounded to 8 bits (see `Default`).
-    pub fn with_int_dot(mut self, on: bool) -> Cpu {
-        self.int_dot = on;
-        self.name = format!(
-            "cpu-{}{}",
-            self.isa.name(),
-            if on { "-int8dot" } else { "" }
-        );
+    /// With `Some(bits)`, quantized weights (GGUF blocks, planar int4, int8 per channel) meet
+    /// activations rounded to `bits` in integer dot products (`qdot`, `rows16`): faster than
+    /// decoding the weights to f32, at the cost of that rounding (see `Default`). Needs
+    /// AVX-512 VNNI for speed; elsewhere the scalar reference runs.
+    pub fn with_int_dot(mut self, bits: Option<ActBits>) -> Cpu {
+        self.int_dot = bits;
+        self.name = match bits {
+            Some(b) => format!("cpu-{}-{}dot", self.isa.name(), b.name()),
+            None => format!("cpu-{}", self.isa.name()),
+        };
         self
     }
 
@@ -297,8 +308,10 @@ impl Backend for Cpu {
             return Ok(());
         }
         let isa = self.isa;
-        let q8 = (self.int_dot && parts.iter().any(|p| qdot::supports(p.w)))
-            .then(|| qdot::Q8Acts::quantize(x, k));
+        let q8 = self
+            .int_dot
+            .filter(|_| parts.iter().any(|p| qdot::supports(p.w)))
+            .map(|bits| qdot::IntActs::quantize(x, k, bits));
         if q8.is_some() {
             // Repacked once per weight, here rather than inside a task that others wait on.
             parts.iter().for_each(|p| _ = p.w.packed_rows16());
@@ -551,44 +564,48 @@ mod tests {
         }
     }
 
-    /// Dense rows of odd lengths exercise the vector tails.
-    /// The integer-dot matmul is the float matmul of the int8-rounded activations (to 1e-5
-    /// of the largest output: only the summation order differs), stays within the rounding
-    /// of the float one, and a row alone gives exactly what it gave in the batch. 37 rows
-    /// (not whole tiles), 576 columns (a short last chunk), 5 activation rows.
+    /// The integer-dot matmul is the float matmul of the rounded activations (to 1e-5 of the
+    /// largest output: only the summation order differs), stays within the rounding of the
+    /// float one (int16 activations 100x closer than int8), and a row alone gives exactly
+    /// what it gave in the batch. 37 rows (not whole tiles), 576 columns (a short last
+    /// chunk), 5 activation rows.
     #[test]
     fn int_dot_matmul_is_the_float_matmul_of_rounded_activations() {
         let (n, k, t) = (37, 576, 5);
-        let cpu = Cpu::new().with_int_dot(false);
-        let int = Cpu::new().with_int_dot(true);
+        let cpu = Cpu::new().with_int_dot(None);
         let x: Vec<f32> = (0..t * k)
             .map(|i| (i * 31 % 97) as f32 / 97.0 - 0.5)
             .collect();
-        let q8 = qdot::Q8Acts::quantize(&x, k);
-        let rounded: Vec<f32> = (0..t * k).map(|i| q8.value(i / k, i % k)).collect();
-        for w in weights(n, k) {
-            if !qdot::supports(&w) {
-                continue;
+        for (bits, tol) in [(ActBits::Eight, 2e-2), (ActBits::Sixteen, 2e-4)] {
+            let int = Cpu::new().with_int_dot(Some(bits));
+            let q = qdot::IntActs::quantize(&x, k, bits);
+            let rounded: Vec<f32> = (0..t * k).map(|i| q.value(i / k, i % k)).collect();
+            for w in weights(n, k) {
+                if !qdot::supports(&w) {
+                    continue;
+                }
+                let name = format!("{} {bits:?}", w.format_name());
+                let mut a = vec![0f32; t * n];
+                let (mut b, mut c) = (a.clone(), a.clone());
+                cpu.matmul(&x, &w, None, &mut a).unwrap();
+                int.matmul(&x, &w, None, &mut b).unwrap();
+                cpu.matmul(&rounded, &w, None, &mut c).unwrap();
+                let scale = a.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                for ((p, q), r) in a.iter().zip(&b).zip(&c) {
+                    assert!((p - q).abs() <= tol * scale, "{name}: {p} vs {q}");
+                    assert!(
+                        (r - q).abs() <= 1e-5 * scale,
+                        "{name}: {q} vs {r} (rounded x)"
+                    );
+                }
+                let mut alone = vec![0f32; n];
+                int.matmul(&x[2 * k..3 * k], &w, None, &mut alone).unwrap();
+                assert_eq!(alone, b[2 * n..3 * n].to_vec(), "{name}");
             }
-            let name = w.format_name();
-            let (mut a, mut b, mut c) = (vec![0f32; t * n], vec![0f32; t * n], vec![0f32; t * n]);
-            cpu.matmul(&x, &w, None, &mut a).unwrap();
-            int.matmul(&x, &w, None, &mut b).unwrap();
-            cpu.matmul(&rounded, &w, None, &mut c).unwrap();
-            let scale = a.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-            for ((p, q), r) in a.iter().zip(&b).zip(&c) {
-                assert!((p - q).abs() <= 2e-2 * scale, "{name}: {p} vs {q}");
-                assert!(
-                    (r - q).abs() <= 1e-5 * scale,
-                    "{name}: {q} vs {r} (rounded x)"
-                );
-            }
-            let mut alone = vec![0f32; n];
-            int.matmul(&x[2 * k..3 * k], &w, None, &mut alone).unwrap();
-            assert_eq!(alone, b[2 * n..3 * n].to_vec(), "{name}");
         }
     }
 
+    /// Dense rows of odd lengths exercise the vector tails.
     #[test]
     fn dense_rows_with_odd_lengths() {
         for cols in [1usize, 7, 17, 33, 100] {

@@ -1,10 +1,10 @@
 //! Integer dot products for quantized weights, the way llama.cpp runs quantized models on a
-//! CPU: each activation row is quantized once per matmul to int8 blocks of 32 (scale
-//! `amax / 127`, [`Q8Acts`]), and each weight block meets it in a u8 × s8 integer dot with
-//! one float scale per block. The dots themselves run in `rows16`, on weights repacked 16
-//! rows per register; this module quantizes the activations and reads every quantized
-//! weight layout block by block ([`blocks_of`]) for that repacking: GGUF Q8_0/Q4_0/Q4_1,
-//! planar int4 at any group size (symmetric or not) and int8 per channel.
+//! CPU: each activation row is quantized once per matmul to integer blocks of 32
+//! ([`IntActs`]), and each weight block meets it in u8 × s8 integer dots with one float
+//! scale per block. The dots themselves run in `rows16`, on weights repacked 16 rows per
+//! register; this module quantizes the activations and reads every quantized weight layout
+//! block by block ([`blocks_of`]) for that repacking: GGUF Q8_0/Q4_0/Q4_1, planar int4 at
+//! any group size (symmetric or not) and int8 per channel.
 //!
 //! Every weight format is brought to u8 codes `u` so one instruction serves all, with a
 //! per-block offset coefficient `c`:
@@ -17,70 +17,131 @@
 //! them. The integer sums are exact, and a row's result never depends on the other rows of
 //! the batch.
 //!
-//! The cost is accuracy, which is why the path is opt-in (`VELLUM_INT_DOT=1`,
-//! `Cpu::with_int_dot`). Rounding activations to 8 bits per block of 32 (an outlier channel
-//! leaves the rest of its block few levels) moves SmolLM2's log-probabilities by up to ~0.3
-//! nats: perplexity changes by up to ~1% either way, the real-model golden scores fall
-//! outside transformers' tolerance, and the greedy chat answer to "What is the capital of
-//! France?" on the Q4_1 model stops being "Paris", exactly as in llama.cpp
-//! (benches/RESULTS.md, 2026-12-03). The kernels themselves are exact: the result is the
-//! float matmul of the rounded activations to 1e-5 (tested).
+//! What is lost is the activations' rounding ([`ActBits`]). llama.cpp rounds them to int8
+//! (`amax / 127` per block): an outlier channel leaves the rest of its block few levels, which
+//! moves SmolLM2's log-probabilities by up to ~0.3 nats, perplexity by up to ~1% either way,
+//! and changes the Q4_1 model's greedy chat answer to "What is the capital of France?" from
+//! "Paris", exactly as in llama.cpp. Vellum's default rounds them to int16 instead, held as
+//! two int8 halves that each meet the weight codes: twice the multiply-adds, no more weight
+//! traffic, and log-probabilities within ~3e-3 nats of the float path, perplexities within
+//! 0.01%, the same greedy replies (tests/golden.rs, tests/accuracy.rs; README). The kernels
+//! themselves are exact: the result is the float matmul of the rounded activations to 1e-5
+//! (tested).
 
 use super::pool::Pool;
 use crate::{Weight, WeightData};
 use half::f16;
 use vellum_quant::{BlockFormat, QK};
 
-/// Activation rows quantized to int8 blocks of 32.
-pub struct Q8Acts {
+/// How finely [`IntActs`] rounds activations, per block of 32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActBits {
+    /// int8 codes, step `amax / 127`, as llama.cpp: the fastest, but an outlier leaves the
+    /// rest of its block few levels (log-probabilities move by up to ~0.3 nats on SmolLM2).
+    Eight,
+    /// int16 codes, step `amax / 32639`, held as two int8 halves `c = 256 h + l` (`h`, `l`
+    /// in -128..=127): each weight block meets both halves in two dot chains combined
+    /// exactly in i32 (`256 Σ u h + Σ u l`), so the same u8 × s8 instruction gives 256x
+    /// finer activations for twice the multiply-adds and no extra weight traffic.
+    Sixteen,
+}
+
+impl ActBits {
+    /// The largest code: `amax` maps to it.
+    fn top(self) -> f32 {
+        match self {
+            ActBits::Eight => 127.0,
+            ActBits::Sixteen => 32_639.0,
+        }
+    }
+
+    /// Code bytes per block: one int8 per value, or the high halves then the low ones.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            ActBits::Eight => QK,
+            ActBits::Sixteen => 2 * QK,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ActBits::Eight => "int8",
+            ActBits::Sixteen => "int16",
+        }
+    }
+}
+
+/// Activation rows quantized to integer blocks of 32 ([`ActBits`]).
+pub struct IntActs {
+    bits: ActBits,
     rows: usize,
     blocks: usize,
-    /// `[rows, blocks, 32]`
+    /// `[rows, blocks, bits.block_bytes()]`: int8 codes, or int16 codes as 32 high halves
+    /// then 32 low halves.
     codes: Vec<i8>,
     /// `[rows, blocks]` each block's scale `dx`.
     scales: Vec<f32>,
-    /// `[rows, blocks]` each block's `dx Σ q`.
+    /// `[rows, blocks]` each block's `dx Σ c` (`c` the whole codes).
     scaled_sums: Vec<f32>,
 }
 
-impl Q8Acts {
+impl IntActs {
     /// Quantizes `x` (rows of `k`, `k` a multiple of 32).
-    pub fn quantize(x: &[f32], k: usize) -> Q8Acts {
+    pub fn quantize(x: &[f32], k: usize, bits: ActBits) -> IntActs {
         assert!(
             k > 0 && k.is_multiple_of(QK),
             "{k} columns are not whole blocks"
         );
         let rows = x.len() / k;
         let blocks = k / QK;
-        let mut q = Q8Acts {
+        let bb = bits.block_bytes();
+        let mut q = IntActs {
+            bits,
             rows,
             blocks,
-            codes: vec![0; rows * k],
+            codes: vec![0; rows * blocks * bb],
             scales: vec![0.0; rows * blocks],
             scaled_sums: vec![0.0; rows * blocks],
         };
         let mut rows: Vec<_> = q
             .codes
-            .chunks_mut(k)
+            .chunks_mut(blocks * bb)
             .zip(q.scales.chunks_mut(blocks))
             .zip(q.scaled_sums.chunks_mut(blocks))
             .zip(x.chunks_exact(k))
             .collect();
+        let top = bits.top();
         Pool::global().for_each_mut(&mut rows, |(((codes, scales), sums), row)| {
-            for (b, block) in row.chunks_exact(QK).enumerate() {
+            for ((block, out), (d_out, sum_out)) in row
+                .chunks_exact(QK)
+                .zip(codes.chunks_exact_mut(bb))
+                .zip(scales.iter_mut().zip(sums.iter_mut()))
+            {
                 let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
+                let d = amax / top;
                 let id = if d > 0.0 { 1.0 / d } else { 0.0 };
                 let mut sum = 0i32;
-                for (c, &v) in codes[b * QK..(b + 1) * QK].iter_mut().zip(block) {
-                    *c = round_to_even(v * id) as i8;
-                    sum += *c as i32;
+                for (i, &v) in block.iter().enumerate() {
+                    let c = round_to_even(v * id) as i32;
+                    sum += c;
+                    match bits {
+                        ActBits::Eight => out[i] = c as i8,
+                        ActBits::Sixteen => {
+                            let h = (c + 128) >> 8;
+                            out[i] = h as i8;
+                            out[QK + i] = (c - 256 * h) as i8;
+                        }
+                    }
                 }
-                scales[b] = d;
-                sums[b] = d * sum as f32;
+                *d_out = d;
+                *sum_out = d * sum as f32;
             }
         });
         q
+    }
+
+    pub fn bits(&self) -> ActBits {
+        self.bits
     }
 
     pub fn rows(&self) -> usize {
@@ -91,11 +152,13 @@ impl Q8Acts {
         self.blocks
     }
 
-    /// Block `b` of row `r`: its 32 codes, its scale `dx` and `dx Σ q`.
+    /// Block `b` of row `r`: its code bytes ([`ActBits::block_bytes`]), its scale `dx` and
+    /// `dx Σ c`.
     pub(super) fn block(&self, r: usize, b: usize) -> (&[i8], f32, f32) {
         let at = r * self.blocks + b;
+        let bb = self.bits.block_bytes();
         (
-            &self.codes[at * QK..(at + 1) * QK],
+            &self.codes[at * bb..(at + 1) * bb],
             self.scales[at],
             self.scaled_sums[at],
         )
@@ -103,8 +166,25 @@ impl Q8Acts {
 
     /// Activation value `j` of row `r` as the integer path sees it (code × scale).
     pub fn value(&self, r: usize, j: usize) -> f32 {
-        let at = r * self.blocks + j / QK;
-        self.codes[r * self.blocks * QK + j] as f32 * self.scales[at]
+        let (codes, d, _) = self.block(r, j / QK);
+        let i = j % QK;
+        let c = match self.bits {
+            ActBits::Eight => codes[i] as i32,
+            ActBits::Sixteen => 256 * codes[i] as i32 + codes[QK + i] as i32,
+        };
+        c as f32 * d
+    }
+
+    /// `Σ u c` over block `b` of row `r`, for u8 weight codes `u` in value order: the
+    /// integer sum every path computes.
+    pub(super) fn int_dot(&self, r: usize, b: usize, u: &[u8; QK]) -> i32 {
+        let (codes, _, _) = self.block(r, b);
+        let dot =
+            |half: &[i8]| -> i32 { u.iter().zip(half).map(|(&a, &c)| a as i32 * c as i32).sum() };
+        match self.bits {
+            ActBits::Eight => dot(codes),
+            ActBits::Sixteen => 256 * dot(&codes[..QK]) + dot(&codes[QK..]),
+        }
     }
 }
 
@@ -302,7 +382,7 @@ pub(super) mod testing {
     /// Asserts that each path's `out[j * t + r]` is the f64 dot of weight row `j`
     /// (dequantized) with activation row `r` as the integer path sees it, within 1e-5 of
     /// Σ|terms|: the exact value of what the integer kernels compute.
-    pub fn assert_exact(w: &Weight, x: &Q8Acts, paths: &[(&str, &[f32])], what: &str) {
+    pub fn assert_exact(w: &Weight, x: &IntActs, paths: &[(&str, &[f32])], what: &str) {
         let t = x.rows();
         let mut wf = vec![0f32; w.cols];
         for j in 0..paths[0].1.len() / t {
@@ -376,12 +456,24 @@ mod tests {
     #[test]
     fn activation_codes_round_within_half_a_step() {
         let v = values(96, 3);
-        let q = Q8Acts::quantize(&v, 96);
-        for (i, &x) in v.iter().enumerate() {
-            let d = q.scales[i / QK];
-            assert!((x - q.value(0, i)).abs() <= 0.5 * d * 1.0001, "value {i}");
+        for bits in [ActBits::Eight, ActBits::Sixteen] {
+            let q = IntActs::quantize(&v, 96, bits);
+            for (i, &x) in v.iter().enumerate() {
+                let d = q.scales[i / QK];
+                // Half a step, plus the f32 rounding of `x / d` (codes up to 2^15).
+                let tol = 0.5 * d + 2e-7 * x.abs();
+                let what = format!("{bits:?} value {i}");
+                assert!((x - q.value(0, i)).abs() <= tol, "{what}");
+            }
+            let sum: f32 = (2 * QK..3 * QK).map(|i| q.value(0, i) / q.scales[2]).sum();
+            assert_eq!(q.scaled_sums[2], q.scales[2] * sum, "{bits:?}");
         }
-        let sum: i32 = q.codes[2 * QK..3 * QK].iter().map(|&c| c as i32).sum();
-        assert_eq!(q.scaled_sums[2], q.scales[2] * sum as f32);
+        // int16: the largest value takes the largest code, 127 * 256 + 127, and the halves
+        // stay within int8.
+        let q = IntActs::quantize(&[-2.0, 2.0, 1.0, 0.0].repeat(8), 32, ActBits::Sixteen);
+        let (codes, d, _) = q.block(0, 0);
+        assert_eq!((codes[1], codes[QK + 1]), (127, 127));
+        assert_eq!((codes[0], codes[QK]), (-127, -127));
+        assert!((q.value(0, 2) - 1.0).abs() <= 0.5 * d);
     }
 }

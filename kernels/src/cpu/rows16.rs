@@ -19,13 +19,14 @@
 //! Q4_1), its group's scale repeated for each block of the group. Int8 per channel follows
 //! Q8_0's, with its f32 row scales kept as they are: 16 per group instead of the f16 `d`s.
 //! Each block's sum is `d dx Σ u q + c dx Σ q` as in `qdot` (`c` = -8d, -128d or m), with
-//! the activations of `qdot::Q8Acts` read in place: values 4k..4k+4 of a block are 4
-//! adjacent bytes.
+//! the activations of `qdot::IntActs` read in place: values 4k..4k+4 of a block are 4
+//! adjacent bytes. Int16 activations come as two int8 halves, each with its own chain of
+//! dots, joined exactly as `Σ u q = 256 Σ u h + Σ u l` before the one conversion to f32.
 //!
 //! The packed copy is built from the weight's own storage on first use and kept with it
 //! (`Weight::packed_rows16`), so a model run this way holds its quantized weights twice.
 
-use super::qdot::{self, Q8Acts};
+use super::qdot::{self, ActBits, IntActs};
 use crate::{Weight, WeightData};
 use half::f16;
 use vellum_quant::{BlockFormat, QK};
@@ -157,7 +158,7 @@ fn offset_factor(f: BlockFormat) -> f32 {
 
 /// `out[i * t + r] = x_r · w[j0 + i]` for `out.len() / t` rows from `j0` (a multiple of
 /// [`ROWS`]) and every activation row `r` (`t` of them).
-pub fn dot_rows(w: &Rows16, j0: usize, x: &Q8Acts, out: &mut [f32]) {
+pub fn dot_rows(w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
     let t = x.rows().max(1);
     assert!(
         j0.is_multiple_of(ROWS) && j0 + out.len() / t <= w.rows && x.blocks() == w.blocks,
@@ -177,15 +178,15 @@ pub fn dot_rows(w: &Rows16, j0: usize, x: &Q8Acts, out: &mut [f32]) {
 }
 
 /// The scalar reference of [`dot_rows`]: same sums, in block order.
-pub fn dot_rows_scalar(w: &Rows16, j0: usize, x: &Q8Acts, out: &mut [f32]) {
+pub fn dot_rows_scalar(w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
     let t = x.rows().max(1);
     for (i, dst) in out.chunks_exact_mut(t).enumerate() {
         for (r, o) in dst.iter_mut().enumerate() {
             let mut acc = 0f32;
             for b in 0..w.blocks {
                 let (u, d, c) = w.block(j0 + i, b);
-                let (codes, dx, sdx) = x.block(r, b);
-                let isum: i32 = (0..QK).map(|j| u[j] as i32 * codes[j] as i32).sum();
+                let (_, dx, sdx) = x.block(r, b);
+                let isum = x.int_dot(r, b, &u);
                 acc += d * dx * isum as f32 + c * sdx;
             }
             *o = acc;
@@ -204,14 +205,23 @@ mod x86 {
     /// AVX-512 F/BW/VL/VNNI, FMA and F16C must be present; `j0` a multiple of [`ROWS`],
     /// `out.len() / t` rows from it inside the matrix, `x` of the matrix's blocks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub unsafe fn dot_rows(w: &Rows16, j0: usize, x: &Q8Acts, out: &mut [f32]) {
+    pub unsafe fn dot_rows(w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
+        match x.bits() {
+            ActBits::Eight => of_format::<false>(w, j0, x, out),
+            ActBits::Sixteen => of_format::<true>(w, j0, x, out),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn of_format<const SPLIT: bool>(w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
         match w.format {
-            BlockFormat::Q4_0 => rows_of::<4, false, false>(w, j0, x, out),
-            BlockFormat::Q4_1 => rows_of::<4, true, false>(w, j0, x, out),
+            BlockFormat::Q4_0 => rows_of::<4, false, false, SPLIT>(w, j0, x, out),
+            BlockFormat::Q4_1 => rows_of::<4, true, false, SPLIT>(w, j0, x, out),
             BlockFormat::Q8_0 if w.row_scales.is_empty() => {
-                rows_of::<8, false, false>(w, j0, x, out)
+                rows_of::<8, false, false, SPLIT>(w, j0, x, out)
             }
-            BlockFormat::Q8_0 => rows_of::<8, false, true>(w, j0, x, out),
+            BlockFormat::Q8_0 => rows_of::<8, false, true, SPLIT>(w, j0, x, out),
         }
     }
 
@@ -219,10 +229,15 @@ mod x86 {
     /// 8, 4, 2 or 1 at a time.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn rows_of<const LINES: usize, const MINS: bool, const ROW_SCALES: bool>(
+    unsafe fn rows_of<
+        const LINES: usize,
+        const MINS: bool,
+        const ROW_SCALES: bool,
+        const SPLIT: bool,
+    >(
         w: &Rows16,
         j0: usize,
-        x: &Q8Acts,
+        x: &IntActs,
         out: &mut [f32],
     ) {
         let t = x.rows().max(1);
@@ -235,10 +250,10 @@ mod x86 {
             while r < t {
                 let mut acc = [_mm512_setzero_ps(); TILE_R];
                 let rn = match t - r {
-                    8.. => group::<8, LINES, MINS, ROW_SCALES>(w, g, x, r, &mut acc),
-                    4..=7 => group::<4, LINES, MINS, ROW_SCALES>(w, g, x, r, &mut acc),
-                    2..=3 => group::<2, LINES, MINS, ROW_SCALES>(w, g, x, r, &mut acc),
-                    _ => group::<1, LINES, MINS, ROW_SCALES>(w, g, x, r, &mut acc),
+                    8.. => group::<8, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, &mut acc),
+                    4..=7 => group::<4, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, &mut acc),
+                    2..=3 => group::<2, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, &mut acc),
+                    _ => group::<1, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, &mut acc),
                 };
                 let mut lanes = [0f32; ROWS];
                 for (dr, a) in acc.iter().take(rn).enumerate() {
@@ -256,7 +271,8 @@ mod x86 {
     /// Group `g` (16 weight rows) against activation rows `r0..r0 + R`, into `acc[..R]`;
     /// returns `R`.
     /// `LINES`: 4 (4-bit codes) or 8 (8-bit); `MINS`: Q4_1's per-block offsets;
-    /// `ROW_SCALES`: one f32 scale per row (int8 per channel), not an f16 per block. Each
+    /// `ROW_SCALES`: one f32 scale per row (int8 per channel), not an f16 per block;
+    /// `SPLIT`: int16 activations in two halves (`ActBits::Sixteen`). Each
     /// (weight row, activation row) sum goes through the same operations whatever `R`, so
     /// a row's result does not depend on the batch.
     #[inline]
@@ -266,10 +282,11 @@ mod x86 {
         const LINES: usize,
         const MINS: bool,
         const ROW_SCALES: bool,
+        const SPLIT: bool,
     >(
         w: &Rows16,
         g: usize,
-        x: &Q8Acts,
+        x: &IntActs,
         r0: usize,
         acc: &mut [__m512; TILE_R],
     ) -> usize {
@@ -311,16 +328,24 @@ mod x86 {
             };
             for (r, a) in acc.iter_mut().enumerate().take(R) {
                 let (xq, dx, sdx) = x.block(r0 + r, b);
-                // 4-byte groups of the block's activation codes, values 4k..4k+4.
-                let quad = |k: usize| {
-                    let at = xq.as_ptr().add(4 * k) as *const i32;
+                // 4-byte groups of the block's activation codes, values 4k..4k+4 (of the
+                // half starting at byte `from`).
+                let quad = |from: usize, k: usize| {
+                    let at = xq.as_ptr().add(from + 4 * k) as *const i32;
                     _mm512_set1_epi32(at.read_unaligned())
                 };
-                // One chain per activation row: integer sums are exact in any grouping, so
-                // a row's result is the same whatever `R`.
+                // One chain per activation row (per half): integer sums are exact in any
+                // grouping, so a row's result is the same whatever `R`.
                 let mut s = _mm512_setzero_si512();
                 for (k, &uk) in u.iter().enumerate() {
-                    s = _mm512_dpbusd_epi32(s, uk, quad(k));
+                    s = _mm512_dpbusd_epi32(s, uk, quad(0, k));
+                }
+                if SPLIT {
+                    let mut lo = _mm512_setzero_si512();
+                    for (k, &uk) in u.iter().enumerate() {
+                        lo = _mm512_dpbusd_epi32(lo, uk, quad(QK, k));
+                    }
+                    s = _mm512_add_epi32(_mm512_slli_epi32(s, 8), lo);
                 }
                 let isum = _mm512_cvtepi32_ps(s);
                 let (dx, sdx) = (_mm512_set1_ps(dx), _mm512_set1_ps(sdx));
@@ -342,6 +367,8 @@ mod tests {
     use super::qdot::testing::{assert_exact, values, weights};
     use super::*;
 
+    const BITS: [ActBits; 2] = [ActBits::Eight, ActBits::Sixteen];
+
     #[test]
     fn packing_keeps_every_code_scale_and_offset() {
         for (name, w) in weights(96, 19) {
@@ -361,8 +388,9 @@ mod tests {
     /// and 1–15 activation rows (every pass height).
     #[test]
     fn dots_match_the_exact_value_on_both_paths() {
-        for (k, t) in [(32usize, 1usize), (96, 6), (576, 5), (576, 1), (288, 15)] {
-            let x = Q8Acts::quantize(&values(t * k, 2), k);
+        let shapes = [(32usize, 1usize), (96, 6), (576, 5), (576, 1), (288, 15)];
+        for ((k, t), bits) in shapes.into_iter().flat_map(|s| BITS.map(|b| (s, b))) {
+            let x = IntActs::quantize(&values(t * k, 2), k, bits);
             for rows in [1usize, 16, 17, 40] {
                 for (name, w) in weights(k, rows) {
                     let p = w.packed_rows16().unwrap();
@@ -371,7 +399,8 @@ mod tests {
                     let mut scalar = vec![0f32; rows * t];
                     dot_rows_scalar(p, 0, &x, &mut scalar);
                     let paths = [("scalar", &scalar[..]), ("simd", &simd[..])];
-                    assert_exact(&w, &x, &paths, &format!("{name} k {k} rows {rows}"));
+                    let what = format!("{name} {bits:?} k {k} rows {rows}");
+                    assert_exact(&w, &x, &paths, &what);
                 }
             }
         }
@@ -383,19 +412,24 @@ mod tests {
     fn results_do_not_depend_on_the_task_or_the_batch() {
         let (k, t) = (576, 11);
         let v = values(t * k, 4);
-        let x = Q8Acts::quantize(&v, k);
-        for (name, w) in weights(k, 40) {
+        let weights = weights(k, 40);
+        for ((name, w), bits) in weights.iter().flat_map(|w| BITS.map(|b| (w, b))) {
+            let x = IntActs::quantize(&v, k, bits);
             let p = w.packed_rows16().unwrap();
             let (mut all, mut part) = (vec![0f32; 40 * t], vec![0f32; 24 * t]);
             dot_rows(p, 0, &x, &mut all);
             dot_rows(p, 16, &x, &mut part);
-            assert_eq!(&all[16 * t..], &part[..], "{name}");
+            assert_eq!(&all[16 * t..], &part[..], "{name} {bits:?}");
             for r in 0..t {
-                let alone = Q8Acts::quantize(&v[r * k..(r + 1) * k], k);
+                let alone = IntActs::quantize(&v[r * k..(r + 1) * k], k, bits);
                 let mut one = vec![0f32; 40];
                 dot_rows(p, 0, &alone, &mut one);
                 for (j, o) in one.iter().enumerate() {
-                    assert_eq!(o.to_bits(), all[j * t + r].to_bits(), "{name} row {j}/{r}");
+                    assert_eq!(
+                        o.to_bits(),
+                        all[j * t + r].to_bits(),
+                        "{name} {bits:?} row {j}/{r}"
+                    );
                 }
             }
         }
