@@ -55,7 +55,9 @@ fn matmul(c: &mut Criterion) {
         ("tinyllama-ffn-5632x2048", 5632, 2048),
     ] {
         for format in ["f32", "bf16", "f16", "Q8_0", "Q4_1"] {
-            let w = weight(rows, cols, format);
+            // As the engine does at load: quantized weights in the layout this CPU reads.
+            let mut w = weight(rows, cols, format);
+            cpu.prepare_weight(&mut w).unwrap();
             let x = values(cols);
             let mut out = vec![0f32; rows];
             g.throughput(Throughput::Bytes(w.bytes() as u64));

@@ -286,8 +286,12 @@ impl EngineBuilder {
             (None, Some(d)) => d.backend()?,
             (None, None) => Box::new(Cpu::new()),
         };
-        let ck = Checkpoint::open(&path)?;
+        let mut ck = Checkpoint::open(&path)?;
         let mut model = ck.load_model()?;
+        // The mapped file goes now, before the backend repacks the weights (`Engine::new`):
+        // holding both would set the peak resident memory.
+        let tokenizer = ck.tokenizer.take();
+        drop(ck);
         if let Some(d) = self.dtype {
             model.to_dtype(d)?;
         }
@@ -305,7 +309,7 @@ impl EngineBuilder {
             backend = backend.name(),
             "model loaded"
         );
-        Engine::new(model, ck.tokenizer, backend, self.config)
+        Engine::new(model, tokenizer, backend, self.config)
     }
 }
 
@@ -314,8 +318,10 @@ impl Engine {
         EngineBuilder::default()
     }
 
+    /// An engine running `model` on `backend`, which first brings the model's matrices into
+    /// its layout (`Backend::prepare_weight`; the CPU's integer dots repack quantized ones).
     pub fn new(
-        model: Model,
+        mut model: Model,
         tokenizer: Option<Tokenizer>,
         backend: Box<dyn Backend>,
         config: EngineConfig,
@@ -341,6 +347,7 @@ impl Engine {
                 ),
             );
         }
+        model.prepare_for(backend.as_ref())?;
         let kv = model.new_kv_cache(num_blocks, config.block_size);
         tracing::info!(
             blocks = num_blocks,

@@ -160,6 +160,9 @@ pub fn unpermute_rows(w: &Weight, n_head: usize) -> std::result::Result<Weight, 
                 mins: permute(&d.mins, w.rows, src_row),
             },
         ),
+        WeightData::Rows16(_) => {
+            return Err("a weight repacked for a backend cannot be reordered".into());
+        }
     };
     Weight::new(w.rows, w.cols, data).map_err(|e| e.to_string())
 }
@@ -381,6 +384,23 @@ impl Model {
             }
         }
         self.config.quantization = Some(target);
+        Ok(())
+    }
+
+    /// Hands every matrix a matmul reads (the linear layers and the LM head, which is the
+    /// embedding table when tied) to `backend` to bring into its layout
+    /// (`Backend::prepare_weight`): once, at load, the weights in parallel.
+    pub fn prepare_for(&mut self, backend: &dyn Backend) -> Result<()> {
+        use rayon::prelude::*;
+        let mut weights: Vec<&mut Weight> = self
+            .layers
+            .iter_mut()
+            .flat_map(|l| l.linears_mut())
+            .collect();
+        weights.push(self.lm_head.as_mut().unwrap_or(&mut self.embed));
+        weights
+            .into_par_iter()
+            .try_for_each(|w| backend.prepare_weight(w))?;
         Ok(())
     }
 

@@ -47,6 +47,15 @@ pub trait Backend: Send + Sync {
     /// A short name for logs and benchmark ids (`cpu-avx2`, `cpu-scalar`, ...).
     fn name(&self) -> &str;
 
+    /// Brings a model weight, once at load, into the layout this backend's matmuls read
+    /// fastest: the CPU's integer dots repack quantized weights 16 rows per register
+    /// (`cpu::rows16`) in place of their storage. The weight keeps its values (`row_to_f32`
+    /// gives the same bits), so every op still reads it. Default: left as it is.
+    fn prepare_weight(&self, w: &mut Weight) -> Result<()> {
+        let _ = w;
+        Ok(())
+    }
+
     /// `out[t] = table[tokens[t]]`, dequantized to f32.
     fn embedding(&self, table: &Weight, tokens: &[u32], out: &mut [f32]) -> Result<()>;
 

@@ -3,7 +3,6 @@
 
 use crate::cpu::rows16::Rows16;
 use half::{bf16, f16};
-use std::sync::OnceLock;
 use vellum_quant::{BlockFormat, DType, Int4Data, Int4Format, ScaleSearch, QK};
 
 /// Storage of a `[rows, cols]` weight matrix, row-major.
@@ -21,6 +20,10 @@ pub enum WeightData {
     },
     /// Planar group-wise int4 (groups of 32/64/128; layout in `vellum_quant::int4`).
     Int4(Int4Format, Int4Data),
+    /// A quantized weight repacked 16 rows per register for the CPU's integer dots
+    /// (`cpu::rows16`), by `Backend::prepare_weight` at load: it replaces the storage it was
+    /// packed from and reads back the same values.
+    Rows16(Box<Rows16>),
 }
 
 /// A weight format to quantize to (on load, or with `vellum quantize`).
@@ -90,9 +93,6 @@ pub struct Weight {
     pub rows: usize,
     pub cols: usize,
     pub data: WeightData,
-    /// The CPU integer path's 16-row repacking of a quantized `data` (`cpu::rows16`), built
-    /// on first use. Build a new `Weight` rather than change `data` after that.
-    packed_rows16: OnceLock<Option<Rows16>>,
 }
 
 impl Weight {
@@ -114,6 +114,7 @@ impl Weight {
                 f.check(rows, cols, d)?;
                 (n, n)
             }
+            WeightData::Rows16(p) => (p.rows() * p.cols(), n),
         };
         if let WeightData::Block(f, _) = &data {
             crate::check("weight", cols.is_multiple_of(QK), || {
@@ -123,19 +124,16 @@ impl Weight {
         crate::check("weight", have == unit, || {
             format!("[{rows}, {cols}] needs {unit} elements/bytes, storage has {have}")
         })?;
-        Ok(Weight {
-            rows,
-            cols,
-            data,
-            packed_rows16: OnceLock::new(),
-        })
+        Ok(Weight { rows, cols, data })
     }
 
-    /// This weight repacked for the CPU integer path, if it is quantized (built once).
+    /// The CPU integer path's repacked storage, if this weight was prepared for it
+    /// (`Backend::prepare_weight`).
     pub(crate) fn packed_rows16(&self) -> Option<&Rows16> {
-        self.packed_rows16
-            .get_or_init(|| Rows16::pack(self))
-            .as_ref()
+        match &self.data {
+            WeightData::Rows16(p) => Some(p),
+            _ => None,
+        }
     }
 
     pub fn from_f32(rows: usize, cols: usize, values: Vec<f32>) -> crate::Result<Weight> {
@@ -161,6 +159,7 @@ impl Weight {
             WeightData::Block(f, _) => f.name(),
             WeightData::Int8PerRow { .. } => "int8",
             WeightData::Int4(f, _) => f.name(),
+            WeightData::Rows16(p) => p.source_format(),
         }
     }
 
@@ -173,6 +172,7 @@ impl Weight {
             WeightData::Block(_, v) => v.len(),
             WeightData::Int8PerRow { q, scales } => q.len() + scales.len() * 4,
             WeightData::Int4(_, d) => d.packed.len() + (d.scales.len() + d.mins.len()) * 2,
+            WeightData::Rows16(p) => p.bytes(),
         }
     }
 
@@ -207,6 +207,7 @@ impl Weight {
                 }
             }
             WeightData::Int4(f, d) => f.dequantize_row(d, c, r, out),
+            WeightData::Rows16(p) => p.row_to_f32(r, out),
         }
     }
 

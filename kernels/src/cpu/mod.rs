@@ -14,6 +14,7 @@ use crate::{
 };
 use pool::Pool;
 use qdot::ActBits;
+use rows16::Rows16;
 use simd::Isa;
 use vellum_quant::{BlockFormat, QK};
 
@@ -107,6 +108,15 @@ fn dot_weight_rows(isa: Isa, x: &[f32], w: &Weight, j0: usize, out: &mut [f32]) 
                 };
                 dot_rows_tiled(isa, x, task, row, out)
             }
+        }
+        WeightData::Rows16(p) => {
+            // Prepared for integer dots and met by a backend without them (tests, another
+            // `Cpu`): this task's rows decoded to f32 first. Correct, not fast.
+            let mut rows = vec![0f32; n * k];
+            for (r, row) in rows.chunks_exact_mut(k).enumerate() {
+                p.row_to_f32(j0 + r, row);
+            }
+            dot_rows_tiled(isa, x, (n, 0), |r| &rows[r * k..(r + 1) * k], out)
         }
     }
 }
@@ -249,6 +259,17 @@ impl Backend for Cpu {
         &self.name
     }
 
+    /// Under integer dots, a quantized weight the integer path reads is repacked 16 rows
+    /// per register (`rows16`) in place of its storage; anything else stays as it is.
+    fn prepare_weight(&self, w: &mut Weight) -> Result<()> {
+        if self.int_dot.is_some() {
+            if let Some(p) = Rows16::pack(w) {
+                *w = Weight::new(w.rows, w.cols, WeightData::Rows16(Box::new(p)))?;
+            }
+        }
+        Ok(())
+    }
+
     fn embedding(&self, table: &Weight, tokens: &[u32], out: &mut [f32]) -> Result<()> {
         shapes::embedding(table, tokens, out)?;
         let d = table.cols;
@@ -308,14 +329,11 @@ impl Backend for Cpu {
             return Ok(());
         }
         let isa = self.isa;
+        // Integer dots on the weights prepared for them (`prepare_weight`).
         let q8 = self
             .int_dot
-            .filter(|_| parts.iter().any(|p| qdot::supports(p.w)))
+            .filter(|_| parts.iter().any(|p| p.w.packed_rows16().is_some()))
             .map(|bits| qdot::IntActs::quantize(x, k, bits));
-        if q8.is_some() {
-            // Repacked once per weight, here rather than inside a task that others wait on.
-            parts.iter().for_each(|p| _ = p.w.packed_rows16());
-        }
         // A task computes up to MATMUL_CHUNK output features for every activation row as a
         // [features, t] block (the layout every kernel writes: each weight row is read once
         // whatever t is), then stores the block's columns into the [t, n] output. All parts
@@ -344,11 +362,9 @@ impl Backend for Cpu {
                 scratch.resize(n * t, 0.0);
                 &mut scratch
             };
-            // `packed_rows16` only under integer dots: it builds the repacked copy (`None`
-            // for a weight the integer path cannot read).
-            match q8.as_ref().and_then(|q8| Some((q8, w.packed_rows16()?))) {
-                Some((q8, packed)) => rows16::dot_rows(packed, j0, q8, block),
-                None => dot_weight_rows(isa, x, w, j0, block),
+            match (q8.as_ref(), w.packed_rows16()) {
+                (Some(q8), Some(p)) => rows16::dot_rows(p, j0, q8, block),
+                _ => dot_weight_rows(isa, x, w, j0, block),
             }
             if let Some(b) = bias {
                 for (i, dst) in block.chunks_exact_mut(t).enumerate() {
@@ -585,10 +601,13 @@ mod tests {
                     continue;
                 }
                 let name = format!("{} {bits:?}", w.format_name());
+                let mut packed = w.clone();
+                int.prepare_weight(&mut packed).unwrap();
+                assert!(packed.packed_rows16().is_some(), "{name}");
                 let mut a = vec![0f32; t * n];
                 let (mut b, mut c) = (a.clone(), a.clone());
                 cpu.matmul(&x, &w, None, &mut a).unwrap();
-                int.matmul(&x, &w, None, &mut b).unwrap();
+                int.matmul(&x, &packed, None, &mut b).unwrap();
                 cpu.matmul(&rounded, &w, None, &mut c).unwrap();
                 let scale = a.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
                 for ((p, q), r) in a.iter().zip(&b).zip(&c) {
@@ -599,8 +618,17 @@ mod tests {
                     );
                 }
                 let mut alone = vec![0f32; n];
-                int.matmul(&x[2 * k..3 * k], &w, None, &mut alone).unwrap();
+                int.matmul(&x[2 * k..3 * k], &packed, None, &mut alone)
+                    .unwrap();
                 assert_eq!(alone, b[2 * n..3 * n].to_vec(), "{name}");
+                // Without integer dots, the packed weight gives what the original gives.
+                cpu.matmul(&x, &packed, None, &mut c).unwrap();
+                for (p, r) in a.iter().zip(&c) {
+                    assert!(
+                        (p - r).abs() <= 1e-5 * scale,
+                        "{name}: {p} vs {r} (float, packed)"
+                    );
+                }
             }
         }
     }

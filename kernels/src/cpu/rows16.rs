@@ -23,8 +23,10 @@
 //! adjacent bytes. Int16 activations come as two int8 halves, each with its own chain of
 //! dots, joined exactly as `Σ u q = 256 Σ u h + Σ u l` before the one conversion to f32.
 //!
-//! The packed copy is built from the weight's own storage on first use and kept with it
-//! (`Weight::packed_rows16`), so a model run this way holds its quantized weights twice.
+//! A model's weights are repacked once, at load, by the backend that will run them
+//! (`Backend::prepare_weight`), and the packed form replaces the original storage
+//! (`WeightData::Rows16`): it reads back every value bit for bit ([`Rows16::row_to_f32`],
+//! for the embedding lookup of tied embeddings), so nothing needs the original after.
 
 use super::qdot::{self, ActBits, IntActs};
 use crate::{Weight, WeightData};
@@ -49,6 +51,8 @@ struct Line([u8; 64]);
 /// A quantized matrix in the 16-row layout (module docs).
 #[derive(Clone, Debug)]
 pub struct Rows16 {
+    /// The storage format this was packed from (`Weight::format_name`).
+    source: &'static str,
     format: BlockFormat,
     rows: usize,
     blocks: usize,
@@ -73,6 +77,7 @@ impl Rows16 {
         let lines = lines_per_block(format);
         let sized = |yes: bool, n: usize| if yes { n } else { 0 };
         let mut p = Rows16 {
+            source: w.format_name(),
             format,
             rows: w.rows,
             blocks,
@@ -108,6 +113,41 @@ impl Rows16 {
             }
         }
         Some(p)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.blocks * QK
+    }
+
+    /// The storage format this was packed from (`Q4_0`, `int4:g64`, `int8`, ...).
+    pub fn source_format(&self) -> &'static str {
+        self.source
+    }
+
+    /// Bytes held, the zero rows that fill the last group of 16 included.
+    pub fn bytes(&self) -> usize {
+        self.codes.len() * 64
+            + (self.scales.len() + self.mins.len()) * 2
+            + self.row_scales.len() * 4
+    }
+
+    /// Row `r` as f32 values (`out.len() == cols`), with the arithmetic of the storage it
+    /// was packed from, so the values are bit for bit the same.
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        for (b, chunk) in out.chunks_exact_mut(QK).enumerate() {
+            let (u, d, c) = self.block(r, b);
+            for (o, &u) in chunk.iter_mut().zip(&u) {
+                *o = match self.format {
+                    BlockFormat::Q4_1 => u as f32 * d + c,
+                    BlockFormat::Q4_0 => (u as i32 - 8) as f32 * d,
+                    BlockFormat::Q8_0 => (u as i32 - 128) as f32 * d,
+                };
+            }
+        }
     }
 
     /// Block `b` of row `row`: u8 codes in value order, scale `d` and offset coefficient.
@@ -369,6 +409,8 @@ mod tests {
 
     const BITS: [ActBits; 2] = [ActBits::Eight, ActBits::Sixteen];
 
+    /// Every code, scale and offset survives the packing, and the packed weight reads back
+    /// the original's values bit for bit, so it can replace the original storage.
     #[test]
     fn packing_keeps_every_code_scale_and_offset() {
         for (name, w) in weights(96, 19) {
@@ -379,6 +421,11 @@ mod tests {
                     assert_eq!(p.block(row, b), read(row, b), "{name} {row}/{b}");
                 }
             }
+            let packed = Weight::new(19, 96, WeightData::Rows16(Box::new(p))).unwrap();
+            assert_eq!(packed.format_name(), w.format_name());
+            let bits = |w: &Weight| w.to_f32().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&packed), bits(&w), "{name}");
+            assert!(Rows16::pack(&packed).is_none(), "{name}: packed twice");
         }
         assert!(Rows16::pack(&Weight::from_f32(2, 32, vec![0.0; 64]).unwrap()).is_none());
     }
@@ -393,7 +440,7 @@ mod tests {
             let x = IntActs::quantize(&values(t * k, 2), k, bits);
             for rows in [1usize, 16, 17, 40] {
                 for (name, w) in weights(k, rows) {
-                    let p = w.packed_rows16().unwrap();
+                    let p = &Rows16::pack(&w).unwrap();
                     let mut simd = vec![0f32; rows * t];
                     dot_rows(p, 0, &x, &mut simd);
                     let mut scalar = vec![0f32; rows * t];
@@ -415,7 +462,7 @@ mod tests {
         let weights = weights(k, 40);
         for ((name, w), bits) in weights.iter().flat_map(|w| BITS.map(|b| (w, b))) {
             let x = IntActs::quantize(&v, k, bits);
-            let p = w.packed_rows16().unwrap();
+            let p = &Rows16::pack(w).unwrap();
             let (mut all, mut part) = (vec![0f32; 40 * t], vec![0f32; 24 * t]);
             dot_rows(p, 0, &x, &mut all);
             dot_rows(p, 16, &x, &mut part);
