@@ -3,8 +3,8 @@
 # model: llama.cpp (scripts/llamacpp-baseline.sh) then `vellum bench` with the same shape of
 # work: prompt processing of a $PP-token prompt (default 512), and decode with 16-token prompts
 # and 128 generated tokens for 1 and 16 sequences. Run it on a quiet machine: anything else on
-# the cores distorts both. `VELLUM_INT_DOT=1 scripts/compare-llamacpp.sh ...` measures
-# Vellum's integer-dot path.
+# the cores distorts both. `VELLUM_INT_DOT=8 scripts/compare-llamacpp.sh ...` measures
+# Vellum with int8 activations (llama.cpp's rounding), `=0` with the weights decoded to f32.
 #
 #   scripts/compare-llamacpp.sh [MODEL.gguf ...]
 # Default models: SmolLM2 F16 and Q4_1 (.cache/models; the F16 one is made with
