@@ -33,7 +33,7 @@ fn perplexity(cpu: &Cpu, dtype: Option<DType>, quant: Option<QuantTarget>) -> f6
     (-lps.iter().map(|&l| l as f64).sum::<f64>() / lps.len() as f64).exp()
 }
 
-/// On the default CPU path (integer dots over int16 activations where AVX-512 VNNI is
+/// On the default CPU path (integer dots over int16 activations wherever a SIMD path is
 /// present) and on the one that decodes the weights to f32, when they differ. Int8
 /// activations (`VELLUM_INT_DOT=8`) move this short text's perplexity by up to ~1% either
 /// way (README) and are not held to these bounds.

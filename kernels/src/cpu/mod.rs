@@ -201,10 +201,10 @@ pub struct Cpu {
 }
 
 impl Default for Cpu {
-    /// The best SIMD path. Where AVX-512 VNNI is present, quantized weights meet activations
-    /// rounded to int16 per block of 32 in integer dots (`qdot`, `rows16`): ~2x the speed of
-    /// decoding the weights to f32, with log-probabilities within ~3e-3 nats of the float
-    /// path on SmolLM2 (README, "Quantization accuracy"). `VELLUM_INT_DOT` chooses: `=0`
+    /// The best SIMD path. Quantized weights meet activations rounded to int16 per block of
+    /// 32 in integer dots (`qdot`, `rows16`; AVX-512 VNNI, or AVX2 `vpmaddubsw`): ~2x the
+    /// speed of decoding the weights to f32, with log-probabilities within ~3e-3 nats of the
+    /// float path on SmolLM2 (README, "Quantization accuracy"). `VELLUM_INT_DOT` chooses: `=0`
     /// decodes the weights to f32 (transformers' numbers to 1e-5), `=8` (or `=1`) rounds
     /// activations to int8 as llama.cpp does (faster still at batch, but log-probabilities
     /// move by up to ~0.3 nats), `=16` is the default.
@@ -218,7 +218,9 @@ impl Default for Cpu {
                 None
             }
         };
-        Cpu::with_isa(simd::isa()).with_int_dot(int_dot.filter(|_| qdot::vnni_available()))
+        // The scalar path keeps the float decoding: its integer reference is slow.
+        let isa = simd::isa();
+        Cpu::with_isa(isa).with_int_dot(int_dot.filter(|_| isa != Isa::Scalar))
     }
 }
 
@@ -238,8 +240,8 @@ impl Cpu {
 
     /// With `Some(bits)`, quantized weights (GGUF blocks, planar int4, int8 per channel) meet
     /// activations rounded to `bits` in integer dot products (`qdot`, `rows16`): faster than
-    /// decoding the weights to f32, at the cost of that rounding (see `Default`). Needs
-    /// AVX-512 VNNI for speed; elsewhere the scalar reference runs.
+    /// decoding the weights to f32, at the cost of that rounding (see `Default`). On the
+    /// scalar ISA this runs the (slow) scalar reference.
     pub fn with_int_dot(mut self, bits: Option<ActBits>) -> Cpu {
         self.int_dot = bits;
         self.name = match bits {
@@ -363,7 +365,7 @@ impl Backend for Cpu {
                 &mut scratch
             };
             match (q8.as_ref(), w.packed_rows16()) {
-                (Some(q8), Some(p)) => rows16::dot_rows(p, j0, q8, block),
+                (Some(q8), Some(p)) => rows16::dot_rows(isa, p, j0, q8, block),
                 _ => dot_weight_rows(isa, x, w, j0, block),
             }
             if let Some(b) = bias {

@@ -343,20 +343,22 @@ pub(super) mod testing {
 
     /// A quantized weight of every layout the integer path reads, `rows × k`.
     pub fn weights(k: usize, rows: usize) -> Vec<(String, Weight)> {
-        let v = values(rows * k, 1);
+        weights_of(&values(rows * k, 1), k, rows)
+    }
+
+    /// `v` (`rows × k`) quantized to every layout the integer path reads.
+    pub fn weights_of(v: &[f32], k: usize, rows: usize) -> Vec<(String, Weight)> {
         let mut out = Vec::new();
         for f in [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1] {
             let mut bytes = Vec::new();
-            f.quantize(&v, &mut bytes).unwrap();
+            f.quantize(v, &mut bytes).unwrap();
             let w = Weight::new(rows, k, WeightData::Block(f, bytes)).unwrap();
             out.push((f.name().to_string(), w));
         }
         for group in Int4Format::GROUPS {
             for symmetric in [true, false] {
                 let f = Int4Format::new(group, symmetric).unwrap();
-                let d = f
-                    .quantize(rows, k, &v, ScaleSearch::RoundToNearest)
-                    .unwrap();
+                let d = f.quantize(rows, k, v, ScaleSearch::RoundToNearest).unwrap();
                 out.push((
                     f.name().to_string(),
                     Weight::new(rows, k, WeightData::Int4(f, d)).unwrap(),

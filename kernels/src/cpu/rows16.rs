@@ -29,6 +29,7 @@
 //! for the embedding lookup of tied embeddings), so nothing needs the original after.
 
 use super::qdot::{self, ActBits, IntActs};
+use super::simd::Isa;
 use crate::{Weight, WeightData};
 use half::f16;
 use vellum_quant::{BlockFormat, QK};
@@ -197,8 +198,10 @@ fn offset_factor(f: BlockFormat) -> f32 {
 }
 
 /// `out[i * t + r] = x_r · w[j0 + i]` for `out.len() / t` rows from `j0` (a multiple of
-/// [`ROWS`]) and every activation row `r` (`t` of them).
-pub fn dot_rows(w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
+/// [`ROWS`]) and every activation row `r` (`t` of them), on `isa`'s kernel: AVX-512 VNNI
+/// where present, AVX2 (`vpmaddubsw`) otherwise, else the scalar reference. Each computes
+/// the same exact integer sums; only the float steps after them may round differently.
+pub fn dot_rows(isa: Isa, w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
     let t = x.rows().max(1);
     assert!(
         j0.is_multiple_of(ROWS) && j0 + out.len() / t <= w.rows && x.blocks() == w.blocks,
@@ -208,13 +211,15 @@ pub fn dot_rows(w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
         w.blocks,
         x.blocks()
     );
-    #[cfg(target_arch = "x86_64")]
-    if qdot::vnni_available() {
-        // SAFETY: the features were detected above, the shapes asserted.
-        unsafe { x86::dot_rows(w, j0, x, out) };
-        return;
+    match isa {
+        // SAFETY (both): `isa` is only ever a path this CPU supports (`Isa::detect`), VNNI
+        // is detected here, and the shapes are asserted above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if qdot::vnni_available() => unsafe { x86::dot_rows(w, j0, x, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx2Fma => unsafe { avx2::dot_rows(w, j0, x, out) },
+        Isa::Scalar => dot_rows_scalar(w, j0, x, out),
     }
-    dot_rows_scalar(w, j0, x, out)
 }
 
 /// The scalar reference of [`dot_rows`]: same sums, in block order.
@@ -402,9 +407,183 @@ mod x86 {
     }
 }
 
+/// The AVX2 kernel (no VNNI): `vpmaddubsw` multiplies u8 codes by s8 activation codes into
+/// pairs of i16 sums, `vpmaddwd` against ones widens them to i32. Each 256-bit half of a line
+/// holds 8 rows. The i16 sums must not saturate: a 4-bit code times an s8 code, two per lane
+/// and 8 lanes of a block added, is at most 8 · 2 · 15 · 128 = 30720; 8-bit codes go through
+/// as two nibbles, `Σ u q = 16 Σ (u >> 4) q + Σ (u & 15) q`, for the same bound.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+
+    /// Activation rows per pass, at most: 2 halves of accumulators each, in 16 registers.
+    const TILE_R: usize = 4;
+
+    /// # Safety
+    /// AVX2, FMA and F16C must be present; shapes as [`super::dot_rows`] asserts.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_rows(w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
+        match x.bits() {
+            ActBits::Eight => of_format::<false>(w, j0, x, out),
+            ActBits::Sixteen => of_format::<true>(w, j0, x, out),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn of_format<const SPLIT: bool>(w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
+        match w.format {
+            BlockFormat::Q4_0 => rows_of::<4, false, false, SPLIT>(w, j0, x, out),
+            BlockFormat::Q4_1 => rows_of::<4, true, false, SPLIT>(w, j0, x, out),
+            BlockFormat::Q8_0 if w.row_scales.is_empty() => {
+                rows_of::<8, false, false, SPLIT>(w, j0, x, out)
+            }
+            BlockFormat::Q8_0 => rows_of::<8, false, true, SPLIT>(w, j0, x, out),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_of<
+        const LINES: usize,
+        const MINS: bool,
+        const ROW_SCALES: bool,
+        const SPLIT: bool,
+    >(
+        w: &Rows16,
+        j0: usize,
+        x: &IntActs,
+        out: &mut [f32],
+    ) {
+        let t = x.rows().max(1);
+        let n = out.len() / t;
+        let mut i = 0;
+        while i < n {
+            let rows = (n - i).min(ROWS);
+            let g = (j0 + i) / ROWS;
+            let mut r = 0;
+            while r < t {
+                let mut acc = [[_mm256_setzero_ps(); 2]; TILE_R];
+                let rn = match t - r {
+                    4.. => group::<4, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, &mut acc),
+                    2..=3 => group::<2, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, &mut acc),
+                    _ => group::<1, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, &mut acc),
+                };
+                let mut lanes = [0f32; ROWS];
+                for (dr, a) in acc.iter().take(rn).enumerate() {
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), a[0]);
+                    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), a[1]);
+                    for (l, &v) in lanes.iter().take(rows).enumerate() {
+                        out[(i + l) * t + r + dr] = v;
+                    }
+                }
+                r += rn;
+            }
+            i += rows;
+        }
+    }
+
+    /// Group `g` against activation rows `r0..r0 + R` into `acc[..R]` (`[rows 0–7, rows
+    /// 8–15]` each); returns `R`. Parameters as in the VNNI kernel.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group<
+        const R: usize,
+        const LINES: usize,
+        const MINS: bool,
+        const ROW_SCALES: bool,
+        const SPLIT: bool,
+    >(
+        w: &Rows16,
+        g: usize,
+        x: &IntActs,
+        r0: usize,
+        acc: &mut [[__m256; 2]; TILE_R],
+    ) -> usize {
+        let nib = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let factor = _mm256_set1_ps(offset_factor(w.format));
+        let codes = w.codes.as_ptr().add(g * w.blocks * LINES) as *const u8;
+        let scales = w.scales.as_ptr().wrapping_add(g * w.blocks * ROWS);
+        let mins = w.mins.as_ptr().wrapping_add(g * w.blocks * ROWS);
+        let row_scales = w.row_scales.as_ptr().wrapping_add(g * ROWS);
+        for b in 0..w.blocks {
+            let line = codes.add(b * LINES * 64);
+            for off in (0..LINES * 64).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T1>(line.wrapping_add(PREFETCH_AHEAD + off) as *const i8);
+            }
+            for h in 0..2 {
+                // Registers whose lane l holds row 8h + l's codes for values 4k..4k+4:
+                // `low[k]`, and for 8-bit codes their high nibbles `high[k]`.
+                let mut low = [_mm256_setzero_si256(); 8];
+                let mut high = [_mm256_setzero_si256(); 8];
+                for k in 0..LINES {
+                    let v = _mm256_loadu_si256(line.add(64 * k + 32 * h) as *const _);
+                    let (lo, hi) = (
+                        _mm256_and_si256(v, nib),
+                        _mm256_and_si256(_mm256_srli_epi16(v, 4), nib),
+                    );
+                    if LINES == 4 {
+                        (low[k], low[4 + k]) = (lo, hi);
+                    } else {
+                        (low[k], high[k]) = (lo, hi);
+                    }
+                }
+                let d = if ROW_SCALES {
+                    _mm256_loadu_ps(row_scales.add(8 * h))
+                } else {
+                    _mm256_cvtph_ps(_mm_loadu_si128(scales.add(b * ROWS + 8 * h) as *const _))
+                };
+                let m = if MINS {
+                    _mm256_cvtph_ps(_mm_loadu_si128(mins.add(b * ROWS + 8 * h) as *const _))
+                } else {
+                    _mm256_setzero_ps()
+                };
+                for (r, a) in acc.iter_mut().enumerate().take(R) {
+                    let (xq, dx, sdx) = x.block(r0 + r, b);
+                    // Σ over the block of `regs` × the activation half at byte `from`, in i32.
+                    let dot = |regs: &[__m256i; 8], from: usize| {
+                        let mut s = _mm256_setzero_si256();
+                        for (k, &reg) in regs.iter().enumerate() {
+                            let at = xq.as_ptr().add(from + 4 * k) as *const i32;
+                            let q = _mm256_set1_epi32(at.read_unaligned());
+                            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(reg, q));
+                        }
+                        _mm256_madd_epi16(s, ones)
+                    };
+                    let codes_dot = |from: usize| {
+                        if LINES == 4 {
+                            dot(&low, from)
+                        } else {
+                            _mm256_add_epi32(
+                                _mm256_slli_epi32(dot(&high, from), 4),
+                                dot(&low, from),
+                            )
+                        }
+                    };
+                    let mut s = codes_dot(0);
+                    if SPLIT {
+                        s = _mm256_add_epi32(_mm256_slli_epi32(s, 8), codes_dot(QK));
+                    }
+                    let isum = _mm256_cvtepi32_ps(s);
+                    let (dx, sdx) = (_mm256_set1_ps(dx), _mm256_set1_ps(sdx));
+                    if MINS {
+                        a[h] = _mm256_fmadd_ps(_mm256_mul_ps(isum, dx), d, a[h]);
+                        a[h] = _mm256_fmadd_ps(m, sdx, a[h]);
+                    } else {
+                        let t = _mm256_fmadd_ps(isum, dx, _mm256_mul_ps(factor, sdx));
+                        a[h] = _mm256_fmadd_ps(t, d, a[h]);
+                    }
+                }
+            }
+        }
+        R
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::qdot::testing::{assert_exact, values, weights};
+    use super::qdot::testing::{assert_exact, values, weights, weights_of};
     use super::*;
 
     const BITS: [ActBits; 2] = [ActBits::Eight, ActBits::Sixteen];
@@ -430,24 +609,61 @@ mod tests {
         assert!(Rows16::pack(&Weight::from_f32(2, 32, vec![0.0; 64]).unwrap()).is_none());
     }
 
-    /// The SIMD path and the scalar one against the exact value (`assert_exact`): every
-    /// quantized layout, row counts that end inside a group, block counts 1, 3, 9 and 18,
-    /// and 1–15 activation rows (every pass height).
+    /// Every kernel this CPU runs (scalar, AVX2, AVX-512 VNNI) against the exact value
+    /// (`assert_exact`): every quantized layout, row counts that end inside a group, block
+    /// counts 1, 3, 9 and 18, and 1–15 activation rows (every pass height).
     #[test]
-    fn dots_match_the_exact_value_on_both_paths() {
+    fn dots_match_the_exact_value_on_every_path() {
         let shapes = [(32usize, 1usize), (96, 6), (576, 5), (576, 1), (288, 15)];
         for ((k, t), bits) in shapes.into_iter().flat_map(|s| BITS.map(|b| (s, b))) {
             let x = IntActs::quantize(&values(t * k, 2), k, bits);
             for rows in [1usize, 16, 17, 40] {
                 for (name, w) in weights(k, rows) {
-                    let p = &Rows16::pack(&w).unwrap();
-                    let mut simd = vec![0f32; rows * t];
-                    dot_rows(p, 0, &x, &mut simd);
-                    let mut scalar = vec![0f32; rows * t];
-                    dot_rows_scalar(p, 0, &x, &mut scalar);
-                    let paths = [("scalar", &scalar[..]), ("simd", &simd[..])];
                     let what = format!("{name} {bits:?} k {k} rows {rows}");
-                    assert_exact(&w, &x, &paths, &what);
+                    check_every_path(&w, &x, &what);
+                }
+            }
+        }
+    }
+
+    fn check_every_path(w: &Weight, x: &IntActs, what: &str) {
+        let p = &Rows16::pack(w).unwrap();
+        let outs: Vec<(&str, Vec<f32>)> = Isa::all_supported()
+            .into_iter()
+            .map(|isa| {
+                let mut out = vec![0f32; w.rows * x.rows()];
+                dot_rows(isa, p, 0, x, &mut out);
+                (isa.name(), out)
+            })
+            .collect();
+        let paths: Vec<(&str, &[f32])> = outs.iter().map(|(n, o)| (*n, &o[..])).collect();
+        assert_exact(w, x, &paths, what);
+    }
+
+    /// The largest codes on both sides (8-bit weights 255 and 0 after the offset, 4-bit 15,
+    /// activations ±127 and int16 halves of every sign) stay exact: no i16 sum saturates in
+    /// the AVX2 kernel.
+    #[test]
+    fn the_largest_codes_do_not_saturate() {
+        let k = 64;
+        for sign in [1.0f32, -1.0] {
+            // Columns of one sign per block, so each block's codes sit at the extremes.
+            let v: Vec<f32> = (0..17 * k)
+                .map(|i| sign * [3.0, -3.0][i / 32 % 2])
+                .collect();
+            let acts: Vec<f32> = (0..2 * k)
+                .map(|i| {
+                    if i % 32 == 5 {
+                        1.0
+                    } else {
+                        [1.0, -0.99805][i / 32 % 2]
+                    }
+                })
+                .collect();
+            for bits in BITS {
+                let x = IntActs::quantize(&acts, k, bits);
+                for (name, w) in weights_of(&v, k, 17) {
+                    check_every_path(&w, &x, &format!("{name} {bits:?} sign {sign}"));
                 }
             }
         }
@@ -460,23 +676,23 @@ mod tests {
         let (k, t) = (576, 11);
         let v = values(t * k, 4);
         let weights = weights(k, 40);
-        for ((name, w), bits) in weights.iter().flat_map(|w| BITS.map(|b| (w, b))) {
+        let cases = weights.iter().flat_map(|w| BITS.map(|b| (w, b)));
+        for (((name, w), bits), isa) in
+            cases.flat_map(|c| Isa::all_supported().into_iter().map(move |i| (c, i)))
+        {
             let x = IntActs::quantize(&v, k, bits);
             let p = &Rows16::pack(w).unwrap();
             let (mut all, mut part) = (vec![0f32; 40 * t], vec![0f32; 24 * t]);
-            dot_rows(p, 0, &x, &mut all);
-            dot_rows(p, 16, &x, &mut part);
-            assert_eq!(&all[16 * t..], &part[..], "{name} {bits:?}");
+            dot_rows(isa, p, 0, &x, &mut all);
+            dot_rows(isa, p, 16, &x, &mut part);
+            let what = format!("{name} {bits:?} {}", isa.name());
+            assert_eq!(&all[16 * t..], &part[..], "{what}");
             for r in 0..t {
                 let alone = IntActs::quantize(&v[r * k..(r + 1) * k], k, bits);
                 let mut one = vec![0f32; 40];
-                dot_rows(p, 0, &alone, &mut one);
+                dot_rows(isa, p, 0, &alone, &mut one);
                 for (j, o) in one.iter().enumerate() {
-                    assert_eq!(
-                        o.to_bits(),
-                        all[j * t + r].to_bits(),
-                        "{name} {bits:?} row {j}/{r}"
-                    );
+                    assert_eq!(o.to_bits(), all[j * t + r].to_bits(), "{what} row {j}/{r}");
                 }
             }
         }
