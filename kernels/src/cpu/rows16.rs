@@ -1,7 +1,8 @@
 //! Quantized weights (GGUF Q4_0, Q4_1, Q8_0, planar int4 of any group size, int8 per
 //! channel) repacked 16 rows at a time for the integer-dot path: one 512-bit register holds
 //! 4 codes of each of 16 rows, so one `vpdpbusd` against 4 activation codes broadcast to
-//! every lane advances 16 dot products, and a block's 16 scales are one load. Reading the
+//! every lane advances 16 dot products, and a block's 16 scales are one load. Without VNNI,
+//! an AVX2 kernel reads each line as two halves of 8 rows (`vpmaddubsw`, module `avx2`). Reading the
 //! GGUF layout in place, each row on its own with each block's scale gathered and spread
 //! over the lanes that hold it, decoded 14 GB/s of Q4_0 on one thread at one activation row
 //! (cached SmolLM2 shapes); this reads ~50 (benches/RESULTS.md, 2026-12-03). llama.cpp
