@@ -240,35 +240,79 @@ pub fn dot_rows_scalar(w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
     }
 }
 
+/// The most activation rows a SIMD pass computes at once.
+#[cfg(target_arch = "x86_64")]
+const MAX_PASS: usize = 8;
+
+/// One pass's results: lane `l` of entry `dr` is weight row `16 g + l` against activation
+/// row `r0 + dr`.
+#[cfg(target_arch = "x86_64")]
+type Lanes = [[f32; ROWS]; MAX_PASS];
+
+/// The loop both SIMD kernels share: every group of 16 weight rows from `j0`, against the
+/// `t` activation rows a pass at a time. `pass(g, r0, lanes)` computes group `g` for some of
+/// the rows from `r0` and returns how many; they are stored into `out` as [`dot_rows`]
+/// promises.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn for_each_pass(
+    j0: usize,
+    t: usize,
+    out: &mut [f32],
+    mut pass: impl FnMut(usize, usize, &mut Lanes) -> usize,
+) {
+    let n = out.len() / t;
+    let mut lanes = [[0f32; ROWS]; MAX_PASS];
+    let mut i = 0;
+    while i < n {
+        let rows = (n - i).min(ROWS);
+        let g = (j0 + i) / ROWS;
+        let mut r = 0;
+        while r < t {
+            let rn = pass(g, r, &mut lanes);
+            for (dr, lane) in lanes.iter().take(rn).enumerate() {
+                for (l, &v) in lane.iter().take(rows).enumerate() {
+                    out[(i + l) * t + r + dr] = v;
+                }
+            }
+            r += rn;
+        }
+        i += rows;
+    }
+}
+
+/// `$rows_of::<LINES, MINS, ROW_SCALES, SPLIT>(w, j0, x, out)` for the activations' width
+/// and the weight's format: the kernels each ISA module monomorphizes.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_format {
+    ($rows_of:ident($w:ident, $j0:ident, $x:ident, $out:ident)) => {
+        match $x.bits() {
+            ActBits::Eight => by_format!(@format $rows_of, false, $w, $j0, $x, $out),
+            ActBits::Sixteen => by_format!(@format $rows_of, true, $w, $j0, $x, $out),
+        }
+    };
+    (@format $rows_of:ident, $split:literal, $w:ident, $j0:ident, $x:ident, $out:ident) => {
+        match $w.format {
+            BlockFormat::Q4_0 => $rows_of::<4, false, false, $split>($w, $j0, $x, $out),
+            BlockFormat::Q4_1 => $rows_of::<4, true, false, $split>($w, $j0, $x, $out),
+            BlockFormat::Q8_0 if $w.row_scales.is_empty() => {
+                $rows_of::<8, false, false, $split>($w, $j0, $x, $out)
+            }
+            BlockFormat::Q8_0 => $rows_of::<8, false, true, $split>($w, $j0, $x, $out),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
-
-    /// Activation rows per pass over a group, at most: each decoded block serves them all.
-    const TILE_R: usize = 8;
 
     /// # Safety
     /// AVX-512 F/BW/VL/VNNI, FMA and F16C must be present; `j0` a multiple of [`ROWS`],
     /// `out.len() / t` rows from it inside the matrix, `x` of the matrix's blocks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn dot_rows(w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
-        match x.bits() {
-            ActBits::Eight => of_format::<false>(w, j0, x, out),
-            ActBits::Sixteen => of_format::<true>(w, j0, x, out),
-        }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn of_format<const SPLIT: bool>(w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
-        match w.format {
-            BlockFormat::Q4_0 => rows_of::<4, false, false, SPLIT>(w, j0, x, out),
-            BlockFormat::Q4_1 => rows_of::<4, true, false, SPLIT>(w, j0, x, out),
-            BlockFormat::Q8_0 if w.row_scales.is_empty() => {
-                rows_of::<8, false, false, SPLIT>(w, j0, x, out)
-            }
-            BlockFormat::Q8_0 => rows_of::<8, false, true, SPLIT>(w, j0, x, out),
-        }
+        by_format!(rows_of(w, j0, x, out))
     }
 
     /// [`dot_rows`] for one format: each group of 16 weight rows against the activation rows
@@ -287,34 +331,16 @@ mod x86 {
         out: &mut [f32],
     ) {
         let t = x.rows().max(1);
-        let n = out.len() / t;
-        let mut i = 0;
-        while i < n {
-            let rows = (n - i).min(ROWS);
-            let g = (j0 + i) / ROWS;
-            let mut r = 0;
-            while r < t {
-                let mut acc = [_mm512_setzero_ps(); TILE_R];
-                let rn = match t - r {
-                    8.. => group::<8, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, &mut acc),
-                    4..=7 => group::<4, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, &mut acc),
-                    2..=3 => group::<2, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, &mut acc),
-                    _ => group::<1, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, &mut acc),
-                };
-                let mut lanes = [0f32; ROWS];
-                for (dr, a) in acc.iter().take(rn).enumerate() {
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), *a);
-                    for (l, &v) in lanes.iter().take(rows).enumerate() {
-                        out[(i + l) * t + r + dr] = v;
-                    }
-                }
-                r += rn;
-            }
-            i += rows;
-        }
+        // Each decoded block serves every row of a pass: up to 8.
+        for_each_pass(j0, t, out, |g, r, lanes| match t - r {
+            8.. => group::<8, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, lanes),
+            4..=7 => group::<4, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, lanes),
+            2..=3 => group::<2, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, lanes),
+            _ => group::<1, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, lanes),
+        })
     }
 
-    /// Group `g` (16 weight rows) against activation rows `r0..r0 + R`, into `acc[..R]`;
+    /// Group `g` (16 weight rows) against activation rows `r0..r0 + R`, into `lanes[..R]`;
     /// returns `R`.
     /// `LINES`: 4 (4-bit codes) or 8 (8-bit); `MINS`: Q4_1's per-block offsets;
     /// `ROW_SCALES`: one f32 scale per row (int8 per channel), not an f16 per block;
@@ -334,8 +360,9 @@ mod x86 {
         g: usize,
         x: &IntActs,
         r0: usize,
-        acc: &mut [__m512; TILE_R],
+        lanes: &mut Lanes,
     ) -> usize {
+        let mut acc = [_mm512_setzero_ps(); R];
         let nib = _mm512_set1_epi8(0x0f);
         let factor = _mm512_set1_ps(offset_factor(w.format));
         let codes = w.codes.as_ptr().add(g * w.blocks * LINES) as *const u8;
@@ -372,7 +399,7 @@ mod x86 {
             } else {
                 _mm512_setzero_ps()
             };
-            for (r, a) in acc.iter_mut().enumerate().take(R) {
+            for (r, a) in acc.iter_mut().enumerate() {
                 let (xq, dx, sdx) = x.block(r0 + r, b);
                 // 4-byte groups of the block's activation codes, values 4k..4k+4 (of the
                 // half starting at byte `from`).
@@ -404,6 +431,9 @@ mod x86 {
                 }
             }
         }
+        for (lane, a) in lanes.iter_mut().zip(acc) {
+            _mm512_storeu_ps(lane.as_mut_ptr(), a);
+        }
         R
     }
 }
@@ -417,30 +447,11 @@ mod x86 {
 mod avx2 {
     use super::*;
 
-    /// Activation rows per pass, at most: 2 halves of accumulators each, in 16 registers.
-    const TILE_R: usize = 4;
-
     /// # Safety
     /// AVX2, FMA and F16C must be present; shapes as [`super::dot_rows`] asserts.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_rows(w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
-        match x.bits() {
-            ActBits::Eight => of_format::<false>(w, j0, x, out),
-            ActBits::Sixteen => of_format::<true>(w, j0, x, out),
-        }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn of_format<const SPLIT: bool>(w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
-        match w.format {
-            BlockFormat::Q4_0 => rows_of::<4, false, false, SPLIT>(w, j0, x, out),
-            BlockFormat::Q4_1 => rows_of::<4, true, false, SPLIT>(w, j0, x, out),
-            BlockFormat::Q8_0 if w.row_scales.is_empty() => {
-                rows_of::<8, false, false, SPLIT>(w, j0, x, out)
-            }
-            BlockFormat::Q8_0 => rows_of::<8, false, true, SPLIT>(w, j0, x, out),
-        }
+        by_format!(rows_of(w, j0, x, out))
     }
 
     #[inline]
@@ -457,35 +468,16 @@ mod avx2 {
         out: &mut [f32],
     ) {
         let t = x.rows().max(1);
-        let n = out.len() / t;
-        let mut i = 0;
-        while i < n {
-            let rows = (n - i).min(ROWS);
-            let g = (j0 + i) / ROWS;
-            let mut r = 0;
-            while r < t {
-                let mut acc = [[_mm256_setzero_ps(); 2]; TILE_R];
-                let rn = match t - r {
-                    4.. => group::<4, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, &mut acc),
-                    2..=3 => group::<2, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, &mut acc),
-                    _ => group::<1, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, &mut acc),
-                };
-                let mut lanes = [0f32; ROWS];
-                for (dr, a) in acc.iter().take(rn).enumerate() {
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), a[0]);
-                    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), a[1]);
-                    for (l, &v) in lanes.iter().take(rows).enumerate() {
-                        out[(i + l) * t + r + dr] = v;
-                    }
-                }
-                r += rn;
-            }
-            i += rows;
-        }
+        // Up to 4 rows a pass: two halves of accumulators each, in 16 registers.
+        for_each_pass(j0, t, out, |g, r, lanes| match t - r {
+            4.. => group::<4, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, lanes),
+            2..=3 => group::<2, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, lanes),
+            _ => group::<1, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, lanes),
+        })
     }
 
-    /// Group `g` against activation rows `r0..r0 + R` into `acc[..R]` (`[rows 0–7, rows
-    /// 8–15]` each); returns `R`. Parameters as in the VNNI kernel.
+    /// Group `g` against activation rows `r0..r0 + R` into `lanes[..R]`; returns `R`.
+    /// Parameters as in the VNNI kernel.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn group<
@@ -499,8 +491,10 @@ mod avx2 {
         g: usize,
         x: &IntActs,
         r0: usize,
-        acc: &mut [[__m256; 2]; TILE_R],
+        lanes: &mut Lanes,
     ) -> usize {
+        // `[rows 0–7, rows 8–15]` per activation row.
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let nib = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
         let factor = _mm256_set1_ps(offset_factor(w.format));
@@ -540,7 +534,7 @@ mod avx2 {
                 } else {
                     _mm256_setzero_ps()
                 };
-                for (r, a) in acc.iter_mut().enumerate().take(R) {
+                for (r, a) in acc.iter_mut().enumerate() {
                     let (xq, dx, sdx) = x.block(r0 + r, b);
                     // Σ over the block of `regs` × the activation half at byte `from`, in i32.
                     let dot = |regs: &[__m256i; 8], from: usize| {
@@ -577,6 +571,10 @@ mod avx2 {
                     }
                 }
             }
+        }
+        for (lane, a) in lanes.iter_mut().zip(acc) {
+            _mm256_storeu_ps(lane.as_mut_ptr(), a[0]);
+            _mm256_storeu_ps(lane.as_mut_ptr().add(8), a[1]);
         }
         R
     }
