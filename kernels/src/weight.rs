@@ -114,7 +114,16 @@ impl Weight {
                 f.check(rows, cols, d)?;
                 (n, n)
             }
-            WeightData::Rows16(p) => (p.rows() * p.cols(), n),
+            WeightData::Rows16(p) => {
+                crate::check("weight", (p.rows(), p.cols()) == (rows, cols), || {
+                    format!(
+                        "a [{}, {}] packing for [{rows}, {cols}]",
+                        p.rows(),
+                        p.cols()
+                    )
+                })?;
+                (n, n)
+            }
         };
         if let WeightData::Block(f, _) = &data {
             crate::check("weight", cols.is_multiple_of(QK), || {

@@ -599,6 +599,11 @@ mod tests {
                     assert_eq!(p.block(row, b), read(row, b), "{name} {row}/{b}");
                 }
             }
+            let transposed = WeightData::Rows16(Box::new(p.clone()));
+            assert!(
+                Weight::new(96, 19, transposed).is_err(),
+                "{name}: shape checked"
+            );
             let packed = Weight::new(19, 96, WeightData::Rows16(Box::new(p))).unwrap();
             assert_eq!(packed.format_name(), w.format_name());
             let bits = |w: &Weight| w.to_f32().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
