@@ -202,7 +202,7 @@ pub struct Cpu {
 
 impl Default for Cpu {
     /// The best SIMD path. Quantized weights meet activations rounded to int16 per block of
-    /// 32 in integer dots (`qdot`, `rows16`; AVX-512 VNNI, or AVX2 `vpmaddubsw`): ~2x the
+    /// 32 in integer dots (`qdot`, `rows16`; AVX-512 VNNI, AVX2 `vpmaddubsw` or NEON `sdot`): ~2x the
     /// speed of decoding the weights to f32, with log-probabilities within ~3e-3 nats of the
     /// float path on SmolLM2 (README, "Quantization accuracy"). `VELLUM_INT_DOT` chooses: `=0`
     /// decodes the weights to f32 (transformers' numbers to 1e-5), `=8` (or `=1`) rounds

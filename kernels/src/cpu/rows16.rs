@@ -2,7 +2,8 @@
 //! channel) repacked 16 rows at a time for the integer-dot path: one 512-bit register holds
 //! 4 codes of each of 16 rows, so one `vpdpbusd` against 4 activation codes broadcast to
 //! every lane advances 16 dot products, and a block's 16 scales are one load. Without VNNI,
-//! an AVX2 kernel reads each line as two halves of 8 rows (`vpmaddubsw`, module `avx2`). Reading the
+//! an AVX2 kernel reads each line as two halves of 8 rows (`vpmaddubsw`, module `avx2`); on
+//! ARM, a NEON kernel as four quarters of 4 rows (`sdot`, module `neon`). Reading the
 //! GGUF layout in place, each row on its own with each block's scale gathered and spread
 //! over the lanes that hold it, decoded 14 GB/s of Q4_0 on one thread at one activation row
 //! (cached SmolLM2 shapes); this reads ~50 (benches/RESULTS.md, 2026-12-03). llama.cpp
@@ -43,6 +44,7 @@ pub const ROWS: usize = 16;
 
 /// How far ahead in the code stream a group prefetches, in bytes (past the end of its task
 /// too, so the next task's first group is on its way).
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD: usize = 4096;
 
 /// 64 bytes on a cache line of their own, so each register load is one aligned line.
@@ -200,8 +202,9 @@ fn offset_factor(f: BlockFormat) -> f32 {
 
 /// `out[i * t + r] = x_r · w[j0 + i]` for `out.len() / t` rows from `j0` (a multiple of
 /// [`ROWS`]) and every activation row `r` (`t` of them), on `isa`'s kernel: AVX-512 VNNI
-/// where present, AVX2 (`vpmaddubsw`) otherwise, else the scalar reference. Each computes
-/// the same exact integer sums; only the float steps after them may round differently.
+/// where present, AVX2 (`vpmaddubsw`) otherwise, NEON `sdot` on ARM, else the scalar
+/// reference. Each computes the exact dot of the codes; only the float steps after may round
+/// differently.
 pub fn dot_rows(isa: Isa, w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
     let t = x.rows().max(1);
     assert!(
@@ -219,6 +222,9 @@ pub fn dot_rows(isa: Isa, w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
         Isa::Avx512 if qdot::vnni_available() => unsafe { x86::dot_rows(w, j0, x, out) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx2Fma => unsafe { avx2::dot_rows(w, j0, x, out) },
+        // SAFETY: as above, `dotprod` was detected (`Isa::all_supported`).
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonDot => unsafe { neon::dot_rows(w, j0, x, out) },
         Isa::Scalar => dot_rows_scalar(w, j0, x, out),
     }
 }
@@ -241,19 +247,19 @@ pub fn dot_rows_scalar(w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
 }
 
 /// The most activation rows a SIMD pass computes at once.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const MAX_PASS: usize = 8;
 
 /// One pass's results: lane `l` of entry `dr` is weight row `16 g + l` against activation
 /// row `r0 + dr`.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 type Lanes = [[f32; ROWS]; MAX_PASS];
 
 /// The loop both SIMD kernels share: every group of 16 weight rows from `j0`, against the
 /// `t` activation rows a pass at a time. `pass(g, r0, lanes)` computes group `g` for some of
 /// the rows from `r0` and returns how many; they are stored into `out` as [`dot_rows`]
 /// promises.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[inline(always)]
 fn for_each_pass(
     j0: usize,
@@ -283,7 +289,7 @@ fn for_each_pass(
 
 /// `$rows_of::<LINES, MINS, ROW_SCALES, SPLIT>(w, j0, x, out)` for the activations' width
 /// and the weight's format: the kernels each ISA module monomorphizes.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 macro_rules! by_format {
     ($rows_of:ident($w:ident, $j0:ident, $x:ident, $out:ident)) => {
         match $x.bits() {
@@ -575,6 +581,174 @@ mod avx2 {
         for (lane, a) in lanes.iter_mut().zip(acc) {
             _mm256_storeu_ps(lane.as_mut_ptr(), a[0]);
             _mm256_storeu_ps(lane.as_mut_ptr().add(8), a[1]);
+        }
+        R
+    }
+}
+
+/// The NEON kernel (ARMv8.2 `dotprod`): `sdot` adds the products of 4 s8 codes with 4 s8
+/// activation codes into each i32 lane, so a 128-bit quarter of a line (4 rows) against one
+/// 4-byte group of activations, picked by lane, advances 4 dot products. Both operands are
+/// signed: 4-bit codes (0–15) are valid as they are; 8-bit codes `u = s + 128` enter as `s`
+/// (`u ^ 0x80`), so for them the kernel sums `d dx Σ s q` with no offset term, which is
+/// the same value as `d dx Σ u q - 128 d dx Σ q` without its cancellation.
+///
+/// `sdot` by lane is written in `asm!`: its intrinsic (`vdotq_laneq_s32`) is not stable
+/// Rust yet, nor are the f16 vector types (the scales are widened by `fcvtl`, also `asm!`).
+/// No software prefetch: ARM cores' stream prefetchers are unmeasured here (no ARM machine).
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::*;
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    /// # Safety
+    /// NEON and `dotprod` must be present; shapes as [`super::dot_rows`] asserts.
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn dot_rows(w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
+        by_format!(rows_of(w, j0, x, out))
+    }
+
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn rows_of<
+        const LINES: usize,
+        const MINS: bool,
+        const ROW_SCALES: bool,
+        const SPLIT: bool,
+    >(
+        w: &Rows16,
+        j0: usize,
+        x: &IntActs,
+        out: &mut [f32],
+    ) {
+        let t = x.rows().max(1);
+        // Up to 4 rows a pass: 4 accumulators (one per quarter of the group) each.
+        for_each_pass(j0, t, out, |g, r, lanes| match t - r {
+            4.. => group::<4, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, lanes),
+            2..=3 => group::<2, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, lanes),
+            _ => group::<1, LINES, MINS, ROW_SCALES, SPLIT>(w, g, x, r, lanes),
+        })
+    }
+
+    /// `acc + Σ` over each lane of `w`'s 4 codes times activation codes `4L..4L+4` of `x`.
+    #[inline(always)]
+    unsafe fn sdot_lane<const L: i32>(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+        let mut acc = acc;
+        asm!(
+            "sdot {acc:v}.4s, {w:v}.16b, {x:v}.4b[{l}]",
+            acc = inout(vreg) acc,
+            w = in(vreg) w,
+            x = in(vreg) x,
+            l = const L,
+            options(pure, nomem, nostack),
+        );
+        acc
+    }
+
+    /// 4 f16 values at `p` as f32 (exact for every finite value, subnormals included).
+    #[inline(always)]
+    unsafe fn f16x4(p: *const f16) -> float32x4_t {
+        let h = vld1_u16(p as *const u16);
+        let out: float32x4_t;
+        asm!(
+            "fcvtl {o:v}.4s, {h:v}.4h",
+            o = out(vreg) out,
+            h = in(vreg) h,
+            options(pure, nomem, nostack),
+        );
+        out
+    }
+
+    /// Group `g` against activation rows `r0..r0 + R` into `lanes[..R]`; returns `R`.
+    /// Parameters as in the VNNI kernel.
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn group<
+        const R: usize,
+        const LINES: usize,
+        const MINS: bool,
+        const ROW_SCALES: bool,
+        const SPLIT: bool,
+    >(
+        w: &Rows16,
+        g: usize,
+        x: &IntActs,
+        r0: usize,
+        lanes: &mut Lanes,
+    ) -> usize {
+        // `[rows 0–3, 4–7, 8–11, 12–15]` per activation row.
+        let mut acc = [[vdupq_n_f32(0.0); 4]; R];
+        let nib = vdupq_n_u8(0x0f);
+        let sign = vdupq_n_u8(0x80);
+        let factor = vdupq_n_f32(offset_factor(w.format));
+        let codes = w.codes.as_ptr().add(g * w.blocks * LINES) as *const u8;
+        let scales = w.scales.as_ptr().wrapping_add(g * w.blocks * ROWS);
+        let mins = w.mins.as_ptr().wrapping_add(g * w.blocks * ROWS);
+        let row_scales = w.row_scales.as_ptr().wrapping_add(g * ROWS);
+        for b in 0..w.blocks {
+            let line = codes.add(b * LINES * 64);
+            for q in 0..4 {
+                // `u[k]`: lane l holds row 4q + l's codes for values 4k..4k+4, as s8.
+                let mut u = [vdupq_n_s8(0); 8];
+                for k in 0..LINES {
+                    let v = vld1q_u8(line.add(64 * k + 16 * q));
+                    if LINES == 4 {
+                        u[k] = vreinterpretq_s8_u8(vandq_u8(v, nib));
+                        u[4 + k] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
+                    } else {
+                        u[k] = vreinterpretq_s8_u8(veorq_u8(v, sign));
+                    }
+                }
+                let d = if ROW_SCALES {
+                    vld1q_f32(row_scales.add(4 * q))
+                } else {
+                    f16x4(scales.add(b * ROWS + 4 * q))
+                };
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let (xq, dx, sdx) = x.block(r0 + r, b);
+                    // Σ over the block of `u` × the activation half at byte `from`, in i32.
+                    let dot = |from: usize| {
+                        let half = [
+                            vld1q_s8(xq.as_ptr().add(from)),
+                            vld1q_s8(xq.as_ptr().add(from + 16)),
+                        ];
+                        let mut s = vdupq_n_s32(0);
+                        for (k, &uk) in u.iter().enumerate() {
+                            let x = half[k / 4];
+                            s = match k % 4 {
+                                0 => sdot_lane::<0>(s, uk, x),
+                                1 => sdot_lane::<1>(s, uk, x),
+                                2 => sdot_lane::<2>(s, uk, x),
+                                _ => sdot_lane::<3>(s, uk, x),
+                            };
+                        }
+                        s
+                    };
+                    let mut s = dot(0);
+                    if SPLIT {
+                        s = vaddq_s32(vshlq_n_s32::<8>(s), dot(QK));
+                    }
+                    let isum = vcvtq_f32_s32(s);
+                    let (dx, sdx) = (vdupq_n_f32(dx), vdupq_n_f32(sdx));
+                    let a = &mut a[q];
+                    if LINES == 8 {
+                        *a = vfmaq_f32(*a, vmulq_f32(isum, dx), d);
+                    } else if MINS {
+                        let m = f16x4(mins.add(b * ROWS + 4 * q));
+                        *a = vfmaq_f32(*a, vmulq_f32(isum, dx), d);
+                        *a = vfmaq_f32(*a, m, sdx);
+                    } else {
+                        let t = vfmaq_f32(vmulq_f32(factor, sdx), isum, dx);
+                        *a = vfmaq_f32(*a, t, d);
+                    }
+                }
+            }
+        }
+        for (lane, a) in lanes.iter_mut().zip(acc) {
+            for (q, v) in a.into_iter().enumerate() {
+                vst1q_f32(lane.as_mut_ptr().add(4 * q), v);
+            }
         }
         R
     }

@@ -20,6 +20,12 @@ pub enum Isa {
     Avx2Fma,
     #[cfg(target_arch = "x86_64")]
     Avx512,
+    /// NEON with the dot-product extension (ARMv8.2 `dotprod`: Jetson Orin's Cortex-A78AE,
+    /// Graviton 2 and later, Apple M1 and later). Only the integer dots of quantized
+    /// weights have their own kernel (`rows16::neon`); f32 primitives run the scalar code,
+    /// which the compiler vectorizes with baseline NEON.
+    #[cfg(target_arch = "aarch64")]
+    NeonDot,
 }
 
 impl Isa {
@@ -30,6 +36,8 @@ impl Isa {
             Isa::Avx2Fma => "avx2",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => "avx512",
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot => "neon-dotprod",
         }
     }
 
@@ -47,7 +55,12 @@ impl Isa {
 
     /// All paths this CPU can run, worst to best (for parity tests).
     pub fn all_supported() -> Vec<Isa> {
+        #[allow(unused_mut)] // nothing is pushed on other architectures
         let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            v.push(Isa::NeonDot);
+        }
         #[cfg(target_arch = "x86_64")]
         {
             let avx2 = is_x86_feature_detected!("avx2")
@@ -96,13 +109,15 @@ pub unsafe trait Row {
     unsafe fn load16(&self, i: usize) -> std::arch::x86_64::__m512;
 }
 
-/// Asks for `bytes` to be brought into L2 (a hint; no effect off x86-64). Into L2, not L1: an
+/// Asks for `bytes` to be brought into L2 (a hint; no effect off x86-64: unmeasured there). Into L2, not L1: an
 /// L1 prefetch holds one of the core's few L1 miss buffers until its line arrives, which
 /// caps the lines in flight from memory. Measured (2 threads): TinyLlama-shape Q4_0 decode
 /// with integer dots 39-40 -> 46-47 tok/s, SmolLM2 Q4_0 291 -> 350, f16 93 -> 104-106
 /// (benches/RESULTS.md).
 #[inline]
 pub fn prefetch(bytes: &[u8]) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
     #[cfg(target_arch = "x86_64")]
     for line in bytes.chunks(64) {
         // SAFETY: prefetching is a hint that never faults; the address is inside `bytes`.
@@ -119,6 +134,8 @@ pub fn dot_row<R: Row + ?Sized>(isa: Isa, x: &[f32], w: &R) -> f32 {
     debug_assert_eq!(x.len(), w.len());
     match isa {
         Isa::Scalar => dot_scalar(x, w),
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonDot => dot_scalar(x, w),
         // SAFETY: the variant exists only when detection found the features.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => unsafe { x86::dot_avx2(x, w) },
@@ -132,6 +149,8 @@ pub fn dot_row<R: Row + ?Sized>(isa: Isa, x: &[f32], w: &R) -> f32 {
 pub fn rows_per_pass(isa: Isa) -> usize {
     match isa {
         Isa::Scalar => 1,
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonDot => 1,
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => 2,
         #[cfg(target_arch = "x86_64")]
@@ -195,6 +214,8 @@ pub fn dot_tile<R: Row + ?Sized>(
     unsafe {
         x86::dot_tile_avx512(x, w, out)
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (x, w, out);
 }
 
 /// Dot product of equal-length f32 slices.
