@@ -181,6 +181,8 @@ impl Loader<'_> {
         }
     }
 
+    /// A tensor's mapped bytes. Each caller copies them into a weight, then releases the
+    /// tensor's pages (`TensorStore::release`).
     fn get(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
         self.store
             .get(name)
@@ -198,7 +200,9 @@ impl Loader<'_> {
                 ),
             ));
         }
-        weight_from_tensor(info, bytes).map_err(|m| self.err(name, m))
+        let w = weight_from_tensor(info, bytes).map_err(|m| self.err(name, m));
+        self.store.release(name);
+        w
     }
 
     /// A linear layer: dense, or in the checkpoint's quantized format (written by
@@ -264,6 +268,7 @@ impl Loader<'_> {
                 WeightData::Int4(f, data)
             }
         };
+        self.store.release(name);
         Weight::new(rows, cols, data).map_err(|e| self.err(name, e.to_string()))
     }
 
@@ -287,6 +292,7 @@ impl Loader<'_> {
             ));
         }
         let w = weight_from_tensor(info, bytes).map_err(|m| self.err(name, m))?;
+        self.store.release(name);
         Ok(w.to_f32())
     }
 }

@@ -107,6 +107,31 @@ impl TensorStore {
         Some((info, &f.map[start..start + info.byte_len]))
     }
 
+    /// Drops a tensor's pages from this process's resident memory once its bytes were
+    /// copied: without it, a load holds the whole mapped file and the loaded weights at once,
+    /// twice the weights' memory at its peak (measured: TinyLlama-shape Q4_0 1.24 GB, f16
+    /// 4.3 GB). The pages stay in the page cache, reclaimable; reading the tensor again
+    /// maps them back, so this is a hint, never a correctness matter.
+    pub fn release(&self, name: &str) {
+        let Some((idx, info)) = self.tensors.get(name) else {
+            return;
+        };
+        let f = &self.files[*idx];
+        #[cfg(unix)]
+        // SAFETY: the map is read-only and private: dropping its pages loses nothing, the
+        // next read faults them back in from the file. No reference into the range is used
+        // after this; even one would read the same bytes again.
+        unsafe {
+            let _ = f.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                f.data_start + info.offset,
+                info.byte_len,
+            );
+        }
+        #[cfg(not(unix))]
+        let _ = (f, info);
+    }
+
     /// The file a tensor came from (for error messages).
     pub fn path_of(&self, name: &str) -> Option<&Path> {
         self.tensors
@@ -248,4 +273,66 @@ pub fn parse_safetensors(buf: &[u8]) -> std::result::Result<(usize, Vec<TensorIn
         }
     }
     Ok((data_start, tensors))
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    /// Resident KiB of the mapping that holds `p` (its `Rss:` in /proc/self/smaps): this
+    /// mapping only, whatever other tests map meanwhile.
+    fn resident_kib(p: *const u8) -> usize {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line.split_whitespace().next().unwrap_or("");
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    inside = (a..b).contains(&(p as usize));
+                    continue;
+                }
+            }
+            if let Some(kib) = line.strip_prefix("Rss:").filter(|_| inside) {
+                return kib.trim().trim_end_matches("kB").trim().parse().unwrap();
+            }
+        }
+        panic!("no mapping holds {p:?}");
+    }
+
+    /// A released tensor leaves the process's resident memory, and reads back the same
+    /// bytes after.
+    #[test]
+    fn released_tensors_leave_resident_memory_and_read_back_the_same() {
+        let n = 8usize << 20; // f32 values: 32 MiB
+        let header = format!(
+            r#"{{"t":{{"dtype":"F32","shape":[{n}],"data_offsets":[0,{}]}}}}"#,
+            4 * n
+        );
+        let data: Vec<u8> = (0..4 * n).map(|i| (i * 7 % 251) as u8).collect();
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(header.as_bytes());
+        file.extend_from_slice(&data);
+        let path =
+            std::env::temp_dir().join(format!("vellum-release-{}.safetensors", std::process::id()));
+        std::fs::write(&path, &file).unwrap();
+        let mut store = TensorStore::default();
+        store.add_safetensors(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+
+        let (_, bytes) = store.get("t").unwrap();
+        assert!(bytes == &data[..]);
+        let before = resident_kib(bytes.as_ptr());
+        store.release("t");
+        let after = resident_kib(bytes.as_ptr());
+        assert!(
+            before >= 30 << 10 && after < 1 << 10,
+            "resident {before} -> {after} KiB"
+        );
+        assert!(
+            store.get("t").unwrap().1 == &data[..],
+            "read back after release"
+        );
+        store.release("not there"); // no tensor of that name: nothing to do
+    }
 }
