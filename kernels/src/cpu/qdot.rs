@@ -239,37 +239,87 @@ pub(super) unsafe fn prefetch_bytes<T>(p: *const T, len: usize) {
 /// A block's u8 codes in value order, its scale `d` and offset coefficient `c` (module docs).
 pub(super) type Block = ([u8; QK], f32, f32);
 
-/// `(row, block) -> Block` of a quantized weight.
-pub(super) type BlockReader<'a> = Box<dyn Fn(usize, usize) -> Block + 'a>;
+/// A block as stored, its codes not unpacked: for 4-bit formats 16 bytes of nibble pairs in
+/// GGUF order (byte j: value j in the low nibble, value j + 16 in the high one; the other 16
+/// bytes zero), for 8-bit formats 32 u8 codes `s + 128`. Then its scale `d` and offset
+/// coefficient `c`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) struct RawBlock {
+    pub bytes: [u8; QK],
+    pub d: f32,
+    pub c: f32,
+}
+
+impl RawBlock {
+    /// The block with its codes in value order (as `Rows16` reads its packing back).
+    #[cfg(test)]
+    pub fn decoded(&self, f: BlockFormat) -> Block {
+        let mut u = self.bytes;
+        if f != BlockFormat::Q8_0 {
+            for j in 0..QK / 2 {
+                (u[j], u[j + QK / 2]) = (self.bytes[j] & 0x0f, self.bytes[j] >> 4);
+            }
+        }
+        (u, self.d, self.c)
+    }
+}
+
+/// `(row, out)`: fills `out` with the blocks of one row of a quantized weight (one dynamic
+/// call per row; the loop over the row's blocks is compiled per layout).
+pub(super) type RowReader<'a> = Box<dyn Fn(usize, &mut [RawBlock]) + 'a>;
 
 /// The blocks of a quantized weight (GGUF blocks, planar int4, int8 per channel), with the
 /// GGUF format whose offset rule they follow: `c = -8d` (Q4_0, symmetric int4), `c = m`
 /// (Q4_1, asymmetric int4) or `c = -128d` (Q8_0, int8 per channel). `None` where the
 /// integer path cannot read the weight ([`supports`]): dense, or rows not whole blocks.
-pub(super) fn blocks_of(w: &Weight) -> Option<(BlockFormat, BlockReader<'_>)> {
+pub(super) fn blocks_of(w: &Weight) -> Option<(BlockFormat, RowReader<'_>)> {
     if !supports(w) {
         return None;
     }
     let k = w.cols;
+    let f16_at = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
     match &w.data {
         WeightData::Block(f, bytes) => {
             let (f, bb) = (*f, f.block_bytes());
             let rb = k / QK * bb;
-            let read = move |j: usize, b: usize| {
-                gguf_block(f, &bytes[j * rb + b * bb..j * rb + (b + 1) * bb])
+            let read = move |j: usize, out: &mut [RawBlock]| {
+                // `| d: f16 | q[32]: i8 |` (Q8_0), `| d | qs[16] |` (Q4_0),
+                // `| d | m: f16 | qs[16] |` (Q4_1).
+                for (o, blk) in out
+                    .iter_mut()
+                    .zip(bytes[j * rb..(j + 1) * rb].chunks_exact(bb))
+                {
+                    o.d = f16_at(blk, 0);
+                    match f {
+                        BlockFormat::Q8_0 => {
+                            for (o, &s) in o.bytes.iter_mut().zip(&blk[2..]) {
+                                *o = s ^ 0x80;
+                            }
+                            o.c = -128.0 * o.d;
+                        }
+                        BlockFormat::Q4_0 => {
+                            o.bytes[..QK / 2].copy_from_slice(&blk[2..]);
+                            o.c = -8.0 * o.d;
+                        }
+                        BlockFormat::Q4_1 => {
+                            o.bytes[..QK / 2].copy_from_slice(&blk[4..]);
+                            o.c = f16_at(blk, 2);
+                        }
+                    }
+                }
             };
             Some((f, Box::new(read)))
         }
         WeightData::Int4(f, d) => {
             let (groups, per, sym) = (k.div_ceil(f.group), f.group / QK, f.symmetric);
-            let read = move |j: usize, b: usize| {
-                let mut u = [0u8; QK];
-                let at = j * k / 2 + b * QK / 2;
-                nibbles(&d.packed[at..at + QK / 2], &mut u);
-                let g = j * groups + b / per;
-                let d0 = d.scales[g].to_f32();
-                let c = if sym { -8.0 * d0 } else { d.mins[g].to_f32() };
-                (u, d0, c)
+            let read = move |j: usize, out: &mut [RawBlock]| {
+                let row = d.packed[j * k / 2..(j + 1) * k / 2].chunks_exact(QK / 2);
+                for (b, (o, qs)) in out.iter_mut().zip(row).enumerate() {
+                    o.bytes[..QK / 2].copy_from_slice(qs);
+                    let g = j * groups + b / per;
+                    o.d = d.scales[g].to_f32();
+                    o.c = if sym { -8.0 * o.d } else { d.mins[g].to_f32() };
+                }
             };
             let rule = if sym {
                 BlockFormat::Q4_0
@@ -279,49 +329,17 @@ pub(super) fn blocks_of(w: &Weight) -> Option<(BlockFormat, BlockReader<'_>)> {
             Some((rule, Box::new(read)))
         }
         WeightData::Int8PerRow { q, scales } => {
-            let read = move |j: usize, b: usize| {
-                let mut u = [0u8; QK];
-                for (o, &s) in u.iter_mut().zip(&q[j * k + b * QK..]) {
-                    *o = (s as u8) ^ 0x80;
+            let read = move |j: usize, out: &mut [RawBlock]| {
+                for (o, codes) in out.iter_mut().zip(q[j * k..(j + 1) * k].chunks_exact(QK)) {
+                    for (o, &s) in o.bytes.iter_mut().zip(codes) {
+                        *o = (s as u8) ^ 0x80;
+                    }
+                    (o.d, o.c) = (scales[j], -128.0 * scales[j]);
                 }
-                (u, scales[j], -128.0 * scales[j])
             };
             Some((BlockFormat::Q8_0, Box::new(read)))
         }
         _ => None,
-    }
-}
-
-/// One GGUF block: `| d: f16 | q[32]: i8 |` (Q8_0), `| d | qs[16] |` (Q4_0),
-/// `| d | m: f16 | qs[16] |` (Q4_1).
-fn gguf_block(f: BlockFormat, blk: &[u8]) -> Block {
-    let f16_at = |at: usize| f16::from_le_bytes([blk[at], blk[at + 1]]).to_f32();
-    let d = f16_at(0);
-    let mut u = [0u8; QK];
-    match f {
-        BlockFormat::Q8_0 => {
-            for (o, &s) in u.iter_mut().zip(&blk[2..]) {
-                *o = s ^ 0x80;
-            }
-            (u, d, -128.0 * d)
-        }
-        BlockFormat::Q4_0 => {
-            nibbles(&blk[2..], &mut u);
-            (u, d, -8.0 * d)
-        }
-        BlockFormat::Q4_1 => {
-            nibbles(&blk[4..], &mut u);
-            (u, d, f16_at(2))
-        }
-    }
-}
-
-/// A 16-byte chunk of nibbles (GGUF order: byte j holds values j and j + 16) as 32 u8 codes
-/// in value order.
-fn nibbles(qs: &[u8], out: &mut [u8; QK]) {
-    for j in 0..QK / 2 {
-        out[j] = qs[j] & 0x0f;
-        out[j + QK / 2] = qs[j] >> 4;
     }
 }
 
@@ -418,12 +436,14 @@ mod tests {
         let (k, rows) = (96, 5);
         for (name, w) in weights(k, rows) {
             assert!(supports(&w), "{name}");
-            let (_, read) = blocks_of(&w).unwrap();
+            let (f, read) = blocks_of(&w).unwrap();
             let mut wf = vec![0f32; k];
+            let mut blocks = vec![RawBlock::default(); k / QK];
             for j in 0..rows {
                 w.row_to_f32(j, &mut wf);
-                for b in 0..k / QK {
-                    let (u, d, c) = read(j, b);
+                read(j, &mut blocks);
+                for (b, blk) in blocks.iter().enumerate() {
+                    let (u, d, c) = blk.decoded(f);
                     for (i, &want) in wf[b * QK..(b + 1) * QK].iter().enumerate() {
                         let got = d * u[i] as f32 + c;
                         let tol = 1e-6 * (d.abs() * 255.0 + c.abs());

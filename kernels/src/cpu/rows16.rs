@@ -90,29 +90,28 @@ impl Rows16 {
             mins: vec![f16::ZERO; sized(format == BlockFormat::Q4_1, groups * blocks * ROWS)],
             row_scales: vec![0.0; sized(per_row, groups * ROWS)],
         };
+        // The stored code bytes are already in the lines' byte order (module docs): each
+        // block's 4-byte groups go to their lanes as they are.
+        let mut row_blocks = vec![qdot::RawBlock::default(); blocks];
         for row in 0..w.rows {
             let (g, l) = (row / ROWS, row % ROWS);
-            for b in 0..blocks {
-                let (u, d, c) = read(row, b);
+            read(row, &mut row_blocks);
+            for (b, blk) in row_blocks.iter().enumerate() {
                 let at = (g * blocks + b) * lines;
-                for (k, line) in p.codes[at..at + lines].iter_mut().enumerate() {
-                    let lane = &mut line.0[4 * l..4 * l + 4];
-                    for (i, byte) in lane.iter_mut().enumerate() {
-                        *byte = if lines == 4 {
-                            u[4 * k + i] | (u[16 + 4 * k + i] << 4)
-                        } else {
-                            u[4 * k + i]
-                        };
-                    }
+                for (line, quad) in p.codes[at..at + lines]
+                    .iter_mut()
+                    .zip(blk.bytes.chunks_exact(4))
+                {
+                    line.0[4 * l..4 * l + 4].copy_from_slice(quad);
                 }
                 let s = (g * blocks + b) * ROWS + l;
                 if per_row {
-                    p.row_scales[g * ROWS + l] = d;
+                    p.row_scales[g * ROWS + l] = blk.d;
                 } else {
-                    p.scales[s] = f16::from_f32(d);
+                    p.scales[s] = f16::from_f32(blk.d);
                 }
                 if !p.mins.is_empty() {
-                    p.mins[s] = f16::from_f32(c);
+                    p.mins[s] = f16::from_f32(blk.c);
                 }
             }
         }
@@ -155,7 +154,7 @@ impl Rows16 {
     }
 
     /// Block `b` of row `row`: u8 codes in value order, scale `d` and offset coefficient.
-    fn block(&self, row: usize, b: usize) -> ([u8; QK], f32, f32) {
+    fn block(&self, row: usize, b: usize) -> qdot::Block {
         let (g, l) = (row / ROWS, row % ROWS);
         let lines = lines_per_block(self.format);
         let at = (g * self.blocks + b) * lines;
@@ -767,10 +766,12 @@ mod tests {
     fn packing_keeps_every_code_scale_and_offset() {
         for (name, w) in weights(96, 19) {
             let p = Rows16::pack(&w).unwrap();
-            let (_, read) = qdot::blocks_of(&w).unwrap();
+            let (f, read) = qdot::blocks_of(&w).unwrap();
+            let mut blocks = [qdot::RawBlock::default(); 3];
             for row in 0..19 {
-                for b in 0..3 {
-                    assert_eq!(p.block(row, b), read(row, b), "{name} {row}/{b}");
+                read(row, &mut blocks);
+                for (b, blk) in blocks.iter().enumerate() {
+                    assert_eq!(p.block(row, b), blk.decoded(f), "{name} {row}/{b}");
                 }
             }
             let transposed = WeightData::Rows16(Box::new(p.clone()));
