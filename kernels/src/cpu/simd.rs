@@ -110,10 +110,10 @@ pub unsafe trait Row {
 }
 
 /// Asks for `bytes` to be brought into L2 (a hint; no effect off x86-64, where it is
-/// unmeasured). Into L2, not L1: an L1 prefetch holds one of the core's few L1 miss buffers until its line arrives, which
-/// caps the lines in flight from memory. Measured (2 threads): TinyLlama-shape Q4_0 decode
-/// with integer dots 39-40 -> 46-47 tok/s, SmolLM2 Q4_0 291 -> 350, f16 93 -> 104-106
-/// (benches/RESULTS.md).
+/// unmeasured). Into L2, not L1: an L1 prefetch holds one of the core's few L1 miss buffers
+/// until its line arrives, which caps the lines in flight from memory. Measured (2 threads):
+/// TinyLlama-shape Q4_0 decode with integer dots 39-40 -> 46-47 tok/s, SmolLM2 Q4_0 291 ->
+/// 350, f16 93 -> 104-106 (benches/RESULTS.md).
 #[inline]
 pub fn prefetch(bytes: &[u8]) {
     #[cfg(not(target_arch = "x86_64"))]
