@@ -29,6 +29,10 @@ const MATMUL_CHUNK: usize = 16;
 // A task's rows start on a group of the integer path's repacked weights.
 const _: () = assert!(MATMUL_CHUNK.is_multiple_of(rows16::ROWS));
 
+/// Query rows (heads × tokens of one sequence) that share each pass over a KV head's rows.
+/// 16 rows of 64 values keep a tile's scores for a 4k context in L2 (256 KiB).
+const ATTENTION_TILE_ROWS: usize = 16;
+
 /// An output that pool tasks fill in disjoint runs (a matmul's `[t, n]` output, each task
 /// its own features of every row), which `&mut` slices cannot express.
 struct DisjointOut {
@@ -437,28 +441,50 @@ impl Backend for Cpu {
         shapes::attention(q, cache, batch, n_heads, out)?;
         let (hd, n_kv) = (cache.head_dim, cache.n_kv_heads);
         let group = n_heads / n_kv;
-        let seq_of = batch.seq_of_token();
         let scale = 1.0 / (hd as f32).sqrt();
         let (bs, sw, isa) = (cache.block_size, cache.slot_width(), self.isa);
-        let mut heads: Vec<_> = out.chunks_mut(hd).enumerate().collect();
-        Pool::global().for_each_mut(&mut heads, |(idx, o)| {
-            let idx = *idx;
-            let (ti, h) = (idx / n_heads, idx % n_heads);
-            let table = &batch.block_tables[seq_of[ti] as usize];
-            let kvh = h / group;
-            let visible = batch.positions[ti] as usize + 1;
-            // Offsets of this head's K/V rows for positions 0..visible, block by block.
-            let offsets: Vec<usize> = table
+        // Work items: the query heads of one KV head for a few tokens of one sequence, so
+        // that each chunk of K and V rows is read once for ~16 query rows.
+        let tile_tokens = (ATTENTION_TILE_ROWS / group).max(1);
+        let mut tiles = Vec::new();
+        // The slot of every cached position each sequence's tokens see in this step.
+        let mut slots = Vec::with_capacity(batch.num_seqs());
+        for (s, table) in batch.block_tables.iter().enumerate() {
+            let tokens = batch.seq_offsets[s]..batch.seq_offsets[s + 1];
+            let visible = tokens
+                .clone()
+                .map(|t| batch.positions[t] as usize + 1)
+                .max();
+            let visible = visible.unwrap_or(0);
+            let seq_slots: Vec<usize> = table
                 .iter()
-                .enumerate()
-                .flat_map(|(b, &blk)| {
-                    let n = bs.min(visible.saturating_sub(b * bs));
-                    (0..n).map(move |i| (blk as usize * bs + i) * sw + kvh * hd)
-                })
+                .flat_map(|&blk| (0..bs).map(move |i| blk as usize * bs + i))
+                .take(visible)
                 .collect();
-            let qv = &q[idx * hd..(idx + 1) * hd];
-            let kv = (&cache.k[..], &cache.v[..]);
-            simd::attend(isa, qv, kv, &offsets, scale, o);
+            slots.push(seq_slots);
+            for kvh in 0..n_kv {
+                for t0 in tokens.clone().step_by(tile_tokens) {
+                    tiles.push((s, kvh, t0..(t0 + tile_tokens).min(tokens.end)));
+                }
+            }
+        }
+        let out = DisjointOut::new(out);
+        Pool::global().for_each_mut(&mut tiles, |(s, kvh, tokens)| {
+            let (s, kvh) = (*s, *kvh);
+            let mut rows = Vec::with_capacity(tokens.len() * group);
+            for t in tokens.clone() {
+                let visible = batch.positions[t] as usize + 1;
+                let first = t * n_heads + kvh * group;
+                // SAFETY: this tile alone writes its tokens' heads of KV head `kvh`, and
+                // `out` outlives the job.
+                let outs = unsafe { out.run(first * hd, group * hd) };
+                for (g, out) in outs.chunks_mut(hd).enumerate() {
+                    let q = &q[(first + g) * hd..(first + g + 1) * hd];
+                    rows.push(simd::QueryRow { q, visible, out });
+                }
+            }
+            let offsets: Vec<usize> = slots[s].iter().map(|&at| at * sw + kvh * hd).collect();
+            simd::attend_rows(isa, &mut rows, (&cache.k, &cache.v), &offsets, scale);
         });
         Ok(())
     }

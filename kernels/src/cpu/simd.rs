@@ -224,59 +224,113 @@ pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     dot_row(isa, a, b)
 }
 
-/// One query head's attention over the K/V rows that start at `offsets` (each `q.len()`
-/// long, in `k` and `v`): `out = Σ_i softmax_i(scale · q·k_i) v_i`.
-/// The AVX-512 path (head sizes 64 and 128) keeps the query and the output in registers
-/// across all rows instead of a dot and an axpy call per row.
-pub fn attend(
+/// One query head of an attention tile: its vector, how many cached positions it sees (the
+/// first `visible` of the tile's offsets) and its output.
+pub struct QueryRow<'a> {
+    pub q: &'a [f32],
+    pub visible: usize,
+    pub out: &'a mut [f32],
+}
+
+/// Cached positions per pass of a tile over K or V. One head's rows of a chunk (8 KiB at 64
+/// values) stay in L1 while every query row of the tile reads them: read once per query
+/// row, a long context streams from L3 and attention runs at its bandwidth.
+const KV_CHUNK: usize = 32;
+
+/// The attention of a tile of query heads that share one KV head (a GQA group, several
+/// tokens of one sequence) over the K/V rows that start at `offsets` (each `q.len()` long,
+/// in `k` and `v`): `row.out = Σ_{i < row.visible} softmax_i(scale · row.q·k_i) v_i`.
+///
+/// Each row's arithmetic is the same whatever the tile around it: its scores in position
+/// order, its softmax, its weighted sum in position order. A token's output does not depend
+/// on how the batch was tiled. The AVX-512 path (head sizes 64 and 128) keeps the query and
+/// the output in registers over a chunk instead of a dot and an axpy call per position.
+pub fn attend_rows(
     isa: Isa,
-    q: &[f32],
+    rows: &mut [QueryRow],
     (k, v): (&[f32], &[f32]),
     offsets: &[usize],
     scale: f32,
-    out: &mut [f32],
 ) {
-    let hd = q.len();
+    let Some(hd) = rows.first().map(|r| r.q.len()) else {
+        return;
+    };
+    assert!(
+        rows.iter()
+            .all(|r| r.q.len() == hd && r.out.len() == hd && r.visible <= offsets.len()),
+        "attention rows of unequal heads, or seeing past their offsets"
+    );
+    let n = rows.iter().map(|r| r.visible).max().unwrap_or(0);
     let fits = |at: usize| at + hd <= k.len() && at + hd <= v.len();
     assert!(
-        offsets.iter().all(|&at| fits(at)),
+        offsets[..n].iter().all(|&at| fits(at)),
         "attention rows past the cache"
     );
-    let mut scores = Vec::with_capacity(offsets.len());
     #[cfg(target_arch = "x86_64")]
     let wide = isa == Isa::Avx512 && (hd == 64 || hd == 128);
     #[cfg(not(target_arch = "x86_64"))]
     let wide = false;
-    if wide {
-        // SAFETY: AVX-512 was detected (`isa`), and every row is in bounds (asserted).
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            match hd {
-                64 => x86::scores_avx512::<4>(q, k, offsets, scale, &mut scores),
-                _ => x86::scores_avx512::<8>(q, k, offsets, scale, &mut scores),
+    // The positions of the chunk from `c0` that a row sees, if any.
+    let chunk = |c0: usize, row: &QueryRow| {
+        (c0 < row.visible).then(|| c0..(c0 + KV_CHUNK).min(row.visible))
+    };
+
+    let mut scores: Vec<Vec<f32>> = rows.iter().map(|r| Vec::with_capacity(r.visible)).collect();
+    for c0 in (0..n).step_by(KV_CHUNK) {
+        for (row, s) in rows.iter().zip(&mut scores) {
+            let Some(range) = chunk(c0, row) else {
+                continue;
+            };
+            let offsets = &offsets[range];
+            if wide {
+                // SAFETY: AVX-512 was detected (`isa`), and every row is in bounds (asserted).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    match hd {
+                        64 => x86::scores_avx512::<4>(row.q, k, offsets, scale, s),
+                        _ => x86::scores_avx512::<8>(row.q, k, offsets, scale, s),
+                    }
+                }
+            } else {
+                s.extend(
+                    offsets
+                        .iter()
+                        .map(|&at| dot(isa, row.q, &k[at..at + hd]) * scale),
+                );
             }
         }
-    } else {
-        scores.extend(
-            offsets
-                .iter()
-                .map(|&at| dot(isa, q, &k[at..at + hd]) * scale),
-        );
     }
-    let inv = 1.0 / super::vmath::exp_normalized(isa, &mut scores);
-    if wide {
-        // SAFETY: as above.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            match hd {
-                64 => x86::weighted_sum_avx512::<4>(v, offsets, &scores, inv, out),
-                _ => x86::weighted_sum_avx512::<8>(v, offsets, &scores, inv, out),
+    let inv: Vec<f32> = scores
+        .iter_mut()
+        .map(|s| 1.0 / super::vmath::exp_normalized(isa, s))
+        .collect();
+
+    rows.iter_mut().for_each(|r| r.out.fill(0.0));
+    for c0 in (0..n).step_by(KV_CHUNK) {
+        for ((row, s), &inv) in rows.iter_mut().zip(&scores).zip(&inv) {
+            let Some(range) = chunk(c0, row) else {
+                continue;
+            };
+            let (offsets, p) = (&offsets[range.clone()], &s[range]);
+            if wide {
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    match hd {
+                        64 => x86::weighted_sum_avx512::<4>(v, offsets, p, row.out),
+                        _ => x86::weighted_sum_avx512::<8>(v, offsets, p, row.out),
+                    }
+                }
+            } else {
+                for (&at, &p) in offsets.iter().zip(p) {
+                    axpy(isa, p * inv, &v[at..at + hd], row.out);
+                }
             }
         }
-    } else {
-        out.fill(0.0);
-        for (&at, &p) in offsets.iter().zip(scores.iter()) {
-            axpy(isa, p * inv, &v[at..at + hd], out);
+    }
+    if wide {
+        for (row, &inv) in rows.iter_mut().zip(&inv) {
+            row.out.iter_mut().for_each(|o| *o *= inv);
         }
     }
 }
@@ -342,7 +396,7 @@ mod x86 {
         }
     }
 
-    /// `out = inv · Σ_i p[i] v[offsets[i]..]` for a head of `16 * C` values.
+    /// `out += Σ_i p[i] v[offsets[i]..]` for a head of `16 * C` values.
     ///
     /// # Safety
     /// AVX-512F; every `offsets[i] + 16 * C <= v.len()`, `out.len() == 16 * C`.
@@ -351,19 +405,17 @@ mod x86 {
         v: &[f32],
         offsets: &[usize],
         p: &[f32],
-        inv: f32,
         out: &mut [f32],
     ) {
-        let mut o = [_mm512_setzero_ps(); C];
+        let mut o: [__m512; C] = std::array::from_fn(|i| _mm512_loadu_ps(out.as_ptr().add(16 * i)));
         for (&at, &w) in offsets.iter().zip(p) {
             let (vp, w) = (v.as_ptr().add(at), _mm512_set1_ps(w));
             for (i, o) in o.iter_mut().enumerate() {
                 *o = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(16 * i)), *o);
             }
         }
-        let inv = _mm512_set1_ps(inv);
         for (i, o) in o.iter().enumerate() {
-            _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), _mm512_mul_ps(*o, inv));
+            _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), *o);
         }
     }
 
@@ -606,35 +658,57 @@ mod tests {
     }
 
     /// Every path's attention against an f64 softmax-weighted sum, for the head sizes with
-    /// a register path (64, 128) and one without (48), 1 to 300 rows scattered in the cache.
+    /// a register path (64, 128) and one without (48): a tile of query rows that see 1 to
+    /// 300 rows scattered in the cache (across chunk boundaries), each also run alone, which
+    /// must give the same bits.
     #[test]
-    fn attention_of_one_head_matches_f64_on_every_path() {
+    fn attention_tiles_match_f64_and_each_row_alone_on_every_path() {
         let val = |i: usize, m: usize| ((i * m % 211) as f32 - 105.0) / 60.0;
+        let visible = [1usize, 2, 17, 32, 33, 300];
         for hd in [48usize, 64, 128] {
             let slots = 400;
             let k: Vec<f32> = (0..slots * hd).map(|i| val(i, 37)).collect();
             let v: Vec<f32> = (0..slots * hd).map(|i| val(i, 53)).collect();
-            let q: Vec<f32> = (0..hd).map(|i| val(i, 71) * 0.3).collect();
-            for n in [1usize, 2, 17, 300] {
-                let offsets: Vec<usize> = (0..n).map(|i| (i * 7 % slots) * hd).collect();
-                let scale = 1.0 / (hd as f64).sqrt();
-                let logits: Vec<f64> = offsets
+            let qs: Vec<Vec<f32>> = (0..visible.len())
+                .map(|r| (0..hd).map(|i| val(i + 13 * r, 71) * 0.3).collect())
+                .collect();
+            let offsets: Vec<usize> = (0..300).map(|i| (i * 7 % slots) * hd).collect();
+            let scale = 1.0 / (hd as f64).sqrt();
+            let exact = |q: &[f32], n: usize, j: usize| {
+                let logits: Vec<f64> = offsets[..n]
                     .iter()
                     .map(|&at| (0..hd).map(|j| q[j] as f64 * k[at + j] as f64).sum::<f64>() * scale)
                     .collect();
                 let max = logits.iter().cloned().fold(f64::MIN, f64::max);
                 let w: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
                 let total: f64 = w.iter().sum();
-                for isa in Isa::all_supported() {
-                    let mut out = vec![f32::NAN; hd];
-                    attend(isa, &q, (&k, &v), &offsets, scale as f32, &mut out);
+                let sum: f64 = offsets
+                    .iter()
+                    .zip(&w)
+                    .map(|(&at, p)| p * v[at + j] as f64)
+                    .sum();
+                sum / total
+            };
+            for isa in Isa::all_supported() {
+                let mut outs = vec![vec![f32::NAN; hd]; visible.len()];
+                let mut rows: Vec<QueryRow> = outs
+                    .iter_mut()
+                    .zip(&qs)
+                    .zip(visible)
+                    .map(|((out, q), visible)| QueryRow { q, visible, out })
+                    .collect();
+                attend_rows(isa, &mut rows, (&k, &v), &offsets, scale as f32);
+                for ((out, q), n) in outs.iter().zip(&qs).zip(visible) {
+                    let mut alone = vec![f32::NAN; hd];
+                    let row = QueryRow {
+                        q,
+                        visible: n,
+                        out: &mut alone,
+                    };
+                    attend_rows(isa, &mut [row], (&k, &v), &offsets, scale as f32);
+                    assert_eq!(out, &alone, "{isa:?} hd {hd} n {n}: tiled vs alone");
                     for (j, &o) in out.iter().enumerate() {
-                        let exact: f64 = offsets
-                            .iter()
-                            .zip(&w)
-                            .map(|(&at, p)| p * v[at + j] as f64)
-                            .sum::<f64>()
-                            / total;
+                        let exact = exact(q, n, j);
                         assert!(
                             (o as f64 - exact).abs() < 1e-5,
                             "{isa:?} hd {hd} n {n} [{j}]: {o} vs {exact}"
