@@ -243,8 +243,9 @@ const KV_CHUNK: usize = 32;
 ///
 /// Each row's arithmetic is the same whatever the tile around it: its scores in position
 /// order, its softmax, its weighted sum in position order. A token's output does not depend
-/// on how the batch was tiled. The AVX-512 path (head sizes 64 and 128) keeps the query and
-/// the output in registers over a chunk instead of a dot and an axpy call per position.
+/// on how the batch was tiled. The AVX-512 path (head sizes 64 and 128) scores 16 positions
+/// at a time and adds each V row to several rows' outputs held in registers, instead of a
+/// dot and an axpy call per position.
 pub fn attend_rows(
     isa: Isa,
     rows: &mut [QueryRow],
@@ -306,31 +307,67 @@ pub fn attend_rows(
         .collect();
 
     rows.iter_mut().for_each(|r| r.out.fill(0.0));
+    if wide {
+        #[cfg(target_arch = "x86_64")]
+        for c0 in (0..n).step_by(KV_CHUNK) {
+            // SAFETY: as above.
+            unsafe {
+                match hd {
+                    64 => weighted_sums_avx512::<4, 4>(rows, &scores, v, offsets, c0),
+                    _ => weighted_sums_avx512::<8, 2>(rows, &scores, v, offsets, c0),
+                }
+            }
+        }
+        for (row, &inv) in rows.iter_mut().zip(&inv) {
+            row.out.iter_mut().for_each(|o| *o *= inv);
+        }
+        return;
+    }
     for c0 in (0..n).step_by(KV_CHUNK) {
         for ((row, s), &inv) in rows.iter_mut().zip(&scores).zip(&inv) {
             let Some(range) = chunk(c0, row) else {
                 continue;
             };
-            let (offsets, p) = (&offsets[range.clone()], &s[range]);
-            if wide {
-                // SAFETY: as above.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    match hd {
-                        64 => x86::weighted_sum_avx512::<4>(v, offsets, p, row.out),
-                        _ => x86::weighted_sum_avx512::<8>(v, offsets, p, row.out),
-                    }
-                }
-            } else {
-                for (&at, &p) in offsets.iter().zip(p) {
-                    axpy(isa, p * inv, &v[at..at + hd], row.out);
-                }
+            for (&at, &p) in offsets[range.clone()].iter().zip(&s[range]) {
+                axpy(isa, p * inv, &v[at..at + hd], row.out);
             }
         }
     }
-    if wide {
-        for (row, &inv) in rows.iter_mut().zip(&inv) {
-            row.out.iter_mut().for_each(|o| *o *= inv);
+}
+
+/// The unnormalized weighted sums of the chunk from `c0`, added to each row's output: rows
+/// in groups of `R` that share each V row load over the positions all of them see, then
+/// one by one over the rest (the last tokens of a tile see a few more positions).
+///
+/// # Safety
+/// AVX-512F; heads of `16 * C` values, every offset in bounds of `v`, `scores[r]` as long as
+/// row `r`'s visible positions.
+#[cfg(target_arch = "x86_64")]
+unsafe fn weighted_sums_avx512<const C: usize, const R: usize>(
+    rows: &mut [QueryRow],
+    scores: &[Vec<f32>],
+    v: &[f32],
+    offsets: &[usize],
+    c0: usize,
+) {
+    let chunk_end = |row: &QueryRow| (c0 + KV_CHUNK).min(row.visible).max(c0);
+    for (rows, scores) in rows.chunks_mut(R).zip(scores.chunks(R)) {
+        let mut done = c0;
+        if let Ok(group) = <&mut [QueryRow; R]>::try_from(&mut *rows) {
+            let common = group.iter().map(chunk_end).min().unwrap_or(c0);
+            if common > c0 {
+                let p = std::array::from_fn(|r| &scores[r][c0..common]);
+                let out = group.each_mut().map(|row| &mut *row.out);
+                x86::weighted_sum_avx512::<C, R>(v, &offsets[c0..common], p, out);
+                done = common;
+            }
+        }
+        for (row, s) in rows.iter_mut().zip(scores) {
+            let end = chunk_end(row);
+            if end > done {
+                let (offsets, p) = (&offsets[done..end], [&s[done..end]]);
+                x86::weighted_sum_avx512::<C, 1>(v, offsets, p, [&mut *row.out]);
+            }
         }
     }
 }
@@ -370,7 +407,12 @@ mod x86 {
     use super::Row;
     use std::arch::x86_64::*;
 
-    /// `scores[i] = scale · q·k[offsets[i]..]` for a head of `16 * C` values.
+    /// `scores[i] = scale · q·k[offsets[i]..]` for a head of `16 * C` values, appended.
+    ///
+    /// Sixteen positions at a time, one FMA chain each, summed across lanes together (a
+    /// transpose tree, 30 shuffles per 16 scores instead of a reduction per score). A short
+    /// last group repeats the first offset and drops those scores, so each score's
+    /// arithmetic depends on its own position only.
     ///
     /// # Safety
     /// AVX-512F; every `offsets[i] + 16 * C <= k.len()`, `q.len() == 16 * C`.
@@ -383,39 +425,82 @@ mod x86 {
         scores: &mut Vec<f32>,
     ) {
         let qv: [__m512; C] = std::array::from_fn(|i| _mm512_loadu_ps(q.as_ptr().add(16 * i)));
+        let scale = _mm512_set1_ps(scale);
         scores.reserve(offsets.len());
-        for &at in offsets {
-            let kp = k.as_ptr().add(at);
-            // Two chains: FMA latency would otherwise bound a 64-value head.
-            let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-            for i in (0..C).step_by(2) {
-                a0 = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(kp.add(16 * i)), a0);
-                a1 = _mm512_fmadd_ps(qv[i + 1], _mm512_loadu_ps(kp.add(16 * i + 16)), a1);
-            }
-            scores.push(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale);
+        for group in offsets.chunks(16) {
+            let acc: [__m512; 16] = std::array::from_fn(|j| {
+                let kp = k.as_ptr().add(*group.get(j).unwrap_or(&group[0]));
+                let mut a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
+                for (i, q) in qv.iter().enumerate().skip(1) {
+                    a = _mm512_fmadd_ps(*q, _mm512_loadu_ps(kp.add(16 * i)), a);
+                }
+                a
+            });
+            let mut sums = [0f32; 16];
+            _mm512_storeu_ps(sums.as_mut_ptr(), _mm512_mul_ps(sum_lanes16(acc), scale));
+            scores.extend_from_slice(&sums[..group.len()]);
         }
     }
 
-    /// `out += Σ_i p[i] v[offsets[i]..]` for a head of `16 * C` values.
+    /// `[Σ a[0], Σ a[1], …, Σ a[15]]`: each vector summed across its lanes, in a fixed order
+    /// that does not depend on the other vectors.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sum_lanes16(a: [__m512; 16]) -> __m512 {
+        // Pairs of vectors, 32-bit then 64-bit interleaves within each 128-bit lane: four
+        // vectors of four 128-bit lanes, each lane holding partial sums of four inputs.
+        let pair32 = |x: __m512, y: __m512| {
+            _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y))
+        };
+        let pair64 = |x: __m512, y: __m512| {
+            let (x, y) = (_mm512_castps_pd(x), _mm512_castps_pd(y));
+            let lo = _mm512_castpd_ps(_mm512_unpacklo_pd(x, y));
+            _mm512_add_ps(lo, _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)))
+        };
+        let quads: [__m512; 4] = std::array::from_fn(|i| {
+            let a = &a[4 * i..4 * i + 4];
+            pair64(pair32(a[0], a[1]), pair32(a[2], a[3]))
+        });
+        // Then across 128-bit lanes: even lanes plus odd lanes, twice.
+        let lanes = |x: __m512, y: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+            )
+        };
+        lanes(lanes(quads[0], quads[1]), lanes(quads[2], quads[3]))
+    }
+
+    /// `out[r] += Σ_i p[r][i] v[offsets[i]..]` for `R` query rows and a head of `16 * C`
+    /// values: each V row is loaded once for all `R` rows. Each row's sums are the FMA chain
+    /// the one-row call gives.
     ///
     /// # Safety
-    /// AVX-512F; every `offsets[i] + 16 * C <= v.len()`, `out.len() == 16 * C`.
+    /// AVX-512F; every `offsets[i] + 16 * C <= v.len()`, every `p[r].len() >=
+    /// offsets.len()` and `out[r].len() == 16 * C`.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub unsafe fn weighted_sum_avx512<const C: usize>(
+    pub unsafe fn weighted_sum_avx512<const C: usize, const R: usize>(
         v: &[f32],
         offsets: &[usize],
-        p: &[f32],
-        out: &mut [f32],
+        p: [&[f32]; R],
+        out: [&mut [f32]; R],
     ) {
-        let mut o: [__m512; C] = std::array::from_fn(|i| _mm512_loadu_ps(out.as_ptr().add(16 * i)));
-        for (&at, &w) in offsets.iter().zip(p) {
-            let (vp, w) = (v.as_ptr().add(at), _mm512_set1_ps(w));
-            for (i, o) in o.iter_mut().enumerate() {
-                *o = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(16 * i)), *o);
+        let mut o: [[__m512; C]; R] = std::array::from_fn(|r| {
+            std::array::from_fn(|i| _mm512_loadu_ps(out[r].as_ptr().add(16 * i)))
+        });
+        for (n, &at) in offsets.iter().enumerate() {
+            let vp = v.as_ptr().add(at);
+            let vv: [__m512; C] = std::array::from_fn(|i| _mm512_loadu_ps(vp.add(16 * i)));
+            for (o, p) in o.iter_mut().zip(&p) {
+                let w = _mm512_set1_ps(*p.get_unchecked(n));
+                for (o, v) in o.iter_mut().zip(&vv) {
+                    *o = _mm512_fmadd_ps(w, *v, *o);
+                }
             }
         }
-        for (i, o) in o.iter().enumerate() {
-            _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), *o);
+        for (o, out) in o.iter().zip(out) {
+            for (i, o) in o.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), *o);
+            }
         }
     }
 
