@@ -28,15 +28,15 @@ fn perplexity(cpu: &Cpu, dtype: Option<DType>, quant: Option<QuantTarget>) -> f6
     let tok = engine.tokenizer().unwrap().clone();
     let mut ids = vec![tok.bos_id.unwrap()];
     ids.extend(tok.encode(&text, false).unwrap());
-    assert!(ids.len() > 1500, "{} tokens", ids.len());
+    assert!(ids.len() > 4000, "{} tokens", ids.len());
     let lps = engine.score(vec![ids]).unwrap().remove(0);
     (-lps.iter().map(|&l| l as f64).sum::<f64>() / lps.len() as f64).exp()
 }
 
 /// On the default CPU path (integer dots over int16 activations wherever a SIMD path is
 /// present) and on the one that decodes the weights to f32, when they differ. Int8
-/// activations (`VELLUM_INT_DOT=8`) move this short text's perplexity by up to ~1% either
-/// way (README) and are not held to these bounds.
+/// activations (`VELLUM_INT_DOT=8`) cost up to +0.8% more on this text (README) and are not
+/// held to these bounds.
 #[test]
 fn quantized_weights_keep_perplexity_close_to_the_dequantized_model() {
     let default = Cpu::new();
@@ -81,11 +81,11 @@ fn check_perplexities(cpu: &Cpu) {
             1.5,
         ),
         // Per-channel int8 of these Q4_1-derived weights loses more (one step per row across
-        // groups of very different ranges): bounded here, reported in the README.
+        // groups of very different ranges: +0.61%): bounded here, reported in the README.
         (
             "int8 per channel",
             perplexity(Some(DType::F16), QuantTarget::parse("int8")),
-            0.015,
+            0.01,
         ),
     ];
     let backend = cpu.name();
