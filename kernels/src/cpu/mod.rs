@@ -445,7 +445,7 @@ impl Backend for Cpu {
         let scale = 1.0 / (hd as f32).sqrt();
         let (bs, sw, isa) = (cache.block_size, cache.slot_width(), self.isa);
         // Work items: the query heads of one KV head for a few tokens of one sequence, so
-        // that each chunk of K and V rows is read once for ~16 query rows.
+        // that each chunk of K and V rows is read once for up to ATTENTION_TILE_ROWS rows.
         let tile_tokens = (ATTENTION_TILE_ROWS / group).max(1);
         let mut tiles = Vec::new();
         // The slot of every cached position each sequence's tokens see in this step.

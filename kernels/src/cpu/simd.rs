@@ -233,8 +233,8 @@ pub struct QueryRow<'a> {
 }
 
 /// Cached positions per pass of a tile over K or V. One head's rows of a chunk (8 KiB at 64
-/// values) stay in L1 while every query row of the tile reads them: read once per query
-/// row, a long context streams from L3 and attention runs at its bandwidth.
+/// values) stay in L1 while every query row of the tile reads them. Read once per query
+/// row instead, a long context streams from L3 at every row, at L3's bandwidth.
 const KV_CHUNK: usize = 32;
 
 /// The attention of a tile of query heads that share one KV head (a GQA group, several
