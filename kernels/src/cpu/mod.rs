@@ -152,27 +152,34 @@ fn dot_rows_tiled<V: simd::Row>(
     let mut j = 0;
     if simd::has_tile(isa) && t >= tt {
         let k = x.len() / t;
-        while j + tw <= n {
-            (j..j + tw).for_each(prefetch);
-            let views: [V; simd::TILE_W] = std::array::from_fn(|i| row(j + i));
-            let w: [&V; simd::TILE_W] = std::array::from_fn(|i| &views[i]);
-            let mut r = 0;
-            while r + tt <= t {
-                let xs: [&[f32]; simd::TILE_T] =
-                    std::array::from_fn(|i| &x[(r + i) * k..(r + i + 1) * k]);
+        // Activation tiles outside, weight tiles inside: the task's weight rows (a chunk of
+        // MATMUL_CHUNK) stay in L1/L2 while each tile of activation rows is read once, where
+        // the other order streamed every activation row (megabytes in a prefill) from L2/L3
+        // once per weight tile.
+        let tiled = n / tw * tw;
+        let views: Vec<V> = (0..tiled).map(&row).collect();
+        let mut r = 0;
+        while r + tt <= t {
+            let xs: [&[f32]; simd::TILE_T] =
+                std::array::from_fn(|i| &x[(r + i) * k..(r + i + 1) * k]);
+            for j in (0..tiled).step_by(tw) {
+                if r == 0 {
+                    (j..j + tw).for_each(prefetch);
+                }
+                let w: [&V; simd::TILE_W] = std::array::from_fn(|i| &views[j + i]);
                 let mut res = [[0f32; simd::TILE_T]; simd::TILE_W];
                 simd::dot_tile(isa, xs, w, &mut res);
                 for (i, vals) in res.iter().enumerate() {
                     out[(j + i) * t + r..(j + i) * t + r + tt].copy_from_slice(vals);
                 }
-                r += tt;
             }
-            for (i, v) in views.iter().enumerate() {
-                let dst = &mut out[(j + i) * t..(j + i + 1) * t];
-                dot_rows_all(isa, &x[r * k..], v, &mut dst[r..]);
-            }
-            j += tw;
+            r += tt;
         }
+        for (i, v) in views.iter().enumerate() {
+            let dst = &mut out[i * t..(i + 1) * t];
+            dot_rows_all(isa, &x[r * k..], v, &mut dst[r..]);
+        }
+        j = tiled;
     }
     for i in j..n {
         prefetch(i);
