@@ -247,9 +247,9 @@ const KV_CHUNK: usize = 32;
 ///
 /// Each row's arithmetic is the same whatever the tile around it: its scores in position
 /// order, its softmax, its weighted sum in position order. A token's output does not depend
-/// on how the batch was tiled. The AVX-512 path (head sizes 64 and 128) scores 16 positions
-/// at a time and adds each V row to several rows' outputs held in registers, instead of a
-/// dot and an axpy call per position.
+/// on how the batch was tiled. The AVX-512 and AVX2 paths (head sizes 64 and 128) score 16
+/// or 8 positions at a time and add each V row to outputs held in registers (AVX-512: to
+/// several rows' at once), instead of a dot and an axpy call per position.
 pub fn attend_rows(
     isa: Isa,
     rows: &mut [QueryRow],
@@ -271,10 +271,7 @@ pub fn attend_rows(
         offsets[..n].iter().all(|&at| fits(at)),
         "attention rows past the cache"
     );
-    #[cfg(target_arch = "x86_64")]
-    let wide = isa == Isa::Avx512 && (hd == 64 || hd == 128);
-    #[cfg(not(target_arch = "x86_64"))]
-    let wide = false;
+    let path = AttentionPath::of(isa, hd);
     // The positions of the chunk from `c0` that a row sees, if any.
     let chunk = |c0: usize, row: &QueryRow| {
         (c0 < row.visible).then(|| c0..(c0 + KV_CHUNK).min(row.visible))
@@ -287,21 +284,28 @@ pub fn attend_rows(
                 continue;
             };
             let offsets = &offsets[range];
-            if wide {
-                // SAFETY: AVX-512 was detected (`isa`), and every row is in bounds (asserted).
+            // SAFETY (both register paths): their ISA was detected (`isa`), the head size is
+            // theirs (`AttentionPath::of`), and every row is in bounds (asserted).
+            match path {
                 #[cfg(target_arch = "x86_64")]
-                unsafe {
+                AttentionPath::Avx512 => unsafe {
                     match hd {
                         64 => x86::scores_avx512::<4>(row.q, k, offsets, scale, s),
                         _ => x86::scores_avx512::<8>(row.q, k, offsets, scale, s),
                     }
-                }
-            } else {
-                s.extend(
+                },
+                #[cfg(target_arch = "x86_64")]
+                AttentionPath::Avx2 => unsafe {
+                    match hd {
+                        64 => x86::scores_avx2::<8>(row.q, k, offsets, scale, s),
+                        _ => x86::scores_avx2::<16>(row.q, k, offsets, scale, s),
+                    }
+                },
+                AttentionPath::Generic => s.extend(
                     offsets
                         .iter()
                         .map(|&at| dot(isa, row.q, &k[at..at + hd]) * scale),
-                );
+                ),
             }
         }
     }
@@ -311,30 +315,69 @@ pub fn attend_rows(
         .collect();
 
     rows.iter_mut().for_each(|r| r.out.fill(0.0));
-    if wide {
-        #[cfg(target_arch = "x86_64")]
-        for c0 in (0..n).step_by(KV_CHUNK) {
-            // SAFETY: as above.
-            unsafe {
+    for c0 in (0..n).step_by(KV_CHUNK) {
+        // SAFETY: as above.
+        match path {
+            #[cfg(target_arch = "x86_64")]
+            AttentionPath::Avx512 => unsafe {
                 match hd {
                     64 => weighted_sums_avx512::<4, 4>(rows, &scores, v, offsets, c0),
                     _ => weighted_sums_avx512::<8, 2>(rows, &scores, v, offsets, c0),
                 }
+            },
+            #[cfg(target_arch = "x86_64")]
+            AttentionPath::Avx2 => {
+                for (row, s) in rows.iter_mut().zip(&scores) {
+                    let Some(range) = chunk(c0, row) else {
+                        continue;
+                    };
+                    // A head of 128 in two halves of 64: 8 accumulators, the rest of the 16
+                    // registers for the loads.
+                    for (half, out) in row.out.chunks_exact_mut(64).enumerate() {
+                        let (offsets, p) = (&offsets[range.clone()], &s[range.clone()]);
+                        unsafe { x86::weighted_sum_avx2(&v[64 * half..], offsets, p, out) };
+                    }
+                }
+            }
+            AttentionPath::Generic => {
+                for ((row, s), &inv) in rows.iter_mut().zip(&scores).zip(&inv) {
+                    let Some(range) = chunk(c0, row) else {
+                        continue;
+                    };
+                    for (&at, &p) in offsets[range.clone()].iter().zip(&s[range]) {
+                        axpy(isa, p * inv, &v[at..at + hd], row.out);
+                    }
+                }
             }
         }
+    }
+    // The register paths sum unnormalized and scale once.
+    if path != AttentionPath::Generic {
         for (row, &inv) in rows.iter_mut().zip(&inv) {
             row.out.iter_mut().for_each(|o| *o *= inv);
         }
-        return;
     }
-    for c0 in (0..n).step_by(KV_CHUNK) {
-        for ((row, s), &inv) in rows.iter_mut().zip(&scores).zip(&inv) {
-            let Some(range) = chunk(c0, row) else {
-                continue;
-            };
-            for (&at, &p) in offsets[range.clone()].iter().zip(&s[range]) {
-                axpy(isa, p * inv, &v[at..at + hd], row.out);
-            }
+}
+
+/// Which kernels a tile's attention runs on: registers for the common head sizes (64, 128)
+/// where the ISA has a path, a dot and an axpy call per position otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttentionPath {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Generic,
+}
+
+impl AttentionPath {
+    fn of(isa: Isa, hd: usize) -> AttentionPath {
+        match (isa, hd) {
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512, 64 | 128) => AttentionPath::Avx512,
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2Fma, 64 | 128) => AttentionPath::Avx2,
+            _ => AttentionPath::Generic,
         }
     }
 }
@@ -505,6 +548,80 @@ mod x86 {
             for (i, o) in o.iter().enumerate() {
                 _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), *o);
             }
+        }
+    }
+
+    /// The AVX2 twin of [`scores_avx512`]: 8 positions at a time, each one FMA chain over
+    /// the head (the query read from L1), summed across lanes together.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; every `offsets[i] + 8 * C <= k.len()`, `q.len() == 8 * C`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores_avx2<const C: usize>(
+        q: &[f32],
+        k: &[f32],
+        offsets: &[usize],
+        scale: f32,
+        scores: &mut Vec<f32>,
+    ) {
+        let qp = q.as_ptr();
+        let scale = _mm256_set1_ps(scale);
+        scores.reserve(offsets.len());
+        for group in offsets.chunks(8) {
+            let acc: [__m256; 8] = std::array::from_fn(|j| {
+                let kp = k.as_ptr().add(*group.get(j).unwrap_or(&group[0]));
+                let mut a = _mm256_mul_ps(_mm256_loadu_ps(qp), _mm256_loadu_ps(kp));
+                for i in 1..C {
+                    let (q, k) = (
+                        _mm256_loadu_ps(qp.add(8 * i)),
+                        _mm256_loadu_ps(kp.add(8 * i)),
+                    );
+                    a = _mm256_fmadd_ps(q, k, a);
+                }
+                a
+            });
+            let mut sums = [0f32; 8];
+            _mm256_storeu_ps(sums.as_mut_ptr(), _mm256_mul_ps(sum_lanes8(acc), scale));
+            scores.extend_from_slice(&sums[..group.len()]);
+        }
+    }
+
+    /// `[Σ a[0], …, Σ a[7]]`, in a fixed order per vector (as [`sum_lanes16`]).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sum_lanes8(a: [__m256; 8]) -> __m256 {
+        let pair32 = |x: __m256, y: __m256| {
+            _mm256_add_ps(_mm256_unpacklo_ps(x, y), _mm256_unpackhi_ps(x, y))
+        };
+        let pair64 = |x: __m256, y: __m256| {
+            let (x, y) = (_mm256_castps_pd(x), _mm256_castps_pd(y));
+            let lo = _mm256_castpd_ps(_mm256_unpacklo_pd(x, y));
+            _mm256_add_ps(lo, _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)))
+        };
+        // Each 128-bit lane of `lo` holds partial sums of a[0..4], of `hi` of a[4..8].
+        let lo = pair64(pair32(a[0], a[1]), pair32(a[2], a[3]));
+        let hi = pair64(pair32(a[4], a[5]), pair32(a[6], a[7]));
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(lo, hi),
+            _mm256_permute2f128_ps::<0x31>(lo, hi),
+        )
+    }
+
+    /// `out += Σ_i p[i] v[offsets[i]..]` for 64 values of a head, held in 8 registers.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; every `offsets[i] + 64 <= v.len()`, `p.len() >= offsets.len()`,
+    /// `out.len() == 64`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_sum_avx2(v: &[f32], offsets: &[usize], p: &[f32], out: &mut [f32]) {
+        let mut o: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(out.as_ptr().add(8 * i)));
+        for (&at, &w) in offsets.iter().zip(p) {
+            let (vp, w) = (v.as_ptr().add(at), _mm256_set1_ps(w));
+            for (i, o) in o.iter_mut().enumerate() {
+                *o = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(8 * i)), *o);
+            }
+        }
+        for (i, o) in o.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * i), *o);
         }
     }
 
