@@ -320,7 +320,12 @@ pub fn attend_rows(
         match path {
             #[cfg(target_arch = "x86_64")]
             AttentionPath::Avx512 => unsafe {
+                // Groups of 3 where rows come in threes (SmolLM2's GQA groups of 3 heads: a
+                // group is one token, whose rows see the same positions), else of 4.
                 match hd {
+                    64 if rows.len().is_multiple_of(3) => {
+                        weighted_sums_avx512::<4, 3>(rows, &scores, v, offsets, c0)
+                    }
                     64 => weighted_sums_avx512::<4, 4>(rows, &scores, v, offsets, c0),
                     _ => weighted_sums_avx512::<8, 2>(rows, &scores, v, offsets, c0),
                 }
@@ -864,9 +869,9 @@ mod tests {
     }
 
     /// Every path's attention against an f64 softmax-weighted sum, for the head sizes with
-    /// a register path (64, 128) and one without (48): a tile of query rows that see 1 to
-    /// 300 rows scattered in the cache (across chunk boundaries), each also run alone, which
-    /// must give the same bits.
+    /// a register path (64, 128) and one without (48): tiles of query rows that see 1 to 300
+    /// rows scattered in the cache (across chunk boundaries), each also run alone, which must
+    /// give the same bits.
     #[test]
     fn attention_tiles_match_f64_and_each_row_alone_on_every_path() {
         let val = |i: usize, m: usize| ((i * m % 211) as f32 - 105.0) / 60.0;
@@ -895,8 +900,13 @@ mod tests {
                     .sum();
                 sum / total
             };
-            for isa in Isa::all_supported() {
-                let mut outs = vec![vec![f32::NAN; hd]; visible.len()];
+            // Tiles of 4, 5 and 6 rows: the AVX-512 path groups rows by 4, or by 3 when
+            // they come in threes.
+            for (isa, m) in Isa::all_supported()
+                .into_iter()
+                .flat_map(|i| [(i, 4), (i, 5), (i, 6)])
+            {
+                let mut outs = vec![vec![f32::NAN; hd]; m];
                 let mut rows: Vec<QueryRow> = outs
                     .iter_mut()
                     .zip(&qs)
