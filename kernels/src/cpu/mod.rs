@@ -448,6 +448,9 @@ impl Backend for Cpu {
     ) -> Result<()> {
         shapes::attention(q, cache, batch, n_heads, out)?;
         let (hd, n_kv) = (cache.head_dim, cache.n_kv_heads);
+        if hd == 0 || n_heads == 0 {
+            return Ok(());
+        }
         let group = n_heads / n_kv;
         let scale = 1.0 / (hd as f32).sqrt();
         let (bs, sw, isa) = (cache.block_size, cache.slot_width(), self.isa);
@@ -684,5 +687,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Degenerate heads (no values, or no query heads) attend to nothing instead of
+    /// panicking on a zero-width split.
+    #[test]
+    fn attention_of_empty_heads_is_a_no_op() {
+        let batch = BatchLayout {
+            positions: vec![0],
+            slot_mapping: vec![0],
+            seq_offsets: vec![0, 1],
+            block_tables: vec![vec![0]],
+            context_lens: vec![1],
+        };
+        let cpu = Cpu::new();
+        let cache = KvLayer::new(1, 16, 1, 0);
+        cpu.attention(&[], &cache, &batch, 2, &mut []).unwrap();
+        let cache = KvLayer::new(1, 16, 1, 64);
+        cpu.attention(&[], &cache, &batch, 0, &mut []).unwrap();
     }
 }
