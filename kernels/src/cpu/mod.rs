@@ -458,7 +458,8 @@ impl Backend for Cpu {
         // that each chunk of K and V rows is read once for up to ATTENTION_TILE_ROWS rows.
         let tile_tokens = (ATTENTION_TILE_ROWS / group).max(1);
         let mut tiles = Vec::new();
-        // The slot of every cached position each sequence's tokens see in this step.
+        // Where the K/V slot of every cached position each sequence's tokens see in this
+        // step starts (KV head 0; a tile's slices of K and V start at its own head).
         let mut slots = Vec::with_capacity(batch.num_seqs());
         for (s, table) in batch.block_tables.iter().enumerate() {
             let tokens = batch.seq_offsets[s]..batch.seq_offsets[s + 1];
@@ -469,7 +470,7 @@ impl Backend for Cpu {
             let visible = visible.unwrap_or(0);
             let seq_slots: Vec<usize> = table
                 .iter()
-                .flat_map(|&blk| (0..bs).map(move |i| blk as usize * bs + i))
+                .flat_map(|&blk| (0..bs).map(move |i| (blk as usize * bs + i) * sw))
                 .take(visible)
                 .collect();
             slots.push(seq_slots);
@@ -494,8 +495,8 @@ impl Backend for Cpu {
                     rows.push(simd::QueryRow { q, visible, out });
                 }
             }
-            let offsets: Vec<usize> = slots[s].iter().map(|&at| at * sw + kvh * hd).collect();
-            simd::attend_rows(isa, &mut rows, (&cache.k, &cache.v), &offsets, scale);
+            let kv = (&cache.k[kvh * hd..], &cache.v[kvh * hd..]);
+            simd::attend_rows(isa, &mut rows, kv, &slots[s], scale);
         });
         Ok(())
     }
