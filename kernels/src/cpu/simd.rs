@@ -309,9 +309,13 @@ pub fn attend_rows(
             }
         }
     }
+    // A row that sees nothing gets zeros (not 0 · ∞ on the register paths).
     let inv: Vec<f32> = scores
         .iter_mut()
-        .map(|s| 1.0 / super::vmath::exp_normalized(isa, s))
+        .map(|s| match s.is_empty() {
+            true => 0.0,
+            false => 1.0 / super::vmath::exp_normalized(isa, s),
+        })
         .collect();
 
     rows.iter_mut().for_each(|r| r.out.fill(0.0));
@@ -931,6 +935,41 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// A row that sees no position attends to nothing: zeros on every path, beside a row
+    /// that sees some.
+    #[test]
+    fn attention_row_seeing_nothing_is_zero() {
+        for hd in [48usize, 64, 128] {
+            let (k, v) = (vec![0.5f32; 4 * hd], vec![1.0f32; 4 * hd]);
+            let offsets: Vec<usize> = (0..4).map(|i| i * hd).collect();
+            let q = vec![0.1f32; hd];
+            for isa in Isa::all_supported() {
+                let (mut empty, mut full) = (vec![f32::NAN; hd], vec![f32::NAN; hd]);
+                let mut rows = [
+                    QueryRow {
+                        q: &q,
+                        visible: 0,
+                        out: &mut empty,
+                    },
+                    QueryRow {
+                        q: &q,
+                        visible: 4,
+                        out: &mut full,
+                    },
+                ];
+                attend_rows(isa, &mut rows, (&k, &v), &offsets, 0.125);
+                assert!(
+                    empty.iter().all(|&o| o == 0.0),
+                    "{isa:?} hd {hd}: {empty:?}"
+                );
+                assert!(
+                    full.iter().all(|&o| (o - 1.0).abs() < 1e-6),
+                    "{isa:?} hd {hd}"
+                );
             }
         }
     }
