@@ -340,10 +340,10 @@ pub fn attend_rows(
                     let Some(range) = chunk(c0, row) else {
                         continue;
                     };
+                    let (offsets, p) = (&offsets[range.clone()], &s[range]);
                     // A head of 128 in two halves of 64: 8 accumulators, the rest of the 16
                     // registers for the loads.
                     for (half, out) in row.out.chunks_exact_mut(64).enumerate() {
-                        let (offsets, p) = (&offsets[range.clone()], &s[range.clone()]);
                         unsafe { x86::weighted_sum_avx2(&v[64 * half..], offsets, p, out) };
                     }
                 }
