@@ -1,10 +1,12 @@
 //! Criterion benches of whole forward steps and the non-matmul ops, on the SmolLM2-135M shape
 //! with random f16 weights (no download): decode at batch 1 and 16, a 128-token prefill,
-//! attention over 256 cached tokens, RMSNorm. Named `<op>/<backend>/<dtype>/<shape>`.
+//! decode at 2,048 cached tokens with an f32 and an f16 KV cache, attention over 256 and
+//! 2,048 cached tokens, RMSNorm. Named `<op>/<backend>/<dtype>/<shape>` (`kv-f16`: an f16
+//! KV cache).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use vellum_engine::synthetic;
-use vellum_kernels::{cpu::Cpu, Backend, BatchLayout, KvLayer};
+use vellum_kernels::{cpu::Cpu, Backend, BatchLayout, KvDtype, KvLayer};
 use vellum_quant::DType;
 
 /// A batch of `seqs` sequences, each with `past` cached tokens and `new` tokens this step.
@@ -39,13 +41,15 @@ fn forward(c: &mut Criterion) {
     );
     let mut g = c.benchmark_group("forward");
     g.sample_size(10);
-    for (name, seqs, past, new) in [
-        ("decode-b1-ctx128", 1, 128, 1),
-        ("decode-b16-ctx128", 16, 128, 1),
-        ("prefill-128", 1, 0, 128),
+    for (name, seqs, past, new, kv_dtype) in [
+        ("decode-b1-ctx128", 1, 128, 1, KvDtype::F32),
+        ("decode-b16-ctx128", 16, 128, 1, KvDtype::F32),
+        ("prefill-128", 1, 0, 128, KvDtype::F32),
+        ("decode-b1-ctx2048", 1, 2047, 1, KvDtype::F32),
+        ("decode-b1-ctx2048-kv-f16", 1, 2047, 1, KvDtype::F16),
     ] {
         let l = layout(seqs, past, new, 16);
-        let mut kv = model.new_kv_cache(seqs * (past + new).div_ceil(16), 16);
+        let mut kv = model.new_kv_cache(seqs * (past + new).div_ceil(16), 16, kv_dtype);
         let tokens: Vec<u32> = (0..l.num_tokens() as u32).map(|t| t * 7 % 49152).collect();
         let last: Vec<usize> = (0..seqs).map(|s| l.seq_offsets[s + 1] - 1).collect();
         g.throughput(Throughput::Elements(tokens.len() as u64));
@@ -64,19 +68,24 @@ fn ops(c: &mut Criterion) {
     let cpu = Cpu::new();
     let mut g = c.benchmark_group("ops");
     let (heads, kv_heads, hd) = (9, 3, 64);
-    let l = layout(16, 255, 1, 16);
-    let cache = KvLayer::new(16 * 16, 16, kv_heads, hd);
-    let q = vec![0.1f32; l.num_tokens() * heads * hd];
-    let mut out = vec![0f32; q.len()];
-    g.bench_function(
-        format!("attention/{}/f32/smollm-135m-b16-ctx256", cpu.name()),
-        |b| {
-            b.iter(|| {
-                cpu.attention(&q, &cache, &l, heads, &mut out)
-                    .expect("valid batch")
-            })
-        },
-    );
+    for (seqs, ctx) in [(16, 256), (1, 2048)] {
+        let l = layout(seqs, ctx - 1, 1, 16);
+        let q = vec![0.1f32; l.num_tokens() * heads * hd];
+        let mut out = vec![0f32; q.len()];
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let cache = KvLayer::new(seqs * ctx / 16, 16, kv_heads, hd, dtype);
+            let shape = format!("smollm-135m-b{seqs}-ctx{ctx}");
+            g.bench_function(
+                format!("attention/{}/kv-{}/{shape}", cpu.name(), dtype.name()),
+                |b| {
+                    b.iter(|| {
+                        cpu.attention(&q, &cache, &l, heads, &mut out)
+                            .expect("valid batch")
+                    })
+                },
+            );
+        }
+    }
     let mut residual = vec![0.5f32; 16 * 576];
     let (delta, weight) = (vec![0.01f32; 16 * 576], vec![1f32; 576]);
     let mut normed = vec![0f32; 16 * 576];

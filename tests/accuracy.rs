@@ -5,15 +5,16 @@ mod common;
 use common::*;
 use vellum::engine::{Engine, EngineConfig};
 use vellum::kernels::cpu::Cpu;
-use vellum::kernels::{Backend, QuantTarget};
+use vellum::kernels::{Backend, KvDtype, QuantTarget};
 use vellum::quant::DType;
 
-fn perplexity(cpu: &Cpu, dtype: Option<DType>, quant: Option<QuantTarget>) -> f64 {
+fn perplexity(cpu: &Cpu, dtype: Option<DType>, quant: Option<QuantTarget>, kv: KvDtype) -> f64 {
     let mut b = Engine::builder()
         .model(real_model())
         .backend(Box::new(cpu.clone()))
         .config(EngineConfig {
             kv_cache_bytes: 256 << 20,
+            kv_dtype: kv,
             max_batched_tokens: 512,
             ..EngineConfig::default()
         });
@@ -47,10 +48,16 @@ fn quantized_weights_keep_perplexity_close_to_the_dequantized_model() {
     }
 }
 
+/// Every row with the default (f16) KV cache, which the f32 one bounds.
 fn check_perplexities(cpu: &Cpu) {
-    let perplexity = |dtype, quant| perplexity(cpu, dtype, quant);
+    let perplexity = |dtype, quant| perplexity(cpu, dtype, quant, KvDtype::F16);
     let base = perplexity(Some(DType::F16), None);
     let rows = [
+        (
+            "f32 KV cache",
+            self::perplexity(cpu, Some(DType::F16), None, KvDtype::F32),
+            0.001,
+        ),
         ("Q4_1 as shipped (native)", perplexity(None, None), 0.005),
         (
             "int8 g32 (Q8_0)",

@@ -170,6 +170,7 @@ fn bench_reports_every_level_as_json() {
     assert_eq!(levels.len(), 2);
     for (l, c) in levels.iter().zip([1, 3]) {
         assert_eq!(l["concurrency"], c);
+        assert_eq!(l["kv_dtype"], "f16", "the default KV cache");
         for key in [
             "prefill_tok_s",
             "decode_tok_s",
@@ -188,6 +189,12 @@ fn bench_reports_every_level_as_json() {
     let (code, _, err) = vellum(&["bench", "--shape", "gpt-9"], "");
     assert_ne!(code, 0);
     assert!(err.contains("unknown"), "{err}");
+    let (code, _, err) = vellum(&["bench", "--shape", "smollm-135m", "--kv-dtype", "f8"], "");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--kv-dtype") && err.contains("f16 or f32"),
+        "{err}"
+    );
 }
 
 fn score_input(n: usize) -> String {
@@ -275,8 +282,8 @@ fn long_texts_are_scored_with_a_sliding_window() {
         serde_json::from_str(out.lines().next().unwrap()).unwrap()
     };
     let full = score(&[]);
-    // 3 MiB of KV holds 64 tokens of this model: windows of 64, advancing by 32.
-    let windowed = score(&["--kv-cache-mem", "3MiB", "--stride", "32"]);
+    // 1.5 MiB of (f16) KV holds 64 tokens of this model: windows of 64, advancing by 32.
+    let windowed = score(&["--kv-cache-mem", "1536KiB", "--stride", "32"]);
     let n = full["n_tokens"].as_u64().unwrap() as usize;
     assert!(
         n > 150,
@@ -295,7 +302,7 @@ fn long_texts_are_scored_with_a_sliding_window() {
             "-m",
             m.to_str().unwrap(),
             "--kv-cache-mem",
-            "3MiB",
+            "1536KiB",
             "--stride",
             "64",
         ],

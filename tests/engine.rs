@@ -7,12 +7,12 @@ use std::collections::HashMap;
 use vellum::engine::{Engine, EngineConfig, EngineError, FinishReason, Request, SamplingParams};
 
 fn engine(kv_blocks: usize, max_batched_tokens: usize, max_seqs: usize) -> Engine {
-    // The tiny model's KV takes 2 layers x 2 x 32 floats = 512 bytes per token.
+    // The tiny model's (f16) KV takes 2 layers x 2 x 32 values x 2 bytes = 256 bytes per token.
     Engine::builder()
         .model(repo().join("tests/golden/models/llama_gqa"))
         .config(EngineConfig {
             block_size: 16,
-            kv_cache_bytes: kv_blocks * 16 * 512,
+            kv_cache_bytes: kv_blocks * 16 * 256,
             max_batched_tokens,
             max_seqs,
             ..EngineConfig::default()

@@ -14,7 +14,7 @@ use crate::sampler::{sample, top_k, Rng, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use vellum_kernels::{cpu::Cpu, Backend, BatchLayout, KvLayer};
+use vellum_kernels::{cpu::Cpu, Backend, BatchLayout, KvDtype, KvLayer};
 
 pub type RequestId = u64;
 
@@ -28,6 +28,9 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Memory for the KV cache pool.
     pub kv_cache_bytes: usize,
+    /// Element type of the KV cache (`KvDtype`: f16 holds twice the tokens in the same
+    /// memory and halves what long-context decode reads).
+    pub kv_dtype: KvDtype,
     /// Token budget of one step (prefill chunks plus decodes).
     pub max_batched_tokens: usize,
     /// Sequences in one step.
@@ -41,6 +44,7 @@ impl Default for EngineConfig {
         EngineConfig {
             block_size: 16,
             kv_cache_bytes: 256 << 20,
+            kv_dtype: KvDtype::default(),
             max_batched_tokens: 512,
             max_seqs: 64,
             enable_prefix_caching: true,
@@ -336,7 +340,7 @@ impl Engine {
                 "max_batched_tokens and max_seqs must be at least 1".into(),
             );
         }
-        let block_bytes = model.kv_bytes_per_token() * config.block_size;
+        let block_bytes = model.kv_bytes_per_token(config.kv_dtype) * config.block_size;
         let num_blocks = config.kv_cache_bytes / block_bytes;
         if num_blocks == 0 {
             return invalid(
@@ -348,9 +352,10 @@ impl Engine {
             );
         }
         model.prepare_for(backend.as_ref())?;
-        let kv = model.new_kv_cache(num_blocks, config.block_size);
+        let kv = model.new_kv_cache(num_blocks, config.block_size, config.kv_dtype);
         tracing::info!(
             blocks = num_blocks,
+            dtype = config.kv_dtype.name(),
             block_size = config.block_size,
             tokens = num_blocks * config.block_size,
             mib = (num_blocks * block_bytes) >> 20,

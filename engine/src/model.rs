@@ -7,7 +7,7 @@ use crate::tensors::{TensorFormat, TensorInfo, TensorStore};
 use half::{bf16, f16};
 use std::path::Path;
 use vellum_kernels::{
-    Backend, BatchLayout, KvLayer, MatmulPart, QuantTarget, Rope, Weight, WeightData,
+    Backend, BatchLayout, KvDtype, KvLayer, MatmulPart, QuantTarget, Rope, Weight, WeightData,
 };
 use vellum_quant::DType;
 
@@ -427,16 +427,21 @@ impl Model {
     }
 
     /// A KV cache of `num_blocks` blocks of `block_size` tokens for every layer.
-    pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> Vec<KvLayer> {
+    pub fn new_kv_cache(
+        &self,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: KvDtype,
+    ) -> Vec<KvLayer> {
         let c = &self.config;
         (0..c.num_layers)
-            .map(|_| KvLayer::new(num_blocks, block_size, c.num_kv_heads, c.head_dim))
+            .map(|_| KvLayer::new(num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype))
             .collect()
     }
 
-    /// Bytes of KV cache one token takes across all layers (f32 K and V).
-    pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.config.num_layers * self.config.kv_width() * 4
+    /// Bytes of KV cache one token takes across all layers (K and V).
+    pub fn kv_bytes_per_token(&self, dtype: KvDtype) -> usize {
+        2 * self.config.num_layers * self.config.kv_width() * dtype.size_bytes()
     }
 
     /// Bytes of weights read by one forward step.

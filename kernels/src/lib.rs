@@ -12,7 +12,7 @@ pub mod rope;
 pub mod shapes;
 pub mod weight;
 
-pub use attention::{BatchLayout, KvLayer};
+pub use attention::{BatchLayout, KvData, KvDtype, KvLayer};
 pub use device::Device;
 pub use rope::{Rope, RopeScaling};
 pub use weight::{QuantTarget, Weight, WeightData};

@@ -72,7 +72,23 @@ pub fn rotary(x: &[f32], positions: &[u32], n_heads: usize, rope: &Rope) -> Resu
     })
 }
 
+/// K and V pools of the layer's shape and of one dtype (both are public fields).
+fn kv_pools(cache: &KvLayer) -> Result<()> {
+    let n = cache.num_slots() * cache.slot_width();
+    let ok = cache.k.len() == n && cache.v.len() == n && cache.k.dtype() == cache.v.dtype();
+    check("kv cache", ok, || {
+        format!(
+            "K {} {} and V {} {} values for {n}",
+            cache.k.len(),
+            cache.k.dtype().name(),
+            cache.v.len(),
+            cache.v.dtype().name()
+        )
+    })
+}
+
 pub fn write_kv(cache: &KvLayer, k: &[f32], v: &[f32], slot_mapping: &[u32]) -> Result<()> {
+    kv_pools(cache)?;
     let w = cache.slot_width();
     let ok = k.len() == slot_mapping.len() * w
         && v.len() == k.len()
@@ -98,6 +114,7 @@ pub fn attention(
     out: &[f32],
 ) -> Result<()> {
     batch.validate(cache)?;
+    kv_pools(cache)?;
     let (hd, n_kv) = (cache.head_dim, cache.n_kv_heads);
     let t = batch.num_tokens();
     let ok = n_kv > 0

@@ -9,7 +9,8 @@ use half::{bf16, f16};
 use vellum_kernels::cuda::runtime::Pod;
 use vellum_kernels::cuda::{Arg, DeviceBuffer, KernelRuntime, LaunchConfig};
 use vellum_kernels::{
-    cpu::Cpu, Backend, BatchLayout, KvLayer, QuantTarget, Rope, RopeScaling, Weight,
+    cpu::Cpu, Backend, BatchLayout, KvData, KvDtype, KvLayer, QuantTarget, Rope, RopeScaling,
+    Weight,
 };
 use vellum_quant::{BlockFormat, DType};
 
@@ -152,13 +153,20 @@ fn rotary_matches_for_both_head_dims_and_far_positions() {
     }
 }
 
-/// A cache with random contents, a batch of three sequences (a decode deep in a long
-/// context, a prefill chunk, a single first token) over shuffled blocks.
-fn paged_case(rng: &mut Rng, n_kv: usize, hd: usize, block_size: usize) -> (KvLayer, BatchLayout) {
+/// A cache of `dtype` with random contents, a batch of three sequences (a decode deep in a
+/// long context, a prefill chunk, a single first token) over shuffled blocks.
+fn paged_case(
+    rng: &mut Rng,
+    n_kv: usize,
+    hd: usize,
+    block_size: usize,
+    dtype: KvDtype,
+) -> (KvLayer, BatchLayout) {
     let num_blocks = 120;
-    let mut cache = KvLayer::new(num_blocks, block_size, n_kv, hd);
-    cache.k = rng.vec(cache.k.len());
-    cache.v = rng.vec(cache.v.len());
+    let mut cache = KvLayer::new(num_blocks, block_size, n_kv, hd, dtype);
+    let n = cache.k.len();
+    cache.k.write(0, &rng.vec(n));
+    cache.v.write(0, &rng.vec(n));
     let mut free: Vec<u32> = (0..num_blocks as u32).collect();
     for i in (1..free.len()).rev() {
         free.swap(i, rng.below(i + 1));
@@ -190,12 +198,13 @@ fn write_kv_and_paged_attention_match_for_gqa_ratios_and_head_dims() {
     let cpu = Cpu::new();
     let mut rng = Rng(5);
     for mut be in backends() {
-        for (n_heads, n_kv, hd, bs) in [
-            (2usize, 2usize, 64usize, 16usize),
-            (3, 1, 128, 16),
-            (8, 1, 64, 5),
+        for (n_heads, n_kv, hd, bs, dtype) in [
+            (2usize, 2usize, 64usize, 16usize, KvDtype::F32),
+            (3, 1, 128, 16, KvDtype::F32),
+            (8, 1, 64, 5, KvDtype::F32),
+            (3, 1, 64, 16, KvDtype::F16),
         ] {
-            let (mut cache, batch) = paged_case(&mut rng, n_kv, hd, bs);
+            let (mut cache, batch) = paged_case(&mut rng, n_kv, hd, bs, dtype);
             let t = batch.num_tokens();
             let (k, v) = (rng.vec(t * n_kv * hd), rng.vec(t * n_kv * hd));
             let mut mirror = cache.clone();
@@ -530,10 +539,10 @@ fn half_kernels_match<H: Half>() {
 
         // attention over a paged cache stored in H
         let (n_heads, n_kv, hd, bs) = (3usize, 1usize, 64usize, 16usize);
-        let (mut cache, batch) = paged_case(&mut rng, n_kv, hd, bs);
-        let (kh, kf) = rounded::<H>(&cache.k);
-        let (vh, vf) = rounded::<H>(&cache.v);
-        (cache.k, cache.v) = (kf, vf);
+        let (mut cache, batch) = paged_case(&mut rng, n_kv, hd, bs, KvDtype::F32);
+        let (kh, kf) = rounded::<H>(&cache.k.to_f32());
+        let (vh, vf) = rounded::<H>(&cache.v.to_f32());
+        (cache.k, cache.v) = (KvData::F32(kf), KvData::F32(vf));
         let t = batch.num_tokens();
         let (qh, qf) = rounded::<H>(&rng.vec(t * n_heads * hd));
         let (tables, max_blocks) = batch.flat_block_tables();

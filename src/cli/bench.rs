@@ -11,7 +11,7 @@
 //! - `bandwidth_pct`: (weight bytes + KV bytes read per decode step) / step time, as a % of
 //!   the streaming-read bandwidth measured in the same run.
 
-use super::parse_size;
+use super::{parse_kv_dtype, parse_size};
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use serde_json::json;
@@ -22,6 +22,7 @@ use std::time::Instant;
 use vellum_engine::sampler::Rng;
 use vellum_engine::{synthetic, Engine, EngineConfig, Request, SamplingParams};
 use vellum_kernels::cpu::membw;
+use vellum_kernels::KvDtype;
 use vellum_quant::DType;
 
 #[derive(Args)]
@@ -60,6 +61,9 @@ pub struct BenchArgs {
     /// KV cache memory (default: enough for the largest level).
     #[arg(long, value_parser = parse_size)]
     kv_cache_mem: Option<usize>,
+    /// KV cache element type: f16 or f32 (see `score --help`).
+    #[arg(long, default_value = "f16", value_parser = parse_kv_dtype)]
+    kv_dtype: KvDtype,
     #[arg(long, default_value_t = 512)]
     max_batched_tokens: usize,
     /// Seed of the random prompts (and synthetic weights).
@@ -151,7 +155,8 @@ fn run_level(
     let prefill_s = (first - start).as_secs_f64();
     let decode_s = (end - first).as_secs_f64();
     let model = engine.model();
-    let bytes = decode_steps * model.weight_bytes() + kv_tokens_read * model.kv_bytes_per_token();
+    let bytes = decode_steps * model.weight_bytes()
+        + kv_tokens_read * model.kv_bytes_per_token(engine.config().kv_dtype);
     ttft.sort_by(f64::total_cmp);
     itl.sort_by(f64::total_cmp);
     Ok(Level {
@@ -225,9 +230,10 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         name.push_str(&format!(", linears {}", target.name()));
     }
     let max_c = *a.concurrency.iter().max().expect("checked non-empty");
-    let needed = max_c * (a.prompt_len + a.gen_len + 16) * model.kv_bytes_per_token();
+    let needed = max_c * (a.prompt_len + a.gen_len + 16) * model.kv_bytes_per_token(a.kv_dtype);
     let config = EngineConfig {
         kv_cache_bytes: a.kv_cache_mem.unwrap_or(needed),
+        kv_dtype: a.kv_dtype,
         max_batched_tokens: a.max_batched_tokens,
         max_seqs: max_c.max(1),
         ..EngineConfig::default()
@@ -242,9 +248,10 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     run_level(&mut engine, 1, a.prompt_len.min(16), 4, read_bw, &mut rng)?;
     if !a.json {
         println!(
-            "model {name} | backend {backend_name} | threads {} | weights {:.1} MiB | read bandwidth {:.1} GB/s",
+            "model {name} | backend {backend_name} | threads {} | weights {:.1} MiB | KV {} | read bandwidth {:.1} GB/s",
             rayon::current_num_threads(),
             engine.model().weight_bytes() as f64 / (1 << 20) as f64,
+            a.kv_dtype.name(),
             read_bw / 1e9
         );
         println!(
@@ -266,6 +273,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         if a.json {
             let o = json!({
                 "model": name, "backend": backend_name, "threads": rayon::current_num_threads(),
+                "kv_dtype": a.kv_dtype.name(),
                 "concurrency": l.concurrency, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
                 "prefill_tok_s": l.prefill_tok_s, "decode_tok_s": l.decode_tok_s,
                 "ttft_ms_p50": p(&l.ttft_ms, 0.5), "ttft_ms_p90": p(&l.ttft_ms, 0.9), "ttft_ms_p99": p(&l.ttft_ms, 0.99),

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vellum_engine::{Engine, EngineConfig};
-use vellum_kernels::Device;
+use vellum_kernels::{Device, KvDtype};
 
 #[derive(Parser)]
 #[command(
@@ -68,6 +68,10 @@ pub struct EngineArgs {
     /// KV cache memory, with units (e.g. 512MiB, 2GiB).
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     kv_cache_mem: usize,
+    /// KV cache element type: f16 (twice the tokens in the same memory, half the bytes a
+    /// long-context decode reads) or f32.
+    #[arg(long, default_value = "f16", value_parser = parse_kv_dtype)]
+    kv_dtype: KvDtype,
     /// Convert all weights to this dense dtype on load: f32, f16 or bf16 (quantized GGUF
     /// weights are dequantized).
     #[arg(long)]
@@ -109,6 +113,7 @@ impl EngineArgs {
         }
         let config = EngineConfig {
             kv_cache_bytes: self.kv_cache_mem,
+            kv_dtype: self.kv_dtype,
             max_seqs: self.max_seqs,
             max_batched_tokens: self.max_batched_tokens,
             ..EngineConfig::default()
@@ -134,6 +139,10 @@ impl EngineArgs {
             .build()
             .with_context(|| format!("loading {}", self.model.display()))
     }
+}
+
+pub fn parse_kv_dtype(s: &str) -> std::result::Result<KvDtype, String> {
+    KvDtype::parse(s).ok_or_else(|| format!("{s}: expected f16 or f32"))
 }
 
 /// Parses sizes like `512MiB`, `2GiB`, `1.5GB`, `1048576`.

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use vellum::engine::{Engine, EngineConfig, Request, SamplingParams};
-use vellum::kernels::Device;
+use vellum::kernels::{Device, KvDtype};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -59,14 +59,26 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
-/// An engine on `device` with a small KV pool, for the golden checks.
+/// An engine on `device` with a small f32 KV pool, for the golden checks: the tiny models
+/// are held to 1e-4 of transformers' f32 arithmetic, which an f16 cache's rounding exceeds
+/// (the real model's goldens check both).
 pub fn golden_engine(path: &std::path::Path, max_batched_tokens: usize, device: Device) -> Engine {
+    golden_engine_with(path, max_batched_tokens, device, KvDtype::F32)
+}
+
+pub fn golden_engine_with(
+    path: &std::path::Path,
+    max_batched_tokens: usize,
+    device: Device,
+    kv_dtype: KvDtype,
+) -> Engine {
     Engine::builder()
         .model(path)
         .device(device)
         .config(EngineConfig {
             max_batched_tokens,
             kv_cache_bytes: 8 << 20,
+            kv_dtype,
             ..EngineConfig::default()
         })
         .build()

@@ -10,7 +10,8 @@ pub mod simd;
 pub mod vmath;
 
 use crate::{
-    check, shapes, Backend, BatchLayout, KvLayer, MatmulPart, Result, Rope, Weight, WeightData,
+    check, shapes, Backend, BatchLayout, KvData, KvLayer, MatmulPart, Result, Rope, Weight,
+    WeightData,
 };
 use pool::Pool;
 use qdot::ActBits;
@@ -432,8 +433,8 @@ impl Backend for Cpu {
         let w = cache.slot_width();
         for (t, &slot) in slot_mapping.iter().enumerate() {
             let s = slot as usize;
-            cache.k[s * w..(s + 1) * w].copy_from_slice(&k[t * w..(t + 1) * w]);
-            cache.v[s * w..(s + 1) * w].copy_from_slice(&v[t * w..(t + 1) * w]);
+            cache.k.write(s * w, &k[t * w..(t + 1) * w]);
+            cache.v.write(s * w, &v[t * w..(t + 1) * w]);
         }
         Ok(())
     }
@@ -495,8 +496,16 @@ impl Backend for Cpu {
                     rows.push(simd::QueryRow { q, visible, out });
                 }
             }
-            let kv = (&cache.k[kvh * hd..], &cache.v[kvh * hd..]);
-            simd::attend_rows(isa, &mut rows, kv, &slots[s], scale);
+            let at = kvh * hd;
+            match (&cache.k, &cache.v) {
+                (KvData::F32(k), KvData::F32(v)) => {
+                    simd::attend_rows(isa, &mut rows, (&k[at..], &v[at..]), &slots[s], scale)
+                }
+                (KvData::F16(k), KvData::F16(v)) => {
+                    simd::attend_rows(isa, &mut rows, (&k[at..], &v[at..]), &slots[s], scale)
+                }
+                _ => unreachable!("K and V pools of one dtype (checked)"),
+            }
         });
         Ok(())
     }
@@ -521,6 +530,7 @@ impl Backend for Cpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::KvDtype;
     use vellum_quant::DType;
 
     /// Every dense format, plus the block formats when `cols` is whole blocks.
@@ -702,9 +712,33 @@ mod tests {
             context_lens: vec![1],
         };
         let cpu = Cpu::new();
-        let cache = KvLayer::new(1, 16, 1, 0);
+        let cache = KvLayer::new(1, 16, 1, 0, KvDtype::F32);
         cpu.attention(&[], &cache, &batch, 2, &mut []).unwrap();
-        let cache = KvLayer::new(1, 16, 1, 64);
+        let cache = KvLayer::new(1, 16, 1, 64, KvDtype::F32);
         cpu.attention(&[], &cache, &batch, 0, &mut []).unwrap();
+    }
+
+    /// K and V pools are public fields: one of the wrong dtype or length is an error that
+    /// names them, not a panic inside a kernel.
+    #[test]
+    fn mismatched_kv_pools_are_an_error() {
+        let batch = BatchLayout {
+            positions: vec![0],
+            slot_mapping: vec![0],
+            seq_offsets: vec![0, 1],
+            block_tables: vec![vec![0]],
+            context_lens: vec![1],
+        };
+        let cpu = Cpu::new();
+        let (q, mut out) = (vec![0.5f32; 64], vec![0f32; 64]);
+        let mut cache = KvLayer::new(1, 16, 1, 64, KvDtype::F16);
+        cpu.attention(&q, &cache, &batch, 1, &mut out).unwrap();
+        cache.v = KvData::zeros(KvDtype::F32, cache.v.len());
+        let err = cpu.attention(&q, &cache, &batch, 1, &mut out).unwrap_err();
+        assert!(err.to_string().contains("V 1024 f32"), "{err}");
+        let err = cpu.write_kv(&mut cache, &q, &q, &[0]).unwrap_err();
+        assert!(err.to_string().contains("kv cache"), "{err}");
+        cache.v = KvData::zeros(KvDtype::F16, 10);
+        assert!(cpu.attention(&q, &cache, &batch, 1, &mut out).is_err());
     }
 }

@@ -241,22 +241,91 @@ pub struct QueryRow<'a> {
 /// row instead, a long context streams from L3 at every row, at L3's bandwidth.
 const KV_CHUNK: usize = 32;
 
+/// An element of a KV cache: f32, read in place, or f16, widened a chunk at a time into an
+/// f32 scratch that stays in L1 while every row of the tile reads it (once per tile, not
+/// once per row: a prefill tile has up to 32 rows). Widening is exact, so the kernels after
+/// it give an f16 cache's values the arithmetic an f32 cache holding them gets.
+pub trait KvElement: Copy + Sized
+where
+    [Self]: Row,
+{
+    /// The values themselves, when they are f32.
+    fn in_place(values: &[Self]) -> Option<&[f32]>;
+}
+
+impl KvElement for f32 {
+    fn in_place(values: &[f32]) -> Option<&[f32]> {
+        Some(values)
+    }
+}
+
+impl KvElement for half::f16 {
+    fn in_place(_: &[half::f16]) -> Option<&[f32]> {
+        None
+    }
+}
+
+/// The K or V rows of one chunk as f32: `(values, offsets)` with row `i` of the chunk at
+/// `values[offsets[i]..]`: the cache itself and the chunk's offsets for f32, else `scratch`
+/// filled with the rows widened back to back and `packed` (`0, hd, 2 hd, …`).
+fn chunk_view<'a, E: KvElement>(
+    isa: Isa,
+    src: &'a [E],
+    offsets: &'a [usize],
+    hd: usize,
+    scratch: &'a mut [f32],
+    packed: &'a [usize],
+) -> (&'a [f32], &'a [usize])
+where
+    [E]: Row,
+{
+    if let Some(values) = E::in_place(src) {
+        return (values, offsets);
+    }
+    let scratch = &mut scratch[..offsets.len() * hd];
+    assert!(offsets.iter().all(|&at| at + hd <= src.len()));
+    match isa {
+        // SAFETY: the ISA was detected; every row is inside `src` (asserted) and `scratch`
+        // holds them all; the loads and stores step by 16 or 8 within a row of that multiple.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if hd.is_multiple_of(16) => unsafe {
+            x86::widen_avx512(src, offsets, hd, scratch)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma | Isa::Avx512 if hd.is_multiple_of(8) => unsafe {
+            x86::widen_avx2(src, offsets, hd, scratch)
+        },
+        _ => {
+            for (&at, dst) in offsets.iter().zip(scratch.chunks_exact_mut(hd)) {
+                let src = &src[at..at + hd];
+                dst.iter_mut()
+                    .enumerate()
+                    .for_each(|(i, d)| *d = Row::get(src, i));
+            }
+        }
+    }
+    (scratch, &packed[..offsets.len()])
+}
+
 /// The attention of a tile of query heads that share one KV head (a GQA group, several
 /// tokens of one sequence) over the K/V rows that start at `offsets` (each `q.len()` long,
 /// in `k` and `v`): `row.out = Σ_{i < row.visible} softmax_i(scale · row.q·k_i) v_i`.
 ///
 /// Each row's arithmetic is the same whatever the tile around it: its scores in position
 /// order, its softmax, its weighted sum in position order. A token's output does not depend
-/// on how the batch was tiled. The AVX-512 and AVX2 paths (head sizes 64 and 128) score 16
-/// or 8 positions at a time and add each V row to outputs held in registers (AVX-512: to
-/// several rows' at once), instead of a dot and an axpy call per position.
-pub fn attend_rows(
+/// on how the batch was tiled, nor on whether the cache holds f32 or the same values in f16
+/// ([`KvElement`]). The AVX-512 and AVX2 paths (head sizes 64 and 128) score 16 or 8
+/// positions at a time and add each V row to outputs held in registers (AVX-512: to several
+/// rows' at once), instead of a dot and an axpy call per position.
+pub fn attend_rows<E: KvElement>(
     isa: Isa,
     rows: &mut [QueryRow],
-    (k, v): (&[f32], &[f32]),
+    (k, v): (&[E], &[E]),
     offsets: &[usize],
     scale: f32,
-) {
+) where
+    [E]: Row,
+{
     let Some(hd) = rows.first().map(|r| r.q.len()) else {
         return;
     };
@@ -276,14 +345,21 @@ pub fn attend_rows(
     let chunk = |c0: usize, row: &QueryRow| {
         (c0 < row.visible).then(|| c0..(c0 + KV_CHUNK).min(row.visible))
     };
+    let chunk_offsets = |c0: usize| &offsets[c0..(c0 + KV_CHUNK).min(n)];
+    let mut scratch = match E::in_place(k) {
+        Some(_) => Vec::new(),
+        None => vec![0f32; KV_CHUNK * hd],
+    };
+    let packed: Vec<usize> = (0..KV_CHUNK).map(|i| i * hd).collect();
 
     let mut scores: Vec<Vec<f32>> = rows.iter().map(|r| Vec::with_capacity(r.visible)).collect();
     for c0 in (0..n).step_by(KV_CHUNK) {
+        let (k, offsets) = chunk_view(isa, k, chunk_offsets(c0), hd, &mut scratch, &packed);
         for (row, s) in rows.iter().zip(&mut scores) {
             let Some(range) = chunk(c0, row) else {
                 continue;
             };
-            let offsets = &offsets[range];
+            let offsets = &offsets[..range.len()];
             // SAFETY (both register paths): their ISA was detected (`isa`), the head size is
             // theirs (`AttentionPath::of`), and every row is in bounds (asserted).
             match path {
@@ -320,6 +396,7 @@ pub fn attend_rows(
 
     rows.iter_mut().for_each(|r| r.out.fill(0.0));
     for c0 in (0..n).step_by(KV_CHUNK) {
+        let (v, offsets) = chunk_view(isa, v, chunk_offsets(c0), hd, &mut scratch, &packed);
         // SAFETY: as above.
         match path {
             #[cfg(target_arch = "x86_64")]
@@ -340,7 +417,8 @@ pub fn attend_rows(
                     let Some(range) = chunk(c0, row) else {
                         continue;
                     };
-                    let (offsets, p) = (&offsets[range.clone()], &s[range]);
+                    let offsets = &offsets[..range.len()];
+                    let p = &s[range];
                     // A head of 128 in two halves of 64: 8 accumulators, the rest of the 16
                     // registers for the loads.
                     for (half, out) in row.out.chunks_exact_mut(64).enumerate() {
@@ -353,7 +431,7 @@ pub fn attend_rows(
                     let Some(range) = chunk(c0, row) else {
                         continue;
                     };
-                    for (&at, &p) in offsets[range.clone()].iter().zip(&s[range]) {
+                    for (&at, &p) in offsets[..range.len()].iter().zip(&s[range]) {
                         axpy(isa, p * inv, &v[at..at + hd], row.out);
                     }
                 }
@@ -391,13 +469,15 @@ impl AttentionPath {
     }
 }
 
-/// The unnormalized weighted sums of the chunk from `c0`, added to each row's output: rows
-/// in groups of `R` that share each V row load over the positions all of them see, then
-/// one by one over the rest (the last tokens of a tile see a few more positions).
+/// The unnormalized weighted sums of the chunk from `c0` (its V rows at `offsets`, the
+/// first at position `c0`), added to each row's output: rows in groups of `R` that share
+/// each V row load over the positions all of them see, then one by one over the rest (the
+/// last tokens of a tile see a few more positions).
 ///
 /// # Safety
 /// AVX-512F; heads of `16 * C` values, every offset in bounds of `v`, `scores[r]` as long as
-/// row `r`'s visible positions.
+/// row `r`'s visible positions, and `offsets` covering the chunk's positions that any row
+/// sees.
 #[cfg(target_arch = "x86_64")]
 unsafe fn weighted_sums_avx512<const C: usize, const R: usize>(
     rows: &mut [QueryRow],
@@ -414,14 +494,14 @@ unsafe fn weighted_sums_avx512<const C: usize, const R: usize>(
             if common > c0 {
                 let p = std::array::from_fn(|r| &scores[r][c0..common]);
                 let out = group.each_mut().map(|row| &mut *row.out);
-                x86::weighted_sum_avx512::<C, R>(v, &offsets[c0..common], p, out);
+                x86::weighted_sum_avx512::<C, R>(v, &offsets[..common - c0], p, out);
                 done = common;
             }
         }
         for (row, s) in rows.iter_mut().zip(scores) {
             let end = chunk_end(row);
             if end > done {
-                let (offsets, p) = (&offsets[done..end], [&s[done..end]]);
+                let (offsets, p) = (&offsets[done - c0..end - c0], [&s[done..end]]);
                 x86::weighted_sum_avx512::<C, 1>(v, offsets, p, [&mut *row.out]);
             }
         }
@@ -462,6 +542,48 @@ pub fn dot_scalar<R: Row + ?Sized>(a: &[f32], b: &R) -> f32 {
 mod x86 {
     use super::Row;
     use std::arch::x86_64::*;
+
+    /// The rows of `hd` values at `offsets` in `src`, as f32 back to back in `dst`, 16
+    /// values at a time.
+    ///
+    /// # Safety
+    /// AVX-512F and F16C; `hd` a multiple of 16, every `offsets[i] + hd <= src.len()`,
+    /// `dst.len() >= offsets.len() * hd`.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn widen_avx512<R: Row + ?Sized>(
+        src: &R,
+        offsets: &[usize],
+        hd: usize,
+        dst: &mut [f32],
+    ) {
+        let mut out = dst.as_mut_ptr();
+        for &at in offsets {
+            for i in (0..hd).step_by(16) {
+                _mm512_storeu_ps(out.add(i), src.load16(at + i));
+            }
+            out = out.add(hd);
+        }
+    }
+
+    /// [`widen_avx512`] 8 values at a time.
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `hd` a multiple of 8, rows in bounds as in [`widen_avx512`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn widen_avx2<R: Row + ?Sized>(
+        src: &R,
+        offsets: &[usize],
+        hd: usize,
+        dst: &mut [f32],
+    ) {
+        let mut out = dst.as_mut_ptr();
+        for &at in offsets {
+            for i in (0..hd).step_by(8) {
+                _mm256_storeu_ps(out.add(i), src.load8(at + i));
+            }
+            out = out.add(hd);
+        }
+    }
 
     /// `scores[i] = scale · q·k[offsets[i]..]` for a head of `16 * C` values, appended.
     ///
@@ -937,6 +1059,56 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// An f16 cache is only a narrower store: every path gives, bit for bit, what it gives
+    /// on an f32 cache holding the same (rounded) values, for tiles and rows alone.
+    #[test]
+    fn attention_over_an_f16_cache_equals_f32_holding_the_same_values() {
+        use half::f16;
+        let val = |i: usize, m: usize| ((i * m % 211) as f32 - 105.0) / 60.0;
+        for hd in [48usize, 64, 128] {
+            let slots = 120;
+            let k16: Vec<f16> = (0..slots * hd).map(|i| f16::from_f32(val(i, 37))).collect();
+            let v16: Vec<f16> = (0..slots * hd).map(|i| f16::from_f32(val(i, 53))).collect();
+            let k32: Vec<f32> = k16.iter().map(|x| x.to_f32()).collect();
+            let v32: Vec<f32> = v16.iter().map(|x| x.to_f32()).collect();
+            let offsets: Vec<usize> = (0..100).map(|i| (i * 7 % slots) * hd).collect();
+            let visible = [100usize, 33, 1, 64, 99, 2];
+            let qs: Vec<Vec<f32>> = (0..visible.len())
+                .map(|r| (0..hd).map(|i| val(i + 13 * r, 71) * 0.3).collect())
+                .collect();
+            for isa in Isa::all_supported() {
+                for m in [1, 3, 6] {
+                    let rows = (&qs[..m], &visible[..m]);
+                    let narrow = tile(isa, rows, (&k16, &v16), &offsets);
+                    let wide = tile(isa, rows, (&k32, &v32), &offsets);
+                    assert_eq!(narrow, wide, "{isa:?} hd {hd} m {m}");
+                    assert!(narrow.iter().flatten().all(|o| o.is_finite()));
+                }
+            }
+        }
+    }
+
+    /// The outputs of one tile of query rows (`qs`, each seeing `visible` positions).
+    fn tile<E: KvElement>(
+        isa: Isa,
+        (qs, visible): (&[Vec<f32>], &[usize]),
+        kv: (&[E], &[E]),
+        offsets: &[usize],
+    ) -> Vec<Vec<f32>>
+    where
+        [E]: Row,
+    {
+        let mut outs = vec![vec![f32::NAN; qs[0].len()]; qs.len()];
+        let mut rows: Vec<QueryRow> = outs
+            .iter_mut()
+            .zip(qs)
+            .zip(visible)
+            .map(|((out, q), &visible)| QueryRow { q, visible, out })
+            .collect();
+        attend_rows(isa, &mut rows, kv, offsets, 0.125);
+        outs
     }
 
     /// A row that sees no position attends to nothing: zeros on every path, beside a row

@@ -9,7 +9,9 @@
 
 use super::runtime::{Arg, DeviceBuffer, KernelRuntime, LaunchConfig, Pod};
 use super::CudaError;
-use crate::{check, shapes, Backend, BatchLayout, KvLayer, Result, Rope, Weight, WeightData};
+use crate::{
+    check, shapes, Backend, BatchLayout, KvData, KvLayer, Result, Rope, Weight, WeightData,
+};
 use half::f16;
 use std::sync::Arc;
 use vellum_quant::{BlockFormat, Int4Format, QK};
@@ -68,6 +70,28 @@ impl CudaBackend {
 
     fn up<T: Pod>(&self, data: &[T]) -> Result<DeviceBuffer<'_>> {
         Ok(DeviceBuffer::upload(&*self.rt, data)?)
+    }
+
+    /// A KV pool on the device as f32, which the kernels read and write. An f16 pool is
+    /// widened here (exactly) and rounded back by [`Self::down_kv`]: the whole pool travels
+    /// per op until the cache lives on the device (issue #7).
+    fn up_kv(&self, pool: &KvData) -> Result<DeviceBuffer<'_>> {
+        match pool {
+            KvData::F32(v) => self.up(v),
+            KvData::F16(_) => self.up(&pool.to_f32()),
+        }
+    }
+
+    fn down_kv(buf: &DeviceBuffer<'_>, pool: &mut KvData) -> Result<()> {
+        match pool {
+            KvData::F32(v) => buf.download(v)?,
+            KvData::F16(_) => {
+                let mut f = vec![0f32; pool.len()];
+                buf.download(&mut f)?;
+                pool.write(0, &f);
+            }
+        }
+        Ok(())
     }
 
     fn zeroed(&self, bytes: usize) -> Result<DeviceBuffer<'_>> {
@@ -324,8 +348,8 @@ impl Backend for CudaBackend {
         if t == 0 {
             return Ok(());
         }
-        let kc = self.up(&cache.k)?;
-        let vc = self.up(&cache.v)?;
+        let kc = self.up_kv(&cache.k)?;
+        let vc = self.up_kv(&cache.v)?;
         let (kd, vd, sd) = (self.up(k)?, self.up(v)?, self.up(slot_mapping)?);
         let cfg = LaunchConfig::linear(t as u32, row_threads(width));
         let args = [
@@ -337,8 +361,8 @@ impl Backend for CudaBackend {
             Arg::U32(width as u32),
         ];
         self.launch("elementwise", "write_kv_f32", cfg, &args)?;
-        kc.download(&mut cache.k)?;
-        vc.download(&mut cache.v)?;
+        Self::down_kv(&kc, &mut cache.k)?;
+        Self::down_kv(&vc, &mut cache.v)?;
         Ok(())
     }
 
@@ -364,7 +388,7 @@ impl Backend for CudaBackend {
         }
         let seq_of = batch.seq_of_token();
         let (tables, max_blocks) = batch.flat_block_tables();
-        let (qd, kc, vc) = (self.up(q)?, self.up(&cache.k)?, self.up(&cache.v)?);
+        let (qd, kc, vc) = (self.up(q)?, self.up_kv(&cache.k)?, self.up_kv(&cache.v)?);
         let (pd, sd, td) = (
             self.up(&batch.positions)?,
             self.up(&seq_of)?,
