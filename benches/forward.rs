@@ -32,6 +32,16 @@ fn layout(seqs: usize, past: usize, new: usize, block: usize) -> BatchLayout {
     l
 }
 
+/// Writes values into every slot: an untouched pool would read the kernel's shared zero
+/// page (always cached) instead of memory.
+fn fill(cache: &mut KvLayer) {
+    let values: Vec<f32> = (0..cache.k.len())
+        .map(|i| (i % 23) as f32 / 23.0 - 0.5)
+        .collect();
+    cache.k.write(0, &values);
+    cache.v.write(0, &values);
+}
+
 fn forward(c: &mut Criterion) {
     let cpu = Cpu::new();
     let model = synthetic::random_model(
@@ -50,6 +60,7 @@ fn forward(c: &mut Criterion) {
     ] {
         let l = layout(seqs, past, new, 16);
         let mut kv = model.new_kv_cache(seqs * (past + new).div_ceil(16), 16, kv_dtype);
+        kv.iter_mut().for_each(fill);
         let tokens: Vec<u32> = (0..l.num_tokens() as u32).map(|t| t * 7 % 49152).collect();
         let last: Vec<usize> = (0..seqs).map(|s| l.seq_offsets[s + 1] - 1).collect();
         g.throughput(Throughput::Elements(tokens.len() as u64));
@@ -73,7 +84,8 @@ fn ops(c: &mut Criterion) {
         let q = vec![0.1f32; l.num_tokens() * heads * hd];
         let mut out = vec![0f32; q.len()];
         for dtype in [KvDtype::F32, KvDtype::F16] {
-            let cache = KvLayer::new(seqs * ctx / 16, 16, kv_heads, hd, dtype);
+            let mut cache = KvLayer::new(seqs * ctx / 16, 16, kv_heads, hd, dtype);
+            fill(&mut cache);
             let shape = format!("smollm-135m-b{seqs}-ctx{ctx}");
             g.bench_function(
                 format!("attention/{}/kv-{}/{shape}", cpu.name(), dtype.name()),

@@ -3,6 +3,7 @@
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use half::vec::HalfBitsVecExt;
 
 /// The element type of a KV cache. F16, the default (as in llama.cpp; vLLM keeps the
 /// model's 16-bit dtype), halves the bytes every decode step reads per cached position (at
@@ -52,7 +53,9 @@ impl KvData {
     pub fn zeros(dtype: KvDtype, n: usize) -> KvData {
         match dtype {
             KvDtype::F32 => KvData::F32(vec![0.0; n]),
-            KvDtype::F16 => KvData::F16(vec![f16::ZERO; n]),
+            // Zeroed u16s come from the allocator's zeroed pages, mapped on first write as
+            // f32's are, instead of a memset of the whole pool at start-up.
+            KvDtype::F16 => KvData::F16(vec![0u16; n].reinterpret_into()),
         }
     }
 
