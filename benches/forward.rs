@@ -78,15 +78,20 @@ fn forward(c: &mut Criterion) {
 fn ops(c: &mut Criterion) {
     let cpu = Cpu::new();
     let mut g = c.benchmark_group("ops");
-    let (heads, kv_heads, hd) = (9, 3, 64);
-    for (seqs, ctx) in [(16, 256), (1, 2048)] {
+    for (heads, kv_heads, hd, seqs, ctx, shape) in [
+        (9, 3, 64, 16, 256, "smollm-135m"),
+        (9, 3, 64, 1, 2048, "smollm-135m"),
+        // One KV head (multi-query attention, as Falcon-7B's 71 heads of 64): one tile per
+        // sequence.
+        (16, 1, 64, 1, 2048, "mqa-16x64"),
+    ] {
         let l = layout(seqs, ctx - 1, 1, 16);
         let q = vec![0.1f32; l.num_tokens() * heads * hd];
         let mut out = vec![0f32; q.len()];
         for dtype in [KvDtype::F32, KvDtype::F16] {
             let mut cache = KvLayer::new(seqs * ctx / 16, 16, kv_heads, hd, dtype);
             fill(&mut cache);
-            let shape = format!("smollm-135m-b{seqs}-ctx{ctx}");
+            let shape = format!("{shape}-b{seqs}-ctx{ctx}");
             g.bench_function(
                 format!("attention/{}/kv-{}/{shape}", cpu.name(), dtype.name()),
                 |b| {
