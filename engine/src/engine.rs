@@ -255,6 +255,12 @@ impl EngineBuilder {
         self
     }
 
+    /// The KV cache's element type (`EngineConfig::kv_dtype`).
+    pub fn kv_dtype(mut self, dtype: KvDtype) -> Self {
+        self.config.kv_dtype = dtype;
+        self
+    }
+
     /// Converts all weights to this dense dtype after loading (applied before `quant`).
     pub fn dtype(mut self, dtype: vellum_quant::DType) -> Self {
         self.dtype = Some(dtype);

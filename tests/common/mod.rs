@@ -78,9 +78,9 @@ pub fn golden_engine_with(
         .config(EngineConfig {
             max_batched_tokens,
             kv_cache_bytes: 8 << 20,
-            kv_dtype,
             ..EngineConfig::default()
         })
+        .kv_dtype(kv_dtype)
         .build()
         .unwrap()
 }

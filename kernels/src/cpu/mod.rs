@@ -700,17 +700,22 @@ mod tests {
         }
     }
 
-    /// Degenerate heads (no values, or no query heads) attend to nothing instead of
-    /// panicking on a zero-width split.
-    #[test]
-    fn attention_of_empty_heads_is_a_no_op() {
-        let batch = BatchLayout {
+    /// One sequence's first token, in slot 0.
+    fn first_token_batch() -> BatchLayout {
+        BatchLayout {
             positions: vec![0],
             slot_mapping: vec![0],
             seq_offsets: vec![0, 1],
             block_tables: vec![vec![0]],
             context_lens: vec![1],
-        };
+        }
+    }
+
+    /// Degenerate heads (no values, or no query heads) attend to nothing instead of
+    /// panicking on a zero-width split.
+    #[test]
+    fn attention_of_empty_heads_is_a_no_op() {
+        let batch = first_token_batch();
         let cpu = Cpu::new();
         let cache = KvLayer::new(1, 16, 1, 0, KvDtype::F32);
         cpu.attention(&[], &cache, &batch, 2, &mut []).unwrap();
@@ -722,13 +727,7 @@ mod tests {
     /// names them, not a panic inside a kernel.
     #[test]
     fn mismatched_kv_pools_are_an_error() {
-        let batch = BatchLayout {
-            positions: vec![0],
-            slot_mapping: vec![0],
-            seq_offsets: vec![0, 1],
-            block_tables: vec![vec![0]],
-            context_lens: vec![1],
-        };
+        let batch = first_token_batch();
         let cpu = Cpu::new();
         let (q, mut out) = (vec![0.5f32; 64], vec![0f32; 64]);
         let mut cache = KvLayer::new(1, 16, 1, 64, KvDtype::F16);
