@@ -346,11 +346,14 @@ pub fn attend_rows<E: KvElement>(
         (c0 < row.visible).then(|| c0..(c0 + KV_CHUNK).min(row.visible))
     };
     let chunk_offsets = |c0: usize| &offsets[c0..(c0 + KV_CHUNK).min(n)];
-    let mut scratch = match E::in_place(k) {
-        Some(_) => Vec::new(),
-        None => vec![0f32; KV_CHUNK * hd],
+    // Only a cache that is widened needs the scratch and its offsets.
+    let (mut scratch, packed): (Vec<f32>, Vec<usize>) = match E::in_place(k) {
+        Some(_) => (Vec::new(), Vec::new()),
+        None => (
+            vec![0f32; KV_CHUNK * hd],
+            (0..KV_CHUNK).map(|i| i * hd).collect(),
+        ),
     };
-    let packed: Vec<usize> = (0..KV_CHUNK).map(|i| i * hd).collect();
 
     let mut scores: Vec<Vec<f32>> = rows.iter().map(|r| Vec::with_capacity(r.visible)).collect();
     for c0 in (0..n).step_by(KV_CHUNK) {
