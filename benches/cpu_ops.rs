@@ -73,9 +73,22 @@ fn matmul(c: &mut Criterion) {
     g.finish();
 }
 
+/// The cost of one hand-off to the CPU backend's thread pool and back, which a decode step
+/// pays per parallel op (about five per layer at one sequence): a job of one empty task per
+/// thread.
+fn pool_handoff(c: &mut Criterion) {
+    let pool = vellum_kernels::cpu::pool::Pool::global();
+    let tasks = rayon::current_num_threads();
+    let mut g = c.benchmark_group("pool");
+    g.bench_function(format!("cpu/empty-job/{tasks}-tasks"), |b| {
+        b.iter(|| pool.run(tasks, &|i| std::hint::black_box(i)))
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(2));
-    targets = read_bandwidth, matmul
+    targets = read_bandwidth, matmul, pool_handoff
 }
 criterion_main!(benches);

@@ -58,6 +58,11 @@ fn check_perplexities(cpu: &Cpu) {
             self::perplexity(cpu, Some(DType::F16), None, KvDtype::F32),
             0.001,
         ),
+        (
+            "int8 KV cache",
+            self::perplexity(cpu, Some(DType::F16), None, KvDtype::Int8),
+            0.005,
+        ),
         ("Q4_1 as shipped (native)", perplexity(None, None), 0.005),
         (
             "int8 g32 (Q8_0)",

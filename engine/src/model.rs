@@ -441,7 +441,8 @@ impl Model {
 
     /// Bytes of KV cache one token takes across all layers (K and V).
     pub fn kv_bytes_per_token(&self, dtype: KvDtype) -> usize {
-        2 * self.config.num_layers * self.config.kv_width() * dtype.size_bytes()
+        let c = &self.config;
+        2 * c.num_layers * dtype.slot_bytes(c.num_kv_heads, c.head_dim)
     }
 
     /// Bytes of weights read by one forward step.

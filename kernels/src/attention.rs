@@ -10,12 +10,16 @@ use half::vec::HalfBitsVecExt;
 /// long contexts as many as the weights) and doubles the tokens a pool holds. Each K and V
 /// value is rounded to f16 once, when written; attention computes in f32. Measured on
 /// SmolLM2-135M (README): perplexity +0.001% to +0.007%, log-probabilities within ~2.5e-3 of
-/// f32's. F32 keeps the exact values, for checks against f32 references.
+/// f32's. F32 keeps the exact values, for checks against f32 references. Int8 (opt-in)
+/// stores a token's values as symmetric int8 codes with an f32 scale per [`int8_group`]
+/// values of a head (max |x| / 127, round to nearest): ~half an f16 cache's bytes again,
+/// at a measured cost in accuracy (README, "Accuracy").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvDtype {
     F32,
     #[default]
     F16,
+    Int8,
 }
 
 impl KvDtype {
@@ -23,6 +27,7 @@ impl KvDtype {
         match s.to_ascii_lowercase().as_str() {
             "f32" => Some(KvDtype::F32),
             "f16" => Some(KvDtype::F16),
+            "int8" | "i8" => Some(KvDtype::Int8),
             _ => None,
         }
     }
@@ -31,13 +36,18 @@ impl KvDtype {
         match self {
             KvDtype::F32 => "f32",
             KvDtype::F16 => "f16",
+            KvDtype::Int8 => "int8",
         }
     }
 
-    pub fn size_bytes(self) -> usize {
+    /// Bytes one token's K (or V) takes in one layer: its values and, in int8, their
+    /// scales.
+    pub fn slot_bytes(self, n_kv_heads: usize, head_dim: usize) -> usize {
+        let values = n_kv_heads * head_dim;
         match self {
-            KvDtype::F32 => 4,
-            KvDtype::F16 => 2,
+            KvDtype::F32 => 4 * values,
+            KvDtype::F16 => 2 * values,
+            KvDtype::Int8 => values + 4 * values / int8_group(head_dim),
         }
     }
 }
@@ -47,15 +57,31 @@ impl KvDtype {
 pub enum KvData {
     F32(Vec<f32>),
     F16(Vec<f16>),
+    /// Value `i` is `codes[i] as f32 * scales[i / group]`: a scale per [`int8_group`]
+    /// values of one head of a token.
+    Int8 {
+        codes: Vec<i8>,
+        scales: Vec<f32>,
+        group: usize,
+    },
 }
 
 impl KvData {
-    pub fn zeros(dtype: KvDtype, n: usize) -> KvData {
+    /// A pool of `n` zeros, for heads of `head_dim` values (which divides `n`).
+    pub fn zeros(dtype: KvDtype, n: usize, head_dim: usize) -> KvData {
         match dtype {
             KvDtype::F32 => KvData::F32(vec![0.0; n]),
             // Zeroed u16s come from the allocator's zeroed pages, mapped on first write as
             // f32's are, instead of a memset of the whole pool at start-up.
             KvDtype::F16 => KvData::F16(vec![0u16; n].reinterpret_into()),
+            KvDtype::Int8 => {
+                let group = int8_group(head_dim);
+                KvData::Int8 {
+                    codes: vec![0; n],
+                    scales: vec![0.0; n.div_ceil(group)],
+                    group,
+                }
+            }
         }
     }
 
@@ -63,6 +89,7 @@ impl KvData {
         match self {
             KvData::F32(_) => KvDtype::F32,
             KvData::F16(_) => KvDtype::F16,
+            KvData::Int8 { .. } => KvDtype::Int8,
         }
     }
 
@@ -70,6 +97,7 @@ impl KvData {
         match self {
             KvData::F32(v) => v.len(),
             KvData::F16(v) => v.len(),
+            KvData::Int8 { codes, .. } => codes.len(),
         }
     }
 
@@ -80,7 +108,8 @@ impl KvData {
     /// Stores `values` from element `at`, rounded to nearest in an f16 pool. A finite value
     /// beyond f16's range (±65504) saturates there instead of becoming infinite (which
     /// would turn the attention over it into NaN), with a warning, once per process, that
-    /// this model wants an f32 cache.
+    /// this model wants an f32 cache. An int8 pool quantizes whole groups: `at` and the
+    /// length are multiples of its `group`.
     pub fn write(&mut self, at: usize, values: &[f32]) {
         let range = at..at + values.len();
         match self {
@@ -92,14 +121,55 @@ impl KvData {
                     saturate(out, values);
                 }
             }
+            KvData::Int8 {
+                codes,
+                scales,
+                group,
+            } => {
+                let g = *group;
+                assert!(
+                    at.is_multiple_of(g) && values.len().is_multiple_of(g),
+                    "an int8 KV pool is written in whole groups"
+                );
+                let groups = codes[range].chunks_exact_mut(g).zip(values.chunks_exact(g));
+                for ((codes, values), scale) in groups.zip(&mut scales[at / g..]) {
+                    *scale = quantize_group(values, codes);
+                }
+            }
         }
     }
 
-    /// Every value as f32 (exact from f16): for backends and tests that work on f32 pools.
+    /// Stores a whole pool's `values` (what a device op gave back). An int8 pool keeps the
+    /// groups whose values are the ones it holds: quantizing them again could move their
+    /// scale by a rounding, and the cache would drift a little with every op.
+    pub fn write_changed(&mut self, values: &[f32]) {
+        let KvData::Int8 { group, .. } = *self else {
+            return self.write(0, values);
+        };
+        let held = self.to_f32();
+        let groups = values.chunks_exact(group).zip(held.chunks_exact(group));
+        for (i, (new, old)) in groups.enumerate() {
+            if new.iter().zip(old).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                self.write(i * group, new);
+            }
+        }
+    }
+
+    /// Every value as f32 (exact from f16, `code · scale` from int8): for backends and
+    /// tests that work on f32 pools.
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
             KvData::F32(v) => v.clone(),
             KvData::F16(v) => v.to_f32_vec(),
+            KvData::Int8 {
+                codes,
+                scales,
+                group,
+            } => codes
+                .chunks(*group)
+                .zip(scales)
+                .flat_map(|(codes, &s)| codes.iter().map(move |&c| c as f32 * s))
+                .collect(),
         }
     }
 
@@ -107,8 +177,50 @@ impl KvData {
         match self {
             KvData::F32(v) => v.copy_within(src, dst),
             KvData::F16(v) => v.copy_within(src, dst),
+            KvData::Int8 {
+                codes,
+                scales,
+                group,
+            } => {
+                let g = *group;
+                scales.copy_within(src.start / g..src.end / g, dst / g);
+                codes.copy_within(src, dst);
+            }
         }
     }
+}
+
+/// Values per scale in an int8 KV pool with heads of `head_dim`: 32 (as llama.cpp's q8_0
+/// cache) where it divides the head, else the whole head. Measured on SmolLM2 (head 64):
+/// one scale per head moved greedy log-probabilities by up to 0.24 against transformers,
+/// two by up to ... (README, "Accuracy").
+pub fn int8_group(head_dim: usize) -> usize {
+    match head_dim {
+        0 => 1,
+        hd if hd.is_multiple_of(32) => 32,
+        hd => hd,
+    }
+}
+
+/// One group's values as symmetric int8 `codes`; returns their scale (max |x| / 127, so
+/// the largest maps to ±127). A group with a NaN or infinite value gets a NaN scale: it
+/// reads back as NaN, as it would have made the attention over it with a wider cache.
+fn quantize_group(values: &[f32], codes: &mut [i8]) -> f32 {
+    // A NaN, once met, stays the maximum (`a > m` is false from then on).
+    let amax = values
+        .iter()
+        .map(|x| x.abs())
+        .fold(0f32, |m, a| if a > m || a.is_nan() { a } else { m });
+    if amax == 0.0 || !amax.is_finite() {
+        codes.fill(0);
+        return if amax == 0.0 { 0.0 } else { f32::NAN };
+    }
+    let inv = 127.0 / amax;
+    for (c, &x) in codes.iter_mut().zip(values) {
+        // |x · inv| <= 127 up to a rounding: the clamp only catches that rounding.
+        *c = (x * inv).round().clamp(-127.0, 127.0) as i8;
+    }
+    amax / 127.0
 }
 
 /// Replaces the infinities that finite `values` rounded to in `out` by ±f16::MAX.
@@ -149,8 +261,8 @@ impl KvLayer {
     ) -> Self {
         let n = num_blocks * block_size * n_kv_heads * head_dim;
         KvLayer {
-            k: KvData::zeros(dtype, n),
-            v: KvData::zeros(dtype, n),
+            k: KvData::zeros(dtype, n, head_dim),
+            v: KvData::zeros(dtype, n, head_dim),
             num_blocks,
             block_size,
             n_kv_heads,
@@ -323,6 +435,109 @@ mod tests {
         assert_eq!(wide.v.to_f32()[4..], values);
         assert_eq!(KvDtype::parse("F16"), Some(KvDtype::F16));
         assert_eq!(KvDtype::parse("bf16"), None);
-        assert_eq!(KvDtype::default().size_bytes(), 2);
+        assert_eq!(KvDtype::default().slot_bytes(3, 64), 3 * 64 * 2);
+    }
+
+    /// An int8 pool holds each group as codes and a scale: every value read back within
+    /// half a step (scale / 2) of what was written, the largest exact; a zero group stays
+    /// zero, a non-finite value makes its group NaN (not a silent 0), and blocks copy with
+    /// their scales. (Heads of 8: a group per head.)
+    #[test]
+    fn int8_pools_quantize_groups_and_copy_blocks_with_their_scales() {
+        let (hd, n_kv) = (8, 2);
+        let mut layer = KvLayer::new(2, 2, n_kv, hd, KvDtype::Int8);
+        assert_eq!(layer.dtype(), KvDtype::Int8);
+        let slot: Vec<f32> = (0..n_kv * hd).map(|i| (i as f32 - 5.5) * 0.37).collect();
+        layer.k.write(0, &slot);
+        let back = layer.k.to_f32();
+        for (head, got) in slot.chunks(hd).zip(back.chunks(hd)) {
+            let amax = head.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for (x, y) in head.iter().zip(got) {
+                assert!((x - y).abs() <= amax / 127.0 / 2.0 * 1.0001, "{x} vs {y}");
+            }
+            let i = head.iter().position(|x| x.abs() == amax).unwrap();
+            assert!((got[i] - head[i]).abs() <= amax * 1e-6);
+        }
+        assert_eq!(back[n_kv * hd..], vec![0.0; 3 * n_kv * hd]);
+
+        layer
+            .k
+            .write(n_kv * hd, &[[0.0; 8], [f32::NAN; 8]].concat());
+        let back = layer.k.to_f32();
+        assert!(back[n_kv * hd..(n_kv + 1) * hd].iter().all(|&x| x == 0.0));
+        assert!(back[(n_kv + 1) * hd..(n_kv + 2) * hd]
+            .iter()
+            .all(|x| x.is_nan()));
+        let mut inf = slot.clone();
+        inf[3] = f32::INFINITY;
+        layer.v.write(0, &inf);
+        let v = layer.v.to_f32();
+        assert!(v[..hd].iter().all(|x| x.is_nan()) && v[hd..2 * hd] == back[hd..2 * hd]);
+
+        layer.k.write(0, &slot);
+        // Block 0 holds the NaN group of slot 1 too: compared as bits.
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let first_block = bits(&layer.k.to_f32()[..2 * n_kv * hd]);
+        layer.copy_block(0, 1);
+        assert_eq!(bits(&layer.k.to_f32()[2 * n_kv * hd..]), first_block);
+        assert_eq!(KvDtype::parse("INT8"), Some(KvDtype::Int8));
+        assert_eq!(
+            (int8_group(8), int8_group(48), int8_group(128)),
+            (8, 48, 32)
+        );
+    }
+
+    /// A head of 64 is two groups of 32, each with its own scale: a small half beside a
+    /// large one keeps its own resolution.
+    #[test]
+    fn int8_heads_of_64_have_a_scale_per_32_values() {
+        let mut pool = KvData::zeros(KvDtype::Int8, 64, 64);
+        let head: Vec<f32> = (0..64)
+            .map(|i| {
+                if i < 32 {
+                    0.01 * i as f32
+                } else {
+                    50.0 - i as f32
+                }
+            })
+            .collect();
+        pool.write(0, &head);
+        let back = pool.to_f32();
+        for (half, amax) in [(0..32, 0.31f32), (32..64, 18.0)] {
+            for i in half {
+                let err = (back[i] - head[i]).abs();
+                assert!(
+                    err <= amax / 254.0 * 1.0001,
+                    "[{i}] {} vs {}",
+                    back[i],
+                    head[i]
+                );
+            }
+        }
+        assert_eq!(KvDtype::Int8.slot_bytes(3, 64), 3 * 64 + 6 * 4);
+        assert_eq!(KvDtype::Int8.slot_bytes(2, 8), 2 * 8 + 2 * 4);
+    }
+
+    /// A pool given back its own values (a device round trip) is unchanged, bit for bit;
+    /// a group whose values changed is quantized again, and only that one.
+    #[test]
+    fn writing_a_pool_back_leaves_unchanged_int8_groups_as_they_were() {
+        let mut pool = KvData::zeros(KvDtype::Int8, 4 * 16, 16);
+        let values: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 29) as f32 - 14.0) / 3.0)
+            .collect();
+        pool.write(0, &values);
+        let before = pool.clone();
+        for _ in 0..3 {
+            pool.write_changed(&pool.to_f32());
+        }
+        assert_eq!(pool, before);
+        let mut changed = pool.to_f32();
+        changed[20] += 1.0;
+        pool.write_changed(&changed);
+        let (now, then) = (pool.to_f32(), before.to_f32());
+        assert_eq!(now[..16], then[..16]);
+        assert_eq!(now[32..], then[32..]);
+        assert!((now[20] - changed[20]).abs() < 0.05 && now[20] != then[20]);
     }
 }

@@ -203,6 +203,7 @@ fn write_kv_and_paged_attention_match_for_gqa_ratios_and_head_dims() {
             (3, 1, 128, 16, KvDtype::F32),
             (8, 1, 64, 5, KvDtype::F32),
             (3, 1, 64, 16, KvDtype::F16),
+            (2, 2, 64, 16, KvDtype::Int8),
         ] {
             let (mut cache, batch) = paged_case(&mut rng, n_kv, hd, bs, dtype);
             let t = batch.num_tokens();

@@ -142,7 +142,7 @@ impl EngineArgs {
 }
 
 pub fn parse_kv_dtype(s: &str) -> std::result::Result<KvDtype, String> {
-    KvDtype::parse(s).ok_or_else(|| format!("{s}: expected f16 or f32"))
+    KvDtype::parse(s).ok_or_else(|| format!("{s}: expected f16, f32 or int8"))
 }
 
 /// Parses sizes like `512MiB`, `2GiB`, `1.5GB`, `1048576`.

@@ -1,6 +1,7 @@
 //! The CPU backend: work spread over rows/heads by a spinning pool (`pool`), SIMD
 //! primitives chosen once at start-up.
 
+mod kv_rows;
 pub mod membw;
 pub mod pool;
 pub mod qdot;
@@ -504,6 +505,22 @@ impl Backend for Cpu {
                 (KvData::F16(k), KvData::F16(v)) => {
                     simd::attend_rows(isa, &mut rows, (&k[at..], &v[at..]), &slots[s], scale)
                 }
+                (
+                    KvData::Int8 {
+                        codes: kc,
+                        scales: ks,
+                        group,
+                    },
+                    KvData::Int8 {
+                        codes: vc,
+                        scales: vs,
+                        ..
+                    },
+                ) => {
+                    let k = kv_rows::Int8Rows::of_head(kc, ks, *group, hd, kvh);
+                    let v = kv_rows::Int8Rows::of_head(vc, vs, *group, hd, kvh);
+                    simd::attend_rows(isa, &mut rows, (&k, &v), &slots[s], scale)
+                }
                 _ => unreachable!("K and V pools of one dtype (checked)"),
             }
         });
@@ -732,12 +749,12 @@ mod tests {
         let (q, mut out) = (vec![0.5f32; 64], vec![0f32; 64]);
         let mut cache = KvLayer::new(1, 16, 1, 64, KvDtype::F16);
         cpu.attention(&q, &cache, &batch, 1, &mut out).unwrap();
-        cache.v = KvData::zeros(KvDtype::F32, cache.v.len());
+        cache.v = KvData::zeros(KvDtype::F32, cache.v.len(), 64);
         let err = cpu.attention(&q, &cache, &batch, 1, &mut out).unwrap_err();
         assert!(err.to_string().contains("V 1024 f32"), "{err}");
         let err = cpu.write_kv(&mut cache, &q, &q, &[0]).unwrap_err();
         assert!(err.to_string().contains("kv cache"), "{err}");
-        cache.v = KvData::zeros(KvDtype::F16, 10);
+        cache.v = KvData::zeros(KvDtype::F16, 10, 64);
         assert!(cpu.attention(&q, &cache, &batch, 1, &mut out).is_err());
     }
 }

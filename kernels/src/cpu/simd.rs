@@ -9,6 +9,7 @@
 //! `Row` yields exactly the values `Weight::row_to_f32` would, a fused dot equals the f32
 //! dot of the dequantized row, bit for bit.
 
+use super::kv_rows::{chunk_view, KvRows};
 use std::sync::OnceLock;
 
 /// The instruction set the primitives run with.
@@ -241,72 +242,6 @@ pub struct QueryRow<'a> {
 /// row instead, a long context streams from L3 at every row, at L3's bandwidth.
 const KV_CHUNK: usize = 32;
 
-/// An element of a KV cache: f32, read in place, or f16, widened a chunk at a time into an
-/// f32 scratch that stays in L1 while every row of the tile reads it (once per tile, not
-/// once per row: a prefill tile has up to 32 rows). Widening is exact, so the kernels after
-/// it give an f16 cache's values the arithmetic an f32 cache holding them gets.
-pub trait KvElement: Copy + Sized
-where
-    [Self]: Row,
-{
-    /// The values themselves, when they are f32.
-    fn in_place(values: &[Self]) -> Option<&[f32]>;
-}
-
-impl KvElement for f32 {
-    fn in_place(values: &[f32]) -> Option<&[f32]> {
-        Some(values)
-    }
-}
-
-impl KvElement for half::f16 {
-    fn in_place(_: &[half::f16]) -> Option<&[f32]> {
-        None
-    }
-}
-
-/// The K or V rows of one chunk as f32: `(values, offsets)` with row `i` of the chunk at
-/// `values[offsets[i]..]`: the cache itself and the chunk's offsets for f32, else `scratch`
-/// filled with the rows widened back to back and `packed` (`0, hd, 2 hd, …`).
-fn chunk_view<'a, E: KvElement>(
-    isa: Isa,
-    src: &'a [E],
-    offsets: &'a [usize],
-    hd: usize,
-    scratch: &'a mut [f32],
-    packed: &'a [usize],
-) -> (&'a [f32], &'a [usize])
-where
-    [E]: Row,
-{
-    if let Some(values) = E::in_place(src) {
-        return (values, offsets);
-    }
-    let scratch = &mut scratch[..offsets.len() * hd];
-    assert!(offsets.iter().all(|&at| at + hd <= src.len()));
-    match isa {
-        // SAFETY: the ISA was detected; every row is inside `src` (asserted) and `scratch`
-        // holds them all; the loads and stores step by 16 or 8 within a row of that multiple.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if hd.is_multiple_of(16) => unsafe {
-            x86::widen_avx512(src, offsets, hd, scratch)
-        },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma | Isa::Avx512 if hd.is_multiple_of(8) => unsafe {
-            x86::widen_avx2(src, offsets, hd, scratch)
-        },
-        _ => {
-            for (&at, dst) in offsets.iter().zip(scratch.chunks_exact_mut(hd)) {
-                let src = &src[at..at + hd];
-                dst.iter_mut()
-                    .enumerate()
-                    .for_each(|(i, d)| *d = Row::get(src, i));
-            }
-        }
-    }
-    (scratch, &packed[..offsets.len()])
-}
-
 /// The attention of a tile of query heads that share one KV head (a GQA group, several
 /// tokens of one sequence) over the K/V rows that start at `offsets` (each `q.len()` long,
 /// in `k` and `v`): `row.out = Σ_{i < row.visible} softmax_i(scale · row.q·k_i) v_i`.
@@ -314,18 +249,16 @@ where
 /// Each row's arithmetic is the same whatever the tile around it: its scores in position
 /// order, its softmax, its weighted sum in position order. A token's output does not depend
 /// on how the batch was tiled, nor on whether the cache holds f32 or the same values in f16
-/// ([`KvElement`]). The AVX-512 and AVX2 paths (head sizes 64 and 128) score 16 or 8
+/// or int8 ([`KvRows`]). The AVX-512 and AVX2 paths (head sizes 64 and 128) score 16 or 8
 /// positions at a time and add each V row to outputs held in registers (AVX-512: to several
 /// rows' at once), instead of a dot and an axpy call per position.
-pub fn attend_rows<E: KvElement>(
+pub fn attend_rows<R: KvRows + ?Sized>(
     isa: Isa,
     rows: &mut [QueryRow],
-    (k, v): (&[E], &[E]),
+    (k, v): (&R, &R),
     offsets: &[usize],
     scale: f32,
-) where
-    [E]: Row,
-{
+) {
     let Some(hd) = rows.first().map(|r| r.q.len()) else {
         return;
     };
@@ -347,7 +280,7 @@ pub fn attend_rows<E: KvElement>(
     };
     let chunk_offsets = |c0: usize| &offsets[c0..(c0 + KV_CHUNK).min(n)];
     // Only a cache that is widened needs the scratch and its offsets.
-    let (mut scratch, packed): (Vec<f32>, Vec<usize>) = match E::in_place(k) {
+    let (mut scratch, packed): (Vec<f32>, Vec<usize>) = match k.in_place() {
         Some(_) => (Vec::new(), Vec::new()),
         None => (
             vec![0f32; KV_CHUNK * hd],
@@ -545,48 +478,6 @@ pub fn dot_scalar<R: Row + ?Sized>(a: &[f32], b: &R) -> f32 {
 mod x86 {
     use super::Row;
     use std::arch::x86_64::*;
-
-    /// The rows of `hd` values at `offsets` in `src`, as f32 back to back in `dst`, 16
-    /// values at a time.
-    ///
-    /// # Safety
-    /// AVX-512F and F16C; `hd` a multiple of 16, every `offsets[i] + hd <= src.len()`,
-    /// `dst.len() >= offsets.len() * hd`.
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub unsafe fn widen_avx512<R: Row + ?Sized>(
-        src: &R,
-        offsets: &[usize],
-        hd: usize,
-        dst: &mut [f32],
-    ) {
-        let mut out = dst.as_mut_ptr();
-        for &at in offsets {
-            for i in (0..hd).step_by(16) {
-                _mm512_storeu_ps(out.add(i), src.load16(at + i));
-            }
-            out = out.add(hd);
-        }
-    }
-
-    /// [`widen_avx512`] 8 values at a time.
-    ///
-    /// # Safety
-    /// AVX2 and F16C; `hd` a multiple of 8, rows in bounds as in [`widen_avx512`].
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn widen_avx2<R: Row + ?Sized>(
-        src: &R,
-        offsets: &[usize],
-        hd: usize,
-        dst: &mut [f32],
-    ) {
-        let mut out = dst.as_mut_ptr();
-        for &at in offsets {
-            for i in (0..hd).step_by(8) {
-                _mm256_storeu_ps(out.add(i), src.load8(at + i));
-            }
-            out = out.add(hd);
-        }
-    }
 
     /// `scores[i] = scale · q·k[offsets[i]..]` for a head of `16 * C` values, appended.
     ///
@@ -1042,7 +933,7 @@ mod tests {
                     .zip(visible)
                     .map(|((out, q), visible)| QueryRow { q, visible, out })
                     .collect();
-                attend_rows(isa, &mut rows, (&k, &v), &offsets, scale as f32);
+                attend_rows(isa, &mut rows, (&k[..], &v[..]), &offsets, scale as f32);
                 for ((out, q), n) in outs.iter().zip(&qs).zip(visible) {
                     let mut alone = vec![f32::NAN; hd];
                     let row = QueryRow {
@@ -1050,7 +941,7 @@ mod tests {
                         visible: n,
                         out: &mut alone,
                     };
-                    attend_rows(isa, &mut [row], (&k, &v), &offsets, scale as f32);
+                    attend_rows(isa, &mut [row], (&k[..], &v[..]), &offsets, scale as f32);
                     assert_eq!(out, &alone, "{isa:?} hd {hd} n {n}: tiled vs alone");
                     for (j, &o) in out.iter().enumerate() {
                         let exact = exact(q, n, j);
@@ -1064,10 +955,11 @@ mod tests {
         }
     }
 
-    /// An f16 cache is only a narrower store: every path gives, bit for bit, what it gives
-    /// on an f32 cache holding the same (rounded) values, for tiles and rows alone.
+    /// An f16 or int8 cache is only a narrower store: every path gives, bit for bit, what it
+    /// gives on an f32 cache holding the same (rounded) values, for tiles and rows alone.
     #[test]
-    fn attention_over_an_f16_cache_equals_f32_holding_the_same_values() {
+    fn attention_over_f16_and_int8_caches_equals_f32_holding_the_same_values() {
+        use crate::{cpu::kv_rows::Int8Rows, KvData, KvDtype};
         use half::f16;
         let val = |i: usize, m: usize| ((i * m % 211) as f32 - 105.0) / 60.0;
         for hd in [48usize, 64, 128] {
@@ -1084,25 +976,49 @@ mod tests {
             for isa in Isa::all_supported() {
                 for m in [1, 3, 6] {
                     let rows = (&qs[..m], &visible[..m]);
-                    let narrow = tile(isa, rows, (&k16, &v16), &offsets);
-                    let wide = tile(isa, rows, (&k32, &v32), &offsets);
+                    let narrow = tile(isa, rows, (&k16[..], &v16[..]), &offsets);
+                    let wide = tile(isa, rows, (&k32[..], &v32[..]), &offsets);
                     assert_eq!(narrow, wide, "{isa:?} hd {hd} m {m}");
                     assert!(narrow.iter().flatten().all(|o| o.is_finite()));
+                }
+            }
+            // Int8, through the pool's own quantization; the f32 cache holds what it reads.
+            let int8 = |values: &[f32]| {
+                let mut pool = KvData::zeros(KvDtype::Int8, values.len(), hd);
+                pool.write(0, values);
+                let wide = pool.to_f32();
+                let KvData::Int8 {
+                    codes,
+                    scales,
+                    group,
+                } = pool
+                else {
+                    unreachable!()
+                };
+                (codes, scales, group, wide)
+            };
+            let (kc, ks, group, k32) = int8(&k32);
+            let (vc, vs, _, v32) = int8(&v32);
+            let k8 = Int8Rows::of_head(&kc, &ks, group, hd, 0);
+            let v8 = Int8Rows::of_head(&vc, &vs, group, hd, 0);
+            for isa in Isa::all_supported() {
+                for m in [1, 3, 6] {
+                    let rows = (&qs[..m], &visible[..m]);
+                    let narrow = tile(isa, rows, (&k8, &v8), &offsets);
+                    let wide = tile(isa, rows, (&k32[..], &v32[..]), &offsets);
+                    assert_eq!(narrow, wide, "int8 {isa:?} hd {hd} m {m}");
                 }
             }
         }
     }
 
     /// The outputs of one tile of query rows (`qs`, each seeing `visible` positions).
-    fn tile<E: KvElement>(
+    fn tile<R: KvRows + ?Sized>(
         isa: Isa,
         (qs, visible): (&[Vec<f32>], &[usize]),
-        kv: (&[E], &[E]),
+        kv: (&R, &R),
         offsets: &[usize],
-    ) -> Vec<Vec<f32>>
-    where
-        [E]: Row,
-    {
+    ) -> Vec<Vec<f32>> {
         let mut outs = vec![vec![f32::NAN; qs[0].len()]; qs.len()];
         let mut rows: Vec<QueryRow> = outs
             .iter_mut()
@@ -1136,7 +1052,7 @@ mod tests {
                         out: &mut full,
                     },
                 ];
-                attend_rows(isa, &mut rows, (&k, &v), &offsets, 0.125);
+                attend_rows(isa, &mut rows, (&k[..], &v[..]), &offsets, 0.125);
                 assert!(
                     empty.iter().all(|&o| o == 0.0),
                     "{isa:?} hd {hd}: {empty:?}"

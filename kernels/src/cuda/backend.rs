@@ -72,23 +72,23 @@ impl CudaBackend {
         Ok(DeviceBuffer::upload(&*self.rt, data)?)
     }
 
-    /// A KV pool on the device as f32, which the kernels read and write. An f16 pool is
-    /// widened here (exactly) and rounded back by [`Self::down_kv`]: the whole pool travels
-    /// per op until the cache lives on the device (issue #7).
+    /// A KV pool on the device as f32, which the kernels read and write. An f16 or int8
+    /// pool is widened here (as the CPU reads it) and stored back by [`Self::down_kv`]:
+    /// the whole pool travels per op until the cache lives on the device (issue #7).
     fn up_kv(&self, pool: &KvData) -> Result<DeviceBuffer<'_>> {
         match pool {
             KvData::F32(v) => self.up(v),
-            KvData::F16(_) => self.up(&pool.to_f32()),
+            KvData::F16(_) | KvData::Int8 { .. } => self.up(&pool.to_f32()),
         }
     }
 
     fn down_kv(buf: &DeviceBuffer<'_>, pool: &mut KvData) -> Result<()> {
         match pool {
             KvData::F32(v) => buf.download(v)?,
-            KvData::F16(_) => {
+            KvData::F16(_) | KvData::Int8 { .. } => {
                 let mut f = vec![0f32; pool.len()];
                 buf.download(&mut f)?;
-                pool.write(0, &f);
+                pool.write_changed(&f);
             }
         }
         Ok(())
