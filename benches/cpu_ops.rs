@@ -81,7 +81,11 @@ fn pool_handoff(c: &mut Criterion) {
     let tasks = rayon::current_num_threads();
     let mut g = c.benchmark_group("pool");
     g.bench_function(format!("cpu/empty-job/{tasks}-tasks"), |b| {
-        b.iter(|| pool.run(tasks, &|i| std::hint::black_box(i)))
+        b.iter(|| {
+            pool.run(tasks, &|i| {
+                std::hint::black_box(i);
+            })
+        })
     });
     g.finish();
 }

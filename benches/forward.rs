@@ -57,6 +57,7 @@ fn forward(c: &mut Criterion) {
         ("prefill-128", 1, 0, 128, KvDtype::F32),
         ("decode-b1-ctx2048", 1, 2047, 1, KvDtype::F32),
         ("decode-b1-ctx2048-kv-f16", 1, 2047, 1, KvDtype::F16),
+        ("decode-b1-ctx2048-kv-int8", 1, 2047, 1, KvDtype::Int8),
     ] {
         let l = layout(seqs, past, new, 16);
         let mut kv = model.new_kv_cache(seqs * (past + new).div_ceil(16), 16, kv_dtype);
@@ -88,7 +89,7 @@ fn ops(c: &mut Criterion) {
         let l = layout(seqs, ctx - 1, 1, 16);
         let q = vec![0.1f32; l.num_tokens() * heads * hd];
         let mut out = vec![0f32; q.len()];
-        for dtype in [KvDtype::F32, KvDtype::F16] {
+        for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Int8] {
             let mut cache = KvLayer::new(seqs * ctx / 16, 16, kv_heads, hd, dtype);
             fill(&mut cache);
             let shape = format!("{shape}-b{seqs}-ctx{ctx}");

@@ -12,47 +12,65 @@ use super::simd::{Isa, Row};
 /// The K or V pool of one KV head (sliced to start at it) as rows of `head_dim` values
 /// starting at element offsets.
 pub trait KvRows {
-    /// A row as the SIMD loads read it.
-    type Row<'a>: Row
-    where
-        Self: 'a;
     /// Elements from the start (for bounds checks).
     fn len(&self) -> usize;
     /// The values themselves, when they are f32 (read in place, never widened).
     fn in_place(&self) -> Option<&[f32]>;
-    /// The `hd` values from element `at`.
-    fn row(&self, at: usize, hd: usize) -> Self::Row<'_>;
+    /// The rows of `hd` values at `offsets`, as f32 back to back in `dst`
+    /// (`offsets.len() * hd` long). Panics on a row outside the pool.
+    fn widen(&self, isa: Isa, offsets: &[usize], hd: usize, dst: &mut [f32]);
 }
 
 impl KvRows for [f32] {
-    type Row<'a> = &'a [f32];
     fn len(&self) -> usize {
         <[f32]>::len(self)
     }
     fn in_place(&self) -> Option<&[f32]> {
         Some(self)
     }
-    fn row(&self, at: usize, hd: usize) -> &[f32] {
-        &self[at..at + hd]
+    fn widen(&self, _: Isa, offsets: &[usize], hd: usize, dst: &mut [f32]) {
+        for (&at, dst) in offsets.iter().zip(dst.chunks_exact_mut(hd)) {
+            dst.copy_from_slice(&self[at..at + hd]);
+        }
     }
 }
 
 impl KvRows for [half::f16] {
-    type Row<'a> = &'a [half::f16];
     fn len(&self) -> usize {
         <[half::f16]>::len(self)
     }
     fn in_place(&self) -> Option<&[f32]> {
         None
     }
-    fn row(&self, at: usize, hd: usize) -> &[half::f16] {
-        &self[at..at + hd]
+    fn widen(&self, isa: Isa, offsets: &[usize], hd: usize, dst: &mut [f32]) {
+        assert!(offsets.iter().all(|&at| at + hd <= self.len()) && dst.len() >= offsets.len() * hd);
+        match isa {
+            // SAFETY: the ISA was detected; every row is inside the pool and `dst` holds
+            // them all (asserted); the loads and stores step by 16 or 8 within a row of
+            // that multiple.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 if hd.is_multiple_of(16) => unsafe {
+                x86::widen_avx512(self, offsets, hd, dst)
+            },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma | Isa::Avx512 if hd.is_multiple_of(8) => unsafe {
+                x86::widen_avx2(self, offsets, hd, dst)
+            },
+            _ => {
+                for (&at, dst) in offsets.iter().zip(dst.chunks_exact_mut(hd)) {
+                    let src = &self[at..at + hd];
+                    dst.iter_mut()
+                        .enumerate()
+                        .for_each(|(i, d)| *d = Row::get(src, i));
+                }
+            }
+        }
     }
 }
 
 /// An int8 pool from one KV head on: `codes` from the head's first value, `scales` from its
-/// first scale, one per `group` codes. Offsets are whole token slots, so each row starts a
-/// group.
+/// first scale, one per `group` codes (a power of two, `crate::attention::int8_group`).
+/// Offsets are whole token slots, so each row starts a group.
 pub struct Int8Rows<'a> {
     pub codes: &'a [i8],
     pub scales: &'a [f32],
@@ -78,59 +96,49 @@ impl<'a> Int8Rows<'a> {
 }
 
 impl KvRows for Int8Rows<'_> {
-    type Row<'a>
-        = Int8KvRow<'a>
-    where
-        Self: 'a;
     fn len(&self) -> usize {
         self.codes.len()
     }
     fn in_place(&self) -> Option<&[f32]> {
         None
     }
-    fn row(&self, at: usize, hd: usize) -> Int8KvRow<'_> {
+    fn widen(&self, isa: Isa, offsets: &[usize], hd: usize, dst: &mut [f32]) {
         let g = self.group;
-        Int8KvRow {
-            codes: &self.codes[at..at + hd],
-            scales: &self.scales[at / g..(at + hd).div_ceil(g)],
-            group: g,
+        assert!(g.is_power_of_two(), "int8 KV groups of {g}");
+        assert!(
+            offsets.iter().all(|&at| at.is_multiple_of(g)
+                && at + hd <= self.codes.len()
+                && (at + hd).div_ceil(g) <= self.scales.len())
+                && hd.is_multiple_of(g)
+                && dst.len() >= offsets.len() * hd,
+            "int8 KV rows outside the pool, or not in whole groups"
+        );
+        match isa {
+            // SAFETY: the ISA was detected; rows, their scales and `dst` are in bounds and
+            // rows are whole groups (asserted); a group of a multiple of 16 or 8 codes
+            // steps its loads within itself.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 if g.is_multiple_of(16) => unsafe {
+                x86::widen_int8_avx512(self, offsets, hd, dst)
+            },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma | Isa::Avx512 if g.is_multiple_of(8) => unsafe {
+                x86::widen_int8_avx2(self, offsets, hd, dst)
+            },
+            _ => {
+                for (&at, dst) in offsets.iter().zip(dst.chunks_exact_mut(hd)) {
+                    let codes = self.codes[at..at + hd].chunks_exact(g);
+                    let groups = codes
+                        .zip(&self.scales[at / g..])
+                        .zip(dst.chunks_exact_mut(g));
+                    for ((codes, &scale), dst) in groups {
+                        for (d, &c) in dst.iter_mut().zip(codes) {
+                            *d = c as f32 * scale;
+                        }
+                    }
+                }
+            }
         }
-    }
-}
-
-/// One head's row of an int8 pool: value `i` is `codes[i] · scales[i / group]`.
-pub struct Int8KvRow<'a> {
-    codes: &'a [i8],
-    scales: &'a [f32],
-    group: usize,
-}
-
-// SAFETY: loads read `codes[i..i + 8 or 16]` (in the row for in-range `i`) and one scale,
-// `scales[i / group]`: a group is a multiple of the load width wherever a SIMD path runs
-// (`int8_group` gives 32 or the head, and those paths need heads of multiples of 16 or 8),
-// so the values of one load share it.
-unsafe impl Row for Int8KvRow<'_> {
-    fn len(&self) -> usize {
-        self.codes.len()
-    }
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: i8 and u8 have one layout.
-        unsafe { std::slice::from_raw_parts(self.codes.as_ptr() as *const u8, self.codes.len()) }
-    }
-    fn get(&self, i: usize) -> f32 {
-        self.codes[i] as f32 * self.scales[i / self.group]
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8(&self, i: usize) -> std::arch::x86_64::__m256 {
-        super::rows::Int8Row(&self.codes[i..i + 8], self.scales[i / self.group]).load8(0)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    unsafe fn load16(&self, i: usize) -> std::arch::x86_64::__m512 {
-        super::rows::Int8Row(&self.codes[i..i + 16], self.scales[i / self.group]).load16(0)
     }
 }
 
@@ -149,54 +157,32 @@ pub fn chunk_view<'a, R: KvRows + ?Sized>(
         return (values, offsets);
     }
     let scratch = &mut scratch[..offsets.len() * hd];
-    let row = |at: usize| src.row(at, hd);
-    match isa {
-        // SAFETY: the ISA was detected; each row is `hd` values (sliced, so in bounds) and
-        // `scratch` holds them all; the loads and stores step by 16 or 8 within a row of
-        // that multiple.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if hd.is_multiple_of(16) => unsafe {
-            x86::widen_avx512(offsets, hd, scratch, row)
-        },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma | Isa::Avx512 if hd.is_multiple_of(8) => unsafe {
-            x86::widen_avx2(offsets, hd, scratch, row)
-        },
-        _ => {
-            for (&at, dst) in offsets.iter().zip(scratch.chunks_exact_mut(hd)) {
-                let src = row(at);
-                dst.iter_mut()
-                    .enumerate()
-                    .for_each(|(i, d)| *d = Row::get(&src, i));
-            }
-        }
-    }
+    src.widen(isa, offsets, hd, scratch);
     (scratch, &packed[..offsets.len()])
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::Row;
+    use super::{Int8Rows, Row};
     use std::arch::x86_64::*;
 
-    /// The rows `row(at)` of `hd` values for each of `offsets`, as f32 back to back in
-    /// `dst`, 16 values at a time.
+    /// The rows of `hd` values at `offsets` in `src`, as f32 back to back in `dst`, 16
+    /// values at a time.
     ///
     /// # Safety
-    /// AVX-512F and F16C; `hd` a multiple of 16, every row `hd` long,
+    /// AVX-512F and F16C; `hd` a multiple of 16, every `offsets[i] + hd <= src.len()`,
     /// `dst.len() >= offsets.len() * hd`.
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub unsafe fn widen_avx512<R: Row>(
+    pub unsafe fn widen_avx512<R: Row + ?Sized>(
+        src: &R,
         offsets: &[usize],
         hd: usize,
         dst: &mut [f32],
-        row: impl Fn(usize) -> R,
     ) {
         let mut out = dst.as_mut_ptr();
         for &at in offsets {
-            let src = row(at);
             for i in (0..hd).step_by(16) {
-                _mm512_storeu_ps(out.add(i), src.load16(i));
+                _mm512_storeu_ps(out.add(i), src.load16(at + i));
             }
             out = out.add(hd);
         }
@@ -205,19 +191,63 @@ mod x86 {
     /// [`widen_avx512`] 8 values at a time.
     ///
     /// # Safety
-    /// AVX2 and F16C; `hd` a multiple of 8, rows and `dst` as in [`widen_avx512`].
+    /// AVX2 and F16C; `hd` a multiple of 8, rows in bounds as in [`widen_avx512`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn widen_avx2<R: Row>(
+    pub unsafe fn widen_avx2<R: Row + ?Sized>(
+        src: &R,
         offsets: &[usize],
         hd: usize,
         dst: &mut [f32],
-        row: impl Fn(usize) -> R,
     ) {
         let mut out = dst.as_mut_ptr();
         for &at in offsets {
-            let src = row(at);
             for i in (0..hd).step_by(8) {
-                _mm256_storeu_ps(out.add(i), src.load8(i));
+                _mm256_storeu_ps(out.add(i), src.load8(at + i));
+            }
+            out = out.add(hd);
+        }
+    }
+
+    /// Int8 rows as `code · scale`, 16 values at a time, a scale per group.
+    ///
+    /// # Safety
+    /// AVX-512F; the group a power of two of at least 16, every row whole groups inside the pool with its
+    /// scales, `dst.len() >= offsets.len() * hd`.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn widen_int8_avx512(src: &Int8Rows, offsets: &[usize], hd: usize, dst: &mut [f32]) {
+        let (codes, g) = (src.codes.as_ptr(), src.group);
+        let shift = g.trailing_zeros();
+        let mut out = dst.as_mut_ptr();
+        for &at in offsets {
+            for g0 in (0..hd).step_by(g) {
+                let scale = _mm512_set1_ps(*src.scales.get_unchecked((at + g0) >> shift));
+                for i in (g0..g0 + g).step_by(16) {
+                    let q = _mm_loadu_si128(codes.add(at + i) as *const __m128i);
+                    let x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+                    _mm512_storeu_ps(out.add(i), _mm512_mul_ps(x, scale));
+                }
+            }
+            out = out.add(hd);
+        }
+    }
+
+    /// [`widen_int8_avx512`] 8 values at a time.
+    ///
+    /// # Safety
+    /// AVX2; the group a power of two of at least 8, rows as in [`widen_int8_avx512`].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn widen_int8_avx2(src: &Int8Rows, offsets: &[usize], hd: usize, dst: &mut [f32]) {
+        let (codes, g) = (src.codes.as_ptr(), src.group);
+        let shift = g.trailing_zeros();
+        let mut out = dst.as_mut_ptr();
+        for &at in offsets {
+            for g0 in (0..hd).step_by(g) {
+                let scale = _mm256_set1_ps(*src.scales.get_unchecked((at + g0) >> shift));
+                for i in (g0..g0 + g).step_by(8) {
+                    let q = _mm_loadl_epi64(codes.add(at + i) as *const __m128i);
+                    let x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                    _mm256_storeu_ps(out.add(i), _mm256_mul_ps(x, scale));
+                }
             }
             out = out.add(hd);
         }
