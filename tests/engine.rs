@@ -306,3 +306,42 @@ fn priorities_order_admission_and_preemption() {
     );
     assert_eq!(usage[&low].completion_tokens, 40);
 }
+
+/// The KV dtype sets how many tokens the same `kv_cache_bytes` hold: f16 twice f32's, int8
+/// (the tiny model's heads of 16 values: a scale per 16) 1.6x f16's. A prompt too long for
+/// the f16 pool is refused with a message that says so, and the int8 pool scores it.
+#[test]
+fn kv_dtype_sets_the_tokens_a_pool_holds() {
+    use vellum::kernels::KvDtype;
+    let engine = |kv_dtype| {
+        Engine::builder()
+            .model(repo().join("tests/golden/models/llama_gqa"))
+            .config(EngineConfig {
+                block_size: 16,
+                // 8 blocks of f16: 2 layers x K and V x 32 values x 2 bytes per token.
+                kv_cache_bytes: 8 * 16 * 256,
+                kv_dtype,
+                ..EngineConfig::default()
+            })
+            .build()
+            .unwrap()
+    };
+    let capacity = |dtype| engine(dtype).kv_capacity_tokens();
+    assert_eq!(capacity(KvDtype::F32), 4 * 16);
+    assert_eq!(capacity(KvDtype::F16), 8 * 16);
+    // 2 layers x 2 x (32 codes + 2 scales x 4 bytes) = 160 bytes per token: 12 whole blocks.
+    assert_eq!(capacity(KvDtype::Int8), 12 * 16);
+
+    let prompt: Vec<u32> = (0..150).map(|t| (t * 7 + 3) % 256).collect();
+    let err = engine(KvDtype::F16)
+        .add_request(Request::score(prompt.clone()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("can never fit the KV cache of 128 tokens"),
+        "{err}"
+    );
+    let scores = engine(KvDtype::Int8).score(vec![prompt]).unwrap();
+    assert_eq!(scores[0].len(), 149);
+    assert!(scores[0].iter().all(|l| l.is_finite() && *l <= 0.0));
+}
