@@ -25,7 +25,7 @@ for line in sys.stdin:
     m = json.loads(line)
     exe = m.get("executable")
     name = m.get("target", {}).get("name")
-    if exe and name in ("cuda_parity", "cuda_compile", "vellum_kernels"):
+    if exe and name in ("cuda_parity", "cuda_compile", "cuda_qmatmul", "cuda_resident", "vellum_kernels"):
         shutil.copy(exe, sys.argv[1] + "/" + name)
         print("carried", name)
 ' "$carry"
@@ -41,7 +41,7 @@ run() {
   export VELLUM_REQUIRE_GPU=1 VELLUM_REQUIRE_NVRTC=1 VELLUM_CACHE_DIR="$PWD/$carry/cache"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   local status=()
-  for t in cuda_compile cuda_parity vellum_kernels; do
+  for t in cuda_compile cuda_parity cuda_qmatmul cuda_resident vellum_kernels; do
     if "$carry/$t" --test-threads=1 >"$carry/$t.log" 2>&1; then
       status+=("$t|ok|$(grep -o '[0-9]* passed' "$carry/$t.log" | tail -1)")
     else
@@ -49,18 +49,30 @@ run() {
       tail -30 "$carry/$t.log"
     fi
   done
-  "$carry/vellum" bench --shape smollm-135m --dtype f16 --device cuda:0 \
-    --concurrency 1,16 --prompt-len 64 --gen-len 16 --json >"$carry/bench-cuda.json" 2>"$carry/bench-cuda.log" ||
-    status+=("bench cuda:0|FAILED|see $carry/bench-cuda.log")
+  # Weights stay on the device (prepared at load); activations and the KV cache still travel
+  # per op, so these decode figures are a floor, not the kernels' speed.
+  local q
+  for q in f16 int4; do
+    local quant=()
+    [[ "$q" == int4 ]] && quant=(--quant int4:sym)
+    "$carry/vellum" bench --shape smollm-135m --dtype f16 "${quant[@]}" --device cuda:0 \
+      --concurrency 1,16 --prompt-len 64 --gen-len 16 --json >"$carry/bench-cuda-$q.json" 2>"$carry/bench-cuda-$q.log" ||
+      status+=("bench cuda:0 $q|FAILED|see $carry/bench-cuda-$q.log")
+  done
   echo
   echo "| check | result | detail |"
   echo "|---|---|---|"
   for s in "${status[@]}"; do echo "| ${s//|/ | } |"; done
-  python3 - "$carry/bench-cuda.json" <<'PY' || true
+  python3 - "$carry" <<'PY' || true
 import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    print(f"| bench smollm-135m f16 cuda:0 x{r.get('concurrency')} | {r.get('decode_tok_s', 0):.1f} tok/s | |")
+for q in ("f16", "int4"):
+    try:
+        lines = open(f"{sys.argv[1]}/bench-cuda-{q}.json").read().splitlines()
+    except OSError:
+        continue
+    for line in lines:
+        r = json.loads(line)
+        print(f"| bench smollm-135m {q} cuda:0 x{r.get('concurrency')} | {r.get('decode_tok_s', 0):.1f} tok/s | |")
 PY
 }
 

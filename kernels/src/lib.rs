@@ -15,7 +15,7 @@ pub mod weight;
 pub use attention::{BatchLayout, KvData, KvDtype, KvLayer};
 pub use device::Device;
 pub use rope::{Rope, RopeScaling};
-pub use weight::{QuantTarget, Weight, WeightData};
+pub use weight::{DeviceCopy, QuantTarget, Weight, WeightData};
 
 /// Errors of the kernels crate.
 #[derive(Debug, thiserror::Error)]

@@ -93,6 +93,18 @@ pub struct Weight {
     pub rows: usize,
     pub cols: usize,
     pub data: WeightData,
+    /// A backend's own copy (device memory), attached by its `prepare_weight`.
+    device: Option<DeviceCopy>,
+}
+
+/// A backend's copy of a weight, opaque to everything else; clones share it.
+#[derive(Clone)]
+pub struct DeviceCopy(pub std::sync::Arc<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for DeviceCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceCopy")
+    }
 }
 
 impl Weight {
@@ -133,7 +145,28 @@ impl Weight {
         crate::check("weight", have == unit, || {
             format!("[{rows}, {cols}] needs {unit} elements/bytes, storage has {have}")
         })?;
-        Ok(Weight { rows, cols, data })
+        Ok(Weight {
+            rows,
+            cols,
+            data,
+            device: None,
+        })
+    }
+
+    /// The copy a backend attached with [`Weight::set_device_copy`], if any. Each backend
+    /// recognizes its own (by type and device) and ignores others.
+    pub fn device_copy(&self) -> Option<&DeviceCopy> {
+        self.device.as_ref()
+    }
+
+    /// Attaches a backend's copy of this weight, made from `data` as it is now: whoever
+    /// changes `data` afterwards must call [`Weight::clear_device_copy`].
+    pub fn set_device_copy(&mut self, copy: DeviceCopy) {
+        self.device = Some(copy);
+    }
+
+    pub fn clear_device_copy(&mut self) {
+        self.device = None;
     }
 
     /// The CPU integer path's repacked storage, if this weight was prepared for it

@@ -2,10 +2,12 @@
 //! launch geometry and argument packing for every kernel, run by a GPU or by the emulator.
 //!
 //! Today it implements the engine's [`Backend`] trait, which works on host `f32` slices: each
-//! op uploads its inputs, launches, and downloads its outputs (the KV cache included). That is
-//! correct and lets the emulator run the engine end to end, but it is not how a GPU should be
-//! driven; device-resident activations and KV blocks need the trait to take device buffers
-//! (see the note in DESIGN.md's "Backends").
+//! op uploads its inputs, launches, and downloads its outputs (the KV cache included). Model
+//! weights are the exception: `prepare_weight` puts each on the device once, at load, in the
+//! form the matmul reads ([`ResidentWeight`]). That is correct and lets the emulator run the
+//! engine end to end, but it is not yet how a GPU should be driven; device-resident
+//! activations and KV blocks need the trait to take device buffers (see the note in
+//! DESIGN.md's "Backends").
 
 use super::runtime::{Arg, DeviceBuffer, KernelRuntime, LaunchConfig, Pod};
 use super::CudaError;
@@ -13,7 +15,7 @@ use crate::{
     check, shapes, Backend, BatchLayout, KvData, KvLayer, Result, Rope, Weight, WeightData,
 };
 use half::f16;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use vellum_quant::{BlockFormat, Int4Format, QK};
 
 /// Threads per block of the row kernels (norms, softmax, argmax).
@@ -116,7 +118,7 @@ impl CudaBackend {
     /// A weight on the device in the form a matmul kernel reads: dense as stored; int4
     /// (planar, or GGUF Q4_0/Q4_1 repacked to planar group 32 bit for bit) and int8 (per
     /// channel, or Q8_0 repacked to codes + a scale per 32) as codes and scales.
-    fn upload_matrix(&self, w: &Weight) -> Result<DeviceMatrix<'_>> {
+    fn upload_matrix(&self, w: &Weight) -> Result<DeviceMatrix<DeviceBuffer<'_>>> {
         let (rows, cols) = (w.rows, w.cols);
         Ok(match &w.data {
             WeightData::F32(_) | WeightData::F16(_) | WeightData::BF16(_) => {
@@ -155,13 +157,69 @@ impl CudaBackend {
         })
     }
 
+    /// This backend's device copy of `w`, if `prepare_weight` made one on this runtime.
+    fn resident<'w>(&self, w: &'w Weight) -> Option<&'w ResidentWeight> {
+        let copy = w.device_copy()?.0.downcast_ref::<ResidentWeight>()?;
+        let same_runtime = std::ptr::addr_eq(Arc::as_ptr(&copy.rt), Arc::as_ptr(&self.rt));
+        same_runtime.then_some(copy)
+    }
+
+    /// Memory of an upload that `owner` keeps past this op.
+    fn keep(&self, buf: DeviceBuffer<'_>) -> OwnedBuffer {
+        OwnedBuffer {
+            rt: self.rt.clone(),
+            ptr: buf.into_raw(),
+        }
+    }
+
+    /// `out = x · wᵀ (+ bias)` on the device with `w` already there.
+    fn launch_matmul<B: DeviceMem>(
+        &self,
+        w: &DeviceMatrix<B>,
+        (x, bias, out): (Arg, Arg, Arg),
+        (rows, k, n): (usize, usize, usize),
+    ) -> Result<()> {
+        let blocks = (n as u32).div_ceil(MATMUL_WARPS);
+        let cfg = LaunchConfig::linear(blocks, MATMUL_WARPS * 32);
+        let shape = [rows, k, n].map(|v| Arg::U32(v as u32));
+        match w {
+            DeviceMatrix::Dense(wb, ty) => {
+                let mut args = vec![x, wb.arg(), bias, out];
+                args.extend(shape);
+                self.launch("matmul", &format!("matmul_f32_{ty}"), cfg, &args)
+            }
+            DeviceMatrix::Int4 {
+                packed,
+                scales,
+                mins,
+                group,
+            } => {
+                let mins = mins.as_ref().map_or(Arg::Ptr(0), |m| m.arg());
+                let mut args = vec![x, packed.arg(), scales.arg(), mins, bias, out];
+                args.extend(shape);
+                args.push(Arg::U32(*group));
+                self.launch("qmatmul", "matmul_w4_f32", cfg, &args)
+            }
+            DeviceMatrix::Int8 {
+                codes,
+                scales,
+                group,
+            } => {
+                let mut args = vec![x, codes.arg(), scales.arg(), bias, out];
+                args.extend(shape);
+                args.push(Arg::U32(*group));
+                self.launch("qmatmul", "matmul_w8_f32", cfg, &args)
+            }
+        }
+    }
+
     fn upload_int4(
         &self,
         f: Int4Format,
         packed: &[u8],
         scales: &[f16],
         mins: &[f16],
-    ) -> Result<DeviceMatrix<'_>> {
+    ) -> Result<DeviceMatrix<DeviceBuffer<'_>>> {
         Ok(DeviceMatrix::Int4 {
             packed: self.up(packed)?,
             scales: self.up(scales)?,
@@ -187,23 +245,87 @@ impl CudaBackend {
     }
 }
 
-/// A matmul weight as the kernels read it (see [`CudaBackend::upload_matrix`]).
-enum DeviceMatrix<'r> {
+/// A matmul weight as the kernels read it (see [`CudaBackend::upload_matrix`]), in memory of
+/// one op ([`DeviceBuffer`]) or of a prepared weight ([`OwnedBuffer`]).
+enum DeviceMatrix<B> {
     /// Dense rows and the kernel-name suffix of their type.
-    Dense(DeviceBuffer<'r>, &'static str),
+    Dense(B, &'static str),
     /// Planar int4 codes, f16 scales, f16 offsets (asymmetric only), group size.
     Int4 {
-        packed: DeviceBuffer<'r>,
-        scales: DeviceBuffer<'r>,
-        mins: Option<DeviceBuffer<'r>>,
+        packed: B,
+        scales: B,
+        mins: Option<B>,
         group: u32,
     },
     /// int8 codes and one f32 scale per `group` values of a row.
-    Int8 {
-        codes: DeviceBuffer<'r>,
-        scales: DeviceBuffer<'r>,
-        group: u32,
-    },
+    Int8 { codes: B, scales: B, group: u32 },
+}
+
+impl<B> DeviceMatrix<B> {
+    fn map<C>(self, mut f: impl FnMut(B) -> C) -> DeviceMatrix<C> {
+        match self {
+            DeviceMatrix::Dense(b, ty) => DeviceMatrix::Dense(f(b), ty),
+            DeviceMatrix::Int4 {
+                packed,
+                scales,
+                mins,
+                group,
+            } => DeviceMatrix::Int4 {
+                packed: f(packed),
+                scales: f(scales),
+                mins: mins.map(&mut f),
+                group,
+            },
+            DeviceMatrix::Int8 {
+                codes,
+                scales,
+                group,
+            } => DeviceMatrix::Int8 {
+                codes: f(codes),
+                scales: f(scales),
+                group,
+            },
+        }
+    }
+}
+
+/// Device memory a kernel argument can point at.
+trait DeviceMem {
+    fn arg(&self) -> Arg;
+}
+
+impl DeviceMem for DeviceBuffer<'_> {
+    fn arg(&self) -> Arg {
+        DeviceBuffer::arg(self)
+    }
+}
+
+/// Device memory that lives as long as its owner (a prepared weight), not one op.
+struct OwnedBuffer {
+    rt: Arc<dyn KernelRuntime>,
+    ptr: u64,
+}
+
+impl DeviceMem for OwnedBuffer {
+    fn arg(&self) -> Arg {
+        Arg::Ptr(self.ptr)
+    }
+}
+
+impl Drop for OwnedBuffer {
+    fn drop(&mut self) {
+        self.rt.free(self.ptr);
+    }
+}
+
+/// A weight on one runtime's device, attached to it by `prepare_weight` at load (and freed
+/// with it): the matmul form, and the row-gather form the first time it is used as an
+/// embedding table (a tied LM head is both). Ops that meet an unprepared weight, or one
+/// prepared on another device, upload it for the op as before.
+struct ResidentWeight {
+    rt: Arc<dyn KernelRuntime>,
+    matrix: DeviceMatrix<OwnedBuffer>,
+    rows: OnceLock<(OwnedBuffer, &'static str)>,
 }
 
 /// Threads for a row of `width` elements: a multiple of 32, at most [`ROW_THREADS`].
@@ -216,17 +338,46 @@ impl Backend for CudaBackend {
         &self.name
     }
 
+    /// Uploads the weight in its matmul form, once: every later op reads it there.
+    fn prepare_weight(&self, w: &mut Weight) -> Result<()> {
+        if self.resident(w).is_some() {
+            return Ok(());
+        }
+        let matrix = self.upload_matrix(w)?.map(|b| self.keep(b));
+        w.set_device_copy(crate::DeviceCopy(Arc::new(ResidentWeight {
+            rt: self.rt.clone(),
+            matrix,
+            rows: OnceLock::new(),
+        })));
+        Ok(())
+    }
+
     fn embedding(&self, table: &Weight, tokens: &[u32], out: &mut [f32]) -> Result<()> {
         shapes::embedding(table, tokens, out)?;
         let width = table.cols;
         if tokens.is_empty() {
             return Ok(());
         }
-        let (w, ty) = self.upload_rows(table)?;
+        let for_op;
+        let (w, ty) = match self.resident(table) {
+            Some(r) => {
+                if r.rows.get().is_none() {
+                    let (buf, ty) = self.upload_rows(table)?;
+                    // Another thread may have won the race: its copy is kept, this freed.
+                    let _ = r.rows.set((self.keep(buf), ty));
+                }
+                let (buf, ty) = r.rows.get().expect("set above");
+                (buf.arg(), *ty)
+            }
+            None => {
+                for_op = self.upload_rows(table)?;
+                (for_op.0.arg(), for_op.1)
+            }
+        };
         let td = self.up(tokens)?;
         let od = self.zeroed(out.len() * 4)?;
         let cfg = LaunchConfig::linear(tokens.len() as u32, row_threads(width));
-        let args = [w.arg(), td.arg(), od.arg(), Arg::U32(width as u32)];
+        let args = [w, td.arg(), od.arg(), Arg::U32(width as u32)];
         self.launch("elementwise", &format!("embedding_f32_{ty}"), cfg, &args)?;
         od.download(out)?;
         Ok(())
@@ -273,41 +424,13 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let xd = self.up(x)?;
-        let wd = self.upload_matrix(w)?;
         let bd = bias.map(|b| self.up(b)).transpose()?;
         let od = self.zeroed(out.len() * 4)?;
-        let blocks = (n as u32).div_ceil(MATMUL_WARPS);
-        let cfg = LaunchConfig::linear(blocks, MATMUL_WARPS * 32);
         let bias = bd.as_ref().map_or(Arg::Ptr(0), |b| b.arg());
-        let shape = [rows, k, n].map(|v| Arg::U32(v as u32));
-        match &wd {
-            DeviceMatrix::Dense(wb, ty) => {
-                let mut args = vec![xd.arg(), wb.arg(), bias, od.arg()];
-                args.extend(shape);
-                self.launch("matmul", &format!("matmul_f32_{ty}"), cfg, &args)?;
-            }
-            DeviceMatrix::Int4 {
-                packed,
-                scales,
-                mins,
-                group,
-            } => {
-                let mins = mins.as_ref().map_or(Arg::Ptr(0), |m| m.arg());
-                let mut args = vec![xd.arg(), packed.arg(), scales.arg(), mins, bias, od.arg()];
-                args.extend(shape);
-                args.push(Arg::U32(*group));
-                self.launch("qmatmul", "matmul_w4_f32", cfg, &args)?;
-            }
-            DeviceMatrix::Int8 {
-                codes,
-                scales,
-                group,
-            } => {
-                let mut args = vec![xd.arg(), codes.arg(), scales.arg(), bias, od.arg()];
-                args.extend(shape);
-                args.push(Arg::U32(*group));
-                self.launch("qmatmul", "matmul_w8_f32", cfg, &args)?;
-            }
+        let args = (xd.arg(), bias, od.arg());
+        match self.resident(w) {
+            Some(r) => self.launch_matmul(&r.matrix, args, (rows, k, n))?,
+            None => self.launch_matmul(&self.upload_matrix(w)?, args, (rows, k, n))?,
         }
         od.download(out)?;
         Ok(())

@@ -151,6 +151,14 @@ impl<'r> DeviceBuffer<'r> {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+
+    /// Gives up the allocation without freeing it: the caller frees `ptr` with the
+    /// runtime's `free` (memory that outlives an op, such as a prepared weight's).
+    pub fn into_raw(self) -> u64 {
+        let ptr = self.ptr;
+        std::mem::forget(self);
+        ptr
+    }
 }
 
 impl Drop for DeviceBuffer<'_> {
