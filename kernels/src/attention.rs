@@ -13,7 +13,7 @@ use half::vec::HalfBitsVecExt;
 /// f32's. F32 keeps the exact values, for checks against f32 references. Int8 (opt-in)
 /// stores a token's values as symmetric int8 codes with an f32 scale per [`int8_group`]
 /// values of a head (max |x| / 127, round to nearest): ~half an f16 cache's bytes again,
-/// at a measured cost in accuracy (README, "Accuracy").
+/// at a measured cost in accuracy (README, "Quantization accuracy").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvDtype {
     F32,

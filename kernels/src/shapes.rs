@@ -2,7 +2,7 @@
 //! is the same error (naming the op and the sizes) whichever backend gets it. Each returns
 //! the row count the op will work on where there is one.
 
-use crate::{check, BatchLayout, KernelError, KvLayer, Result, Rope, Weight};
+use crate::{check, BatchLayout, KernelError, KvData, KvLayer, Result, Rope, Weight};
 
 /// `out` holds one row per token; every token is a row of the table.
 pub fn embedding(table: &Weight, tokens: &[u32], out: &[f32]) -> Result<()> {
@@ -84,7 +84,22 @@ fn kv_pools(cache: &KvLayer) -> Result<()> {
             cache.v.len(),
             cache.v.dtype().name()
         )
-    })
+    })?;
+    // An int8 pool's scales cover whole groups of one head (so whole slots are written).
+    for pool in [&cache.k, &cache.v] {
+        if let KvData::Int8 { scales, group, .. } = pool {
+            let ok =
+                *group > 0 && cache.head_dim.is_multiple_of(*group) && scales.len() * group == n;
+            check("kv cache", ok, || {
+                format!(
+                    "int8 pool with {} scales per group of {group} for {n} values of heads of {}",
+                    scales.len(),
+                    cache.head_dim
+                )
+            })?;
+        }
+    }
+    Ok(())
 }
 
 pub fn write_kv(cache: &KvLayer, k: &[f32], v: &[f32], slot_mapping: &[u32]) -> Result<()> {

@@ -740,8 +740,8 @@ mod tests {
         cpu.attention(&[], &cache, &batch, 0, &mut []).unwrap();
     }
 
-    /// K and V pools are public fields: one of the wrong dtype or length is an error that
-    /// names them, not a panic inside a kernel.
+    /// K and V pools are public fields: one of the wrong dtype, length or int8 grouping is an
+    /// error that names them, not a panic inside a kernel.
     #[test]
     fn mismatched_kv_pools_are_an_error() {
         let batch = first_token_batch();
@@ -756,5 +756,20 @@ mod tests {
         assert!(err.to_string().contains("kv cache"), "{err}");
         cache.v = KvData::zeros(KvDtype::F16, 10, 64);
         assert!(cpu.attention(&q, &cache, &batch, 1, &mut out).is_err());
+
+        // Int8 pools whose scale groups do not split the heads (or miscount) are refused.
+        let mut cache = KvLayer::new(1, 16, 1, 64, KvDtype::Int8);
+        cpu.write_kv(&mut cache, &q, &q, &[0]).unwrap();
+        cpu.attention(&q, &cache, &batch, 1, &mut out).unwrap();
+        for (group, scales) in [(48, 1024 / 48 + 1), (32, 3)] {
+            cache.v = KvData::Int8 {
+                codes: vec![0; 1024],
+                scales: vec![0.0; scales],
+                group,
+            };
+            let err = cpu.write_kv(&mut cache, &q, &q, &[0]).unwrap_err();
+            assert!(err.to_string().contains("int8 pool"), "{err}");
+            assert!(cpu.attention(&q, &cache, &batch, 1, &mut out).is_err());
+        }
     }
 }
