@@ -35,11 +35,10 @@ fn layout(seqs: usize, past: usize, new: usize, block: usize) -> BatchLayout {
 /// Writes values into every slot: an untouched pool would read the kernel's shared zero
 /// page (always cached) instead of memory.
 fn fill(cache: &mut KvLayer) {
-    let values: Vec<f32> = (0..cache.k.len())
-        .map(|i| (i % 23) as f32 / 23.0 - 0.5)
-        .collect();
-    cache.k.write(0, &values);
-    cache.v.write(0, &values);
+    let (k, v) = cache.pools_mut();
+    let values: Vec<f32> = (0..k.len()).map(|i| (i % 23) as f32 / 23.0 - 0.5).collect();
+    k.write(0, &values);
+    v.write(0, &values);
 }
 
 fn forward(c: &mut Criterion) {

@@ -1,9 +1,11 @@
 //! The paged KV cache storage of one layer and the ragged batch layout that drives
 //! attention on every backend (DESIGN.md, "Data flow of one step").
 
+use crate::DeviceCopy;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use half::vec::HalfBitsVecExt;
+use std::sync::OnceLock;
 
 /// The element type of a KV cache. F16, the default (as in llama.cpp; vLLM keeps the
 /// model's 16-bit dtype), halves the bytes every decode step reads per cached position (at
@@ -139,37 +141,38 @@ impl KvData {
         }
     }
 
-    /// Stores a whole pool's `values` (what a device op gave back). An int8 pool keeps the
-    /// groups whose values are the ones it holds: quantizing them again could move their
-    /// scale by a rounding, and the cache would drift a little with every op.
-    pub fn write_changed(&mut self, values: &[f32]) {
-        let KvData::Int8 { group, .. } = *self else {
-            return self.write(0, values);
-        };
-        let held = self.to_f32();
-        let groups = values.chunks_exact(group).zip(held.chunks_exact(group));
-        for (i, (new, old)) in groups.enumerate() {
-            if new.iter().zip(old).any(|(a, b)| a.to_bits() != b.to_bits()) {
-                self.write(i * group, new);
-            }
-        }
-    }
-
     /// Every value as f32 (exact from f16, `code · scale` from int8): for backends and
     /// tests that work on f32 pools.
     pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.len()];
+        self.read(0, &mut out);
+        out
+    }
+
+    /// Values `at..at + out.len()` as f32, as [`KvData::to_f32`] gives them. An int8 pool
+    /// reads whole groups (`at` and the length multiples of its `group`).
+    pub fn read(&self, at: usize, out: &mut [f32]) {
+        let range = at..at + out.len();
         match self {
-            KvData::F32(v) => v.clone(),
-            KvData::F16(v) => v.to_f32_vec(),
+            KvData::F32(v) => out.copy_from_slice(&v[range]),
+            KvData::F16(v) => v[range].convert_to_f32_slice(out),
             KvData::Int8 {
                 codes,
                 scales,
                 group,
-            } => codes
-                .chunks(*group)
-                .zip(scales)
-                .flat_map(|(codes, &s)| codes.iter().map(move |&c| c as f32 * s))
-                .collect(),
+            } => {
+                let g = *group;
+                assert!(
+                    at.is_multiple_of(g) && out.len().is_multiple_of(g),
+                    "an int8 KV pool is read in whole groups"
+                );
+                let groups = codes[range].chunks_exact(g).zip(&scales[at / g..]);
+                for ((codes, &scale), out) in groups.zip(out.chunks_exact_mut(g)) {
+                    for (o, &c) in out.iter_mut().zip(codes) {
+                        *o = c as f32 * scale;
+                    }
+                }
+            }
         }
     }
 
@@ -241,14 +244,31 @@ fn saturate(out: &mut [f16], values: &[f32]) {
 
 /// One layer's paged K and V storage: `[num_blocks, block_size, n_kv_heads, head_dim]` each.
 /// Which blocks belong to which sequence is the engine's business (block tables).
-#[derive(Debug, Clone)]
+///
+/// The host pools are the truth. A backend may keep a device copy of them (the CUDA
+/// backend's f32 mirror), which its own ops keep in step; every other change to the pools
+/// ([`KvLayer::pools_mut`], [`KvLayer::copy_block`]) drops it, and the backend rebuilds it
+/// when it next needs it. A clone starts without one.
+#[derive(Debug)]
 pub struct KvLayer {
-    pub k: KvData,
-    pub v: KvData,
+    pub(crate) k: KvData,
+    pub(crate) v: KvData,
     pub num_blocks: usize,
     pub block_size: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    pub(crate) device: OnceLock<DeviceCopy>,
+}
+
+impl Clone for KvLayer {
+    fn clone(&self) -> Self {
+        KvLayer {
+            k: self.k.clone(),
+            v: self.v.clone(),
+            device: OnceLock::new(),
+            ..*self
+        }
+    }
 }
 
 impl KvLayer {
@@ -267,11 +287,27 @@ impl KvLayer {
             block_size,
             n_kv_heads,
             head_dim,
+            device: OnceLock::new(),
         }
     }
 
     pub fn dtype(&self) -> KvDtype {
         self.k.dtype()
+    }
+
+    pub fn k(&self) -> &KvData {
+        &self.k
+    }
+
+    pub fn v(&self) -> &KvData {
+        &self.v
+    }
+
+    /// The K and V pools, to change directly (tests, benches, a backend's writes): drops
+    /// any device copy.
+    pub fn pools_mut(&mut self) -> (&mut KvData, &mut KvData) {
+        self.device = OnceLock::new();
+        (&mut self.k, &mut self.v)
     }
 
     /// Values per token slot (all KV heads).
@@ -286,8 +322,9 @@ impl KvLayer {
     /// Copies one whole block's K and V to another (copy-on-write).
     pub fn copy_block(&mut self, src: usize, dst: usize) {
         let w = self.block_size * self.slot_width();
-        self.k.copy_within(src * w..(src + 1) * w, dst * w);
-        self.v.copy_within(src * w..(src + 1) * w, dst * w);
+        let (k, v) = self.pools_mut();
+        k.copy_within(src * w..(src + 1) * w, dst * w);
+        v.copy_within(src * w..(src + 1) * w, dst * w);
     }
 }
 
@@ -514,28 +551,5 @@ mod tests {
         }
         assert_eq!(KvDtype::Int8.slot_bytes(3, 64), 3 * 64 + 6 * 4);
         assert_eq!(KvDtype::Int8.slot_bytes(2, 8), 2 * 8 + 2 * 4);
-    }
-
-    /// A pool given back its own values (a device round trip) is unchanged, bit for bit;
-    /// a group whose values changed is quantized again, and only that one.
-    #[test]
-    fn writing_a_pool_back_leaves_unchanged_int8_groups_as_they_were() {
-        let mut pool = KvData::zeros(KvDtype::Int8, 4 * 16, 16);
-        let values: Vec<f32> = (0..64)
-            .map(|i| ((i * 37 % 29) as f32 - 14.0) / 3.0)
-            .collect();
-        pool.write(0, &values);
-        let before = pool.clone();
-        for _ in 0..3 {
-            pool.write_changed(&pool.to_f32());
-        }
-        assert_eq!(pool, before);
-        let mut changed = pool.to_f32();
-        changed[20] += 1.0;
-        pool.write_changed(&changed);
-        let (now, then) = (pool.to_f32(), before.to_f32());
-        assert_eq!(now[..16], then[..16]);
-        assert_eq!(now[32..], then[32..]);
-        assert!((now[20] - changed[20]).abs() < 0.05 && now[20] != then[20]);
     }
 }

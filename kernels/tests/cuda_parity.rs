@@ -164,9 +164,9 @@ fn paged_case(
 ) -> (KvLayer, BatchLayout) {
     let num_blocks = 120;
     let mut cache = KvLayer::new(num_blocks, block_size, n_kv, hd, dtype);
-    let n = cache.k.len();
-    cache.k.write(0, &rng.vec(n));
-    cache.v.write(0, &rng.vec(n));
+    let (k, v) = cache.pools_mut();
+    k.write(0, &rng.vec(k.len()));
+    v.write(0, &rng.vec(v.len()));
     let mut free: Vec<u32> = (0..num_blocks as u32).collect();
     for i in (1..free.len()).rev() {
         free.swap(i, rng.below(i + 1));
@@ -207,16 +207,30 @@ fn write_kv_and_paged_attention_match_for_gqa_ratios_and_head_dims() {
         ] {
             let (mut cache, batch) = paged_case(&mut rng, n_kv, hd, bs, dtype);
             let t = batch.num_tokens();
+            let q = rng.vec(t * n_heads * hd);
+            // An attention first: the backend's device copy of the pools (if it keeps one)
+            // exists before the write, which must then update it.
+            let (mut before, mut want) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+            be.attention(&q, &cache, &batch, n_heads, &mut before)
+                .unwrap();
+            cpu.attention(&q, &cache, &batch, n_heads, &mut want)
+                .unwrap();
+            assert_close(
+                &format!("{} before write_kv", be.name()),
+                &before,
+                &want,
+                2e-5,
+            );
+
             let (k, v) = (rng.vec(t * n_kv * hd), rng.vec(t * n_kv * hd));
             let mut mirror = cache.clone();
             be.write_kv(&mut cache, &k, &v, &batch.slot_mapping)
                 .unwrap();
             cpu.write_kv(&mut mirror, &k, &v, &batch.slot_mapping)
                 .unwrap();
-            assert_eq!(cache.k, mirror.k, "{} write_kv K", be.name());
-            assert_eq!(cache.v, mirror.v, "{} write_kv V", be.name());
+            assert_eq!(cache.k(), mirror.k(), "{} write_kv K", be.name());
+            assert_eq!(cache.v(), mirror.v(), "{} write_kv V", be.name());
 
-            let q = rng.vec(t * n_heads * hd);
             let mut want = vec![0.0; q.len()];
             cpu.attention(&q, &cache, &batch, n_heads, &mut want)
                 .unwrap();
@@ -541,9 +555,10 @@ fn half_kernels_match<H: Half>() {
         // attention over a paged cache stored in H
         let (n_heads, n_kv, hd, bs) = (3usize, 1usize, 64usize, 16usize);
         let (mut cache, batch) = paged_case(&mut rng, n_kv, hd, bs, KvDtype::F32);
-        let (kh, kf) = rounded::<H>(&cache.k.to_f32());
-        let (vh, vf) = rounded::<H>(&cache.v.to_f32());
-        (cache.k, cache.v) = (KvData::F32(kf), KvData::F32(vf));
+        let (kh, kf) = rounded::<H>(&cache.k().to_f32());
+        let (vh, vf) = rounded::<H>(&cache.v().to_f32());
+        let (k, v) = cache.pools_mut();
+        (*k, *v) = (KvData::F32(kf), KvData::F32(vf));
         let t = batch.num_tokens();
         let (qh, qf) = rounded::<H>(&rng.vec(t * n_heads * hd));
         let (tables, max_blocks) = batch.flat_block_tables();

@@ -1,12 +1,14 @@
-//! Prepared weights stay on the device: after `prepare_weight`, a matmul or an embedding
-//! uploads its activations only, and gives exactly what the per-op upload gave. Under the
-//! CPU emulator always; on GPU 0 too when it is usable.
+//! Model weights and KV pools stay on the device: after `prepare_weight`, a matmul or an
+//! embedding uploads its activations only, and gives exactly what the per-op upload gave;
+//! after the first attention over a layer, its pools are not sent again until something
+//! else changes them. Under the CPU emulator always; on GPU 0 too when it is usable.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use vellum_kernels::cpu::Cpu;
 use vellum_kernels::cuda::emu::EmuRuntime;
 use vellum_kernels::cuda::{driver, Arg, CudaBackend, CudaError, KernelRuntime, LaunchConfig};
-use vellum_kernels::{Backend, QuantTarget, Weight};
+use vellum_kernels::{Backend, BatchLayout, KvDtype, KvLayer, QuantTarget, Weight};
 use vellum_quant::DType;
 
 /// A runtime that counts the bytes copied to the device.
@@ -148,5 +150,107 @@ fn prepared_embedding_tables_upload_their_rows_once() {
         assert_eq!(rt.take(), tokens.len() * 4, "then only the token ids");
         assert_eq!(first, want);
         assert_eq!(again, want);
+    }
+}
+
+/// One sequence of 40 cached positions in blocks 2, 0, 3 (of 16), decoding at position 39:
+/// its layout, and a pool of `dtype` filled with values.
+fn decode_case(dtype: KvDtype) -> (KvLayer, BatchLayout) {
+    let (n_kv, hd) = (2, 64);
+    let mut cache = KvLayer::new(5, 16, n_kv, hd, dtype);
+    let (k, v) = cache.pools_mut();
+    k.write(0, &values(k.len(), 4));
+    v.write(0, &values(v.len(), 5));
+    let table = vec![2u32, 0, 3];
+    let batch = BatchLayout {
+        positions: vec![39],
+        slot_mapping: vec![3 * 16 + 39 % 16],
+        seq_offsets: vec![0, 1],
+        block_tables: vec![table],
+        context_lens: vec![40],
+    };
+    (cache, batch)
+}
+
+/// The KV pools go to the device once, on the first attention over a layer; then a decode
+/// step's write uploads its own slots and an attention its queries and batch layout, not
+/// the pools, and both match the CPU. A change to the host pools by anything else
+/// (`pools_mut`, `copy_block`) drops the device copy, and the next attention sends them
+/// again.
+#[test]
+fn kv_pools_stay_on_the_device_between_ops() {
+    let cpu = Cpu::new();
+    let (n_heads, n_kv, hd) = (4, 2, 64);
+    for dtype in [KvDtype::F16, KvDtype::Int8] {
+        for rt in runtimes() {
+            let be = CudaBackend::new(rt.clone());
+            let (mut cache, batch) = decode_case(dtype);
+            let pool_bytes = cache.k().len() * 4;
+            let q = values(n_heads * hd, 6);
+            let attend = |cache: &KvLayer| {
+                let (mut got, mut want) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+                be.attention(&q, cache, &batch, n_heads, &mut got).unwrap();
+                cpu.attention(&q, cache, &batch, n_heads, &mut want)
+                    .unwrap();
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    err < 1e-5,
+                    "{dtype:?}: attention differs from the CPU's by {err}"
+                );
+            };
+            rt.take();
+            attend(&cache);
+            assert!(
+                rt.take() >= 2 * pool_bytes,
+                "{dtype:?}: the pools go up once"
+            );
+            attend(&cache);
+            let small = rt.take();
+            assert!(
+                small < pool_bytes / 4,
+                "{dtype:?}: {small} bytes, pools stayed"
+            );
+
+            let (k, v) = (values(n_kv * hd, 7), values(n_kv * hd, 8));
+            let mut host = cache.clone();
+            be.write_kv(&mut cache, &k, &v, &batch.slot_mapping)
+                .unwrap();
+            cpu.write_kv(&mut host, &k, &v, &batch.slot_mapping)
+                .unwrap();
+            assert_eq!(
+                cache.k(),
+                host.k(),
+                "{dtype:?}: the host pools stay the truth"
+            );
+            assert_eq!(
+                rt.take(),
+                2 * n_kv * hd * 4 + 4,
+                "{dtype:?}: one slot's K and V"
+            );
+            attend(&cache);
+            assert!(
+                rt.take() < pool_bytes / 4,
+                "{dtype:?}: the write updated the copy"
+            );
+
+            cache
+                .pools_mut()
+                .1
+                .write(16 * n_kv * hd, &values(n_kv * hd, 9));
+            attend(&cache);
+            assert!(
+                rt.take() >= 2 * pool_bytes,
+                "{dtype:?}: a host change, sent again"
+            );
+            cache.copy_block(3, 0);
+            attend(&cache);
+            assert!(
+                rt.take() >= 2 * pool_bytes,
+                "{dtype:?}: a copied block, sent again"
+            );
+        }
     }
 }

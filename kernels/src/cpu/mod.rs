@@ -432,10 +432,11 @@ impl Backend for Cpu {
     ) -> Result<()> {
         shapes::write_kv(cache, k, v, slot_mapping)?;
         let w = cache.slot_width();
+        let (kp, vp) = cache.pools_mut();
         for (t, &slot) in slot_mapping.iter().enumerate() {
             let s = slot as usize;
-            cache.k.write(s * w, &k[t * w..(t + 1) * w]);
-            cache.v.write(s * w, &v[t * w..(t + 1) * w]);
+            kp.write(s * w, &k[t * w..(t + 1) * w]);
+            vp.write(s * w, &v[t * w..(t + 1) * w]);
         }
         Ok(())
     }
@@ -749,12 +750,12 @@ mod tests {
         let (q, mut out) = (vec![0.5f32; 64], vec![0f32; 64]);
         let mut cache = KvLayer::new(1, 16, 1, 64, KvDtype::F16);
         cpu.attention(&q, &cache, &batch, 1, &mut out).unwrap();
-        cache.v = KvData::zeros(KvDtype::F32, cache.v.len(), 64);
+        *cache.pools_mut().1 = KvData::zeros(KvDtype::F32, 1024, 64);
         let err = cpu.attention(&q, &cache, &batch, 1, &mut out).unwrap_err();
         assert!(err.to_string().contains("V 1024 f32"), "{err}");
         let err = cpu.write_kv(&mut cache, &q, &q, &[0]).unwrap_err();
         assert!(err.to_string().contains("kv cache"), "{err}");
-        cache.v = KvData::zeros(KvDtype::F16, 10, 64);
+        *cache.pools_mut().1 = KvData::zeros(KvDtype::F16, 10, 64);
         assert!(cpu.attention(&q, &cache, &batch, 1, &mut out).is_err());
 
         // Int8 pools whose scale groups do not split the heads (or miscount) are refused.
@@ -762,7 +763,7 @@ mod tests {
         cpu.write_kv(&mut cache, &q, &q, &[0]).unwrap();
         cpu.attention(&q, &cache, &batch, 1, &mut out).unwrap();
         for (group, scales) in [(48, 1024 / 48 + 1), (32, 3)] {
-            cache.v = KvData::Int8 {
+            *cache.pools_mut().1 = KvData::Int8 {
                 codes: vec![0; 1024],
                 scales: vec![0.0; scales],
                 group,

@@ -2,12 +2,13 @@
 //! launch geometry and argument packing for every kernel, run by a GPU or by the emulator.
 //!
 //! Today it implements the engine's [`Backend`] trait, which works on host `f32` slices: each
-//! op uploads its inputs, launches, and downloads its outputs (the KV cache included). Model
-//! weights are the exception: `prepare_weight` puts each on the device once, at load, in the
-//! form the matmul reads ([`ResidentWeight`]). That is correct and lets the emulator run the
-//! engine end to end, but it is not yet how a GPU should be driven; device-resident
-//! activations and KV blocks need the trait to take device buffers (see the note in
-//! DESIGN.md's "Backends").
+//! op uploads its activations, launches, and downloads its outputs. Model weights and KV
+//! pools stay on the device: `prepare_weight` puts each weight there once, at load, in the
+//! form the matmul reads ([`ResidentWeight`]); the first attention over a layer puts its
+//! pools there ([`ResidentKv`]), and `write_kv` then writes each new slot on the host (the
+//! truth, rounded as the CPU rounds) and on the device. Activations still travel per op:
+//! device-resident activations, and CUDA graphs over a step, need the trait to take device
+//! buffers (see the note in DESIGN.md's "Backends").
 
 use super::runtime::{Arg, DeviceBuffer, KernelRuntime, LaunchConfig, Pod};
 use super::CudaError;
@@ -74,9 +75,8 @@ impl CudaBackend {
         Ok(DeviceBuffer::upload(&*self.rt, data)?)
     }
 
-    /// A KV pool on the device as f32, which the kernels read and write. An f16 or int8
-    /// pool is widened here (as the CPU reads it) and stored back by [`Self::down_kv`]:
-    /// the whole pool travels per op until the cache lives on the device (issue #7).
+    /// A KV pool on the device as f32, which the kernels read: an f16 or int8 pool widened
+    /// as the CPU reads it.
     fn up_kv(&self, pool: &KvData) -> Result<DeviceBuffer<'_>> {
         match pool {
             KvData::F32(v) => self.up(v),
@@ -84,16 +84,30 @@ impl CudaBackend {
         }
     }
 
-    fn down_kv(buf: &DeviceBuffer<'_>, pool: &mut KvData) -> Result<()> {
-        match pool {
-            KvData::F32(v) => buf.download(v)?,
-            KvData::F16(_) | KvData::Int8 { .. } => {
-                let mut f = vec![0f32; pool.len()];
-                buf.download(&mut f)?;
-                pool.write_changed(&f);
-            }
+    /// This backend's device copy of a layer's pools, if it made one on this runtime.
+    fn own_kv<'c>(&self, cache: &'c KvLayer) -> Option<&'c ResidentKv> {
+        let copy = cache.device.get()?.0.downcast_ref::<ResidentKv>()?;
+        let same_runtime = std::ptr::addr_eq(Arc::as_ptr(&copy.rt), Arc::as_ptr(&self.rt));
+        same_runtime.then_some(copy)
+    }
+
+    /// A layer's pools on the device for an op: its device copy, made on first use (the
+    /// whole pool goes up once), or, where another backend's copy holds the layer's slot,
+    /// uploaded for this op only.
+    fn kv_on_device<'c>(&'c self, cache: &'c KvLayer) -> Result<KvOnDevice<'c>> {
+        if cache.device.get().is_none() {
+            let mirror = ResidentKv {
+                rt: self.rt.clone(),
+                k: self.keep(self.up_kv(&cache.k)?),
+                v: self.keep(self.up_kv(&cache.v)?),
+            };
+            // Another thread may have won the race: its copy is kept, this one freed.
+            let _ = cache.device.set(crate::DeviceCopy(Arc::new(mirror)));
         }
-        Ok(())
+        Ok(match self.own_kv(cache) {
+            Some(m) => KvOnDevice::Resident(m),
+            None => KvOnDevice::ForOp(self.up_kv(&cache.k)?, self.up_kv(&cache.v)?),
+        })
     }
 
     fn zeroed(&self, bytes: usize) -> Result<DeviceBuffer<'_>> {
@@ -328,6 +342,32 @@ struct ResidentWeight {
     rows: OnceLock<(OwnedBuffer, &'static str)>,
 }
 
+/// A layer's K and V pools on one runtime's device as f32 (the kernels' form), attached to
+/// the layer (`KvLayer`'s device slot) by the first attention over it. This backend's
+/// `write_kv` updates it with the slots it writes; any other change to the host pools drops
+/// it.
+struct ResidentKv {
+    rt: Arc<dyn KernelRuntime>,
+    k: OwnedBuffer,
+    v: OwnedBuffer,
+}
+
+/// A layer's pools as one op reads them on the device.
+enum KvOnDevice<'c> {
+    Resident(&'c ResidentKv),
+    /// Uploaded for this op (the layer holds another backend's copy).
+    ForOp(DeviceBuffer<'c>, DeviceBuffer<'c>),
+}
+
+impl KvOnDevice<'_> {
+    fn args(&self) -> (Arg, Arg) {
+        match self {
+            KvOnDevice::Resident(m) => (m.k.arg(), m.v.arg()),
+            KvOnDevice::ForOp(k, v) => (k.arg(), v.arg()),
+        }
+    }
+}
+
 /// Threads for a row of `width` elements: a multiple of 32, at most [`ROW_THREADS`].
 fn row_threads(width: usize) -> u32 {
     (width.div_ceil(32) * 32).clamp(32, ROW_THREADS as usize) as u32
@@ -471,21 +511,36 @@ impl Backend for CudaBackend {
         if t == 0 {
             return Ok(());
         }
-        let kc = self.up_kv(&cache.k)?;
-        let vc = self.up_kv(&cache.v)?;
-        let (kd, vd, sd) = (self.up(k)?, self.up(v)?, self.up(slot_mapping)?);
+        // The host pools first, stored as the CPU stores them (rounded to f16, or int8).
+        for (i, &slot) in slot_mapping.iter().enumerate() {
+            let (at, row) = (slot as usize * width, i * width..(i + 1) * width);
+            cache.k.write(at, &k[row.clone()]);
+            cache.v.write(at, &v[row]);
+        }
+        // Then the device copy, if there is one: the stored values of these slots only.
+        let Some(mirror) = self.own_kv(cache) else {
+            cache.device = Default::default(); // another backend's copy: now stale
+            return Ok(());
+        };
+        let stored = |pool: &KvData| {
+            let mut rows = vec![0f32; t * width];
+            for (&slot, row) in slot_mapping.iter().zip(rows.chunks_exact_mut(width)) {
+                pool.read(slot as usize * width, row);
+            }
+            rows
+        };
+        let (kd, vd) = (self.up(&stored(&cache.k))?, self.up(&stored(&cache.v))?);
+        let sd = self.up(slot_mapping)?;
         let cfg = LaunchConfig::linear(t as u32, row_threads(width));
         let args = [
-            kc.arg(),
-            vc.arg(),
+            mirror.k.arg(),
+            mirror.v.arg(),
             kd.arg(),
             vd.arg(),
             sd.arg(),
             Arg::U32(width as u32),
         ];
         self.launch("elementwise", "write_kv_f32", cfg, &args)?;
-        Self::down_kv(&kc, &mut cache.k)?;
-        Self::down_kv(&vc, &mut cache.v)?;
         Ok(())
     }
 
@@ -511,7 +566,9 @@ impl Backend for CudaBackend {
         }
         let seq_of = batch.seq_of_token();
         let (tables, max_blocks) = batch.flat_block_tables();
-        let (qd, kc, vc) = (self.up(q)?, self.up_kv(&cache.k)?, self.up_kv(&cache.v)?);
+        let qd = self.up(q)?;
+        let kv = self.kv_on_device(cache)?;
+        let (kc, vc) = kv.args();
         let (pd, sd, td) = (
             self.up(&batch.positions)?,
             self.up(&seq_of)?,
@@ -537,7 +594,7 @@ impl Backend for CudaBackend {
             let parts = t * n_heads * splits as usize;
             let ml = self.zeroed(parts * 2 * 4)?;
             let acc = self.zeroed(parts * hd * 4)?;
-            let mut args = vec![qd.arg(), kc.arg(), vc.arg(), ml.arg(), acc.arg()];
+            let mut args = vec![qd.arg(), kc, vc, ml.arg(), acc.arg()];
             args.extend(layout);
             args.push(Arg::U32(self.split_keys));
             let cfg = LaunchConfig {
@@ -568,7 +625,7 @@ impl Backend for CudaBackend {
             block: (ATTENTION_THREADS, 1, 1),
             shared_bytes,
         };
-        let mut args = vec![qd.arg(), kc.arg(), vc.arg(), od.arg()];
+        let mut args = vec![qd.arg(), kc, vc, od.arg()];
         args.extend(layout);
         self.launch("attention", "attention_f32", cfg, &args)?;
         od.download(out)?;
