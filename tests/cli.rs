@@ -186,6 +186,22 @@ fn bench_reports_every_level_as_json() {
             assert!(v.is_finite() && v > 0.0, "{key} = {v}");
         }
     }
+    // One generated token: no inter-token gaps, shown as "-" in the table, never NaN.
+    let (code, out, err) = vellum(
+        &[
+            "bench",
+            "--shape",
+            "smollm-135m",
+            "--prompt-len",
+            "4",
+            "--gen-len",
+            "1",
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    let row = out.lines().last().unwrap_or_default();
+    assert!(row.contains(" - ") && !out.contains("NaN"), "{out}");
     // The opt-in int8 KV cache runs and says so.
     let mut int8 = args[..args.len() - 2].to_vec();
     int8[4] = "1";

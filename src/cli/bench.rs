@@ -86,6 +86,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
+/// `p50/p90/p99` of sorted latencies for the table, `-` where there are none (one
+/// generated token has no inter-token gap).
+fn percentiles(sorted: &[f64], decimals: usize) -> String {
+    if sorted.is_empty() {
+        return "-".into();
+    }
+    let [a, b, c] = [0.5, 0.9, 0.99].map(|q| percentile(sorted, q));
+    format!("{a:.decimals$}/{b:.decimals$}/{c:.decimals$}")
+}
+
 /// One concurrency level's measurements.
 struct Level {
     concurrency: usize,
@@ -288,18 +298,8 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
                 l.concurrency,
                 l.prefill_tok_s,
                 l.decode_tok_s,
-                format!(
-                    "{:.1}/{:.1}/{:.1}",
-                    p(&l.ttft_ms, 0.5),
-                    p(&l.ttft_ms, 0.9),
-                    p(&l.ttft_ms, 0.99)
-                ),
-                format!(
-                    "{:.2}/{:.2}/{:.2}",
-                    p(&l.itl_ms, 0.5),
-                    p(&l.itl_ms, 0.9),
-                    p(&l.itl_ms, 0.99)
-                ),
+                percentiles(&l.ttft_ms, 1),
+                percentiles(&l.itl_ms, 2),
                 l.bandwidth_pct,
                 100.0 * l.kv_usage_max,
                 l.overhead_pct
