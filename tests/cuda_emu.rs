@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use vellum::kernels::cpu::Cpu;
-use vellum::kernels::Device;
+use vellum::kernels::{Device, KvDtype};
 
 #[test]
 fn tiny_models_match_transformers_on_the_emulated_cuda_backend() {
@@ -13,15 +13,23 @@ fn tiny_models_match_transformers_on_the_emulated_cuda_backend() {
 }
 
 /// Quantized weights (planar int4 g64, int8 per channel, GGUF-style Q4_1) through the
-/// emulated CUDA matmuls give the CPU backend's greedy tokens and logprobs. Both decode the
-/// weights to f32 against unrounded activations, so the CPU runs without integer dots.
+/// emulated CUDA matmuls give the CPU backend's greedy tokens and logprobs, with the default
+/// f16 KV cache and with an int8 one (the device copies of the pools read as stored). Both
+/// decode the weights to f32 against unrounded activations, so the CPU runs without integer
+/// dots.
 #[test]
 fn quantized_tiny_model_decodes_like_the_cpu_on_the_emulated_cuda_backend() {
     use vellum::engine::{Engine, EngineConfig, Request};
     use vellum::kernels::QuantTarget;
     let dir = repo().join("tests/golden/models/llama_gqa");
     let prompts: Vec<Vec<u32>> = vec![(1..20).collect(), vec![5, 9, 200, 7]];
-    for quant in ["int4:g64:sym", "int8", "int4"] {
+    let cases = [
+        ("int4:g64:sym", KvDtype::F16),
+        ("int8", KvDtype::F16),
+        ("int4", KvDtype::F16),
+        ("int4", KvDtype::Int8),
+    ];
+    for (quant, kv_dtype) in cases {
         let run = |device: Device| {
             let b = match device {
                 Device::Cpu => Engine::builder().backend(Box::new(Cpu::new().with_int_dot(None))),
@@ -32,6 +40,7 @@ fn quantized_tiny_model_decodes_like_the_cpu_on_the_emulated_cuda_backend() {
                 .quant(QuantTarget::parse(quant).unwrap())
                 .config(EngineConfig {
                     kv_cache_bytes: 4 << 20,
+                    kv_dtype,
                     ..EngineConfig::default()
                 })
                 .build()
@@ -44,11 +53,14 @@ fn quantized_tiny_model_decodes_like_the_cpu_on_the_emulated_cuda_backend() {
         };
         let (cpu, emu) = (run(Device::Cpu), run(Device::CudaEmulator));
         for (a, b) in cpu.iter().zip(&emu) {
-            assert_eq!(a.tokens, b.tokens, "{quant}: greedy tokens");
+            assert_eq!(
+                a.tokens, b.tokens,
+                "{quant}, KV {kv_dtype:?}: greedy tokens"
+            );
             for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
                 assert!(
                     (x.logprob - y.logprob).abs() < 1e-4,
-                    "{quant}: {} vs {}",
+                    "{quant}, KV {kv_dtype:?}: {} vs {}",
                     x.logprob,
                     y.logprob
                 );

@@ -9,16 +9,33 @@
 // grid = (tokens, n_heads[, splits]), block = 128 threads, dynamic shared memory:
 // (head_dim + blockDim.x) floats. head_dim <= 2 * blockDim.x.
 // Layouts: q/out [tokens, n_heads, head_dim]; caches [slots, n_kv_heads, head_dim];
-// block_tables [seqs, max_blocks]; seq_of_token[t] = t's sequence.
+// block_tables [seqs, max_blocks]; seq_of_token[t] = t's sequence. A cache is read through
+// a KvPlain (stored as f32, f16 or bf16) or a KvInt8 (int8 codes with an f32 scale per
+// 2^shift values, kernels/src/attention.rs's KvData::Int8): each gives element e as f32,
+// the value the CPU backend reads.
 #include "vellum.cuh"
+
+template <class S> struct KvPlain {
+  const S *p;
+  __device__ __forceinline__ float operator()(size_t e) const { return to_f32(p[e]); }
+};
+
+struct KvInt8 {
+  const int8_t *codes;
+  const float *scales;
+  uint32_t shift;
+  __device__ __forceinline__ float operator()(size_t e) const {
+    return (float)codes[e] * scales[e >> shift];
+  }
+};
 
 // Online softmax over keys [begin, end) of one (token, head): on return m is the running
 // max, l the sum of exp(score - m), acc[k] the unnormalised output at dims
 // threadIdx.x + k * blockDim.x. qs holds the scaled-free query in shared memory, probs
 // blockDim.x floats of shared memory. Every thread of the block must call it (barriers).
-template <class T>
-__device__ void attend_range(const float *qs, float *probs, float *scratch, const T *k_cache,
-                             const T *v_cache, const uint32_t *table, uint32_t begin,
+template <class Kv>
+__device__ void attend_range(const float *qs, float *probs, float *scratch, Kv k_cache,
+                             Kv v_cache, const uint32_t *table, uint32_t begin,
                              uint32_t end, uint32_t kvh, uint32_t n_kv_heads, uint32_t head_dim,
                              uint32_t block_size, float scale, float &m, float &l,
                              float acc[2]) {
@@ -30,9 +47,9 @@ __device__ void attend_range(const float *qs, float *probs, float *scratch, cons
     float s = V_NEG_INF;
     if (j < end) {
       size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-      const T *krow = k_cache + (slot * n_kv_heads + kvh) * head_dim;
+      size_t krow = (slot * n_kv_heads + kvh) * head_dim;
       float dot = 0.0f;
-      for (uint32_t d = 0; d < head_dim; ++d) dot += qs[d] * to_f32(krow[d]);
+      for (uint32_t d = 0; d < head_dim; ++d) dot += qs[d] * k_cache(krow + d);
       s = dot * scale;
     }
     float m_new = fmaxf(m, block_max(s, scratch));
@@ -48,7 +65,7 @@ __device__ void attend_range(const float *qs, float *probs, float *scratch, cons
       for (uint32_t jj = 0; jj < n; ++jj) {
         uint32_t key = c0 + jj;
         size_t slot = (size_t)table[key / block_size] * block_size + key % block_size;
-        a += probs[jj] * to_f32(v_cache[(slot * n_kv_heads + kvh) * head_dim + d]);
+        a += probs[jj] * v_cache((slot * n_kv_heads + kvh) * head_dim + d);
       }
       acc[k] = a;
     }
@@ -66,8 +83,8 @@ __device__ void load_query(const T *q, float *qs, uint32_t n_heads, uint32_t hea
   __syncthreads();
 }
 
-template <class T>
-__device__ void attention(const T *q, const T *k_cache, const T *v_cache, T *out,
+template <class T, class Kv>
+__device__ void attention(const T *q, Kv k_cache, Kv v_cache, T *out,
                           const uint32_t *positions, const uint32_t *seq_of_token,
                           const uint32_t *block_tables, uint32_t max_blocks, uint32_t n_heads,
                           uint32_t n_kv_heads, uint32_t head_dim, uint32_t block_size,
@@ -92,8 +109,8 @@ __device__ void attention(const T *q, const T *k_cache, const T *v_cache, T *out
 // [z * split_keys, (z + 1) * split_keys) of its token's visible context and writes its partial
 // (m, l, unnormalised acc) to the f32 workspace: part_ml [tokens, n_heads, splits, 2],
 // part_acc [tokens, n_heads, splits, head_dim]. A split past the context writes l = 0.
-template <class T>
-__device__ void attention_split(const T *q, const T *k_cache, const T *v_cache,
+template <class T, class Kv>
+__device__ void attention_split(const T *q, Kv k_cache, Kv v_cache,
                                 float *part_ml, float *part_acc, const uint32_t *positions,
                                 const uint32_t *seq_of_token, const uint32_t *block_tables,
                                 uint32_t max_blocks, uint32_t n_heads, uint32_t n_kv_heads,
@@ -151,8 +168,8 @@ __device__ void attention_merge(const float *part_ml, const float *part_acc, T *
                                   const uint32_t *block_tables, uint32_t max_blocks,         \
                                   uint32_t n_heads, uint32_t n_kv_heads, uint32_t head_dim,  \
                                   uint32_t block_size, float scale) {                        \
-    attention<T>(q, k_cache, v_cache, out, positions, seq_of_token, block_tables, max_blocks, \
-                 n_heads, n_kv_heads, head_dim, block_size, scale);                          \
+    attention(q, KvPlain<T>{k_cache}, KvPlain<T>{v_cache}, out, positions, seq_of_token,     \
+              block_tables, max_blocks, n_heads, n_kv_heads, head_dim, block_size, scale);   \
   }                                                                                          \
   VELLUM_EXPORT(name)
 ATTENTION(attention_f32, float)
@@ -166,9 +183,9 @@ ATTENTION(attention_bf16, bf16)
                                   uint32_t max_blocks, uint32_t n_heads, uint32_t n_kv_heads, \
                                   uint32_t head_dim, uint32_t block_size, float scale,       \
                                   uint32_t split_keys) {                                     \
-    attention_split<T>(q, k_cache, v_cache, part_ml, part_acc, positions, seq_of_token,     \
-                       block_tables, max_blocks, n_heads, n_kv_heads, head_dim, block_size, \
-                       scale, split_keys);                                                   \
+    attention_split(q, KvPlain<T>{k_cache}, KvPlain<T>{v_cache}, part_ml, part_acc,         \
+                    positions, seq_of_token, block_tables, max_blocks, n_heads, n_kv_heads,  \
+                    head_dim, block_size, scale, split_keys);                                \
   }                                                                                          \
   VELLUM_EXPORT(name)                                                                        \
   extern "C" __global__ void merge(const float *part_ml, const float *part_acc, T *out,     \
@@ -179,3 +196,43 @@ ATTENTION(attention_bf16, bf16)
 ATTENTION_SPLIT(attention_split_f32, attention_merge_f32, float)
 ATTENTION_SPLIT(attention_split_f16, attention_merge_f16, f16)
 ATTENTION_SPLIT(attention_split_bf16, attention_merge_bf16, bf16)
+
+// f32 queries and outputs over a cache stored narrower (the CUDA backend's device copy of an
+// f16 or int8 KvLayer): the cache arguments come first, K's then V's, then the int8 shift.
+#define KV_LAYOUT                                                                            \
+  const uint32_t *positions, const uint32_t *seq_of_token, const uint32_t *block_tables,     \
+      uint32_t max_blocks, uint32_t n_heads, uint32_t n_kv_heads, uint32_t head_dim,          \
+      uint32_t block_size, float scale
+#define KV_LAYOUT_ARGS                                                                       \
+  positions, seq_of_token, block_tables, max_blocks, n_heads, n_kv_heads, head_dim,          \
+      block_size, scale
+
+extern "C" __global__ void attention_f32_kv_f16(const float *q, const f16 *k, const f16 *v,
+                                                float *out, KV_LAYOUT) {
+  attention(q, KvPlain<f16>{k}, KvPlain<f16>{v}, out, KV_LAYOUT_ARGS);
+}
+VELLUM_EXPORT(attention_f32_kv_f16)
+extern "C" __global__ void attention_split_f32_kv_f16(const float *q, const f16 *k,
+                                                      const f16 *v, float *part_ml,
+                                                      float *part_acc, KV_LAYOUT,
+                                                      uint32_t split_keys) {
+  attention_split(q, KvPlain<f16>{k}, KvPlain<f16>{v}, part_ml, part_acc, KV_LAYOUT_ARGS,
+                  split_keys);
+}
+VELLUM_EXPORT(attention_split_f32_kv_f16)
+extern "C" __global__ void attention_f32_kv_int8(const float *q, const int8_t *kc,
+                                                 const float *ks, const int8_t *vc,
+                                                 const float *vs, uint32_t shift, float *out,
+                                                 KV_LAYOUT) {
+  attention(q, KvInt8{kc, ks, shift}, KvInt8{vc, vs, shift}, out, KV_LAYOUT_ARGS);
+}
+VELLUM_EXPORT(attention_f32_kv_int8)
+extern "C" __global__ void attention_split_f32_kv_int8(const float *q, const int8_t *kc,
+                                                       const float *ks, const int8_t *vc,
+                                                       const float *vs, uint32_t shift,
+                                                       float *part_ml, float *part_acc,
+                                                       KV_LAYOUT, uint32_t split_keys) {
+  attention_split(q, KvInt8{kc, ks, shift}, KvInt8{vc, vs, shift}, part_ml, part_acc,
+                  KV_LAYOUT_ARGS, split_keys);
+}
+VELLUM_EXPORT(attention_split_f32_kv_int8)

@@ -47,25 +47,14 @@ ROTARY(rotary_f32, float)
 ROTARY(rotary_f16, f16)
 ROTARY(rotary_bf16, bf16)
 
-// grid.x = tokens; copies k[t], v[t] (width floats) into cache slot slots[t].
-template <class T>
-__device__ void write_kv(T *k_cache, T *v_cache, const T *k, const T *v, const uint32_t *slots,
-                         uint32_t width) {
-  size_t src = (size_t)blockIdx.x * width, dst = (size_t)slots[blockIdx.x] * width;
-  for (uint32_t i = threadIdx.x; i < width; i += blockDim.x) {
-    k_cache[dst + i] = k[src + i];
-    v_cache[dst + i] = v[src + i];
-  }
+// grid.x = rows; copies row t of src (row_bytes bytes) to row slots[t] of dst: a KV cache's
+// new slots, in whatever form a device copy holds them (values, int8 codes, scales).
+extern "C" __global__ void scatter_rows_u8(uint8_t *dst, const uint8_t *src,
+                                           const uint32_t *slots, uint32_t row_bytes) {
+  size_t from = (size_t)blockIdx.x * row_bytes, to = (size_t)slots[blockIdx.x] * row_bytes;
+  for (uint32_t i = threadIdx.x; i < row_bytes; i += blockDim.x) dst[to + i] = src[from + i];
 }
-#define WRITE_KV(name, T)                                                                    \
-  extern "C" __global__ void name(T *k_cache, T *v_cache, const T *k, const T *v,           \
-                                  const uint32_t *slots, uint32_t width) {                   \
-    write_kv<T>(k_cache, v_cache, k, v, slots, width);                                       \
-  }                                                                                          \
-  VELLUM_EXPORT(name)
-WRITE_KV(write_kv_f32, float)
-WRITE_KV(write_kv_f16, f16)
-WRITE_KV(write_kv_bf16, bf16)
+VELLUM_EXPORT(scatter_rows_u8)
 
 // Grid-stride over n elements: gate = silu(gate) * up.
 template <class T> __device__ void silu_mul(T *gate, const T *up, uint32_t n) {

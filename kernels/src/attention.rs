@@ -149,6 +149,20 @@ impl KvData {
         out
     }
 
+    /// The pool's storage as bytes, one slice per array (the values; an int8 pool's codes,
+    /// then its scales), each laid out slot after slot: what a device copy holds.
+    pub fn planes(&self) -> Vec<&[u8]> {
+        fn bytes<T: Copy>(v: &[T]) -> &[u8] {
+            // SAFETY: f32, f16 and i8 have no padding and every byte is initialized.
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+        }
+        match self {
+            KvData::F32(v) => vec![bytes(v)],
+            KvData::F16(v) => vec![bytes(v)],
+            KvData::Int8 { codes, scales, .. } => vec![bytes(codes), bytes(scales)],
+        }
+    }
+
     /// Values `at..at + out.len()` as f32, as [`KvData::to_f32`] gives them. An int8 pool
     /// reads whole groups (`at` and the length multiples of its `group`).
     pub fn read(&self, at: usize, out: &mut [f32]) {

@@ -172,7 +172,8 @@ fn decode_case(dtype: KvDtype) -> (KvLayer, BatchLayout) {
     (cache, batch)
 }
 
-/// The KV pools go to the device once, on the first attention over a layer; then a decode
+/// The KV pools go to the device once, as stored (f32, f16, or int8 codes and scales), on
+/// the first attention over a layer; then a decode
 /// step's write uploads its own slots and an attention its queries and batch layout, not
 /// the pools, and both match the CPU. A change to the host pools by anything else
 /// (`pools_mut`, `copy_block`) drops the device copy, and the next attention sends them
@@ -181,11 +182,13 @@ fn decode_case(dtype: KvDtype) -> (KvLayer, BatchLayout) {
 fn kv_pools_stay_on_the_device_between_ops() {
     let cpu = Cpu::new();
     let (n_heads, n_kv, hd) = (4, 2, 64);
-    for dtype in [KvDtype::F16, KvDtype::Int8] {
+    for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Int8] {
         for rt in runtimes() {
             let be = CudaBackend::new(rt.clone());
             let (mut cache, batch) = decode_case(dtype);
-            let pool_bytes = cache.k().len() * 4;
+            // Bytes of one pool as stored (values and int8 scales): the device copy's form.
+            let slot_bytes = dtype.slot_bytes(n_kv, hd);
+            let pool_bytes = cache.num_slots() * slot_bytes;
             let q = values(n_heads * hd, 6);
             let attend = |cache: &KvLayer| {
                 let (mut got, mut want) = (vec![0f32; q.len()], vec![0f32; q.len()]);
@@ -227,7 +230,7 @@ fn kv_pools_stay_on_the_device_between_ops() {
             );
             assert_eq!(
                 rt.take(),
-                2 * n_kv * hd * 4 + 4,
+                2 * slot_bytes + 4,
                 "{dtype:?}: one slot's K and V"
             );
             attend(&cache);

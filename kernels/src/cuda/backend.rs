@@ -5,15 +5,16 @@
 //! op uploads its activations, launches, and downloads its outputs. Model weights and KV
 //! pools stay on the device: `prepare_weight` puts each weight there once, at load, in the
 //! form the matmul reads ([`ResidentWeight`]); the first attention over a layer puts its
-//! pools there ([`ResidentKv`]), and `write_kv` then writes each new slot on the host (the
-//! truth, rounded as the CPU rounds) and on the device. Activations still travel per op:
+//! pools there as stored (f32, f16, or int8 codes and scales: [`ResidentKv`]), and
+//! `write_kv` then writes each new slot on the host (the truth, rounded as the CPU rounds)
+//! and copies its stored bytes to the device. Activations still travel per op:
 //! device-resident activations, and CUDA graphs over a step, need the trait to take device
 //! buffers (see the note in DESIGN.md's "Backends").
 
 use super::runtime::{Arg, DeviceBuffer, KernelRuntime, LaunchConfig, Pod};
 use super::CudaError;
 use crate::{
-    check, shapes, Backend, BatchLayout, KvData, KvLayer, Result, Rope, Weight, WeightData,
+    check, shapes, Backend, BatchLayout, KvData, KvDtype, KvLayer, Result, Rope, Weight, WeightData,
 };
 use half::f16;
 use std::sync::{Arc, OnceLock};
@@ -75,13 +76,23 @@ impl CudaBackend {
         Ok(DeviceBuffer::upload(&*self.rt, data)?)
     }
 
-    /// A KV pool on the device as f32, which the kernels read: an f16 or int8 pool widened
-    /// as the CPU reads it.
-    fn up_kv(&self, pool: &KvData) -> Result<DeviceBuffer<'_>> {
-        match pool {
-            KvData::F32(v) => self.up(v),
-            KvData::F16(_) | KvData::Int8 { .. } => self.up(&pool.to_f32()),
+    /// A layer's K and V pools on the device as stored on the host (f32, f16, or int8
+    /// codes and scales), which the attention kernels read as the CPU does.
+    fn upload_kv(&self, cache: &KvLayer) -> Result<DeviceKv<DeviceBuffer<'_>>> {
+        let slots = cache.num_slots().max(1);
+        let mut planes = Vec::new();
+        for plane in cache.k.planes().into_iter().chain(cache.v.planes()) {
+            planes.push((self.up(plane)?, plane.len() / slots));
         }
+        let shift = match &cache.k {
+            KvData::Int8 { group, .. } => group.trailing_zeros(),
+            _ => 0,
+        };
+        Ok(DeviceKv {
+            planes,
+            dtype: cache.dtype(),
+            shift,
+        })
     }
 
     /// This backend's device copy of a layer's pools, if it made one on this runtime.
@@ -96,17 +107,25 @@ impl CudaBackend {
     /// uploaded for this op only.
     fn kv_on_device<'c>(&'c self, cache: &'c KvLayer) -> Result<KvOnDevice<'c>> {
         if cache.device.get().is_none() {
+            let pools = self.upload_kv(cache)?;
             let mirror = ResidentKv {
                 rt: self.rt.clone(),
-                k: self.keep(self.up_kv(&cache.k)?),
-                v: self.keep(self.up_kv(&cache.v)?),
+                pools: DeviceKv {
+                    planes: pools
+                        .planes
+                        .into_iter()
+                        .map(|(b, rb)| (self.keep(b), rb))
+                        .collect(),
+                    dtype: pools.dtype,
+                    shift: pools.shift,
+                },
             };
             // Another thread may have won the race: its copy is kept, this one freed.
             let _ = cache.device.set(crate::DeviceCopy(Arc::new(mirror)));
         }
         Ok(match self.own_kv(cache) {
             Some(m) => KvOnDevice::Resident(m),
-            None => KvOnDevice::ForOp(self.up_kv(&cache.k)?, self.up_kv(&cache.v)?),
+            None => KvOnDevice::ForOp(self.upload_kv(cache)?),
         })
     }
 
@@ -342,28 +361,51 @@ struct ResidentWeight {
     rows: OnceLock<(OwnedBuffer, &'static str)>,
 }
 
-/// A layer's K and V pools on one runtime's device as f32 (the kernels' form), attached to
-/// the layer (`KvLayer`'s device slot) by the first attention over it. This backend's
-/// `write_kv` updates it with the slots it writes; any other change to the host pools drops
-/// it.
+/// A layer's K and V pools on one runtime's device, attached to the layer (`KvLayer`'s
+/// device slot) by the first attention over it. This backend's `write_kv` updates it with
+/// the slots it writes; any other change to the host pools drops it.
 struct ResidentKv {
     rt: Arc<dyn KernelRuntime>,
-    k: OwnedBuffer,
-    v: OwnedBuffer,
+    pools: DeviceKv<OwnedBuffer>,
+}
+
+/// A layer's pools on the device in their host form: each array of K, then of V
+/// (`KvData::planes`), with its bytes per token slot.
+struct DeviceKv<B> {
+    planes: Vec<(B, usize)>,
+    dtype: KvDtype,
+    /// int8: log2 of the values per scale.
+    shift: u32,
+}
+
+impl<B: DeviceMem> DeviceKv<B> {
+    /// The cache arguments of the attention kernels, and their name's suffix.
+    fn args(&self) -> (Vec<Arg>, &'static str) {
+        let mut args: Vec<Arg> = self.planes.iter().map(|(b, _)| b.arg()).collect();
+        let suffix = match self.dtype {
+            KvDtype::F32 => "",
+            KvDtype::F16 => "_kv_f16",
+            KvDtype::Int8 => {
+                args.push(Arg::U32(self.shift));
+                "_kv_int8"
+            }
+        };
+        (args, suffix)
+    }
 }
 
 /// A layer's pools as one op reads them on the device.
 enum KvOnDevice<'c> {
     Resident(&'c ResidentKv),
     /// Uploaded for this op (the layer holds another backend's copy).
-    ForOp(DeviceBuffer<'c>, DeviceBuffer<'c>),
+    ForOp(DeviceKv<DeviceBuffer<'c>>),
 }
 
 impl KvOnDevice<'_> {
-    fn args(&self) -> (Arg, Arg) {
+    fn args(&self) -> (Vec<Arg>, &'static str) {
         match self {
-            KvOnDevice::Resident(m) => (m.k.arg(), m.v.arg()),
-            KvOnDevice::ForOp(k, v) => (k.arg(), v.arg()),
+            KvOnDevice::Resident(m) => m.pools.args(),
+            KvOnDevice::ForOp(pools) => pools.args(),
         }
     }
 }
@@ -522,25 +564,19 @@ impl Backend for CudaBackend {
             cache.device = Default::default(); // another backend's copy: now stale
             return Ok(());
         };
-        let stored = |pool: &KvData| {
-            let mut rows = vec![0f32; t * width];
-            for (&slot, row) in slot_mapping.iter().zip(rows.chunks_exact_mut(width)) {
-                pool.read(slot as usize * width, row);
-            }
-            rows
-        };
-        let (kd, vd) = (self.up(&stored(&cache.k))?, self.up(&stored(&cache.v))?);
         let sd = self.up(slot_mapping)?;
-        let cfg = LaunchConfig::linear(t as u32, row_threads(width));
-        let args = [
-            mirror.k.arg(),
-            mirror.v.arg(),
-            kd.arg(),
-            vd.arg(),
-            sd.arg(),
-            Arg::U32(width as u32),
-        ];
-        self.launch("elementwise", "write_kv_f32", cfg, &args)?;
+        let host = cache.k.planes().into_iter().chain(cache.v.planes());
+        for ((buf, row_bytes), plane) in mirror.pools.planes.iter().zip(host) {
+            let rb = *row_bytes;
+            let mut rows = Vec::with_capacity(t * rb);
+            for &slot in slot_mapping {
+                rows.extend_from_slice(&plane[slot as usize * rb..(slot as usize + 1) * rb]);
+            }
+            let rd = self.up(&rows)?;
+            let cfg = LaunchConfig::linear(t as u32, row_threads(rb));
+            let args = [buf.arg(), rd.arg(), sd.arg(), Arg::U32(rb as u32)];
+            self.launch("elementwise", "scatter_rows_u8", cfg, &args)?;
+        }
         Ok(())
     }
 
@@ -568,7 +604,7 @@ impl Backend for CudaBackend {
         let (tables, max_blocks) = batch.flat_block_tables();
         let qd = self.up(q)?;
         let kv = self.kv_on_device(cache)?;
-        let (kc, vc) = kv.args();
+        let (kv_args, kv_kind) = kv.args();
         let (pd, sd, td) = (
             self.up(&batch.positions)?,
             self.up(&seq_of)?,
@@ -594,7 +630,9 @@ impl Backend for CudaBackend {
             let parts = t * n_heads * splits as usize;
             let ml = self.zeroed(parts * 2 * 4)?;
             let acc = self.zeroed(parts * hd * 4)?;
-            let mut args = vec![qd.arg(), kc, vc, ml.arg(), acc.arg()];
+            let mut args = vec![qd.arg()];
+            args.extend(kv_args);
+            args.extend([ml.arg(), acc.arg()]);
             args.extend(layout);
             args.push(Arg::U32(self.split_keys));
             let cfg = LaunchConfig {
@@ -602,7 +640,8 @@ impl Backend for CudaBackend {
                 block: (ATTENTION_THREADS, 1, 1),
                 shared_bytes,
             };
-            self.launch("attention", "attention_split_f32", cfg, &args)?;
+            let kernel = format!("attention_split_f32{kv_kind}");
+            self.launch("attention", &kernel, cfg, &args)?;
             let merge = LaunchConfig {
                 grid: (t as u32, n_heads as u32, 1),
                 block: (row_threads(hd), 1, 1),
@@ -625,9 +664,11 @@ impl Backend for CudaBackend {
             block: (ATTENTION_THREADS, 1, 1),
             shared_bytes,
         };
-        let mut args = vec![qd.arg(), kc, vc, od.arg()];
+        let mut args = vec![qd.arg()];
+        args.extend(kv_args);
+        args.push(od.arg());
         args.extend(layout);
-        self.launch("attention", "attention_f32", cfg, &args)?;
+        self.launch("attention", &format!("attention_f32{kv_kind}"), cfg, &args)?;
         od.download(out)?;
         Ok(())
     }
