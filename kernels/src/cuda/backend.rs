@@ -98,8 +98,12 @@ impl CudaBackend {
     /// This backend's device copy of a layer's pools, if it made one on this runtime.
     fn own_kv<'c>(&self, cache: &'c KvLayer) -> Option<&'c ResidentKv> {
         let copy = cache.device.get()?.0.downcast_ref::<ResidentKv>()?;
-        let same_runtime = std::ptr::addr_eq(Arc::as_ptr(&copy.rt), Arc::as_ptr(&self.rt));
-        same_runtime.then_some(copy)
+        self.is_runtime(&copy.rt).then_some(copy)
+    }
+
+    /// Whether `rt` is this backend's runtime (device copies are only valid there).
+    fn is_runtime(&self, rt: &Arc<dyn KernelRuntime>) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(rt), Arc::as_ptr(&self.rt))
     }
 
     /// A layer's pools on the device for an op: its device copy, made on first use (the
@@ -193,11 +197,10 @@ impl CudaBackend {
     /// This backend's device copy of `w`, if `prepare_weight` made one on this runtime.
     fn resident<'w>(&self, w: &'w Weight) -> Option<&'w ResidentWeight> {
         let copy = w.device_copy()?.0.downcast_ref::<ResidentWeight>()?;
-        let same_runtime = std::ptr::addr_eq(Arc::as_ptr(&copy.rt), Arc::as_ptr(&self.rt));
-        same_runtime.then_some(copy)
+        self.is_runtime(&copy.rt).then_some(copy)
     }
 
-    /// Memory of an upload that `owner` keeps past this op.
+    /// An upload's memory, kept past this op (a prepared weight's, a KV device copy's).
     fn keep(&self, buf: DeviceBuffer<'_>) -> OwnedBuffer {
         OwnedBuffer {
             rt: self.rt.clone(),
@@ -333,7 +336,8 @@ impl DeviceMem for DeviceBuffer<'_> {
     }
 }
 
-/// Device memory that lives as long as its owner (a prepared weight), not one op.
+/// Device memory that lives as long as its owner (a prepared weight, a KV device copy), not
+/// one op.
 struct OwnedBuffer {
     rt: Arc<dyn KernelRuntime>,
     ptr: u64,
