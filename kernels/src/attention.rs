@@ -309,10 +309,12 @@ impl KvLayer {
         self.k.dtype()
     }
 
+    /// The K pool (to change it: [`KvLayer::pools_mut`]).
     pub fn k(&self) -> &KvData {
         &self.k
     }
 
+    /// The V pool (to change it: [`KvLayer::pools_mut`]).
     pub fn v(&self) -> &KvData {
         &self.v
     }
