@@ -29,6 +29,16 @@ for line in sys.stdin:
         shutil.copy(exe, sys.argv[1] + "/" + name)
         print("carried", name)
 ' "$carry"
+  # The GEMV kernel benchmark (benches/cuda_gemv.rs).
+  cargo bench --no-run --bench cuda_gemv --message-format=json 2>/dev/null |
+    python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("executable") and m.get("target", {}).get("name") == "cuda_gemv":
+        shutil.copy(m["executable"], sys.argv[1] + "/cuda_gemv")
+        print("carried cuda_gemv")
+' "$carry"
   strip "$carry"/* 2>/dev/null || true  # debug info would not fit the 64 MiB carry
   du -sh "$carry"
 }
@@ -59,6 +69,9 @@ run() {
       --concurrency 1,16 --prompt-len 64 --gen-len 16 --json >"$carry/bench-cuda-$q.json" 2>"$carry/bench-cuda-$q.log" ||
       status+=("bench cuda:0 $q|FAILED|see $carry/bench-cuda-$q.log")
   done
+  # Kernel bandwidth at the issue's shapes (its own table, printed after the summary).
+  "$carry/cuda_gemv" >"$carry/cuda_gemv.md" 2>"$carry/cuda_gemv.log" ||
+    status+=("bench cuda_gemv|FAILED|see $carry/cuda_gemv.log")
   echo
   echo "| check | result | detail |"
   echo "|---|---|---|"
@@ -74,6 +87,8 @@ for q in ("f16", "int4"):
         r = json.loads(line)
         print(f"| bench smollm-135m {q} cuda:0 x{r.get('concurrency')} | {r.get('decode_tok_s', 0):.1f} tok/s | |")
 PY
+  echo
+  cat "$carry/cuda_gemv.md" 2>/dev/null || true
 }
 
 case "${1:-}" in

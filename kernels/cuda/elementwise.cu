@@ -82,3 +82,10 @@ CAST(cast_f32_to_f16, f16, float)
 CAST(cast_f32_to_bf16, bf16, float)
 CAST(cast_f16_to_f32, float, f16)
 CAST(cast_bf16_to_f32, float, bf16)
+
+// Grid-stride copy of n floats: the device-to-device bandwidth kernel benchmarks compare with.
+extern "C" __global__ void copy_f32(const float *in, float *out, uint32_t n) {
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+    out[i] = in[i];
+}
+VELLUM_EXPORT(copy_f32)

@@ -257,3 +257,38 @@ fn kv_pools_stay_on_the_device_between_ops() {
         }
     }
 }
+
+/// The device-only entry points the kernel benchmark times: a matmul on buffers already on
+/// the device gives what `Backend::matmul` gives, an unprepared weight or short buffers are
+/// errors that say so, and the copy kernel copies.
+#[test]
+fn device_only_matmul_and_copy_match_the_host_ops() {
+    use vellum_kernels::cuda::DeviceBuffer;
+    let (rows, cols, t) = (40, 64, 2);
+    let w = Weight::dense(rows, cols, DType::F32, &values(rows * cols, 10))
+        .unwrap()
+        .quantize(QuantTarget::parse("q4_0").unwrap())
+        .unwrap();
+    let x = values(t * cols, 11);
+    for rt in runtimes() {
+        let be = CudaBackend::new(rt.clone());
+        let mut want = vec![0f32; t * rows];
+        be.matmul(&x, &w, None, &mut want).unwrap();
+        let xd = DeviceBuffer::upload(be.runtime(), &x).unwrap();
+        let od = DeviceBuffer::zeroed(be.runtime(), t * rows * 4).unwrap();
+        let err = be.matmul_device(&w, &xd, &od, t).unwrap_err().to_string();
+        assert!(err.contains("not prepared"), "{err}");
+        let mut prepared = w.clone();
+        be.prepare_weight(&mut prepared).unwrap();
+        let err = be.matmul_device(&prepared, &xd, &od, t + 1).unwrap_err();
+        assert!(err.to_string().contains("buffers of"), "{err}");
+        be.matmul_device(&prepared, &xd, &od, t).unwrap();
+        be.runtime().synchronize().unwrap();
+        assert_eq!(od.to_vec::<f32>().unwrap(), want);
+
+        let copy = DeviceBuffer::zeroed(be.runtime(), x.len() * 4).unwrap();
+        be.copy_device(&xd, &copy, x.len()).unwrap();
+        be.runtime().synchronize().unwrap();
+        assert_eq!(copy.to_vec::<f32>().unwrap(), x);
+    }
+}

@@ -72,6 +72,62 @@ impl CudaBackend {
         &*self.rt
     }
 
+    /// `out = x · wᵀ` with `x` (`[rows, k]` f32) and `out` (`[rows, n]` f32) already on the
+    /// device and `w` prepared on it (`prepare_weight`): the kernel alone, asynchronous
+    /// (`runtime().synchronize()` waits). For kernel benchmarks, and a first step towards
+    /// device-resident activations.
+    pub fn matmul_device(
+        &self,
+        w: &Weight,
+        x: &DeviceBuffer<'_>,
+        out: &DeviceBuffer<'_>,
+        rows: usize,
+    ) -> Result<()> {
+        let (k, n) = (w.cols, w.rows);
+        let resident = self.resident(w);
+        check("matmul_device", resident.is_some(), || {
+            "the weight is not prepared on this backend's device".into()
+        })?;
+        check(
+            "matmul_device",
+            x.bytes() >= rows * k * 4 && out.bytes() >= rows * n * 4,
+            || {
+                format!(
+                    "buffers of {} and {} bytes for [{rows}, {k}] · [{n}, {k}]ᵀ",
+                    x.bytes(),
+                    out.bytes()
+                )
+            },
+        )?;
+        let r = resident.expect("checked");
+        self.launch_matmul(&r.matrix, (x.arg(), Arg::Ptr(0), out.arg()), (rows, k, n))
+    }
+
+    /// Copies `n` f32 from `src` to `dst` on the device with a kernel: the device-to-device
+    /// copy bandwidth a kernel benchmark reports against.
+    pub fn copy_device(
+        &self,
+        src: &DeviceBuffer<'_>,
+        dst: &DeviceBuffer<'_>,
+        n: usize,
+    ) -> Result<()> {
+        check(
+            "copy_device",
+            src.bytes() >= n * 4 && dst.bytes() >= n * 4,
+            || {
+                format!(
+                    "{n} floats between buffers of {} and {} bytes",
+                    src.bytes(),
+                    dst.bytes()
+                )
+            },
+        )?;
+        let blocks = (n as u32).div_ceil(256).clamp(1, 65535);
+        let cfg = LaunchConfig::linear(blocks, 256);
+        let args = [src.arg(), dst.arg(), Arg::U32(n as u32)];
+        self.launch("elementwise", "copy_f32", cfg, &args)
+    }
+
     fn up<T: Pod>(&self, data: &[T]) -> Result<DeviceBuffer<'_>> {
         Ok(DeviceBuffer::upload(&*self.rt, data)?)
     }

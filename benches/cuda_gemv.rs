@@ -1,0 +1,124 @@
+//! GPU kernel benchmark for the weight-quantized matmuls (issue #7): W4A16 and W8A16 at the
+//! issue's shapes (K×N = 4096×4096, 4096×14336, 14336×4096), batch 1 and 16, reported as
+//! bandwidth (weight + scale bytes / kernel time) against the device-to-device copy
+//! bandwidth measured in the same run, batch 16's time against batch 1's, and the speed-up
+//! over the same matmul in dense bf16. The bf16 baseline is Vellum's own dense kernel:
+//! cuBLAS is not wired in yet, so the issue's "vs cuBLAS" ratio is not this one.
+//!
+//! Kernel time: 20 launches back to back on resident buffers, then one synchronize; the best
+//! of 5 such rounds. Needs GPU 0; without one it says SKIPPED and exits 0.
+//! `CUDA_GEMV_EMULATED=1` runs it on the CPU emulator at 1/16 of each dimension instead: a
+//! check that the benchmark itself works, not a measurement.
+//!
+//!   cargo bench --bench cuda_gemv       # on a machine with a GPU and Rust
+//!   scripts/gpu-check.sh run            # the executable carried to a GPU machine
+
+use std::time::Instant;
+use vellum_kernels::cuda::{CudaBackend, DeviceBuffer, KernelRuntime};
+use vellum_kernels::{Backend, QuantTarget, Weight};
+use vellum_quant::DType;
+
+const SHAPES: [(usize, usize); 3] = [(4096, 4096), (4096, 14336), (14336, 4096)];
+const LAUNCHES: u32 = 20;
+const ROUNDS: usize = 5;
+
+fn main() {
+    let emulated = std::env::var_os("CUDA_GEMV_EMULATED").is_some();
+    let be = match emulated {
+        true => CudaBackend::emulated(),
+        false => CudaBackend::gpu(0),
+    };
+    let be = match be {
+        Ok(be) => be,
+        Err(e) => {
+            eprintln!("cuda_gemv SKIPPED: {e}");
+            return;
+        }
+    };
+    let scale = if emulated { 16 } else { 1 };
+    if let Err(e) = run(&be, scale) {
+        eprintln!("cuda_gemv FAILED: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// The benchmark with every dimension divided by `scale`.
+fn run(be: &CudaBackend, scale: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let rt = be.runtime();
+    println!("device: {}", rt.name());
+    let floats = (64 << 20) / scale / scale; // 256 MiB each way on a GPU
+    let (a, b) = (
+        DeviceBuffer::zeroed(rt, floats * 4)?,
+        DeviceBuffer::zeroed(rt, floats * 4)?,
+    );
+    let copy = kernel_seconds(rt, || be.copy_device(&a, &b, floats))?;
+    let copy_gbs = 2.0 * floats as f64 * 4.0 / copy / 1e9; // read + write
+    println!("device-to-device copy: {copy_gbs:.0} GB/s (read + write)\n");
+    println!("| K x N | weights | batch | µs | GB/s | % of copy | vs batch 1 | vs bf16 |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (k, n) in SHAPES.map(|(k, n)| (k / scale, n / scale)) {
+        let values: Vec<f32> = (0..n * k)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % 2001) as f32 / 1000.0 - 1.0)
+            .map(|v| v * 0.05)
+            .collect();
+        let dense = Weight::dense(n, k, DType::BF16, &values)?;
+        drop(values);
+        let formats = [
+            ("bf16", dense.clone()),
+            (
+                "int8 per channel",
+                dense.quantize(QuantTarget::Int8PerChannel)?,
+            ),
+            ("int4 g32 sym (Q4_0)", dense.quantize(parse("q4_0"))?),
+            ("int4 g128 sym", dense.quantize(parse("int4:g128:sym"))?),
+        ];
+        let mut bf16_us = [0f64; 2];
+        for (name, mut w) in formats {
+            be.prepare_weight(&mut w)?;
+            let mut batch1_us = 0.0;
+            for (i, rows) in [1usize, 16].into_iter().enumerate() {
+                let x = DeviceBuffer::upload(rt, &vec![0.01f32; rows * k])?;
+                let out = DeviceBuffer::zeroed(rt, rows * n * 4)?;
+                let us = 1e6 * kernel_seconds(rt, || be.matmul_device(&w, &x, &out, rows))?;
+                let gbs = w.bytes() as f64 / (us * 1e-6) / 1e9;
+                if name == "bf16" {
+                    bf16_us[i] = us;
+                }
+                if rows == 1 {
+                    batch1_us = us;
+                }
+                println!(
+                    "| {k} x {n} | {name} | {rows} | {us:.1} | {gbs:.0} | {:.0}% | {:.2}x | {:.2}x |",
+                    100.0 * gbs / copy_gbs,
+                    us / batch1_us,
+                    bf16_us[i] / us,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse(target: &str) -> QuantTarget {
+    QuantTarget::parse(target).expect("a known target")
+}
+
+/// Seconds per launch of `launch`: [`LAUNCHES`] back to back, then a synchronize; the best
+/// of [`ROUNDS`], after a warm-up round.
+fn kernel_seconds(
+    rt: &dyn KernelRuntime,
+    launch: impl Fn() -> vellum_kernels::Result<()>,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    let mut best = f64::INFINITY;
+    for round in 0..=ROUNDS {
+        let start = Instant::now();
+        for _ in 0..LAUNCHES {
+            launch()?;
+        }
+        rt.synchronize()?;
+        if round > 0 {
+            best = best.min(start.elapsed().as_secs_f64() / LAUNCHES as f64);
+        }
+    }
+    Ok(best)
+}
