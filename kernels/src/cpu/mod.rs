@@ -741,8 +741,8 @@ mod tests {
         cpu.attention(&[], &cache, &batch, 0, &mut []).unwrap();
     }
 
-    /// K and V pools are public fields: one of the wrong dtype, length or int8 grouping is an
-    /// error that names them, not a panic inside a kernel.
+    /// K and V pools can be replaced (`KvLayer::pools_mut`): one of the wrong dtype, length
+    /// or int8 grouping is an error that names them, not a panic inside a kernel.
     #[test]
     fn mismatched_kv_pools_are_an_error() {
         let batch = first_token_batch();
