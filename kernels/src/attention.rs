@@ -322,8 +322,25 @@ impl KvLayer {
     /// The K and V pools, to change directly (tests, benches, a backend's writes): drops
     /// any device copy.
     pub fn pools_mut(&mut self) -> (&mut KvData, &mut KvData) {
-        self.device = OnceLock::new();
+        self.drop_device_copy();
         (&mut self.k, &mut self.v)
+    }
+
+    pub(crate) fn drop_device_copy(&mut self) {
+        self.device = OnceLock::new();
+    }
+
+    /// Stores token `t`'s K and V rows (`slot_width` values each) in slot
+    /// `slot_mapping[t]` of the host pools, as every backend stores them (rounded to f16,
+    /// or quantized to int8). A device copy is left as it was: the backend that owns it
+    /// updates it, any other drops it.
+    pub(crate) fn store_slots(&mut self, k: &[f32], v: &[f32], slot_mapping: &[u32]) {
+        let w = self.slot_width();
+        for (t, &slot) in slot_mapping.iter().enumerate() {
+            let (at, row) = (slot as usize * w, t * w..(t + 1) * w);
+            self.k.write(at, &k[row.clone()]);
+            self.v.write(at, &v[row]);
+        }
     }
 
     /// Values per token slot (all KV heads).

@@ -431,13 +431,8 @@ impl Backend for Cpu {
         slot_mapping: &[u32],
     ) -> Result<()> {
         shapes::write_kv(cache, k, v, slot_mapping)?;
-        let w = cache.slot_width();
-        let (kp, vp) = cache.pools_mut();
-        for (t, &slot) in slot_mapping.iter().enumerate() {
-            let s = slot as usize;
-            kp.write(s * w, &k[t * w..(t + 1) * w]);
-            vp.write(s * w, &v[t * w..(t + 1) * w]);
-        }
+        cache.drop_device_copy();
+        cache.store_slots(k, v, slot_mapping);
         Ok(())
     }
 

@@ -608,20 +608,15 @@ impl Backend for CudaBackend {
         slot_mapping: &[u32],
     ) -> Result<()> {
         shapes::write_kv(cache, k, v, slot_mapping)?;
-        let width = cache.slot_width();
         let t = slot_mapping.len();
         if t == 0 {
             return Ok(());
         }
         // The host pools first, stored as the CPU stores them (rounded to f16, or int8).
-        for (i, &slot) in slot_mapping.iter().enumerate() {
-            let (at, row) = (slot as usize * width, i * width..(i + 1) * width);
-            cache.k.write(at, &k[row.clone()]);
-            cache.v.write(at, &v[row]);
-        }
+        cache.store_slots(k, v, slot_mapping);
         // Then the device copy, if there is one: the stored values of these slots only.
         let Some(mirror) = self.own_kv(cache) else {
-            cache.device = Default::default(); // another backend's copy: now stale
+            cache.drop_device_copy(); // another backend's copy: now stale
             return Ok(());
         };
         let sd = self.up(slot_mapping)?;
