@@ -402,10 +402,12 @@ pub(super) mod testing {
     /// Asserts that each path's `out[j * t + r]` is the f64 dot of weight row `j`
     /// (dequantized) with activation row `r` as the integer path sees it, within 1e-5 of
     /// Σ|terms|: the exact value of what the integer kernels compute.
+    /// `paths` hold token-major results, `out[r * n + j]` (`rows16::dot_rows`).
     pub fn assert_exact(w: &Weight, x: &IntActs, paths: &[(&str, &[f32])], what: &str) {
         let t = x.rows();
+        let n = paths[0].1.len() / t;
         let mut wf = vec![0f32; w.cols];
-        for j in 0..paths[0].1.len() / t {
+        for j in 0..n {
             w.row_to_f32(j, &mut wf);
             for r in 0..t {
                 let (mut exact, mut mag) = (0f64, 1e-3f64);
@@ -415,7 +417,7 @@ pub(super) mod testing {
                     mag += term.abs();
                 }
                 for (path, out) in paths {
-                    let got = out[j * t + r];
+                    let got = out[r * n + j];
                     let err = (got as f64 - exact).abs() / mag;
                     assert!(err < 1e-5, "{what} row {j}/{r} {path}: {got} vs {exact}");
                 }

@@ -199,8 +199,9 @@ fn offset_factor(f: BlockFormat) -> f32 {
     }
 }
 
-/// `out[i * t + r] = x_r · w[j0 + i]` for `out.len() / t` rows from `j0` (a multiple of
-/// [`ROWS`]) and every activation row `r` (`t` of them), on `isa`'s kernel: AVX-512 VNNI
+/// `out[r * n + i] = x_r · w[j0 + i]` for `n = out.len() / t` rows from `j0` (a multiple of
+/// [`ROWS`]) and every activation row `r` (`t` of them), token-major as the matmul's output
+/// is (a pass's 16 lanes are one contiguous store), on `isa`'s kernel: AVX-512 VNNI
 /// where present, AVX2 (`vpmaddubsw`) otherwise, NEON `sdot` on ARM, else the scalar
 /// reference. Each computes the exact dot of the codes; only the float steps after may round
 /// differently.
@@ -231,8 +232,9 @@ pub fn dot_rows(isa: Isa, w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
 /// The scalar reference of [`dot_rows`]: same sums, in block order.
 pub fn dot_rows_scalar(w: &Rows16, j0: usize, x: &IntActs, out: &mut [f32]) {
     let t = x.rows().max(1);
-    for (i, dst) in out.chunks_exact_mut(t).enumerate() {
-        for (r, o) in dst.iter_mut().enumerate() {
+    let n = out.len() / t;
+    for (r, dst) in out.chunks_exact_mut(n.max(1)).enumerate() {
+        for (i, o) in dst.iter_mut().enumerate() {
             let mut acc = 0f32;
             for b in 0..w.blocks {
                 let (u, d, c) = w.block(j0 + i, b);
@@ -276,9 +278,8 @@ fn for_each_pass(
         while r < t {
             let rn = pass(g, r, &mut lanes);
             for (dr, lane) in lanes.iter().take(rn).enumerate() {
-                for (l, &v) in lane.iter().take(rows).enumerate() {
-                    out[(i + l) * t + r + dr] = v;
-                }
+                let at = (r + dr) * n + i;
+                out[at..at + rows].copy_from_slice(&lane[..rows]);
             }
             r += rn;
         }
@@ -865,13 +866,17 @@ mod tests {
             dot_rows(isa, p, 0, &x, &mut all);
             dot_rows(isa, p, 16, &x, &mut part);
             let what = format!("{name} {bits:?} {}", isa.name());
-            assert_eq!(&all[16 * t..], &part[..], "{what}");
             for r in 0..t {
+                assert_eq!(
+                    &all[r * 40 + 16..(r + 1) * 40],
+                    &part[r * 24..(r + 1) * 24],
+                    "{what}"
+                );
                 let alone = IntActs::quantize(&v[r * k..(r + 1) * k], k, bits);
                 let mut one = vec![0f32; 40];
                 dot_rows(isa, p, 0, &alone, &mut one);
                 for (j, o) in one.iter().enumerate() {
-                    assert_eq!(o.to_bits(), all[j * t + r].to_bits(), "{what} row {j}/{r}");
+                    assert_eq!(o.to_bits(), all[r * 40 + j].to_bits(), "{what} row {j}/{r}");
                 }
             }
         }
