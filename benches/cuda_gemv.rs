@@ -2,8 +2,10 @@
 //! issue's shapes (K×N = 4096×4096, 4096×14336, 14336×4096), batch 1 and 16, reported as
 //! bandwidth (weight + scale bytes / kernel time) against the device-to-device copy
 //! bandwidth measured in the same run, batch 16's time against batch 1's, and the speed-up
-//! over the same matmul in dense bf16. The bf16 baseline is Vellum's own dense kernel:
-//! cuBLAS is not wired in yet, so the "vs cuBLAS" ratio is not this one.
+//! over the same matmul in dense bf16, twice: through cuBLAS (`cublasGemmEx`, bf16 in and
+//! out, f32 sums: the baseline; its output is checked against an f64 host product
+//! first) and through Vellum's own dense kernel. Where cuBLAS does not load, its column
+//! says `-` and the reason is printed.
 //!
 //! Kernel time: 20 launches back to back on resident buffers, then one synchronize; the best
 //! of 5 such rounds. Needs GPU 0; without one it says SKIPPED and exits 0.
@@ -13,9 +15,10 @@
 //!   cargo bench --bench cuda_gemv       # on a machine with a GPU and Rust
 //!   scripts/gpu-check.sh run            # the executable carried to a GPU machine
 
+use half::bf16;
 use std::time::Instant;
 use vellum_kernels::cuda::{CudaBackend, DeviceBuffer, KernelRuntime};
-use vellum_kernels::{Backend, QuantTarget, Weight};
+use vellum_kernels::{Backend, QuantTarget, Weight, WeightData};
 use vellum_quant::DType;
 
 const SHAPES: [(usize, usize); 3] = [(4096, 4096), (4096, 14336), (14336, 4096)];
@@ -54,8 +57,9 @@ fn run(be: &CudaBackend, scale: usize) -> Result<(), Box<dyn std::error::Error>>
     let copy = kernel_seconds(rt, || be.copy_device(&a, &b, floats))?;
     let copy_gbs = 2.0 * floats as f64 * 4.0 / copy / 1e9; // read + write
     println!("device-to-device copy: {copy_gbs:.0} GB/s (read + write)\n");
-    println!("| K x N | weights | batch | µs | GB/s | % of copy | vs batch 1 | vs bf16 |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| K x N | weights | batch | µs | GB/s | % of copy | vs batch 1 | vs bf16 | vs cuBLAS bf16 |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut blas_note = None;
     for (k, n) in SHAPES.map(|(k, n)| (k / scale, n / scale)) {
         let values: Vec<f32> = (0..n * k)
             .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % 2001) as f32 / 1000.0 - 1.0)
@@ -63,6 +67,16 @@ fn run(be: &CudaBackend, scale: usize) -> Result<(), Box<dyn std::error::Error>>
             .collect();
         let dense = Weight::dense(n, k, DType::BF16, &values)?;
         drop(values);
+        let xs: Vec<f32> = (0..16 * k)
+            .map(|i| ((i * 7919 % 1001) as f32 / 1000.0 - 0.5) * 0.02)
+            .collect();
+        let blas_us = match blas_baseline(rt, &dense, &xs)? {
+            Ok(us) => us.map(Some),
+            Err(why) => {
+                blas_note.get_or_insert(why);
+                [None; 2]
+            }
+        };
         let formats = [
             ("bf16", dense.clone()),
             (
@@ -77,7 +91,7 @@ fn run(be: &CudaBackend, scale: usize) -> Result<(), Box<dyn std::error::Error>>
             be.prepare_weight(&mut w)?;
             let mut batch1_us = 0.0;
             for (i, rows) in [1usize, 16].into_iter().enumerate() {
-                let x = DeviceBuffer::upload(rt, &vec![0.01f32; rows * k])?;
+                let x = DeviceBuffer::upload(rt, &xs[..rows * k])?;
                 let out = DeviceBuffer::zeroed(rt, rows * n * 4)?;
                 let us = 1e6 * kernel_seconds(rt, || be.matmul_device(&w, &x, &out, rows))?;
                 let gbs = w.bytes() as f64 / (us * 1e-6) / 1e9;
@@ -88,15 +102,62 @@ fn run(be: &CudaBackend, scale: usize) -> Result<(), Box<dyn std::error::Error>>
                     batch1_us = us;
                 }
                 println!(
-                    "| {k} x {n} | {name} | {rows} | {us:.1} | {gbs:.0} | {:.0}% | {:.2}x | {:.2}x |",
+                    "| {k} x {n} | {name} | {rows} | {us:.1} | {gbs:.0} | {:.0}% | {:.2}x | {:.2}x | {} |",
                     100.0 * gbs / copy_gbs,
                     us / batch1_us,
                     bf16_us[i] / us,
+                    blas_us[i].map_or("-".into(), |b| format!("{:.2}x", b / us)),
                 );
             }
         }
     }
+    if let Some(why) = blas_note {
+        println!("\ncuBLAS baseline left out: {why}");
+    }
     Ok(())
+}
+
+/// cuBLAS's time in µs for the bf16 matmul of `dense` at batch 1 and 16, after checking its
+/// result against an f64 product on the host (a wrong call must not pass as a fast one);
+/// `Err(why)` where cuBLAS is not available or its result is wrong.
+fn blas_baseline(
+    rt: &dyn KernelRuntime,
+    dense: &Weight,
+    xs: &[f32],
+) -> Result<Result<[f64; 2], String>, Box<dyn std::error::Error>> {
+    let (n, k) = (dense.rows, dense.cols);
+    let WeightData::BF16(w_host) = &dense.data else {
+        return Err("the baseline weight is not bf16".into());
+    };
+    let w = DeviceBuffer::upload(rt, w_host)?;
+    let xs: Vec<bf16> = xs.iter().map(|&v| bf16::from_f32(v)).collect();
+    let mut us = [0f64; 2];
+    for (i, rows) in [1usize, 16].into_iter().enumerate() {
+        let x = DeviceBuffer::upload(rt, &xs[..rows * k])?;
+        let y = DeviceBuffer::zeroed(rt, rows * n * 2)?;
+        let gemm = || rt.blas_gemm_bf16(w.ptr(), x.ptr(), y.ptr(), rows, n, k);
+        if let Err(e) = gemm().and_then(|_| rt.synchronize()) {
+            return Ok(Err(e.to_string()));
+        }
+        let got: Vec<bf16> = y.to_vec()?;
+        let r = rows - 1; // the last activation row: a transposed call would not give it
+        let mut worst = 0f64;
+        let mut scale = 1e-6f64;
+        for j in 0..n {
+            let exact: f64 = (0..k)
+                .map(|c| w_host[j * k + c].to_f64() * xs[r * k + c].to_f64())
+                .sum();
+            worst = worst.max((got[r * n + j].to_f64() - exact).abs());
+            scale = scale.max(exact.abs());
+        }
+        if worst > 0.02 * scale {
+            return Ok(Err(format!(
+                "its {k} x {n} result is off by {worst} (outputs up to {scale}): a wrong call"
+            )));
+        }
+        us[i] = 1e6 * kernel_seconds(rt, || gemm().map_err(Into::into))?;
+    }
+    Ok(Ok(us))
 }
 
 fn parse(target: &str) -> QuantTarget {

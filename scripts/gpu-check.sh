@@ -48,6 +48,11 @@ run() {
   for lib in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
     [[ -d "$lib" ]] && export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   done
+  # cuBLAS, the GEMV benchmark's bf16 baseline, also from pip's NVIDIA wheels where the
+  # toolkit's lib64 lacks it (the machine's python has them); after the toolkit's own.
+  for lib in $(python3 -c 'import nvidia, os; [print(os.path.join(p, d, "lib")) for p in nvidia.__path__ for d in sorted(os.listdir(p))]' 2>/dev/null || true); do
+    [[ -d "$lib" ]] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$lib"
+  done
   export VELLUM_REQUIRE_GPU=1 VELLUM_REQUIRE_NVRTC=1 VELLUM_CACHE_DIR="$PWD/$carry/cache"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   local status=()

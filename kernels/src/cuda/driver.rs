@@ -5,6 +5,7 @@
 use super::runtime::{Arg, KernelRuntime, LaunchConfig, PackedArgs};
 use super::sources;
 use super::CudaError;
+use cudarc::cublas as blas;
 use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -43,6 +44,8 @@ pub fn probe(ordinal: usize) -> Result<()> {
 }
 
 pub struct CudaRuntime {
+    /// Made on the first [`KernelRuntime::blas_gemm_bf16`]; destroyed before the context.
+    blas: Mutex<Option<BlasHandle>>,
     ctx: Arc<CudaContext>,
     ordinal: usize,
     arch: u32,
@@ -61,6 +64,7 @@ impl CudaRuntime {
             .map_err(driver("cuDeviceGetAttribute"))?;
         let name = ctx.name().map_err(driver("cuDeviceGetName"))?;
         Ok(CudaRuntime {
+            blas: Mutex::new(None),
             ctx,
             ordinal,
             arch: (major * 10 + minor) as u32,
@@ -106,6 +110,57 @@ impl CudaRuntime {
             .map_err(driver("cuModuleGetFunction"))?;
         functions.insert(key, f.clone());
         Ok(f)
+    }
+}
+
+/// The arguments of a column-major BLAS GEMM, `C (m×n) = op(A) (m×k) · op(B) (k×n)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct BlasGemm {
+    transpose_a: bool,
+    transpose_b: bool,
+    m: i32,
+    n: i32,
+    k: i32,
+    lda: i32,
+    ldb: i32,
+    ldc: i32,
+}
+
+impl BlasGemm {
+    /// Row-major `y [rows, n] = x [rows, k] · wᵀ` (`w` `[n, k]`) in column-major terms: `w`
+    /// is a k×n matrix with leading dimension k, `x` a k×rows one, and `y` the n×rows
+    /// product `wᵀ · x`.
+    fn for_rows_times_weight_t(rows: i32, n: i32, k: i32) -> BlasGemm {
+        BlasGemm {
+            transpose_a: true,
+            transpose_b: false,
+            m: n,
+            n: rows,
+            k,
+            lda: k,
+            ldb: k,
+            ldc: n,
+        }
+    }
+}
+
+/// A cuBLAS handle; used under the runtime's mutex, one call at a time.
+struct BlasHandle(blas::sys::cublasHandle_t);
+
+// SAFETY: a cuBLAS handle is not tied to the thread that made it; the mutex serializes its use.
+unsafe impl Send for BlasHandle {}
+
+impl Drop for CudaRuntime {
+    fn drop(&mut self) {
+        let handle = self
+            .blas
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let (Some(h), Ok(())) = (handle, self.ctx.bind_to_thread()) {
+            // SAFETY: made by create_handle, destroyed once, its context current.
+            let _ = unsafe { blas::result::destroy_handle(h.0) };
+        }
     }
 }
 
@@ -181,5 +236,119 @@ impl KernelRuntime for CudaRuntime {
             .bind_to_thread()
             .map_err(driver("cuCtxSetCurrent"))?;
         result::ctx::synchronize().map_err(driver("cuCtxSynchronize"))
+    }
+
+    fn blas_gemm_bf16(
+        &self,
+        w: u64,
+        x: u64,
+        y: u64,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        use blas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+        let blas_err = |call: &'static str| {
+            move |e: blas::result::CublasError| CudaError::Driver {
+                call,
+                detail: format!("{e:?}"),
+            }
+        };
+        // SAFETY: only tries to dlopen candidate names (cudarc panics on a missing library).
+        if !unsafe { blas::sys::is_culib_present() } {
+            return Err(CudaError::Unavailable(
+                "libcublas is not on the library path".into(),
+            ));
+        }
+        let int = |v: usize| {
+            i32::try_from(v)
+                .map_err(|_| CudaError::Unavailable(format!("{v} is past cuBLAS's int")))
+        };
+        let g = BlasGemm::for_rows_times_weight_t(int(rows)?, int(n)?, int(k)?);
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("cuCtxSetCurrent"))?;
+        let mut handle = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+        if handle.is_none() {
+            *handle = Some(BlasHandle(
+                blas::result::create_handle().map_err(blas_err("cublasCreate"))?,
+            ));
+        }
+        let h = handle.as_ref().map(|h| h.0).expect("made above");
+        let (alpha, beta) = (1f32, 0f32);
+        let op = |t: bool| match t {
+            true => cublasOperation_t::CUBLAS_OP_T,
+            false => cublasOperation_t::CUBLAS_OP_N,
+        };
+        let bf16 = cudaDataType_t::CUDA_R_16BF;
+        // SAFETY: the pointers are live device allocations of these shapes (the caller's
+        // buffers), alpha and beta are host f32s as the compute type asks, and the handle
+        // queues on the default stream as every launch does.
+        unsafe {
+            blas::result::gemm_ex(
+                h,
+                op(g.transpose_a),
+                op(g.transpose_b),
+                g.m,
+                g.n,
+                g.k,
+                &alpha as *const f32 as *const _,
+                w as *const _,
+                bf16,
+                g.lda,
+                x as *const _,
+                bf16,
+                g.ldb,
+                &beta as *const f32 as *const _,
+                y as *mut _,
+                bf16,
+                g.ldc,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            )
+        }
+        .map_err(blas_err("cublasGemmEx"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BlasGemm;
+
+    /// What BLAS computes for these arguments (column-major, the reference definition).
+    fn reference_gemm(g: BlasGemm, a: &[f64], b: &[f64], c: &mut [f64]) {
+        let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
+        let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
+        let at = |i: usize, p: usize| match g.transpose_a {
+            true => a[p + i * lda],
+            false => a[i + p * lda],
+        };
+        let bt = |p: usize, j: usize| match g.transpose_b {
+            true => b[j + p * ldb],
+            false => b[p + j * ldb],
+        };
+        for j in 0..n {
+            for i in 0..m {
+                c[i + j * ldc] = (0..k).map(|p| at(i, p) * bt(p, j)).sum();
+            }
+        }
+    }
+
+    /// The cuBLAS baseline's arguments give the row-major `x · wᵀ` the benchmark compares
+    /// with: checked here on the BLAS definition, since CI has no cuBLAS to call.
+    #[test]
+    fn blas_arguments_give_rows_times_the_weight_transposed() {
+        let (rows, n, k) = (3usize, 5usize, 7usize);
+        let w: Vec<f64> = (0..n * k).map(|i| (i * 13 % 17) as f64 - 8.0).collect();
+        let x: Vec<f64> = (0..rows * k).map(|i| (i * 7 % 11) as f64 - 5.0).collect();
+        let mut y = vec![0f64; rows * n];
+        let g = BlasGemm::for_rows_times_weight_t(rows as i32, n as i32, k as i32);
+        reference_gemm(g, &w, &x, &mut y);
+        for r in 0..rows {
+            for j in 0..n {
+                let want: f64 = (0..k).map(|c| x[r * k + c] * w[j * k + c]).sum();
+                assert_eq!(y[r * n + j], want, "row {r} feature {j}");
+            }
+        }
     }
 }

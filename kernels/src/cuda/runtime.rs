@@ -80,6 +80,25 @@ pub trait KernelRuntime: Send + Sync {
     fn launch(&self, module: &str, kernel: &str, cfg: &LaunchConfig, args: &[Arg]) -> Result<()>;
     /// Waits until every launch so far has finished, surfacing asynchronous errors.
     fn synchronize(&self) -> Result<()>;
+    /// `y = x · wᵀ` in dense bf16 through the vendor's BLAS (cuBLAS), queued like a launch:
+    /// `w` is `[n, k]`, `x` `[rows, k]`, `y` `[rows, n]`, all bf16, summed in f32. The
+    /// benchmarks' baseline (issue #7 measures the quantized kernels against it); the engine
+    /// never calls it. Default: unavailable (the emulator has no cuBLAS).
+    fn blas_gemm_bf16(
+        &self,
+        w: u64,
+        x: u64,
+        y: u64,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let _ = (w, x, y, rows, n, k);
+        Err(CudaError::Unavailable(format!(
+            "no cuBLAS on {}",
+            self.name()
+        )))
+    }
 }
 
 /// Plain data that can be copied to and from the device byte for byte.
