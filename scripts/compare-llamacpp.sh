@@ -20,6 +20,8 @@ if [[ ${#models[@]} -eq 0 ]]; then
 fi
 cargo build --release --quiet
 PP="${PP:-512}"
+# Both sides report the median of REPS runs (llamacpp-baseline.sh reads it too).
+export REPS="${REPS:-3}"
 # One table row: model, what was measured, llama.cpp's line from llamacpp-baseline.sh (empty if
 # its tool crashed), Vellum's figure.
 row() {
@@ -42,9 +44,9 @@ for m in "${models[@]}"; do
   name="$(basename "$m")"
   # A llama.cpp tool that crashes leaves its cell empty instead of ending the comparison.
   base="$(THREADS=2 N_GEN=128 N_PROMPT=16 SEQS=16 PP="$PP" scripts/llamacpp-baseline.sh "$m" || true)"
-  ours="$(./target/release/vellum bench --model "$m" --threads 2 --prompt-len 16 --gen-len 128 --concurrency 1,16 --json)"
+  ours="$(./target/release/vellum bench --model "$m" --threads 2 --prompt-len 16 --gen-len 128 --concurrency 1,16 --repeat "$REPS" --json)"
   if [[ "$PP" -gt 0 ]]; then
-    pre="$(./target/release/vellum bench --model "$m" --threads 2 --prompt-len "$PP" --gen-len 1 --concurrency 1 --json)"
+    pre="$(./target/release/vellum bench --model "$m" --threads 2 --prompt-len "$PP" --gen-len 1 --concurrency 1 --repeat "$REPS" --json)"
     row "$name" "prefill$PP" "$(grep 'llamacpp prefill' <<<"$base" || true)" "$(field prefill_tok_s 1 <<<"$pre")"
   fi
   for seqs in 1 16; do

@@ -205,12 +205,15 @@ fn bench_reports_every_level_as_json() {
     // The opt-in int8 KV cache runs and says so.
     let mut int8 = args[..args.len() - 2].to_vec();
     int8[4] = "1";
-    int8.extend(["--kv-dtype", "int8"]);
+    int8.extend(["--kv-dtype", "int8", "--repeat", "2"]);
     let (code, out, err) = vellum(&int8, "");
     assert_eq!(code, 0, "{err}");
     let level: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(level["kv_dtype"], "int8");
+    assert_eq!(level["repeat"], 2);
     assert!(level["decode_tok_s"].as_f64().unwrap() > 0.0, "{level}");
+    let (code, _, err) = vellum(&["bench", "--shape", "smollm-135m", "--repeat", "0"], "");
+    assert!(code != 0 && err.contains("--repeat"), "{err}");
     let (code, _, err) = vellum(&["bench", "--shape", "gpt-9"], "");
     assert_ne!(code, 0);
     assert!(err.contains("unknown"), "{err}");

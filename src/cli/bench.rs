@@ -10,6 +10,10 @@
 //!   manager, sampler, detokenizer);
 //! - `bandwidth_pct`: (weight bytes + KV bytes read per decode step) / step time, as a % of
 //!   the streaming-read bandwidth measured in the same run.
+//!
+//! `--repeat N` runs each level N times and reports the median of each throughput (and the
+//! latency percentiles of all runs together): one prefill is a fraction of a second, and a
+//! single sample on a shared machine can be off by a quarter.
 
 use super::{parse_kv_dtype, parse_size};
 use anyhow::{anyhow, bail, Result};
@@ -66,6 +70,9 @@ pub struct BenchArgs {
     kv_dtype: KvDtype,
     #[arg(long, default_value_t = 512)]
     max_batched_tokens: usize,
+    /// Runs of each level; throughputs are their medians (llama-bench reports a median too).
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Seed of the random prompts (and synthetic weights).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -199,9 +206,13 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             .num_threads(n)
             .build_global();
     }
-    if a.concurrency.is_empty() || a.concurrency.contains(&0) || a.prompt_len == 0 || a.gen_len == 0
+    if a.concurrency.is_empty()
+        || a.concurrency.contains(&0)
+        || a.prompt_len == 0
+        || a.gen_len == 0
+        || a.repeat == 0
     {
-        bail!("--concurrency levels, --prompt-len and --gen-len must all be at least 1");
+        bail!("--concurrency levels, --prompt-len, --gen-len and --repeat must all be at least 1");
     }
     let (model, name) = match (&a.model, &a.shape) {
         (Some(p), None) => {
@@ -278,13 +289,17 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     }
     let mut levels = Vec::new();
     for &c in &a.concurrency {
-        let l = run_level(&mut engine, c, a.prompt_len, a.gen_len, read_bw, &mut rng)?;
+        let runs = (0..a.repeat)
+            .map(|_| run_level(&mut engine, c, a.prompt_len, a.gen_len, read_bw, &mut rng))
+            .collect::<Result<Vec<_>>>()?;
+        let l = median_level(runs);
         let p = |v: &[f64], q| percentile(v, q);
         if a.json {
             let o = json!({
                 "model": name, "backend": backend_name, "threads": rayon::current_num_threads(),
                 "kv_dtype": a.kv_dtype.name(),
                 "concurrency": l.concurrency, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
+                "repeat": a.repeat,
                 "prefill_tok_s": l.prefill_tok_s, "decode_tok_s": l.decode_tok_s,
                 "ttft_ms_p50": p(&l.ttft_ms, 0.5), "ttft_ms_p90": p(&l.ttft_ms, 0.9), "ttft_ms_p99": p(&l.ttft_ms, 0.99),
                 "itl_ms_p50": p(&l.itl_ms, 0.5), "itl_ms_p90": p(&l.itl_ms, 0.9), "itl_ms_p99": p(&l.itl_ms, 0.99),
@@ -312,6 +327,36 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         eprintln!("plot written to {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One level from several runs of it: the median of each throughput and share, the
+/// latencies of every run, the highest KV usage.
+fn median_level(mut runs: Vec<Level>) -> Level {
+    let median = |runs: &[Level], f: fn(&Level) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let prefill = median(&runs, |l| l.prefill_tok_s);
+    let decode = median(&runs, |l| l.decode_tok_s);
+    let bandwidth = median(&runs, |l| l.bandwidth_pct);
+    let overhead = median(&runs, |l| l.overhead_pct);
+    let kv_usage_max = runs.iter().map(|l| l.kv_usage_max).fold(0.0, f64::max);
+    let mut level = runs.pop().expect("at least one run");
+    for r in runs {
+        level.ttft_ms.extend(r.ttft_ms);
+        level.itl_ms.extend(r.itl_ms);
+    }
+    level.ttft_ms.sort_by(f64::total_cmp);
+    level.itl_ms.sort_by(f64::total_cmp);
+    Level {
+        prefill_tok_s: prefill,
+        decode_tok_s: decode,
+        bandwidth_pct: bandwidth,
+        overhead_pct: overhead,
+        kv_usage_max,
+        ..level
+    }
 }
 
 /// Two side-by-side charts: decode tokens/s, and inter-token latency p50/p90/p99, against
@@ -406,4 +451,38 @@ fn plot_svg(title: &str, levels: &[Level]) -> String {
         h + 30.0,
         14
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn level(prefill: f64, decode: f64, ttft: f64) -> Level {
+        Level {
+            concurrency: 2,
+            prefill_tok_s: prefill,
+            decode_tok_s: decode,
+            ttft_ms: vec![ttft],
+            itl_ms: vec![ttft / 10.0],
+            bandwidth_pct: decode / 10.0,
+            kv_usage_max: prefill / 1000.0,
+            overhead_pct: 1.0,
+        }
+    }
+
+    /// Each throughput is its own median (not the median run's), latencies are pooled in
+    /// order, KV usage is the highest.
+    #[test]
+    fn repeated_runs_report_medians_and_every_latency() {
+        let l = median_level(vec![
+            level(900.0, 50.0, 3.0),
+            level(100.0, 70.0, 1.0),
+            level(500.0, 10.0, 2.0),
+        ]);
+        assert_eq!((l.prefill_tok_s, l.decode_tok_s), (500.0, 50.0));
+        assert_eq!(l.bandwidth_pct, 5.0);
+        assert_eq!(l.ttft_ms, [1.0, 2.0, 3.0]);
+        assert_eq!(l.itl_ms.len(), 3);
+        assert_eq!(l.kv_usage_max, 0.9);
+    }
 }
