@@ -67,7 +67,8 @@ impl DisjointOut {
 }
 
 /// `out[r * n + i] = x[r] · w[j0 + i]` for `n = out.len() / t` weight rows from `j0` and
-/// every activation row `r` of `x` (token-major, as the matmul's output is), reading the weights in their stored format (see `simd::Row`).
+/// every activation row `r` of `x` (token-major, as the matmul's output is), reading the
+/// weights in their stored format (see `simd::Row`).
 fn dot_weight_rows(isa: Isa, x: &[f32], w: &Weight, j0: usize, out: &mut [f32]) {
     let k = w.cols;
     let n = out.len() / (x.len() / k);

@@ -182,8 +182,7 @@ fn quantize_block(block: &[f32], bits: ActBits, out: &mut [i8]) -> (f32, i32) {
     } else {
         f32::NAN
     };
-    let d = amax / bits.top();
-    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let (d, id) = step(amax, bits);
     let mut sum = 0i32;
     for (i, &v) in block.iter().enumerate() {
         let c = round_to_even(v * id) as i32;
@@ -200,6 +199,19 @@ fn quantize_block(block: &[f32], bits: ActBits, out: &mut [i8]) -> (f32, i32) {
     (d, sum)
 }
 
+/// A block's step `d = amax / top` and its inverse. A NaN `amax` keeps `d` NaN (codes 0); a
+/// block too small for the inverse to be finite (`amax` below ~1e-34) or all zeros gets
+/// `d = 0` and codes 0, where an infinite inverse would make its codes garbage.
+fn step(amax: f32, bits: ActBits) -> (f32, f32) {
+    let d = amax / bits.top();
+    let id = 1.0 / d;
+    match d {
+        _ if d.is_nan() => (d, 0.0),
+        _ if d > 0.0 && id.is_finite() => (d, id),
+        _ => (0.0, 0.0),
+    }
+}
+
 /// An int16 code's halves, `c = 256 h + l` with both in -128..=127.
 #[inline]
 fn halves(c: i32) -> (i32, i32) {
@@ -212,7 +224,8 @@ type BlockQuantizer = fn(&[f32], ActBits, &mut [i8]) -> (f32, i32);
 /// The fastest [`quantize_block`] this CPU runs (the scalar code was 8% of a SmolLM2
 /// prefill on AVX-512).
 fn block_quantizer() -> BlockQuantizer {
-    block_quantizers()[0].1
+    static FASTEST: std::sync::OnceLock<BlockQuantizer> = std::sync::OnceLock::new();
+    *FASTEST.get_or_init(|| block_quantizers()[0].1)
 }
 
 /// Every [`quantize_block`] this CPU runs, fastest first, the scalar one last.
@@ -273,8 +286,8 @@ mod x86 {
         if nan != 0 || !amax.is_finite() {
             return super::quantize_block(block, bits, out);
         }
-        let d = amax / bits.top();
-        let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let (d, id) = super::step(amax, bits);
+        let id = _mm512_set1_ps(id);
         let ca = _mm512_cvtps_epi32(_mm512_mul_ps(a, id));
         let cb = _mm512_cvtps_epi32(_mm512_mul_ps(b, id));
         let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(ca, cb));
@@ -327,8 +340,8 @@ mod x86 {
         if nan != 0 || !amax.is_finite() {
             return super::quantize_block(block, bits, out);
         }
-        let d = amax / bits.top();
-        let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let (d, id) = super::step(amax, bits);
+        let id = _mm256_set1_ps(id);
         let c = v.map(|x| _mm256_cvtps_epi32(_mm256_mul_ps(x, id)));
         let total = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
         let t = _mm_add_epi32(
@@ -387,8 +400,7 @@ mod neon {
         if vminvq_u32(ordered) == 0 || !amax.is_finite() {
             return super::quantize_block(block, bits, out);
         }
-        let d = amax / bits.top();
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let (d, id) = super::step(amax, bits);
         let c = v.map(|x| vcvtnq_s32_f32(vmulq_n_f32(x, id)));
         let sum = c.iter().fold(0i32, |s, &c| s + vaddvq_s32(c));
         let mut store = |at: usize, c: [int32x4_t; 8]| {
@@ -647,8 +659,9 @@ mod tests {
     use super::*;
 
     /// Every block quantizer this CPU runs gives the scalar one's codes, scale and sum, bit
-    /// for bit: ties halfway between codes (to even), zeros, the largest code of both signs, and
-    /// a NaN or an infinity, which make the scale NaN so the dots come out NaN.
+    /// for bit: ties halfway between codes (to even), zeros, the largest code of both
+    /// signs, values too small for the step's inverse (codes 0), and a NaN or an infinity,
+    /// which make the scale NaN so the dots come out NaN.
     #[test]
     fn every_block_quantizer_equals_the_scalar_one() {
         for bits in [ActBits::Eight, ActBits::Sixteen] {
@@ -656,7 +669,9 @@ mod tests {
             let ties: Vec<f32> = (0..QK)
                 .map(|i| if i == 0 { -top } else { i as f32 - 15.5 })
                 .collect();
-            let mut blocks = vec![vec![0f32; QK], ties, values(QK, 7), values(QK, 8)];
+            // Values so small that 1 / step overflows: codes 0, not garbage.
+            let tiny: Vec<f32> = (0..QK).map(|i| [1e-38, -3e-39][i % 2]).collect();
+            let mut blocks = vec![vec![0f32; QK], ties, values(QK, 7), values(QK, 8), tiny];
             for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
                 let mut b = values(QK, 9);
                 b[QK - 3] = bad;
@@ -677,7 +692,10 @@ mod tests {
                     (d1.to_bits(), s1, &got),
                     "{what}"
                 );
-                assert_eq!(d0.is_nan(), n >= 4, "{what}: scale {d0}");
+                assert_eq!(d0.is_nan(), n >= 5, "{what}: scale {d0}");
+                if n == 4 {
+                    assert!(d0 == 0.0 && want.iter().all(|&c| c == 0), "{what}");
+                }
             }
         }
     }
