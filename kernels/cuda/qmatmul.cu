@@ -1,11 +1,12 @@
-// Weight-quantized matmul for decode batches (W4A16 / W8A16 GEMV, up to 8 activation rows per
+// Weight-quantized matmul for decode batches (W4A16 / W8A16 GEMV, up to 16 activation rows per
 // pass): out[rows, n] = x[rows, k] · dequant(w)[n, k]ᵀ (+ bias). A warp per output column;
 // each lane reads 16 bytes of codes per load (32 int4 or 16 int8 values), dequantizes in
 // registers and accumulates in f32; a warp-shuffle reduction in a fixed order ends it.
 // grid.x = ceil(n / 4), block = 128 threads (4 warps). Geometry in kernels/src/cuda/backend.rs.
 #include "vellum.cuh"
 
-#define QROWS 8
+// 16 activation rows a pass: a decode batch of up to 16 streams the weights once.
+#define QROWS 16
 
 // acc[r] += wv · x[r * k .. r * k + W] for the first `rows` activation rows of the pass: one
 // decoded weight chunk meets every row.
@@ -40,8 +41,12 @@ __device__ void matmul_w4(const T *x, const uint8_t *packed, const f16 *scales, 
     uint32_t rr = rows - r0 < QROWS ? rows - r0 : QROWS;
     float acc[QROWS];
     for (int r = 0; r < QROWS; ++r) acc[r] = 0.0f;
-    for (uint32_t c = lane; c < k / 32; c += 32) {
-      uint4 w = wrow[c];
+    // The next chunk's load is issued before this one is decoded: two loads in flight.
+    uint32_t chunks = k / 32;
+    uint4 next = lane < chunks ? wrow[lane] : uint4{0, 0, 0, 0};
+    for (uint32_t c = lane; c < chunks; c += 32) {
+      uint4 w = next;
+      if (c + 32 < chunks) next = wrow[c + 32];
       uint32_t words[4] = {w.x, w.y, w.z, w.w};
       uint32_t g = c * 32 / group;
       float d = to_f32(srow[g]);
@@ -79,8 +84,11 @@ __device__ void matmul_w8(const T *x, const int8_t *q, const float *scales, cons
     uint32_t rr = rows - r0 < QROWS ? rows - r0 : QROWS;
     float acc[QROWS];
     for (int r = 0; r < QROWS; ++r) acc[r] = 0.0f;
-    for (uint32_t c = lane; c < k / 16; c += 32) {
-      uint4 w = wrow[c];
+    uint32_t chunks = k / 16;
+    uint4 next = lane < chunks ? wrow[lane] : uint4{0, 0, 0, 0};
+    for (uint32_t c = lane; c < chunks; c += 32) {
+      uint4 w = next;
+      if (c + 32 < chunks) next = wrow[c + 32];
       uint32_t words[4] = {w.x, w.y, w.z, w.w};
       float d = srow[c * 16 / group];
       float wv[16];

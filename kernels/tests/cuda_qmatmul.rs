@@ -77,6 +77,7 @@ fn quantized_matmuls_match_the_reference_for_every_format_and_odd_shapes() {
             (3, 576, 33),
             (9, 320, 130),
             (16, 1536, 7),
+            (17, 96, 3),
         ] {
             let v = values(n * k, (k * n) as u64);
             let x = values(rows * k, 7 + k as u64);
