@@ -19,6 +19,22 @@ pub trait KvRows {
     /// The rows of `hd` values at `offsets`, as f32 back to back in `dst`
     /// (`offsets.len() * hd` long). Panics on a row outside the pool.
     fn widen(&self, isa: Isa, offsets: &[usize], hd: usize, dst: &mut [f32]);
+    /// Asks for the rows of `hd` values at `offsets` to be brought toward the cache (a hint:
+    /// rows outside the pool are skipped).
+    fn prefetch(&self, offsets: &[usize], hd: usize);
+}
+
+/// Prefetches `hd` elements of `T` at each offset of `rows` that lies inside it.
+fn prefetch_rows<T>(rows: &[T], offsets: &[usize], hd: usize) {
+    for &at in offsets {
+        if let Some(row) = at.checked_add(hd).and_then(|end| rows.get(at..end)) {
+            // SAFETY: the bytes of an initialized slice of plain values.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(row.as_ptr() as *const u8, std::mem::size_of_val(row))
+            };
+            super::simd::prefetch(bytes);
+        }
+    }
 }
 
 impl KvRows for [f32] {
@@ -27,6 +43,9 @@ impl KvRows for [f32] {
     }
     fn in_place(&self) -> Option<&[f32]> {
         Some(self)
+    }
+    fn prefetch(&self, offsets: &[usize], hd: usize) {
+        prefetch_rows(self, offsets, hd)
     }
     fn widen(&self, _: Isa, offsets: &[usize], hd: usize, dst: &mut [f32]) {
         for (&at, dst) in offsets.iter().zip(dst.chunks_exact_mut(hd)) {
@@ -41,6 +60,9 @@ impl KvRows for [half::f16] {
     }
     fn in_place(&self) -> Option<&[f32]> {
         None
+    }
+    fn prefetch(&self, offsets: &[usize], hd: usize) {
+        prefetch_rows(self, offsets, hd)
     }
     fn widen(&self, isa: Isa, offsets: &[usize], hd: usize, dst: &mut [f32]) {
         assert!(offsets.iter().all(|&at| at + hd <= self.len()) && dst.len() >= offsets.len() * hd);
@@ -101,6 +123,12 @@ impl KvRows for Int8Rows<'_> {
     }
     fn in_place(&self) -> Option<&[f32]> {
         None
+    }
+    fn prefetch(&self, offsets: &[usize], hd: usize) {
+        for &at in offsets {
+            prefetch_rows(self.codes, &[at], hd);
+            prefetch_rows(self.scales, &[at / self.group], hd / self.group);
+        }
     }
     fn widen(&self, isa: Isa, offsets: &[usize], hd: usize, dst: &mut [f32]) {
         let g = self.group;
@@ -292,6 +320,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Prefetching is a hint: rows partly or wholly past the pool (even at offsets whose end
+    /// overflows) are skipped, for every kind of pool.
+    #[test]
+    fn prefetching_rows_past_the_pool_is_harmless() {
+        let offsets = [0, 32, 48, 64, 1 << 40, usize::MAX - 3];
+        let f32s = [1f32; 64];
+        let f16s = [half::f16::ONE; 64];
+        let (codes, scales) = ([1i8; 64], [0.5f32; 2]);
+        f32s[..].prefetch(&offsets, 32);
+        f16s[..].prefetch(&offsets, 32);
+        let int8 = Int8Rows {
+            codes: &codes,
+            scales: &scales,
+            group: 32,
+        };
+        int8.prefetch(&offsets, 32);
+        assert_eq!(widened(Isa::Scalar, &int8, &[32], 32), vec![0.5f32; 32]);
     }
 
     /// The rows at `offsets` through [`chunk_view`], which packs them back to back.
