@@ -463,3 +463,112 @@ fn device_flag_selects_the_backend_and_rejects_unusable_devices() {
     assert_ne!(code, 0);
     assert!(err.contains("unknown device `tpu`"), "{err}");
 }
+
+/// `vellum quantize --gptq`: calibrated on the model's own samples (no tokenizer needed) or
+/// on a text; the checkpoint loads back as int8 and rounds differently from round to nearest.
+#[test]
+fn quantize_with_gptq_writes_a_loadable_int8_checkpoint() {
+    let tiny = repo().join("tests/golden/models/llama_gqa");
+    let out = |name: &str| scratch(&format!("cli-gptq-{name}"));
+    let int8 = |dir: &std::path::Path| {
+        let m = vellum::engine::Checkpoint::open(dir)
+            .unwrap()
+            .load_model()
+            .unwrap();
+        assert_eq!(
+            m.config.quantization,
+            vellum::kernels::QuantTarget::parse("int8")
+        );
+        m.layers[0].q.to_f32()
+    };
+    let (rtn, gptq) = (out("rtn"), out("sampled"));
+    let (code, _, err) = vellum(
+        &[
+            "quantize",
+            tiny.to_str().unwrap(),
+            rtn.to_str().unwrap(),
+            "--to",
+            "int8",
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    let args = [
+        "quantize",
+        tiny.to_str().unwrap(),
+        gptq.to_str().unwrap(),
+        "--to",
+        "int8",
+        "--gptq",
+        "--calibration-samples",
+        "3",
+        "--calibration-len",
+        "40",
+    ];
+    let (code, _, err) = vellum(&args, "");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("sampling 3 calibration sequences of 40 tokens"),
+        "{err}"
+    );
+    assert!(err.contains("GPTQ over 120 calibration tokens"), "{err}");
+    assert!(err.contains("linear layers int8 (GPTQ)"), "{err}");
+    assert_ne!(int8(&rtn), int8(&gptq));
+
+    // A text, on a model with a tokenizer: cut into sequences of --calibration-len tokens.
+    let spm = repo().join("tests/golden/spm_llama.gguf");
+    let text = tmp_file(
+        "gptq.txt",
+        &"The quick brown fox jumps over the lazy dog. ".repeat(20),
+    );
+    let from_text = out("text");
+    let (code, _, err) = vellum(
+        &[
+            "quantize",
+            spm.to_str().unwrap(),
+            from_text.to_str().unwrap(),
+            "--to",
+            "int8",
+            "--gptq",
+            "--calibration",
+            text.to_str().unwrap(),
+            "--calibration-len",
+            "32",
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("GPTQ over"), "{err}");
+    int8(&from_text);
+
+    let fails = |extra: &[&str], why: &str| {
+        let dir = out("bad");
+        let mut args = vec!["quantize", tiny.to_str().unwrap(), dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (code, _, err) = vellum(&args, "");
+        assert_ne!(code, 0, "{extra:?}");
+        assert!(err.contains(why), "{extra:?}: {err}");
+    };
+    fails(
+        &["--to", "int4", "--gptq"],
+        "--gptq quantizes to int8 (per channel), not Q4_1",
+    );
+    fails(&["--to", "int8", "--calibration", "x.txt"], "--gptq");
+    fails(
+        &[
+            "--to",
+            "int8",
+            "--gptq",
+            "--calibration",
+            text.to_str().unwrap(),
+        ],
+        "no tokenizer to encode --calibration with",
+    );
+    fails(
+        &["--to", "int8", "--gptq", "--calibration-len", "1"],
+        "--calibration-len must be at least 2",
+    );
+    for dir in [rtn, gptq, from_text] {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

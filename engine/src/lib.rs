@@ -1,5 +1,6 @@
 //! Vellum engine: checkpoint loaders, tokenizer, the Llama-family model and its KV cache.
 
+pub mod calibrate;
 pub mod config;
 pub mod convert;
 pub mod error;

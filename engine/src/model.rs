@@ -12,6 +12,7 @@ use vellum_kernels::{
 use vellum_quant::DType;
 
 /// One decoder layer's weights.
+#[derive(Clone)]
 pub struct Layer {
     pub attn_norm: Vec<f32>,
     pub q: Weight,
@@ -38,6 +39,42 @@ pub const LINEAR_NAMES: [&str; 7] = [
     "mlp.down_proj",
 ];
 
+/// The activations a layer's linear weights read; weights that read the same one share it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LinearInput {
+    /// The normed residual, read by Q, K and V.
+    Attention,
+    /// The attention heads' output, read by O.
+    AttentionOutput,
+    /// The normed residual, read by gate and up.
+    Mlp,
+    /// `silu(gate) * up`, read by down.
+    MlpDown,
+}
+
+/// Sees each layer's linear inputs during a forward pass: `(layer, input, [tokens, cols])`.
+pub type LinearInputObserver<'a> = dyn FnMut(usize, LinearInput, &[f32]) + 'a;
+
+impl LinearInput {
+    pub const ALL: [LinearInput; 4] = [
+        LinearInput::Attention,
+        LinearInput::AttentionOutput,
+        LinearInput::Mlp,
+        LinearInput::MlpDown,
+    ];
+
+    /// The input of each of [`Layer::linears`], in order.
+    pub const OF_LINEARS: [LinearInput; 7] = [
+        LinearInput::Attention,
+        LinearInput::Attention,
+        LinearInput::Attention,
+        LinearInput::AttentionOutput,
+        LinearInput::Mlp,
+        LinearInput::Mlp,
+        LinearInput::MlpDown,
+    ];
+}
+
 impl Layer {
     /// The linear weights, in the order of [`LINEAR_NAMES`].
     pub fn linears(&self) -> [&Weight; 7] {
@@ -60,6 +97,7 @@ impl Layer {
 }
 
 /// A loaded model: config, weights and rotary tables.
+#[derive(Clone)]
 pub struct Model {
     pub config: ModelConfig,
     pub embed: Weight,
@@ -466,6 +504,25 @@ impl Model {
         kv: &mut [KvLayer],
         logit_rows: &[usize],
     ) -> Result<Vec<f32>> {
+        self.forward_observed(backend, tokens, batch, kv, logit_rows, None)
+    }
+
+    /// [`Model::forward`], handing `observe` each linear layer group's input
+    /// (`[tokens, cols]`) as it is computed: how calibration sees the activations.
+    pub fn forward_observed(
+        &self,
+        backend: &dyn Backend,
+        tokens: &[u32],
+        batch: &BatchLayout,
+        kv: &mut [KvLayer],
+        logit_rows: &[usize],
+        mut observe: Option<&mut LinearInputObserver>,
+    ) -> Result<Vec<f32>> {
+        let mut seen = |layer: usize, input: LinearInput, x: &[f32]| {
+            if let Some(o) = observe.as_mut() {
+                o(layer, input, x);
+            }
+        };
         let c = &self.config;
         let t = tokens.len();
         if batch.num_tokens() != t || kv.len() != c.num_layers {
@@ -497,7 +554,7 @@ impl Model {
         let mut up = vec![0f32; t * f];
         // The previous layer's MLP output waits in `delta` to be added by the next norm.
         let mut has_delta = false;
-        for (layer, cache) in self.layers.iter().zip(kv.iter_mut()) {
+        for (i, (layer, cache)) in self.layers.iter().zip(kv.iter_mut()).enumerate() {
             let d = has_delta.then_some(&delta[..]);
             backend.add_rms_norm(
                 &mut residual,
@@ -506,6 +563,7 @@ impl Model {
                 c.rms_norm_eps,
                 &mut normed,
             )?;
+            seen(i, LinearInput::Attention, &normed);
             backend.matmul_many(
                 &normed,
                 &mut [
@@ -530,6 +588,7 @@ impl Model {
             backend.rotary(&mut k, &batch.positions, c.num_kv_heads, &self.rope)?;
             backend.write_kv(cache, &k, &v, &batch.slot_mapping)?;
             backend.attention(&q, cache, batch, c.num_heads, &mut attn)?;
+            seen(i, LinearInput::AttentionOutput, &attn);
             backend.matmul(&attn, &layer.o, None, &mut delta)?;
             backend.add_rms_norm(
                 &mut residual,
@@ -538,6 +597,7 @@ impl Model {
                 c.rms_norm_eps,
                 &mut normed,
             )?;
+            seen(i, LinearInput::Mlp, &normed);
             backend.matmul_many(
                 &normed,
                 &mut [
@@ -554,6 +614,7 @@ impl Model {
                 ],
             )?;
             backend.silu_mul(&mut gate, &up)?;
+            seen(i, LinearInput::MlpDown, &gate);
             backend.matmul(&gate, &layer.down, None, &mut delta)?;
             has_delta = true;
         }

@@ -6,10 +6,12 @@
 
 pub mod block;
 pub mod dtype;
+pub mod gptq;
 pub mod int4;
 
 pub use block::{BlockFormat, QK};
 pub use dtype::DType;
+pub use gptq::GptqFactor;
 pub use int4::{Int4Data, Int4Format, ScaleSearch};
 
 /// Errors of this crate: they name the format and the sizes at fault.
@@ -30,4 +32,6 @@ pub enum QuantError {
     },
     #[error("int4: group size {group} is not supported (32, 64 or 128)")]
     UnsupportedGroup { group: usize },
+    #[error("GPTQ: {0}")]
+    Gptq(String),
 }

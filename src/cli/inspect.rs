@@ -27,42 +27,6 @@ pub struct ConvertArgs {
     dtype: String,
 }
 
-#[derive(Args)]
-pub struct QuantizeArgs {
-    /// Input checkpoint (a Hugging Face directory or a .gguf file).
-    input: PathBuf,
-    /// Output directory (created if missing).
-    output: PathBuf,
-    /// Format of the linear layers: int8 (per channel), int4 (g32 asymmetric, Q4_1 layout),
-    /// int4:sym (Q4_0 layout), q8_0.
-    #[arg(long)]
-    to: String,
-    /// Dtype of everything else (embeddings, norms, LM head): f32, f16 or bf16.
-    #[arg(long, default_value = "f16")]
-    dtype: String,
-}
-
-pub fn quantize(a: QuantizeArgs) -> Result<ExitCode> {
-    let target = vellum_kernels::QuantTarget::parse(&a.to).ok_or_else(|| {
-        anyhow!(
-            "--to {}: expected int8, int4, int4:sym, q8_0 or int4:g64|g128[:sym][:mse]",
-            a.to
-        )
-    })?;
-    let dtype = DType::parse(&a.dtype)
-        .ok_or_else(|| anyhow!("--dtype {}: expected f32, f16 or bf16", a.dtype))?;
-    let ck = Checkpoint::open(&a.input)?;
-    let model = vellum_engine::convert::quantize(&ck, &a.output, target, dtype)
-        .with_context(|| format!("quantizing {} to {}", a.input.display(), a.output.display()))?;
-    eprintln!(
-        "wrote {}: linear layers {}, the rest {dtype}; {:.1} MiB of weights read per step",
-        a.output.display(),
-        target.name(),
-        model.weight_bytes() as f64 / (1 << 20) as f64
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
 pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
     let ck = Checkpoint::open(&a.path)?;
     // Materialising the model runs every check a load does (presence, shape, dtype, bytes).

@@ -5,6 +5,7 @@ mod bench;
 mod generate;
 mod inspect;
 mod jsonl;
+mod quantize;
 mod score;
 
 use anyhow::{bail, Context, Result};
@@ -42,8 +43,8 @@ enum Command {
     /// Write a checkpoint with quantized linear layers (a Hugging Face directory that Vellum
     /// loads back as it was written).
     ///
-    /// Example: vellum quantize model.gguf out_dir --to int8
-    Quantize(inspect::QuantizeArgs),
+    /// Example: vellum quantize model.gguf out_dir --to int8 --gptq
+    Quantize(quantize::QuantizeArgs),
     /// Throughput and latency at several concurrency levels, on a model or a synthetic shape.
     ///
     /// Example: vellum bench --shape tinyllama-1.1b --concurrency 1,4,16 --threads 2
@@ -179,7 +180,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inspect(a) => inspect::inspect(a),
         Command::Convert(a) => inspect::convert(a),
         Command::Bench(a) => bench::run(a),
-        Command::Quantize(a) => inspect::quantize(a),
+        Command::Quantize(a) => quantize::quantize(a),
     }
 }
 
