@@ -551,7 +551,7 @@ fn quantize_with_gptq_writes_a_loadable_int8_checkpoint() {
     };
     fails(
         &["--to", "int4", "--gptq"],
-        "--gptq quantizes to int8 (per channel), not Q4_1",
+        "--gptq quantizes to int8 (per channel) or int4:g64|g128[:sym], not Q4_1",
     );
     fails(&["--to", "int8", "--calibration", "x.txt"], "--gptq");
     fails(

@@ -1,4 +1,4 @@
-//! GPTQ (`vellum::engine::calibrate`) on the tiny models: calibrated int8 follows the dense
+//! GPTQ (`vellum::engine::calibrate`) on the tiny models: calibrated int8 and int4 follow the dense
 //! model more closely than round to nearest on text it was not calibrated on; bad
 //! calibration is refused with the reason. The real model's perplexity is in accuracy.rs.
 
@@ -43,7 +43,7 @@ fn mean_abs_diff(a: &[f32], b: &[f32]) -> f64 {
 }
 
 #[test]
-fn gptq_int8_follows_the_dense_model_closer_than_round_to_nearest() {
+fn gptq_follows_the_dense_model_closer_than_round_to_nearest() {
     for name in ["llama_gqa", "mistral", "llama3_rope", "tied_bf16"] {
         let mut sampler = Engine::builder().model(tiny(name)).build().unwrap();
         let calibration = sample_calibration(&mut sampler, 8, 64, 1).unwrap();
@@ -51,42 +51,43 @@ fn gptq_int8_follows_the_dense_model_closer_than_round_to_nearest() {
         assert!(calibration.iter().all(|s| s.len() == 64 && s[0] == 1));
         let held_out = sample_calibration(&mut sampler, 4, 64, 100).unwrap();
         assert_ne!(calibration[0], held_out[0]);
-
-        let mut gptq = load(name);
-        quantize_linears_gptq(
-            &mut gptq,
-            &Cpu::new(),
-            QuantTarget::Int8PerChannel,
-            &calibration,
-        )
-        .unwrap();
-        assert_eq!(gptq.config.quantization, Some(QuantTarget::Int8PerChannel));
-        let mut rtn = load(name);
-        rtn.quantize_linears(QuantTarget::Int8PerChannel).unwrap();
-        for (g, r) in gptq.layers.iter().zip(&rtn.layers) {
-            for (g, r) in g.linears().iter().zip(r.linears()) {
-                let (
-                    WeightData::Int8PerRow { q: gq, scales: gs },
-                    WeightData::Int8PerRow { q: rq, scales: rs },
-                ) = (&g.data, &r.data)
-                else {
-                    panic!("{name}: not int8 per channel");
-                };
-                // The same grid (scales), other roundings.
-                assert_eq!(gs, rs);
-                assert_ne!(gq, rq, "{name}: GPTQ rounded like round to nearest");
-            }
-        }
         let dense = logprobs(load(name), &held_out);
-        let (e_gptq, e_rtn) = (
-            mean_abs_diff(&logprobs(gptq, &held_out), &dense),
-            mean_abs_diff(&logprobs(rtn, &held_out), &dense),
-        );
-        // Measured 0.71–0.85 of round to nearest's.
-        assert!(
-            e_gptq < 0.9 * e_rtn,
-            "{name}: |Δ logprob| GPTQ {e_gptq:e}, round to nearest {e_rtn:e}"
-        );
+        for target in ["int8", "int4:g64:sym", "int4:g64"] {
+            let target = QuantTarget::parse(target).unwrap();
+            let mut gptq = load(name);
+            quantize_linears_gptq(&mut gptq, &Cpu::new(), target, &calibration).unwrap();
+            assert_eq!(gptq.config.quantization, Some(target));
+            let mut rtn = load(name);
+            rtn.quantize_linears(target).unwrap();
+            for (g, r) in gptq.layers.iter().zip(&rtn.layers) {
+                for (g, r) in g.linears().iter().zip(r.linears()) {
+                    // The same grid (scales and offsets), other roundings.
+                    match (&g.data, &r.data) {
+                        (
+                            WeightData::Int8PerRow { q: gq, scales: gs },
+                            WeightData::Int8PerRow { q: rq, scales: rs },
+                        ) => assert!(gs == rs && gq != rq, "{name}"),
+                        (WeightData::Int4(gf, gd), WeightData::Int4(rf, rd)) => assert!(
+                            gf == rf
+                                && (&gd.scales, &gd.mins) == (&rd.scales, &rd.mins)
+                                && gd.packed != rd.packed,
+                            "{name}"
+                        ),
+                        _ => panic!("{name}: {} is not {}", g.format_name(), target.name()),
+                    }
+                }
+            }
+            let (e_gptq, e_rtn) = (
+                mean_abs_diff(&logprobs(gptq, &held_out), &dense),
+                mean_abs_diff(&logprobs(rtn, &held_out), &dense),
+            );
+            // Measured 0.68–0.88 of round to nearest's (int8 0.71–0.85).
+            assert!(
+                e_gptq < 0.93 * e_rtn,
+                "{name}, {}: |Δ logprob| GPTQ {e_gptq:e}, round to nearest {e_rtn:e}",
+                target.name()
+            );
+        }
     }
 }
 
@@ -113,5 +114,8 @@ fn bad_calibration_is_refused_with_the_reason() {
         .to_string();
     assert!(err.contains("no BOS or EOS token"), "{err}");
     let q4 = QuantTarget::parse("q4_0").unwrap();
-    assert!(message(q4, &[vec![1, 2, 3]]).contains("GPTQ quantizes to int8 per channel"));
+    assert!(message(q4, &[vec![1, 2, 3]])
+        .contains("GPTQ quantizes to int8 (per channel) or planar int4"));
+    let mse = QuantTarget::parse("int4:g64:mse").unwrap();
+    assert!(message(mse, &[vec![1, 2, 3]]).contains("(:mse) does not apply"));
 }

@@ -12,7 +12,7 @@ use crate::sampler::SamplingParams;
 use ndarray::{linalg::general_mat_mul, Array2, ArrayView2};
 use rayon::prelude::*;
 use vellum_kernels::{Backend, BatchLayout, KvDtype, QuantTarget, Weight, WeightData};
-use vellum_quant::GptqFactor;
+use vellum_quant::{GptqFactor, ScaleSearch};
 
 /// GPTQ's damping: this fraction of the mean Hessian diagonal is added to the diagonal.
 pub const DAMP: f64 = 0.01;
@@ -25,23 +25,29 @@ const HESSIAN_BUDGET: usize = 1 << 30;
 const BLOCK: usize = 16;
 
 /// Quantizes `model`'s linear layers to `target` with GPTQ over `calibration` (token
-/// sequences, each run from position 0), on `backend`. Only int8 per channel is supported:
-/// the group formats keep round to nearest.
+/// sequences, each run from position 0), on `backend`: int8 per channel or planar int4
+/// ([`gptq_supports`]).
 pub fn quantize_linears_gptq(
     model: &mut Model,
     backend: &dyn Backend,
     target: QuantTarget,
     calibration: &[Vec<u32>],
 ) -> Result<()> {
-    let invalid = |field, msg: String| Err(EngineError::InvalidRequest { field, msg });
-    if target != QuantTarget::Int8PerChannel {
-        return invalid(
-            "quant",
+    if !gptq_supports(target) {
+        let msg = if let QuantTarget::Int4(_, ScaleSearch::Mse) = target {
+            "GPTQ rounds on round to nearest's grid: the MSE scale search (:mse) does not apply"
+                .to_string()
+        } else {
             format!(
-                "GPTQ quantizes to int8 per channel; {} rounds to nearest",
+                "GPTQ quantizes to int8 (per channel) or planar int4 (int4:g64, int4:g128, \
+                 [:sym]), not {}",
                 target.name()
-            ),
-        );
+            )
+        };
+        return Err(EngineError::InvalidRequest {
+            field: "quant",
+            msg,
+        });
     }
     check_calibration(model, calibration)?;
     let c = &model.config;
@@ -59,13 +65,22 @@ pub fn quantize_linears_gptq(
             tokens = calibration.iter().map(Vec::len).sum::<usize>(),
             "GPTQ: Hessians collected"
         );
-        quantized.extend(quantize_window(model, layers, hessians)?);
+        quantized.extend(quantize_window(model, target, layers, hessians)?);
     }
     for (layer, index, w) in quantized {
         *model.layers[layer].linears_mut()[index] = w;
     }
     model.config.quantization = Some(target);
     Ok(())
+}
+
+/// Whether GPTQ can quantize to `target`: int8 per channel and planar int4 with round to
+/// nearest's grid (the group-32 block formats and the MSE scale search are not supported).
+pub fn gptq_supports(target: QuantTarget) -> bool {
+    matches!(
+        target,
+        QuantTarget::Int8PerChannel | QuantTarget::Int4(_, ScaleSearch::RoundToNearest)
+    )
 }
 
 fn check_calibration(model: &Model, calibration: &[Vec<u32>]) -> Result<()> {
@@ -158,6 +173,7 @@ fn collect_hessians(
 /// `(layer, index in Layer::linears, quantized weight)`.
 fn quantize_window(
     model: &Model,
+    target: QuantTarget,
     layers: std::ops::Range<usize>,
     hessians: Vec<Array2<f32>>,
 ) -> Result<Vec<(usize, usize, Weight)>> {
@@ -179,10 +195,16 @@ fn quantize_window(
                 if LinearInput::OF_LINEARS[index] != input {
                     continue;
                 }
-                let (q, scales) = factor
-                    .quantize_int8_per_row(&w.to_f32())
-                    .map_err(|e| gptq_error(layer, e))?;
-                let data = WeightData::Int8PerRow { q, scales };
+                let values = w.to_f32();
+                let data = match target {
+                    QuantTarget::Int4(format, _) => factor
+                        .quantize_int4(&values, format)
+                        .map(|d| WeightData::Int4(format, d)),
+                    _ => factor
+                        .quantize_int8_per_row(&values)
+                        .map(|(q, scales)| WeightData::Int8PerRow { q, scales }),
+                }
+                .map_err(|e| gptq_error(layer, e))?;
                 out.push((layer, index, Weight::new(w.rows, w.cols, data)?));
             }
             Ok(out)

@@ -11,7 +11,7 @@
 //! Columns go in order of decreasing `H[j][j]` ("act order"): the inputs with the most
 //! energy are fixed first, while the most columns remain to absorb their error.
 
-use crate::QuantError;
+use crate::{Int4Data, Int4Format, QuantError, ScaleSearch};
 
 /// A layer input's GPTQ factor: `U` (see the module docs) in act order, ready to quantize any
 /// weight matrix that reads this input.
@@ -82,6 +82,43 @@ impl GptqFactor {
     /// Symmetric int8 with one scale per row (`amax / 127` of the row as given), GPTQ-rounded:
     /// the codes and the scales of a `[rows, n]` row-major weight.
     pub fn quantize_int8_per_row(&self, w: &[f32]) -> Result<(Vec<i8>, Vec<f32>), QuantError> {
+        let rows = self.rows_of(w)?;
+        let scales: Vec<f32> = w
+            .chunks_exact(self.n)
+            .map(|row| row.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0)
+            .collect();
+        let grid = Int8PerRow {
+            inv: scales
+                .iter()
+                .map(|&s| if s > 0.0 { 1.0 / s } else { 0.0 })
+                .collect(),
+            scales,
+        };
+        debug_assert_eq!(grid.scales.len(), rows);
+        let codes = gptq_codes_fast(self, w, &grid);
+        Ok((codes, grid.scales))
+    }
+
+    /// Planar int4 (`format`), GPTQ-rounded on the grid round to nearest picks: each group's
+    /// scale (and offset) come from the weights as given, fixed before any column is rounded
+    /// (columns go in act order, across groups).
+    pub fn quantize_int4(&self, w: &[f32], format: Int4Format) -> Result<Int4Data, QuantError> {
+        let rows = self.rows_of(w)?;
+        let mut data = format.quantize(rows, self.n, w, ScaleSearch::RoundToNearest)?;
+        let widen = |v: &[half::f16]| v.iter().map(|x| x.to_f32()).collect();
+        let grid = Int4Grid {
+            group: format.group,
+            groups: format.groups(self.n)?,
+            symmetric: format.symmetric,
+            scales: widen(&data.scales),
+            mins: widen(&data.mins),
+        };
+        let codes = gptq_codes_fast(self, w, &grid);
+        data.packed = crate::int4::pack_codes(codes.iter().map(|&c| c as u8));
+        Ok(data)
+    }
+
+    fn rows_of(&self, w: &[f32]) -> Result<usize, QuantError> {
         let n = self.n;
         if n == 0 || !w.len().is_multiple_of(n) {
             return Err(QuantError::Gptq(format!(
@@ -89,46 +126,86 @@ impl GptqFactor {
                 w.len()
             )));
         }
-        Ok(gptq_int8_fast(self, w))
+        Ok(w.len() / n)
     }
 }
 
-/// [`GptqFactor::quantize_int8_per_row`] for a weight of whole rows.
+/// Where GPTQ rounds each weight: the code for `v` at `(row, col)` and the value it stands for.
+trait Grid: Sync {
+    fn round(&self, row: usize, col: usize, v: f32) -> (i8, f32);
+}
+
+/// Symmetric int8, one scale per row.
+struct Int8PerRow {
+    scales: Vec<f32>,
+    inv: Vec<f32>,
+}
+
+impl Grid for Int8PerRow {
+    #[inline(always)]
+    fn round(&self, row: usize, _col: usize, v: f32) -> (i8, f32) {
+        let q = (v * self.inv[row]).round().clamp(-127.0, 127.0);
+        (q as i8, q * self.scales[row])
+    }
+}
+
+/// Planar int4's rules (`crate::int4`), with the stored (f16) scales and offsets.
+struct Int4Grid {
+    group: usize,
+    groups: usize,
+    symmetric: bool,
+    scales: Vec<f32>,
+    mins: Vec<f32>,
+}
+
+impl Grid for Int4Grid {
+    #[inline(always)]
+    fn round(&self, row: usize, col: usize, v: f32) -> (i8, f32) {
+        let g = row * self.groups + col / self.group;
+        let d = self.scales[g];
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        if self.symmetric {
+            let q = (v * id).round().clamp(-8.0, 7.0);
+            ((q + 8.0) as i8, q * d)
+        } else {
+            let m = self.mins[g];
+            let q = ((v - m) * id).round().clamp(0.0, 15.0);
+            (q as i8, q * d + m)
+        }
+    }
+}
+
+/// GPTQ over a weight of whole rows: the code of every weight, in the weight's layout.
 #[inline(always)]
-fn gptq_int8(f: &GptqFactor, w: &[f32]) -> (Vec<i8>, Vec<f32>) {
+fn gptq_codes<G: Grid>(f: &GptqFactor, w: &[f32], grid: &G) -> Vec<i8> {
     let n = f.n;
     let rows = w.len() / n;
     let mut codes = vec![0i8; w.len()];
-    let mut scales = Vec::with_capacity(rows);
     // Rows in tiles, so that each row of U is read once per tile, not once per row.
     const TILE: usize = 16;
     let mut tile = vec![0f32; TILE * n];
     for (r0, rows_w) in (0..rows).step_by(TILE).zip(w.chunks(TILE * n)) {
         let t = rows_w.len() / n;
-        let mut inv = [0f32; TILE];
         for (i, row) in rows_w.chunks_exact(n).enumerate() {
-            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 127.0;
-            scales.push(scale);
-            inv[i] = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             for (k, &c) in f.order.iter().enumerate() {
                 tile[i * n + k] = row[c];
             }
         }
         for k in 0..n {
             let urow = &f.u[k * n..(k + 1) * n];
+            let col = f.order[k];
             for i in 0..t {
                 let row = &mut tile[i * n..(i + 1) * n];
-                let q = (row[k] * inv[i]).round().clamp(-127.0, 127.0);
-                codes[(r0 + i) * n + f.order[k]] = q as i8;
-                let err = (row[k] - q * scales[r0 + i]) / urow[k];
+                let (code, value) = grid.round(r0 + i, col, row[k]);
+                codes[(r0 + i) * n + col] = code;
+                let err = (row[k] - value) / urow[k];
                 for (x, &u) in row[k + 1..].iter_mut().zip(&urow[k + 1..]) {
                     *x -= err * u;
                 }
             }
         }
     }
-    (codes, scales)
+    codes
 }
 
 /// Whether the AVX2 + FMA builds of the long vector loops below can run: the baseline x86-64
@@ -152,18 +229,18 @@ fn inverse_cholesky_factor_fast(a: &mut [f64], n: usize) -> Result<Vec<f64>, Qua
     inverse_cholesky_factor(a, n)
 }
 
-/// `gptq_int8`, compiled for AVX2 + FMA where [`wide_vectors`] says so.
-fn gptq_int8_fast(f: &GptqFactor, w: &[f32]) -> (Vec<i8>, Vec<f32>) {
+/// `gptq_codes`, compiled for AVX2 + FMA where [`wide_vectors`] says so.
+fn gptq_codes_fast<G: Grid>(f: &GptqFactor, w: &[f32], grid: &G) -> Vec<i8> {
     #[cfg(target_arch = "x86_64")]
     if wide_vectors() {
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn wide(f: &GptqFactor, w: &[f32]) -> (Vec<i8>, Vec<f32>) {
-            gptq_int8(f, w)
+        unsafe fn wide<G: Grid>(f: &GptqFactor, w: &[f32], grid: &G) -> Vec<i8> {
+            gptq_codes(f, w, grid)
         }
         // SAFETY: the CPU has the features `wide` is compiled for.
-        return unsafe { wide(f, w) };
+        return unsafe { wide(f, w, grid) };
     }
-    gptq_int8(f, w)
+    gptq_codes(f, w, grid)
 }
 
 /// `(L⁻¹)ᵀ` of the lower Cholesky factor `L` of `a` (see [`GptqFactor::new`]).
@@ -360,6 +437,40 @@ mod tests {
         assert!(codes.iter().all(|&q| q >= -127));
         for (row, &s) in w.chunks_exact(n).zip(&scales) {
             assert_eq!(s, row.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0);
+        }
+    }
+
+    #[test]
+    fn gptq_int4_moves_the_outputs_less_than_round_to_nearest_on_the_same_grid() {
+        let (t, n, rows) = (256, 128, 12);
+        let x = inputs(t, n);
+        let mut r = noise(5);
+        let w: Vec<f32> = (0..rows * n).map(|_| r()).collect();
+        let f = GptqFactor::new(&hessian(&x, n), n, 0.01).unwrap();
+        for (group, symmetric) in [(64, true), (64, false), (128, true), (32, false)] {
+            let format = Int4Format::new(group, symmetric).unwrap();
+            let rtn = format
+                .quantize(rows, n, &w, ScaleSearch::RoundToNearest)
+                .unwrap();
+            let gptq = f.quantize_int4(&w, format).unwrap();
+            format.check(rows, n, &gptq).unwrap();
+            assert_eq!((&gptq.scales, &gptq.mins), (&rtn.scales, &rtn.mins));
+            let deq = |d: &Int4Data| -> Vec<f32> {
+                let mut out = vec![0f32; rows * n];
+                for (i, row) in out.chunks_exact_mut(n).enumerate() {
+                    format.dequantize_row(d, n, i, row);
+                }
+                out
+            };
+            let (e_gptq, e_rtn) = (
+                output_error(&x, &w, &deq(&gptq), n),
+                output_error(&x, &w, &deq(&rtn), n),
+            );
+            assert!(
+                e_gptq < 0.7 * e_rtn,
+                "{}: GPTQ {e_gptq:e} vs round to nearest {e_rtn:e}",
+                format.name()
+            );
         }
     }
 

@@ -127,7 +127,7 @@ impl Int4Format {
         }
         let mut codes = vec![0u8; rows * cols];
         let mut data = Int4Data {
-            packed: Vec::with_capacity(rows * cols / 2),
+            packed: Vec::new(),
             scales: Vec::with_capacity(rows * groups),
             mins: Vec::with_capacity(if self.symmetric { 0 } else { rows * groups }),
         };
@@ -146,11 +146,7 @@ impl Int4Format {
             data.scales.push(d);
             data.mins.extend(m);
         }
-        for chunk in codes.chunks_exact(QK) {
-            for j in 0..QK / 2 {
-                data.packed.push(chunk[j] | (chunk[j + QK / 2] << 4));
-            }
-        }
+        data.packed = pack_codes(codes);
         Ok(data)
     }
 
@@ -204,7 +200,7 @@ impl Int4Format {
             });
         }
         let mut data = Int4Data {
-            packed: Vec::with_capacity(rows * cols / 2),
+            packed: Vec::new(),
             scales: Vec::with_capacity(rows * cols / QK),
             mins: Vec::new(),
         };
@@ -223,6 +219,18 @@ impl Int4Format {
             data,
         ))
     }
+}
+
+/// 4-bit codes (row-major, whole 32-value chunks) in the packed layout of the module docs.
+pub(crate) fn pack_codes(codes: impl IntoIterator<Item = u8>) -> Vec<u8> {
+    let codes: Vec<u8> = codes.into_iter().collect();
+    let mut packed = Vec::with_capacity(codes.len() / 2);
+    for chunk in codes.chunks_exact(QK) {
+        for j in 0..QK / 2 {
+            packed.push(chunk[j] | (chunk[j + QK / 2] << 4));
+        }
+    }
+    packed
 }
 
 fn sq_err_sym(x: &[f32], d: f32) -> (f32, f32) {

@@ -6,7 +6,7 @@ use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
-use vellum_engine::calibrate::{quantize_linears_gptq, sample_calibration};
+use vellum_engine::calibrate::{gptq_supports, quantize_linears_gptq, sample_calibration};
 use vellum_engine::{Checkpoint, Engine, Model};
 use vellum_kernels::cpu::Cpu;
 use vellum_kernels::QuantTarget;
@@ -25,7 +25,7 @@ pub struct QuantizeArgs {
     /// Dtype of everything else (embeddings, norms, LM head): f32, f16 or bf16.
     #[arg(long, default_value = "f16")]
     dtype: String,
-    /// Quantize with GPTQ (int8 only): each weight's rounding error is compensated on the
+    /// Quantize with GPTQ (int8, int4:g64, int4:g128): each weight's rounding error is compensated on the
     /// weights not yet rounded, against the layer inputs of calibration tokens. Runs the
     /// model on the CPU first (about a minute for a 135M model on 2 cores).
     #[arg(long)]
@@ -54,9 +54,9 @@ pub fn quantize(a: QuantizeArgs) -> Result<ExitCode> {
     })?;
     let dtype = DType::parse(&a.dtype)
         .ok_or_else(|| anyhow!("--dtype {}: expected f32, f16 or bf16", a.dtype))?;
-    if a.gptq && target != QuantTarget::Int8PerChannel {
+    if a.gptq && !gptq_supports(target) {
         bail!(
-            "--gptq quantizes to int8 (per channel), not {}",
+            "--gptq quantizes to int8 (per channel) or int4:g64|g128[:sym], not {}",
             target.name()
         );
     }
