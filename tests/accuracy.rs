@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use vellum::engine::calibrate::{quantize_linears_gptq, sample_calibration};
+use vellum::engine::calibrate::{quantize_linears_gptq, sample_calibration, DEFAULT_DAMP};
 use vellum::engine::{Checkpoint, Engine, EngineConfig, Model, Tokenizer};
 use vellum::kernels::cpu::Cpu;
 use vellum::kernels::{Backend, KvDtype, QuantTarget};
@@ -77,7 +77,14 @@ fn gptq_int8_model(cpu: &Cpu) -> (Model, Option<Tokenizer>) {
         .load_model()
         .unwrap();
     model.to_dtype(DType::F16).unwrap();
-    quantize_linears_gptq(&mut model, cpu, QuantTarget::Int8PerChannel, &calibration).unwrap();
+    quantize_linears_gptq(
+        &mut model,
+        cpu,
+        QuantTarget::Int8PerChannel,
+        &calibration,
+        DEFAULT_DAMP,
+    )
+    .unwrap();
     (model, tokenizer)
 }
 

@@ -565,6 +565,10 @@ fn quantize_with_gptq_writes_a_loadable_int8_checkpoint() {
         "no tokenizer to encode --calibration with",
     );
     fails(
+        &["--to", "int8", "--gptq", "--damp=-1"],
+        "GPTQ damping must be a finite number",
+    );
+    fails(
         &["--to", "int8", "--gptq", "--calibration-len", "1"],
         "--calibration-len must be at least 2",
     );

@@ -504,25 +504,6 @@ impl Model {
         kv: &mut [KvLayer],
         logit_rows: &[usize],
     ) -> Result<Vec<f32>> {
-        self.forward_observed(backend, tokens, batch, kv, logit_rows, None)
-    }
-
-    /// [`Model::forward`], handing `observe` each linear layer group's input
-    /// (`[tokens, cols]`) as it is computed: how calibration sees the activations.
-    pub fn forward_observed(
-        &self,
-        backend: &dyn Backend,
-        tokens: &[u32],
-        batch: &BatchLayout,
-        kv: &mut [KvLayer],
-        logit_rows: &[usize],
-        mut observe: Option<&mut LinearInputObserver>,
-    ) -> Result<Vec<f32>> {
-        let mut seen = |layer: usize, input: LinearInput, x: &[f32]| {
-            if let Some(o) = observe.as_mut() {
-                o(layer, input, x);
-            }
-        };
         let c = &self.config;
         let t = tokens.len();
         if batch.num_tokens() != t || kv.len() != c.num_layers {
@@ -535,98 +516,127 @@ impl Model {
                 ),
             }));
         }
+        let mut acts = self.embed_tokens(backend, tokens)?;
+        for (i, cache) in kv.iter_mut().enumerate() {
+            self.layer_forward(backend, i, &mut acts, batch, cache, None)?;
+        }
+        self.logits(backend, &acts, logit_rows)
+    }
+
+    /// The activations entering layer 0: the embeddings of `tokens`.
+    pub fn embed_tokens(&self, backend: &dyn Backend, tokens: &[u32]) -> Result<Activations> {
+        let mut acts = Activations::new(&self.config, tokens.len());
+        backend.embedding(&self.embed, tokens, &mut acts.residual)?;
+        Ok(acts)
+    }
+
+    /// Runs layer `i` over `acts` (its K/V into `cache`), handing `observe` the input of each
+    /// group of its linear weights (`[tokens, cols]`): how calibration sees the activations.
+    pub fn layer_forward(
+        &self,
+        backend: &dyn Backend,
+        i: usize,
+        acts: &mut Activations,
+        batch: &BatchLayout,
+        cache: &mut KvLayer,
+        mut observe: Option<&mut LinearInputObserver>,
+    ) -> Result<()> {
+        let mut seen = |input: LinearInput, x: &[f32]| {
+            if let Some(o) = observe.as_mut() {
+                o(i, input, x);
+            }
+        };
+        let (c, layer) = (&self.config, &self.layers[i]);
+        let a = acts;
+        let d = a.has_delta.then_some(&a.delta[..]);
+        backend.add_rms_norm(
+            &mut a.residual,
+            d,
+            &layer.attn_norm,
+            c.rms_norm_eps,
+            &mut a.normed,
+        )?;
+        seen(LinearInput::Attention, &a.normed);
+        backend.matmul_many(
+            &a.normed,
+            &mut [
+                MatmulPart {
+                    w: &layer.q,
+                    bias: layer.q_bias.as_deref(),
+                    out: &mut a.q,
+                },
+                MatmulPart {
+                    w: &layer.k,
+                    bias: layer.k_bias.as_deref(),
+                    out: &mut a.k,
+                },
+                MatmulPart {
+                    w: &layer.v,
+                    bias: layer.v_bias.as_deref(),
+                    out: &mut a.v,
+                },
+            ],
+        )?;
+        backend.rotary(&mut a.q, &batch.positions, c.num_heads, &self.rope)?;
+        backend.rotary(&mut a.k, &batch.positions, c.num_kv_heads, &self.rope)?;
+        backend.write_kv(cache, &a.k, &a.v, &batch.slot_mapping)?;
+        backend.attention(&a.q, cache, batch, c.num_heads, &mut a.attn)?;
+        seen(LinearInput::AttentionOutput, &a.attn);
+        backend.matmul(&a.attn, &layer.o, None, &mut a.delta)?;
+        backend.add_rms_norm(
+            &mut a.residual,
+            Some(&a.delta),
+            &layer.mlp_norm,
+            c.rms_norm_eps,
+            &mut a.normed,
+        )?;
+        seen(LinearInput::Mlp, &a.normed);
+        backend.matmul_many(
+            &a.normed,
+            &mut [
+                MatmulPart {
+                    w: &layer.gate,
+                    bias: None,
+                    out: &mut a.gate,
+                },
+                MatmulPart {
+                    w: &layer.up,
+                    bias: None,
+                    out: &mut a.up,
+                },
+            ],
+        )?;
+        backend.silu_mul(&mut a.gate, &a.up)?;
+        seen(LinearInput::MlpDown, &a.gate);
+        backend.matmul(&a.gate, &layer.down, None, &mut a.delta)?;
+        a.has_delta = true;
+        Ok(())
+    }
+
+    /// Log-probabilities (`[logit_rows.len(), vocab]`) after the last layer, for the given
+    /// token rows only: only they go through the final norm and the LM head.
+    pub fn logits(
+        &self,
+        backend: &dyn Backend,
+        acts: &Activations,
+        logit_rows: &[usize],
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (h, t) = (c.hidden_size, acts.tokens());
         if let Some(&bad) = logit_rows.iter().find(|&&r| r >= t) {
             return Err(EngineError::Kernel(vellum_kernels::KernelError::Shape {
                 op: "forward",
                 detail: format!("logit row {bad} of {t} tokens"),
             }));
         }
-        let (h, f) = (c.hidden_size, c.intermediate_size);
-        let mut residual = vec![0f32; t * h];
-        backend.embedding(&self.embed, tokens, &mut residual)?;
-        let mut normed = vec![0f32; t * h];
-        let mut q = vec![0f32; t * c.q_width()];
-        let mut k = vec![0f32; t * c.kv_width()];
-        let mut v = vec![0f32; t * c.kv_width()];
-        let mut attn = vec![0f32; t * c.q_width()];
-        let mut delta = vec![0f32; t * h];
-        let mut gate = vec![0f32; t * f];
-        let mut up = vec![0f32; t * f];
-        // The previous layer's MLP output waits in `delta` to be added by the next norm.
-        let mut has_delta = false;
-        for (i, (layer, cache)) in self.layers.iter().zip(kv.iter_mut()).enumerate() {
-            let d = has_delta.then_some(&delta[..]);
-            backend.add_rms_norm(
-                &mut residual,
-                d,
-                &layer.attn_norm,
-                c.rms_norm_eps,
-                &mut normed,
-            )?;
-            seen(i, LinearInput::Attention, &normed);
-            backend.matmul_many(
-                &normed,
-                &mut [
-                    MatmulPart {
-                        w: &layer.q,
-                        bias: layer.q_bias.as_deref(),
-                        out: &mut q,
-                    },
-                    MatmulPart {
-                        w: &layer.k,
-                        bias: layer.k_bias.as_deref(),
-                        out: &mut k,
-                    },
-                    MatmulPart {
-                        w: &layer.v,
-                        bias: layer.v_bias.as_deref(),
-                        out: &mut v,
-                    },
-                ],
-            )?;
-            backend.rotary(&mut q, &batch.positions, c.num_heads, &self.rope)?;
-            backend.rotary(&mut k, &batch.positions, c.num_kv_heads, &self.rope)?;
-            backend.write_kv(cache, &k, &v, &batch.slot_mapping)?;
-            backend.attention(&q, cache, batch, c.num_heads, &mut attn)?;
-            seen(i, LinearInput::AttentionOutput, &attn);
-            backend.matmul(&attn, &layer.o, None, &mut delta)?;
-            backend.add_rms_norm(
-                &mut residual,
-                Some(&delta),
-                &layer.mlp_norm,
-                c.rms_norm_eps,
-                &mut normed,
-            )?;
-            seen(i, LinearInput::Mlp, &normed);
-            backend.matmul_many(
-                &normed,
-                &mut [
-                    MatmulPart {
-                        w: &layer.gate,
-                        bias: None,
-                        out: &mut gate,
-                    },
-                    MatmulPart {
-                        w: &layer.up,
-                        bias: None,
-                        out: &mut up,
-                    },
-                ],
-            )?;
-            backend.silu_mul(&mut gate, &up)?;
-            seen(i, LinearInput::MlpDown, &gate);
-            backend.matmul(&gate, &layer.down, None, &mut delta)?;
-            has_delta = true;
-        }
-        // Only the rows that need logits go through the final norm and the LM head.
         let mut sel_res = Vec::with_capacity(logit_rows.len() * h);
         let mut sel_delta = Vec::with_capacity(logit_rows.len() * h);
         for &r in logit_rows {
-            sel_res.extend_from_slice(&residual[r * h..(r + 1) * h]);
-            sel_delta.extend_from_slice(&delta[r * h..(r + 1) * h]);
+            sel_res.extend_from_slice(&acts.residual[r * h..(r + 1) * h]);
+            sel_delta.extend_from_slice(&acts.delta[r * h..(r + 1) * h]);
         }
         let mut sel_norm = vec![0f32; sel_res.len()];
-        let delta_arg = has_delta.then_some(&sel_delta[..]);
+        let delta_arg = acts.has_delta.then_some(&sel_delta[..]);
         backend.add_rms_norm(
             &mut sel_res,
             delta_arg,
@@ -638,5 +648,47 @@ impl Model {
         backend.matmul(&sel_norm, self.lm_head(), None, &mut logits)?;
         backend.log_softmax(&mut logits, c.vocab_size)?;
         Ok(logits)
+    }
+}
+
+/// A forward pass's activations over `t` tokens: the residual stream between layers and the
+/// buffers every layer reuses.
+#[derive(Clone)]
+pub struct Activations {
+    tokens: usize,
+    residual: Vec<f32>,
+    /// The previous layer's MLP output, added to `residual` by the next norm.
+    delta: Vec<f32>,
+    has_delta: bool,
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl Activations {
+    fn new(c: &ModelConfig, t: usize) -> Activations {
+        let (h, f) = (c.hidden_size, c.intermediate_size);
+        Activations {
+            tokens: t,
+            residual: vec![0f32; t * h],
+            delta: vec![0f32; t * h],
+            has_delta: false,
+            normed: vec![0f32; t * h],
+            q: vec![0f32; t * c.q_width()],
+            k: vec![0f32; t * c.kv_width()],
+            v: vec![0f32; t * c.kv_width()],
+            attn: vec![0f32; t * c.q_width()],
+            gate: vec![0f32; t * f],
+            up: vec![0f32; t * f],
+        }
+    }
+
+    /// Tokens these activations are for.
+    pub fn tokens(&self) -> usize {
+        self.tokens
     }
 }
