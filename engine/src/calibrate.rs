@@ -216,9 +216,14 @@ fn quantize_layer(
                     QuantTarget::Int4(format, _) => factor
                         .quantize_int4(&values, format)
                         .map(|d| WeightData::Int4(format, d)),
-                    _ => factor
+                    QuantTarget::Int8PerChannel => factor
                         .quantize_int8_per_row(&values)
                         .map(|(q, scales)| WeightData::Int8PerRow { q, scales }),
+                    // Refused up front by `gptq_supports`.
+                    QuantTarget::Block(f) => Err(vellum_quant::QuantError::Gptq(format!(
+                        "{} is not a GPTQ grid",
+                        f.name()
+                    ))),
                 }
                 .map_err(|e| gptq_error(i, e))?;
                 out.push((index, Weight::new(w.rows, w.cols, data)?));

@@ -3,7 +3,7 @@
 
 use crate::cpu::rows16::Rows16;
 use half::{bf16, f16};
-use vellum_quant::{BlockFormat, DType, Int4Data, Int4Format, ScaleSearch, QK};
+use vellum_quant::{int8, BlockFormat, DType, Int4Data, Int4Format, ScaleSearch, QK};
 
 /// Storage of a `[rows, cols]` weight matrix, row-major.
 #[derive(Debug, Clone)]
@@ -262,13 +262,9 @@ impl Weight {
                 let mut q = Vec::with_capacity(values.len());
                 let mut scales = Vec::with_capacity(self.rows);
                 for row in values.chunks(self.cols.max(1)) {
-                    let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    let scale = amax / 127.0;
-                    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-                    q.extend(
-                        row.iter()
-                            .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8),
-                    );
+                    let scale = int8::row_scale(row);
+                    let inv = int8::inverse(scale);
+                    q.extend(row.iter().map(|&v| int8::code(v, inv)));
                     scales.push(scale);
                 }
                 WeightData::Int8PerRow { q, scales }

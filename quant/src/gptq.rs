@@ -11,7 +11,7 @@
 //! Columns go in order of decreasing `H[j][j]` ("act order"): the inputs with the most
 //! energy are fixed first, while the most columns remain to absorb their error.
 
-use crate::{Int4Data, Int4Format, QuantError, ScaleSearch};
+use crate::{int8, Int4Data, Int4Format, QuantError, ScaleSearch};
 
 /// A layer input's GPTQ factor: `U` (see the module docs) in act order, ready to quantize any
 /// weight matrix that reads this input.
@@ -74,27 +74,15 @@ impl GptqFactor {
         Ok(GptqFactor { n, order, u })
     }
 
-    /// Inputs this factor covers (the weight's columns).
-    pub fn inputs(&self) -> usize {
-        self.n
-    }
-
     /// Symmetric int8 with one scale per row (`amax / 127` of the row as given), GPTQ-rounded:
     /// the codes and the scales of a `[rows, n]` row-major weight.
     pub fn quantize_int8_per_row(&self, w: &[f32]) -> Result<(Vec<i8>, Vec<f32>), QuantError> {
-        let rows = self.rows_of(w)?;
-        let scales: Vec<f32> = w
-            .chunks_exact(self.n)
-            .map(|row| row.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0)
-            .collect();
+        self.rows_of(w)?;
+        let scales: Vec<f32> = w.chunks_exact(self.n).map(int8::row_scale).collect();
         let grid = Int8PerRow {
-            inv: scales
-                .iter()
-                .map(|&s| if s > 0.0 { 1.0 / s } else { 0.0 })
-                .collect(),
+            inv: scales.iter().map(|&s| int8::inverse(s)).collect(),
             scales,
         };
-        debug_assert_eq!(grid.scales.len(), rows);
         let codes = gptq_codes_fast(self, w, &grid);
         Ok((codes, grid.scales))
     }
@@ -144,8 +132,8 @@ struct Int8PerRow {
 impl Grid for Int8PerRow {
     #[inline(always)]
     fn round(&self, row: usize, _col: usize, v: f32) -> (i8, f32) {
-        let q = (v * self.inv[row]).round().clamp(-127.0, 127.0);
-        (q as i8, q * self.scales[row])
+        let q = int8::code(v, self.inv[row]);
+        (q, q as f32 * self.scales[row])
     }
 }
 

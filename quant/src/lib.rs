@@ -8,6 +8,7 @@ pub mod block;
 pub mod dtype;
 pub mod gptq;
 pub mod int4;
+pub mod int8;
 
 pub use block::{BlockFormat, QK};
 pub use dtype::DType;
