@@ -1,11 +1,13 @@
 //! GPU kernel benchmark for the weight-quantized matmuls (issue #7): W4A16 and W8A16 at the
-//! issue's shapes (K×N = 4096×4096, 4096×14336, 14336×4096), batch 1 and 16, reported as
-//! bandwidth (weight + scale bytes / kernel time) against the device-to-device copy
-//! bandwidth measured in the same run, batch 16's time against batch 1's, and the speed-up
-//! over the same matmul in dense bf16, twice: through cuBLAS (`cublasGemmEx`, bf16 in and
-//! out, f32 sums: the issue's baseline; its output is checked against an f64 host product
-//! first) and through Vellum's own dense kernel. Where cuBLAS does not load, its column
-//! says `-` and the reason is printed.
+//! issue's shapes (K×N = 4096×4096, 4096×14336, 14336×4096), batch 1 and 16 and a 256-row
+//! prefill, each through both kernels (the warp-per-column GEMV, `qmatmul.cu`, and the
+//! tensor-core GEMM, `qgemm.cu`, the engine's default), reported as bandwidth (weight +
+//! scale bytes / kernel time) against the device-to-device copy bandwidth measured in the
+//! same run, each batch's time against batch 1's on the same kernel, and the speed-up over
+//! the same matmul in dense bf16, twice: through cuBLAS (`cublasGemmEx`, bf16 in and out,
+//! f32 sums: the issue's baseline; its output is checked against an f64 host product first)
+//! and through Vellum's own dense kernel. Where cuBLAS does not load, its column says `-`
+//! and the reason is printed.
 //!
 //! Kernel time: 20 launches back to back on resident buffers, then one synchronize; the best
 //! of 5 such rounds. Needs GPU 0; without one it says SKIPPED and exits 0.
@@ -22,8 +24,25 @@ use vellum_kernels::{Backend, QuantTarget, Weight, WeightData};
 use vellum_quant::DType;
 
 const SHAPES: [(usize, usize); 3] = [(4096, 4096), (4096, 14336), (14336, 4096)];
-const LAUNCHES: u32 = 20;
-const ROUNDS: usize = 5;
+/// Activation rows: decode batches of 1 and 16, and a prefill.
+const BATCHES: [usize; 3] = [1, 16, 256];
+/// The quantized kernels, by the row count from which the backend takes the GEMM.
+const KERNELS: [(&str, usize); 2] = [("GEMV", usize::MAX), ("GEMM", 1)];
+/// Launches per timed round, and rounds (the best is kept, after a warm-up round).
+#[derive(Clone, Copy)]
+struct Timing {
+    launches: u32,
+    rounds: usize,
+}
+const GPU_TIMING: Timing = Timing {
+    launches: 20,
+    rounds: 5,
+};
+/// On the emulator the benchmark only checks itself: one launch per cell.
+const EMULATED_TIMING: Timing = Timing {
+    launches: 1,
+    rounds: 1,
+};
 
 fn main() {
     let emulated = std::env::var_os("CUDA_GEMV_EMULATED").is_some();
@@ -38,15 +57,18 @@ fn main() {
             return;
         }
     };
-    let scale = if emulated { 16 } else { 1 };
-    if let Err(e) = run(&be, scale) {
+    let (scale, timing) = match emulated {
+        true => (16, EMULATED_TIMING),
+        false => (1, GPU_TIMING),
+    };
+    if let Err(e) = run(&be, scale, timing) {
         eprintln!("cuda_gemv FAILED: {e}");
         std::process::exit(1);
     }
 }
 
 /// The benchmark with every dimension divided by `scale`.
-fn run(be: &CudaBackend, scale: usize) -> Result<(), Box<dyn std::error::Error>> {
+fn run(be: &CudaBackend, scale: usize, timing: Timing) -> Result<(), Box<dyn std::error::Error>> {
     let rt = be.runtime();
     println!("device: {}", rt.name());
     let floats = (64 << 20) / scale / scale; // 256 MiB each way on a GPU
@@ -54,11 +76,11 @@ fn run(be: &CudaBackend, scale: usize) -> Result<(), Box<dyn std::error::Error>>
         DeviceBuffer::zeroed(rt, floats * 4)?,
         DeviceBuffer::zeroed(rt, floats * 4)?,
     );
-    let copy = kernel_seconds(rt, || be.copy_device(&a, &b, floats))?;
+    let copy = kernel_seconds(rt, timing, || be.copy_device(&a, &b, floats))?;
     let copy_gbs = 2.0 * floats as f64 * 4.0 / copy / 1e9; // read + write
     println!("device-to-device copy: {copy_gbs:.0} GB/s (read + write)\n");
-    println!("| K x N | weights | batch | µs | GB/s | % of copy | vs batch 1 | vs bf16 | vs cuBLAS bf16 |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| K x N | weights | kernel | batch | µs | GB/s | % of copy | vs batch 1 | vs bf16 | vs cuBLAS bf16 |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut blas_note = None;
     for (k, n) in SHAPES.map(|(k, n)| (k / scale, n / scale)) {
         let values: Vec<f32> = (0..n * k)
@@ -67,14 +89,14 @@ fn run(be: &CudaBackend, scale: usize) -> Result<(), Box<dyn std::error::Error>>
             .collect();
         let dense = Weight::dense(n, k, DType::BF16, &values)?;
         drop(values);
-        let xs: Vec<f32> = (0..16 * k)
+        let xs: Vec<f32> = (0..BATCHES[2] * k)
             .map(|i| ((i * 7919 % 1001) as f32 / 1000.0 - 0.5) * 0.02)
             .collect();
-        let blas_us = match blas_baseline(rt, &dense, &xs)? {
+        let blas_us = match blas_baseline(rt, timing, &dense, &xs)? {
             Ok(us) => us.map(Some),
             Err(why) => {
                 blas_note.get_or_insert(why);
-                [None; 2]
+                [None; BATCHES.len()]
             }
         };
         let formats = [
@@ -86,28 +108,36 @@ fn run(be: &CudaBackend, scale: usize) -> Result<(), Box<dyn std::error::Error>>
             ("int4 g32 sym (Q4_0)", dense.quantize(parse("q4_0"))?),
             ("int4 g128 sym", dense.quantize(parse("int4:g128:sym"))?),
         ];
-        let mut bf16_us = [0f64; 2];
+        let mut bf16_us = [0f64; BATCHES.len()];
         for (name, mut w) in formats {
             be.prepare_weight(&mut w)?;
-            let mut batch1_us = 0.0;
-            for (i, rows) in [1usize, 16].into_iter().enumerate() {
-                let x = DeviceBuffer::upload(rt, &xs[..rows * k])?;
-                let out = DeviceBuffer::zeroed(rt, rows * n * 4)?;
-                let us = 1e6 * kernel_seconds(rt, || be.matmul_device(&w, &x, &out, rows))?;
-                let gbs = w.bytes() as f64 / (us * 1e-6) / 1e9;
-                if name == "bf16" {
-                    bf16_us[i] = us;
+            let kernels = match name {
+                "bf16" => &KERNELS[..1], // dense weights have the GEMV only
+                _ => &KERNELS[..],
+            };
+            for &(kernel, min_rows) in kernels {
+                be.set_gemm_min_rows(min_rows);
+                let mut batch1_us = 0.0;
+                for (i, rows) in BATCHES.into_iter().enumerate() {
+                    let x = DeviceBuffer::upload(rt, &xs[..rows * k])?;
+                    let out = DeviceBuffer::zeroed(rt, rows * n * 4)?;
+                    let us =
+                        1e6 * kernel_seconds(rt, timing, || be.matmul_device(&w, &x, &out, rows))?;
+                    let gbs = w.bytes() as f64 / (us * 1e-6) / 1e9;
+                    if name == "bf16" {
+                        bf16_us[i] = us;
+                    }
+                    if rows == 1 {
+                        batch1_us = us;
+                    }
+                    println!(
+                        "| {k} x {n} | {name} | {kernel} | {rows} | {us:.1} | {gbs:.0} | {:.0}% | {:.2}x | {:.2}x | {} |",
+                        100.0 * gbs / copy_gbs,
+                        us / batch1_us,
+                        bf16_us[i] / us,
+                        blas_us[i].map_or("-".into(), |b| format!("{:.2}x", b / us)),
+                    );
                 }
-                if rows == 1 {
-                    batch1_us = us;
-                }
-                println!(
-                    "| {k} x {n} | {name} | {rows} | {us:.1} | {gbs:.0} | {:.0}% | {:.2}x | {:.2}x | {} |",
-                    100.0 * gbs / copy_gbs,
-                    us / batch1_us,
-                    bf16_us[i] / us,
-                    blas_us[i].map_or("-".into(), |b| format!("{:.2}x", b / us)),
-                );
             }
         }
     }
@@ -117,22 +147,23 @@ fn run(be: &CudaBackend, scale: usize) -> Result<(), Box<dyn std::error::Error>>
     Ok(())
 }
 
-/// cuBLAS's time in µs for the bf16 matmul of `dense` at batch 1 and 16, after checking its
+/// cuBLAS's time in µs for the bf16 matmul of `dense` at each of [`BATCHES`], after checking its
 /// result against an f64 product on the host (a wrong call must not pass as a fast one);
 /// `Err(why)` where cuBLAS is not available or its result is wrong.
 fn blas_baseline(
     rt: &dyn KernelRuntime,
+    timing: Timing,
     dense: &Weight,
     xs: &[f32],
-) -> Result<Result<[f64; 2], String>, Box<dyn std::error::Error>> {
+) -> Result<Result<[f64; BATCHES.len()], String>, Box<dyn std::error::Error>> {
     let (n, k) = (dense.rows, dense.cols);
     let WeightData::BF16(w_host) = &dense.data else {
         return Err("the baseline weight is not bf16".into());
     };
     let w = DeviceBuffer::upload(rt, w_host)?;
     let xs: Vec<bf16> = xs.iter().map(|&v| bf16::from_f32(v)).collect();
-    let mut us = [0f64; 2];
-    for (i, rows) in [1usize, 16].into_iter().enumerate() {
+    let mut us = [0f64; BATCHES.len()];
+    for (i, rows) in BATCHES.into_iter().enumerate() {
         let x = DeviceBuffer::upload(rt, &xs[..rows * k])?;
         let y = DeviceBuffer::zeroed(rt, rows * n * 2)?;
         let gemm = || rt.blas_gemm_bf16(w.ptr(), x.ptr(), y.ptr(), rows, n, k);
@@ -155,7 +186,7 @@ fn blas_baseline(
                 "its {k} x {n} result is off by {worst} (outputs up to {scale}): a wrong call"
             )));
         }
-        us[i] = 1e6 * kernel_seconds(rt, || gemm().map_err(Into::into))?;
+        us[i] = 1e6 * kernel_seconds(rt, timing, || gemm().map_err(Into::into))?;
     }
     Ok(Ok(us))
 }
@@ -164,21 +195,22 @@ fn parse(target: &str) -> QuantTarget {
     QuantTarget::parse(target).expect("a known target")
 }
 
-/// Seconds per launch of `launch`: [`LAUNCHES`] back to back, then a synchronize; the best
-/// of [`ROUNDS`], after a warm-up round.
+/// Seconds per launch of `launch`: `timing.launches` back to back, then a synchronize; the
+/// best of `timing.rounds`, after a warm-up round.
 fn kernel_seconds(
     rt: &dyn KernelRuntime,
+    timing: Timing,
     launch: impl Fn() -> vellum_kernels::Result<()>,
 ) -> Result<f64, Box<dyn std::error::Error>> {
     let mut best = f64::INFINITY;
-    for round in 0..=ROUNDS {
+    for round in 0..=timing.rounds {
         let start = Instant::now();
-        for _ in 0..LAUNCHES {
+        for _ in 0..timing.launches {
             launch()?;
         }
         rt.synchronize()?;
         if round > 0 {
-            best = best.min(start.elapsed().as_secs_f64() / LAUNCHES as f64);
+            best = best.min(start.elapsed().as_secs_f64() / timing.launches as f64);
         }
     }
     Ok(best)

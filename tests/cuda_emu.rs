@@ -14,9 +14,10 @@ fn tiny_models_match_transformers_on_the_emulated_cuda_backend() {
 
 /// Quantized weights (planar int4 g64, int8 per channel, GGUF-style Q4_1) through the
 /// emulated CUDA matmuls give the CPU backend's greedy tokens and logprobs, with the default
-/// f16 KV cache and with an int8 one (the device copies of the pools read as stored). Both
-/// decode the weights to f32 against unrounded activations, so the CPU runs without integer
-/// dots.
+/// f16 KV cache and with an int8 one (the device copies of the pools read as stored). The CPU
+/// runs without integer dots (f32 weights against unrounded activations); the CUDA GEMM
+/// rounds both to f16 for its tensor cores, hence logprobs within 1.5e-2 (measured: up to 7.3e-3) rather
+/// than 1e-4, the same allowance as the CPU's int16 activations get in `golden.rs`.
 #[test]
 fn quantized_tiny_model_decodes_like_the_cpu_on_the_emulated_cuda_backend() {
     use vellum::engine::{Engine, EngineConfig, Request};
@@ -59,7 +60,7 @@ fn quantized_tiny_model_decodes_like_the_cpu_on_the_emulated_cuda_backend() {
             );
             for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
                 assert!(
-                    (x.logprob - y.logprob).abs() < 1e-4,
+                    (x.logprob - y.logprob).abs() < 1.5e-2,
                     "{quant}, KV {kv_dtype:?}: {} vs {}",
                     x.logprob,
                     y.logprob

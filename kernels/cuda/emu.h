@@ -14,7 +14,8 @@
 // Supported subset (kernels must stay inside it):
 //   threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __syncwarp,
 //   __shfl_sync/__shfl_xor_sync/__shfl_down_sync/__shfl_up_sync (any trivially copyable
-//   type up to 16 bytes), __ballot_sync/__any_sync/__all_sync, static __shared__ (as
+//   type up to 16 bytes), emu::warp_gather (behind the emulated mma.sync),
+//   __ballot_sync/__any_sync/__all_sync, static __shared__ (as
 //   `static`, correct because blocks run one at a time), dynamic shared memory through
 //   VELLUM_DYN_SHARED, atomicAdd/atomicMax on int and atomicAdd on float (plain ops: one
 //   OS thread), __ldg, __dp4a, __launch_bounds__, math: expf/logf/sqrtf/rsqrtf/fmaxf/
@@ -59,7 +60,7 @@ struct Launch {
   std::vector<Fiber> fibers;
   std::vector<char> stacks;
   std::vector<unsigned char> dyn_shared;
-  // Warp exchange: one 16-byte slot per thread.
+  // Warp exchange: one kSlot-byte slot per thread.
   std::vector<unsigned char> exchange;
   ucontext_t scheduler;
   void *scheduler_sp = nullptr;
@@ -68,6 +69,9 @@ struct Launch {
 };
 
 constexpr size_t kStackBytes = 128 * 1024;
+// Bytes of one thread's warp-exchange slot: a shuffled value, or the registers an emulated
+// warp-wide instruction (mma.sync) gathers.
+constexpr size_t kSlot = 32;
 
 inline Launch &L() {
   static Launch l;
@@ -239,7 +243,7 @@ int launch(void (*kernel)(A...), dim3 grid, dim3 block, unsigned shared_bytes, v
   if (l.fibers.size() < n) l.fibers.resize(n);
   if (l.stacks.size() < n * kStackBytes) l.stacks.resize(n * kStackBytes);
   l.dyn_shared.assign(shared_bytes + 16, 0);
-  l.exchange.assign(n * 16, 0);
+  l.exchange.assign(n * kSlot, 0);
   auto params = unpack<A...>(args, std::index_sequence_for<A...>{});
   l.body = [&] { std::apply(kernel, params); };
   for (unsigned z = 0; z < grid.z; ++z)
@@ -257,10 +261,10 @@ template <class T> T exchange(T v, unsigned src_lane) {
   static_assert(sizeof(T) <= 16 && std::is_trivially_copyable_v<T>);
   Launch &l = L();
   unsigned me = l.current->linear, base = me - me % 32;
-  std::memcpy(&l.exchange[me * 16], &v, sizeof(T));
+  std::memcpy(&l.exchange[me * kSlot], &v, sizeof(T));
   wait(AT_WARP_BARRIER);
   T r;
-  std::memcpy(&r, &l.exchange[(base + src_lane) * 16], sizeof(T));
+  std::memcpy(&r, &l.exchange[(base + src_lane) * kSlot], sizeof(T));
   wait(AT_WARP_BARRIER);  // nobody overwrites a slot before every lane has read it
   return r;
 }
@@ -270,13 +274,30 @@ inline unsigned ballot(bool pred) {
   Launch &l = L();
   unsigned me = l.current->linear, base = me - me % 32;
   unsigned n = l.block.x * l.block.y * l.block.z;
-  l.exchange[me * 16] = pred;
+  l.exchange[me * kSlot] = pred;
   wait(AT_WARP_BARRIER);
   unsigned bits = 0;
   for (unsigned i = 0; i < 32 && base + i < n; ++i)
-    if (l.fibers[base + i].state != DONE && l.exchange[(base + i) * 16]) bits |= 1u << i;
+    if (l.fibers[base + i].state != DONE && l.exchange[(base + i) * kSlot]) bits |= 1u << i;
   wait(AT_WARP_BARRIER);
   return bits;
+}
+
+// Every lane's `mine`, by lane: how an emulated warp-wide instruction (mma.sync) sees the
+// registers of the whole warp. Lanes that have returned (or lie past the block) read as zero.
+template <class T> void warp_gather(const T &mine, T (&all)[32]) {
+  static_assert(sizeof(T) <= kSlot && std::is_trivially_copyable_v<T>);
+  Launch &l = L();
+  unsigned me = l.current->linear, base = me - me % 32;
+  unsigned n = l.block.x * l.block.y * l.block.z;
+  std::memcpy(&l.exchange[me * kSlot], &mine, sizeof(T));
+  wait(AT_WARP_BARRIER);
+  for (unsigned i = 0; i < 32; ++i) {
+    std::memset(&all[i], 0, sizeof(T));
+    if (base + i < n && l.fibers[base + i].state != DONE)
+      std::memcpy(&all[i], &l.exchange[(base + i) * kSlot], sizeof(T));
+  }
+  wait(AT_WARP_BARRIER);
 }
 
 }  // namespace emu

@@ -93,6 +93,18 @@ template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
   return r;
 }
 
+// The bits of x rounded to f16 (nearest even): the hardware conversion on the GPU, the same
+// rounding in software under the emulator.
+__device__ __forceinline__ uint16_t f16_bits(float x) {
+#ifdef VELLUM_EMU
+  return from_f32<f16>(x).bits;
+#else
+  uint16_t h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+  return h;
+#endif
+}
+
 #define V_NEG_INF vf_from_bits(0xff800000u)
 
 // sin and cos of a float angle computed in double, as the CPU backend's rotary does.

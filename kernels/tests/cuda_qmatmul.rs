@@ -1,8 +1,10 @@
 //! Parity of the weight-quantized CUDA matmuls (W4A16, W8A16) with vellum-quant's reference
 //! dequantize and an f64 matmul, for every int4 group size and symmetry, GGUF Q4_0/Q4_1/Q8_0
 //! (repacked at upload) and per-channel int8, on shapes that are not multiples of the
-//! kernels' tiles (k not a multiple of 256, n not of 128, a short last int4 group). Under the
-//! CPU emulator always; on GPU 0 too when it is usable.
+//! kernels' tiles (k not a multiple of 256, n not of 128, a short last int4 group): the
+//! warp-per-column GEMV (`qmatmul.cu`) and the tensor-core GEMM (`qgemm.cu`, its MMAs
+//! emulated from the PTX fragment layout), split along k and not. Under the CPU emulator
+//! always; on GPU 0 too when it is usable.
 
 use half::{bf16, f16};
 mod common;
@@ -69,35 +71,79 @@ fn reference(x: &[f32], w: &Weight, bias: Option<&[f32]>) -> (Vec<f32>, Vec<f64>
     (out, mag)
 }
 
+/// The two kernels, and how far each may be from the f64 reference as a fraction of an
+/// output's Σ|x·w|: the GEMV sums exact f32 products; the GEMM rounds x and the dequantized
+/// weight to f16 (each at most 2^-11 relative) before its f32 sums.
+const KERNELS: [(&str, usize, f64); 2] = [("GEMV", usize::MAX, 1e-6), ("GEMM", 1, 1.2e-3)];
+
 #[test]
 fn quantized_matmuls_match_the_reference_for_every_format_and_odd_shapes() {
     for be in backends() {
-        for (rows, k, n) in [
-            (1usize, 96usize, 5usize),
-            (3, 576, 33),
-            (9, 320, 130),
-            (16, 1536, 7),
-            (17, 96, 3),
-        ] {
-            let v = values(n * k, (k * n) as u64);
-            let x = values(rows * k, 7 + k as u64);
-            let bias = values(n, 3);
-            for w in formats(n, k, &v) {
-                for b in [None, Some(&bias[..])] {
-                    let mut got = vec![0f32; rows * n];
-                    be.matmul(&x, &w, b, &mut got).unwrap();
-                    let (want, mag) = reference(&x, &w, b);
-                    for (i, ((g, w_), m)) in got.iter().zip(&want).zip(&mag).enumerate() {
-                        let err = (g - w_).abs() as f64 / m;
-                        assert!(
-                            err < 1e-6,
-                            "{} {} {rows}x{k}x{n} bias {}: output {i}: {g} vs {w_} ({err:.1e} of the terms)",
-                            be.name(),
-                            w.format_name(),
-                            b.is_some()
-                        );
+        for (kernel, min_rows, tolerance) in KERNELS {
+            be.set_gemm_min_rows(min_rows);
+            // (3, 576, 33), (9, 320, 130) and (16, 1536, 7) are split along k on the
+            // emulator's 8 multiprocessors; (40, 576, 70) sums k in chunks in one block.
+            for (rows, k, n) in [
+                (1usize, 96usize, 5usize),
+                (3, 576, 33),
+                (9, 320, 130),
+                (16, 1536, 7),
+                (17, 96, 3),
+                (40, 576, 70),
+            ] {
+                let v = values(n * k, (k * n) as u64);
+                let x = values(rows * k, 7 + k as u64);
+                let bias = values(n, 3);
+                for w in formats(n, k, &v) {
+                    for b in [None, Some(&bias[..])] {
+                        let mut got = vec![0f32; rows * n];
+                        be.matmul(&x, &w, b, &mut got).unwrap();
+                        let (want, mag) = reference(&x, &w, b);
+                        for (i, ((g, w_), m)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                            let err = (g - w_).abs() as f64 / m;
+                            assert!(
+                                err < tolerance,
+                                "{} {kernel} {} {rows}x{k}x{n} bias {}: output {i}: {g} vs {w_} \
+                                 ({err:.1e} of the terms)",
+                                be.name(),
+                                w.format_name(),
+                                b.is_some()
+                            );
+                        }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// The Backend trait's promise on the tensor-core GEMM: a row's result is the same bits
+/// whether it is alone, in a decode batch (split along k) or in a prefill batch of several
+/// 64-row tiles (k summed in one block).
+#[test]
+fn a_gemm_row_does_not_depend_on_the_rest_of_the_batch() {
+    let (k, n) = (576usize, 70usize);
+    let v = values(n * k, 5);
+    let x = values(90 * k, 6);
+    let bias = values(n, 8);
+    for be in backends() {
+        for w in formats(n, k, &v).into_iter().step_by(3) {
+            let mut batch = vec![0f32; 90 * n];
+            be.matmul(&x, &w, Some(&bias), &mut batch).unwrap();
+            for rows in [1, 5, 16] {
+                let mut part = vec![0f32; rows * n];
+                be.matmul(&x[..rows * k], &w, Some(&bias), &mut part)
+                    .unwrap();
+                assert_eq!(
+                    part.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    batch[..rows * n]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    "{} {}: the first {rows} rows alone vs in a batch of 90",
+                    be.name(),
+                    w.format_name()
+                );
             }
         }
     }

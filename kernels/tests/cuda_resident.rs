@@ -27,6 +27,9 @@ impl KernelRuntime for Counting {
     fn name(&self) -> String {
         self.inner.name()
     }
+    fn multiprocessors(&self) -> u32 {
+        self.inner.multiprocessors()
+    }
     fn alloc(&self, bytes: usize) -> Result<u64, CudaError> {
         self.inner.alloc(bytes)
     }

@@ -17,7 +17,8 @@ use crate::{
     check, shapes, Backend, BatchLayout, KvData, KvDtype, KvLayer, Result, Rope, Weight, WeightData,
 };
 use half::f16;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use vellum_quant::{BlockFormat, Int4Format, QK};
 
 /// Threads per block of the row kernels (norms, softmax, argmax).
@@ -30,10 +31,30 @@ const MATMUL_WARPS: u32 = 4;
 /// Keys per block of split-K (flash-decoding) attention; contexts longer than this are split.
 const DEFAULT_SPLIT_KEYS: u32 = 512;
 
+/// From this many activation rows a quantized matmul runs on tensor cores (`qgemm.cu`)
+/// rather than as a warp-per-column GEMV (`qmatmul.cu`): from one, so that a row's result
+/// never depends on how many rows share the batch (the two kernels round differently). The
+/// GEMV's 2 × rows FMAs per int4 byte on the CUDA cores also run out of throughput before
+/// memory bandwidth at a few rows on every target card (H100: ~10 FMA per byte of
+/// bandwidth). `set_gemm_min_rows` lets `benches/cuda_gemv.rs` time both at every batch.
+const DEFAULT_GEMM_MIN_ROWS: usize = 1;
+/// Output columns and k values per block step of the tensor-core GEMM (`GEMM_BN`,
+/// `GEMM_BK` in qgemm.cu), and its threads per block.
+const GEMM_COLS: usize = 64;
+const GEMM_STEP: usize = 64;
+const GEMM_THREADS: u32 = 128;
+
 pub struct CudaBackend {
     rt: Arc<dyn KernelRuntime>,
     name: String,
     split_keys: u32,
+    /// See `set_gemm_min_rows`; atomic so that a benchmark can switch kernels between
+    /// matmuls on buffers borrowed from the backend.
+    gemm_min_rows: AtomicUsize,
+    /// The split-K GEMM's partial sums, kept between ops and grown as needed (an
+    /// allocation per matmul would cost more than a decode matmul); with its size in bytes.
+    /// Held locked from the GEMM's launch to its sum's, so no two matmuls share it.
+    gemm_partials: Mutex<Option<(OwnedBuffer, usize)>>,
 }
 
 impl CudaBackend {
@@ -43,6 +64,8 @@ impl CudaBackend {
             rt,
             name,
             split_keys: DEFAULT_SPLIT_KEYS,
+            gemm_min_rows: AtomicUsize::new(DEFAULT_GEMM_MIN_ROWS),
+            gemm_partials: Mutex::new(None),
         }
     }
 
@@ -66,6 +89,13 @@ impl CudaBackend {
 
     pub fn split_keys(&self) -> u32 {
         self.split_keys
+    }
+
+    /// Quantized matmuls of at least `rows` activation rows run on tensor cores (where the
+    /// device has them), fewer as a GEMV; `usize::MAX` keeps every one on the GEMV. For
+    /// benchmarks and tests of both kernels; the default is `DEFAULT_GEMM_MIN_ROWS`.
+    pub fn set_gemm_min_rows(&self, rows: usize) {
+        self.gemm_min_rows.store(rows.max(1), Ordering::Relaxed);
     }
 
     pub fn runtime(&self) -> &dyn KernelRuntime {
@@ -271,6 +301,11 @@ impl CudaBackend {
         (x, bias, out): (Arg, Arg, Arg),
         (rows, k, n): (usize, usize, usize),
     ) -> Result<()> {
+        let quantized = !matches!(w, DeviceMatrix::Dense(..));
+        let min_rows = self.gemm_min_rows.load(Ordering::Relaxed);
+        if quantized && rows >= min_rows && self.rt.tensor_cores() {
+            return self.launch_gemm(w, (x, bias, out), (rows, k, n));
+        }
         let blocks = (n as u32).div_ceil(MATMUL_WARPS);
         let cfg = LaunchConfig::linear(blocks, MATMUL_WARPS * 32);
         let shape = [rows, k, n].map(|v| Arg::U32(v as u32));
@@ -305,6 +340,93 @@ impl CudaBackend {
         }
     }
 
+    /// The tensor-core matmul (`qgemm.cu`) of a quantized weight. k is summed in chunks
+    /// sized by k and n alone (`gemm_chunks`); a decode batch (one tile of 16 rows) gives each
+    /// chunk its own blocks (split-K), so that a small matrix still fills the device.
+    fn launch_gemm<B: DeviceMem>(
+        &self,
+        w: &DeviceMatrix<B>,
+        (x, bias, out): (Arg, Arg, Arg),
+        (rows, k, n): (usize, usize, usize),
+    ) -> Result<()> {
+        let tile_rows = if rows <= 16 { 16 } else { 64 };
+        let tiles = (n.div_ceil(GEMM_COLS), rows.div_ceil(tile_rows));
+        let steps = k.div_ceil(GEMM_STEP);
+        let chunks = gemm_chunks(tiles.0, steps, self.rt.multiprocessors() as usize);
+        let per_chunk = steps.div_ceil(chunks);
+        let splits = if tiles.1 == 1 {
+            steps.div_ceil(per_chunk)
+        } else {
+            1
+        };
+        // Every split writes every output of its slice: the scratch needs no clearing.
+        let mut scratch = self.gemm_partials.lock().unwrap_or_else(|e| e.into_inner());
+        let partials = if splits > 1 {
+            let bytes = splits * rows * n * 4;
+            if scratch.as_ref().is_none_or(|(_, size)| *size < bytes) {
+                *scratch = None; // freed before its replacement is allocated
+                *scratch = Some((self.keep(self.zeroed(bytes)?), bytes));
+            }
+            scratch.as_ref().map(|(b, _)| b.arg())
+        } else {
+            None
+        };
+        let (dst, tile_bias) = match partials {
+            Some(p) => (p, Arg::Ptr(0)),
+            None => (out, bias),
+        };
+        let cfg = LaunchConfig {
+            grid: (tiles.0 as u32, tiles.1 as u32, splits as u32),
+            block: (GEMM_THREADS, 1, 1),
+            shared_bytes: 0,
+        };
+        let (kernel, mut args, group) = match w {
+            DeviceMatrix::Int4 {
+                packed,
+                scales,
+                mins,
+                group,
+            } => {
+                let mins = mins.as_ref().map_or(Arg::Ptr(0), |m| m.arg());
+                let args = vec![x, packed.arg(), scales.arg(), mins, tile_bias, dst];
+                ("gemm_w4", args, *group)
+            }
+            DeviceMatrix::Int8 {
+                codes,
+                scales,
+                group,
+            } => {
+                let args = vec![x, codes.arg(), scales.arg(), tile_bias, dst];
+                ("gemm_w8", args, *group)
+            }
+            DeviceMatrix::Dense(..) => {
+                return Err(CudaError::Launch {
+                    kernel: "gemm".into(),
+                    detail: "dense weights have no tensor-core kernel".into(),
+                }
+                .into())
+            }
+        };
+        args.extend([rows, k, n].map(|v| Arg::U32(v as u32)));
+        args.extend([Arg::U32(group), Arg::U32(per_chunk as u32)]);
+        let name = format!("{kernel}_m{tile_rows}_f32");
+        self.launch("qgemm", &name, cfg, &args)?;
+        if let Some(p) = partials {
+            let len = (rows * n) as u32;
+            let cfg = LaunchConfig::linear(len.div_ceil(ROW_THREADS), ROW_THREADS);
+            let args = [
+                p,
+                Arg::U32(splits as u32),
+                bias,
+                out,
+                Arg::U32(len),
+                Arg::U32(n as u32),
+            ];
+            self.launch("qgemm", "gemm_sum_splits_f32", cfg, &args)?;
+        }
+        Ok(())
+    }
+
     fn upload_int4(
         &self,
         f: Int4Format,
@@ -335,6 +457,17 @@ impl CudaBackend {
         od.download(&mut out)?;
         Ok(out)
     }
+}
+
+/// Into how many chunks of k a tensor-core GEMM of `column_tiles` tiles of 64 output
+/// columns and `steps` k steps is cut: as split-K for a decode batch, enough blocks for
+/// about four per multiprocessor (so that each has loads in flight while others compute),
+/// at least two steps per chunk, at most 16 chunks (each split writes a partial output).
+fn gemm_chunks(column_tiles: usize, steps: usize, multiprocessors: usize) -> usize {
+    (4 * multiprocessors)
+        .div_ceil(column_tiles.max(1))
+        .min(steps / 2)
+        .clamp(1, 16)
 }
 
 /// A matmul weight as the kernels read it (see [`CudaBackend::upload_matrix`]), in memory of
@@ -761,5 +894,21 @@ impl Backend for CudaBackend {
         )?;
         xd.download(x)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gemm_chunks;
+
+    #[test]
+    fn gemm_chunks_fill_the_device_within_their_bounds() {
+        // A decode matmul of 64 column tiles on 132 multiprocessors: 528 blocks wanted.
+        assert_eq!(gemm_chunks(64, 64, 132), 9);
+        // Never fewer than two k steps a chunk, nor more than 16 chunks, nor none.
+        assert_eq!(gemm_chunks(1, 9, 8), 4);
+        assert_eq!(gemm_chunks(1, 1000, 132), 16);
+        assert_eq!(gemm_chunks(1, 1, 132), 1);
+        assert_eq!(gemm_chunks(10_000, 64, 132), 1);
     }
 }

@@ -6,11 +6,15 @@ use super::runtime::{Arg, KernelRuntime, LaunchConfig, PackedArgs};
 use super::sources;
 use super::CudaError;
 use cudarc::cublas as blas;
+use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 type Result<T> = std::result::Result<T, CudaError>;
+
+/// The first architecture with the f16 `mma.sync` shapes the tensor-core GEMM uses (Turing).
+const MMA_ARCH: u32 = 75;
 
 fn driver(call: &'static str) -> impl Fn(result::DriverError) -> CudaError {
     move |e| CudaError::Driver {
@@ -49,6 +53,7 @@ pub struct CudaRuntime {
     ctx: Arc<CudaContext>,
     ordinal: usize,
     arch: u32,
+    multiprocessors: u32,
     name: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
@@ -63,11 +68,15 @@ impl CudaRuntime {
             .compute_capability()
             .map_err(driver("cuDeviceGetAttribute"))?;
         let name = ctx.name().map_err(driver("cuDeviceGetName"))?;
+        let multiprocessors = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver("cuDeviceGetAttribute"))?;
         Ok(CudaRuntime {
             blas: Mutex::new(None),
             ctx,
             ordinal,
             arch: (major * 10 + minor) as u32,
+            multiprocessors: multiprocessors.max(1) as u32,
             name,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
@@ -167,6 +176,14 @@ impl Drop for CudaRuntime {
 impl KernelRuntime for CudaRuntime {
     fn name(&self) -> String {
         format!("cuda:{} ({}, sm_{})", self.ordinal, self.name, self.arch)
+    }
+
+    fn multiprocessors(&self) -> u32 {
+        self.multiprocessors
+    }
+
+    fn tensor_cores(&self) -> bool {
+        self.arch >= MMA_ARCH
     }
 
     fn alloc(&self, bytes: usize) -> Result<u64> {

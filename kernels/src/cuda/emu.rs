@@ -35,6 +35,10 @@ static BUILD_LOCK: Mutex<()> = Mutex::new(());
 
 const ALIGN: usize = 256;
 
+/// What the emulator reports as its multiprocessor count: a small GPU, so that the tests'
+/// small shapes are split along k as big shapes are on a real one.
+const EMULATED_MULTIPROCESSORS: u32 = 8;
+
 pub struct EmuRuntime {
     compiler: String,
     /// Allocation start -> size in bytes.
@@ -153,6 +157,10 @@ fn compile(compiler: &str, src: &Path, out: &Path) -> Result<()> {
 impl KernelRuntime for EmuRuntime {
     fn name(&self) -> String {
         "cuda-emulator".into()
+    }
+
+    fn multiprocessors(&self) -> u32 {
+        EMULATED_MULTIPROCESSORS
     }
 
     fn alloc(&self, bytes: usize) -> Result<u64> {

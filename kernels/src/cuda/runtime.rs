@@ -70,6 +70,14 @@ impl PackedArgs {
 pub trait KernelRuntime: Send + Sync {
     /// `cuda:0 (NVIDIA H100, sm_90)`, `cuda-emulator`, ...
     fn name(&self) -> String;
+    /// Streaming multiprocessors: how many blocks a launch needs to fill the device (split-K
+    /// sizing). The emulator reports a small GPU, so small test shapes take the split path.
+    fn multiprocessors(&self) -> u32;
+    /// Whether the f16 `mma.sync` shapes of `qgemm.cu` run here (sm_75 and newer; the
+    /// emulator emulates them).
+    fn tensor_cores(&self) -> bool {
+        true
+    }
     /// Allocates `bytes` (zeroed) and returns the device pointer.
     fn alloc(&self, bytes: usize) -> Result<u64>;
     /// Frees what [`KernelRuntime::alloc`] returned.

@@ -42,6 +42,10 @@ pub const MODULES: &[Module] = &[
         name: "qmatmul",
         source: include_str!("../../cuda/qmatmul.cu"),
     },
+    Module {
+        name: "qgemm",
+        source: include_str!("../../cuda/qgemm.cu"),
+    },
 ];
 
 /// The module called `name`.

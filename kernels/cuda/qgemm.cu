@@ -1,0 +1,289 @@
+// Weight-quantized matmul on tensor cores (W4A16 / W8A16) for prefill and for decode batches
+// past a few rows: out[rows, n] = x[rows, k] · dequant(w)[n, k]ᵀ (+ bias), on the weight
+// formats of qmatmul.cu. A block computes BM rows × 64 columns. For each 64-value step of k
+// it stages x (rounded to f16) and its 64 weight columns (dequantized to f16) in shared
+// memory; each of its 4 warps then multiplies all BM rows by its own 16 columns with
+// m16n8k16 MMAs into f32 accumulators. The next step's global loads are issued before this
+// step's MMAs (a register double buffer), so they are in flight while the tensor cores work.
+//
+// k is summed in chunks of `steps_per_chunk` steps: each chunk in its own accumulators, the
+// chunks added in order to a running total. With grid.z = 1 a block does every chunk and
+// writes out (+ bias). Split-K, for matrices too small to fill the GPU, has grid.z = the
+// number of chunks: block z does chunk z and writes its f32 sums to out + z * rows * n (bias
+// null), and gemm_sum_splits adds them in order. Both give the same bits, and the chunk
+// size depends on k and n only, never on the rows: a row's result does not depend on the
+// other rows of the batch nor on the split (the Backend trait's determinism promise).
+//
+// grid = (ceil(n / 64), ceil(rows / BM), splits), block = 128 threads; BM = 16 (the kernels
+// named _m16, for decode batches) or 64 (_m64). Host code: kernels/src/cuda/backend.rs.
+#include "vellum.cuh"
+
+#define GEMM_BN 64
+#define GEMM_BK 64
+#define GEMM_THREADS 128
+// f16 values per shared-memory row: 8 of padding put the 8 rows one fragment load reads
+// (row stride 36 words) on distinct banks.
+#define GEMM_LD (GEMM_BK + 8)
+
+// d += a · b for one 16×8×16 tile: f16 inputs, f32 accumulators, the PTX ISA's fragment
+// layout for mma.m16n8k16 .row.col. With lane = 4 g + t (each register two f16, the lower
+// k in the low half):
+//   a = {A[g][2t..2t+1], A[g+8][2t..2t+1], A[g][2t+8..2t+9], A[g+8][2t+8..2t+9]}
+//   b = {B[2t..2t+1][g], B[2t+8..2t+9][g]}
+//   d = {D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]}
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
+                                          const uint32_t (&b)[2]) {
+#if defined(VELLUM_EMU)
+  // The instruction, written from the layout above: gather the warp's registers and let each
+  // lane compute its four outputs in f32.
+  struct Fragments {
+    uint32_t a[4], b[2];
+  };
+  Fragments mine = {{a[0], a[1], a[2], a[3]}, {b[0], b[1]}}, all[32];
+  emu::warp_gather(mine, all);
+  auto half = [](uint32_t reg, int upper) {
+    f16 h;
+    h.bits = (uint16_t)(reg >> (16 * upper));
+    return to_f32(h);
+  };
+  auto A = [&](int row, int kk) {
+    return half(all[4 * (row % 8) + (kk % 8) / 2].a[row / 8 + 2 * (kk / 8)], kk % 2);
+  };
+  auto B = [&](int kk, int col) { return half(all[4 * col + (kk % 8) / 2].b[kk / 8], kk % 2); };
+  int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+    float s = 0.0f;
+    for (int kk = 0; kk < 16; ++kk) s += A(row, kk) * B(kk, col);
+    d[i] += s;
+  }
+#elif __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  // sm_75 has no k16 shape: the same product as two m16n8k8 MMAs over the halves of k, whose
+  // fragments are the k16 registers taken two (A) and one (B) at a time.
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(b[0]));
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[2]), "r"(a[3]), "r"(b[1]));
+#endif
+}
+
+__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
+  return (uint32_t)f16_bits(lo) | ((uint32_t)f16_bits(hi) << 16);
+}
+
+// One step's operands in shared memory, as f16 bits: x rows, and weight columns with k
+// contiguous (the "col" operand of the MMA).
+template <int BM> struct GemmStage {
+  uint16_t a[BM][GEMM_LD];
+  uint16_t b[GEMM_BN][GEMM_LD];
+};
+
+// x's part of a step: thread tid holds column tid % 64 of rows tid / 64 + 2 i, so that a warp
+// reads 32 consecutive floats of a row. Zero past the last row or past k.
+template <class T, int BM> struct XLoader {
+  static constexpr int PER_THREAD = BM * GEMM_BK / GEMM_THREADS;
+  float v[PER_THREAD];
+
+  __device__ void load(const T *x, uint32_t rows, uint32_t k, uint32_t row0, uint32_t k0) {
+    uint32_t col = k0 + threadIdx.x % GEMM_BK;
+#pragma unroll
+    for (int i = 0; i < PER_THREAD; ++i) {
+      uint32_t row = row0 + threadIdx.x / GEMM_BK + 2 * i;
+      v[i] = row < rows && col < k ? to_f32(x[(size_t)row * k + col]) : 0.0f;
+    }
+  }
+  __device__ void store(GemmStage<BM> &s) const {
+#pragma unroll
+    for (int i = 0; i < PER_THREAD; ++i)
+      s.a[threadIdx.x / GEMM_BK + 2 * i][threadIdx.x % GEMM_BK] = f16_bits(v[i]);
+  }
+};
+
+// Planar int4 (see qmatmul.cu): thread tid holds one 32-value chunk, values 32 (tid % 2) ..
+// of the step for column tid / 2: 16 bytes and their group's scale and offset.
+struct W4Loader {
+  const uint8_t *packed;
+  const f16 *scales, *mins;
+  uint32_t k, n, group;
+  uint4 raw;
+  float d, m;
+
+  __device__ void load(uint32_t col0, uint32_t k0) {
+    uint32_t col = col0 + threadIdx.x / 2, kk = k0 + 32 * (threadIdx.x % 2);
+    raw = uint4{0, 0, 0, 0};
+    d = 0.0f;  // a missing chunk dequantizes to zeros in both symmetries
+    m = 0.0f;
+    if (col >= n || kk >= k) return;
+    raw = *reinterpret_cast<const uint4 *>(packed + (size_t)col * (k / 2) + kk / 2);
+    size_t g = (size_t)col * ((k + group - 1) / group) + kk / group;
+    d = to_f32(scales[g]);
+    m = mins ? to_f32(mins[g]) : -8.0f * d;  // symmetric: (q - 8) d = q d - 8 d
+  }
+  template <int BM> __device__ void store(GemmStage<BM> &s) const {
+    uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+    // byte j holds value j (low nibble) and value j + 16 (high nibble)
+    uint32_t *row = reinterpret_cast<uint32_t *>(&s.b[threadIdx.x / 2][32 * (threadIdx.x % 2)]);
+#pragma unroll
+    for (int j = 0; j < 16; j += 2) {
+      uint32_t b0 = (words[j / 4] >> (8 * (j % 4))) & 0xffu;
+      uint32_t b1 = (words[j / 4] >> (8 * (j % 4 + 1))) & 0xffu;
+      row[j / 2] = pack_f16x2((float)(b0 & 0xfu) * d + m, (float)(b1 & 0xfu) * d + m);
+      row[8 + j / 2] = pack_f16x2((float)(b0 >> 4) * d + m, (float)(b1 >> 4) * d + m);
+    }
+  }
+};
+
+// int8 with one f32 scale per `group` values (see qmatmul.cu): thread tid holds values
+// 32 (tid % 2) .. of the step for column tid / 2, as two 16-byte pieces (k is a multiple of 16).
+struct W8Loader {
+  const int8_t *q;
+  const float *scales;
+  uint32_t k, n, group;
+  uint4 raw[2];
+  float d[2];
+
+  __device__ void load(uint32_t col0, uint32_t k0) {
+    uint32_t col = col0 + threadIdx.x / 2;
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      uint32_t kk = k0 + 32 * (threadIdx.x % 2) + 16 * p;
+      raw[p] = uint4{0, 0, 0, 0};
+      d[p] = 0.0f;
+      if (col >= n || kk >= k) continue;
+      raw[p] = *reinterpret_cast<const uint4 *>(q + (size_t)col * k + kk);
+      d[p] = scales[(size_t)col * ((k + group - 1) / group) + kk / group];
+    }
+  }
+  template <int BM> __device__ void store(GemmStage<BM> &s) const {
+    uint32_t *row = reinterpret_cast<uint32_t *>(&s.b[threadIdx.x / 2][32 * (threadIdx.x % 2)]);
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      uint32_t words[4] = {raw[p].x, raw[p].y, raw[p].z, raw[p].w};
+#pragma unroll
+      for (int j = 0; j < 16; j += 2) {
+        float lo = (float)(int8_t)((words[j / 4] >> (8 * (j % 4))) & 0xffu);
+        float hi = (float)(int8_t)((words[j / 4] >> (8 * (j % 4 + 1))) & 0xffu);
+        row[8 * p + j / 2] = pack_f16x2(lo * d[p], hi * d[p]);
+      }
+    }
+  }
+};
+
+// The block's tile: grid.x picks 64 columns, grid.y BM rows, grid.z a range of k.
+template <class T, int BM, class W>
+__device__ void gemm(const T *x, W w, const float *bias, float *out, uint32_t rows, uint32_t k,
+                     uint32_t n, uint32_t steps_per_chunk) {
+  constexpr int MT = BM / 16;
+  __shared__ GemmStage<BM> stage;
+  uint32_t col0 = blockIdx.x * GEMM_BN, row0 = blockIdx.y * BM;
+  uint32_t steps = (k + GEMM_BK - 1) / GEMM_BK;
+  uint32_t first = gridDim.z == 1 ? 0 : blockIdx.z * steps_per_chunk;
+  uint32_t last = gridDim.z == 1 || first + steps_per_chunk > steps ? steps
+                                                                     : first + steps_per_chunk;
+  uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+
+  float acc[MT][2][4], total[MT][2][4];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < 2; ++j)
+      for (int c = 0; c < 4; ++c) acc[i][j][c] = total[i][j][c] = 0.0f;
+
+  XLoader<T, BM> xs;
+  if (first < last) {
+    xs.load(x, rows, k, row0, first * GEMM_BK);
+    w.load(col0, first * GEMM_BK);
+  }
+  for (uint32_t s = first; s < last; ++s) {
+    xs.store(stage);
+    w.store(stage);
+    __syncthreads();
+    if (s + 1 < last) {
+      xs.load(x, rows, k, row0, (s + 1) * GEMM_BK);
+      w.load(col0, (s + 1) * GEMM_BK);
+    }
+#pragma unroll
+    for (int kk = 0; kk < GEMM_BK; kk += 16) {
+      uint32_t b[2][2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const uint16_t *col = stage.b[warp * 16 + j * 8 + g] + kk + 2 * t;
+        b[j][0] = *reinterpret_cast<const uint32_t *>(col);
+        b[j][1] = *reinterpret_cast<const uint32_t *>(col + 8);
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const uint16_t *r0 = stage.a[i * 16 + g] + kk + 2 * t, *r8 = r0 + 8 * GEMM_LD;
+        uint32_t a[4] = {*reinterpret_cast<const uint32_t *>(r0),
+                         *reinterpret_cast<const uint32_t *>(r8),
+                         *reinterpret_cast<const uint32_t *>(r0 + 8),
+                         *reinterpret_cast<const uint32_t *>(r8 + 8)};
+#pragma unroll
+        for (int j = 0; j < 2; ++j) mma_16816(acc[i][j], a, b[j]);
+      }
+    }
+    __syncthreads();  // the stage is rewritten by the next step
+    if ((s + 1 - first) % steps_per_chunk == 0 || s + 1 == last) {
+      for (int i = 0; i < MT; ++i)
+        for (int j = 0; j < 2; ++j)
+          for (int c = 0; c < 4; ++c) {
+            total[i][j][c] += acc[i][j][c];
+            acc[i][j][c] = 0.0f;
+          }
+    }
+  }
+
+  float *dst = out + (size_t)blockIdx.z * rows * n;
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        uint32_t row = row0 + i * 16 + g + 8 * (c / 2);
+        uint32_t col = col0 + warp * 16 + j * 8 + 2 * t + c % 2;
+        if (row < rows && col < n)
+          dst[(size_t)row * n + col] = total[i][j][c] + (bias ? bias[col] : 0.0f);
+      }
+}
+
+#define QGEMM(BM)                                                                            \
+  extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_w4_m##BM##_f32(           \
+      const float *x, const uint8_t *packed, const f16 *scales, const f16 *mins,             \
+      const float *bias, float *out, uint32_t rows, uint32_t k, uint32_t n, uint32_t group,  \
+      uint32_t steps_per_chunk) {                                                            \
+    W4Loader w{packed, scales, mins, k, n, group, {}, 0.0f, 0.0f};                           \
+    gemm<float, BM>(x, w, bias, out, rows, k, n, steps_per_chunk);                           \
+  }                                                                                          \
+  VELLUM_EXPORT(gemm_w4_m##BM##_f32)                                                         \
+  extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_w8_m##BM##_f32(           \
+      const float *x, const int8_t *q, const float *scales, const float *bias, float *out,   \
+      uint32_t rows, uint32_t k, uint32_t n, uint32_t group, uint32_t steps_per_chunk) {     \
+    W8Loader w{q, scales, k, n, group, {}, {}};                                              \
+    gemm<float, BM>(x, w, bias, out, rows, k, n, steps_per_chunk);                           \
+  }                                                                                          \
+  VELLUM_EXPORT(gemm_w8_m##BM##_f32)
+QGEMM(16)
+QGEMM(64)
+
+// out[i] = Σ_z partials[z * len + i] (+ bias[i % n]), z in order: the end of a split-K GEMM.
+extern "C" __global__ void gemm_sum_splits_f32(const float *partials, uint32_t splits,
+                                               const float *bias, float *out, uint32_t len,
+                                               uint32_t n) {
+  uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= len) return;
+  float s = 0.0f;
+  for (uint32_t z = 0; z < splits; ++z) s += partials[(size_t)z * len + i];
+  out[i] = s + (bias ? bias[i % n] : 0.0f);
+}
+VELLUM_EXPORT(gemm_sum_splits_f32)
