@@ -84,8 +84,9 @@ __device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
 }
 
 // One step's operands in shared memory, as f16 bits: x rows, and weight columns with k
-// contiguous (the "col" operand of the MMA).
-template <int BM> struct GemmStage {
+// contiguous (the "col" operand of the MMA). Read and written as 32-bit pairs, hence the
+// alignment.
+template <int BM> struct alignas(16) GemmStage {
   uint16_t a[BM][GEMM_LD];
   uint16_t b[GEMM_BN][GEMM_LD];
 };

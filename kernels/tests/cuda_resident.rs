@@ -262,8 +262,8 @@ fn kv_pools_stay_on_the_device_between_ops() {
 }
 
 /// The device-only entry points the kernel benchmark times: a matmul on buffers already on
-/// the device gives what `Backend::matmul` gives, an unprepared weight or short buffers are
-/// errors that say so, and the copy kernel copies.
+/// the device gives what `Backend::matmul` gives (and nothing for no rows), an unprepared
+/// weight or short buffers are errors that say so, and the copy kernel copies.
 #[test]
 fn device_only_matmul_and_copy_match_the_host_ops() {
     use vellum_kernels::cuda::DeviceBuffer;
@@ -285,6 +285,8 @@ fn device_only_matmul_and_copy_match_the_host_ops() {
         be.prepare_weight(&mut prepared).unwrap();
         let err = be.matmul_device(&prepared, &xd, &od, t + 1).unwrap_err();
         assert!(err.to_string().contains("buffers of"), "{err}");
+        // No rows: nothing to launch (a grid of zero blocks is a launch error on a GPU).
+        be.matmul_device(&prepared, &xd, &od, 0).unwrap();
         be.matmul_device(&prepared, &xd, &od, t).unwrap();
         be.runtime().synchronize().unwrap();
         assert_eq!(od.to_vec::<f32>().unwrap(), want);

@@ -303,6 +303,8 @@ impl CudaBackend {
     ) -> Result<()> {
         let quantized = !matches!(w, DeviceMatrix::Dense(..));
         let min_rows = self.gemm_min_rows.load(Ordering::Relaxed);
+        // No rows take the GEMV, which launches over columns and does nothing (a GEMM grid of
+        // zero row tiles would be a launch error).
         if quantized && rows >= min_rows && self.rt.tensor_cores() {
             return self.launch_gemm(w, (x, bias, out), (rows, k, n));
         }
