@@ -105,6 +105,71 @@ __device__ __forceinline__ uint16_t f16_bits(float x) {
 #endif
 }
 
+// Packed pairs of f16 in one 32-bit register (the lower half is the first value), the
+// arithmetic of the GEMM's int4 dequantization: one PTX instruction per pair on the GPU, the
+// same results under the emulator (each half rounded once, to nearest even).
+#ifdef VELLUM_EMU
+// f16 bits of a double, rounded once: round to odd at float precision (enough bits that the
+// second rounding cannot meet a false tie), then to nearest even at f16.
+__device__ __forceinline__ uint16_t f16_bits_of_double(double r) {
+  float t = (float)r;
+  if ((double)t != r) {
+    if (std::fabs((double)t) > std::fabs(r)) t = std::nextafterf(t, 0.0f);
+    t = vf_from_bits(vf_bits(t) | 1u);
+  }
+  return from_f32<f16>(t).bits;
+}
+__device__ __forceinline__ double h2_half(uint32_t v, int upper) {
+  f16 h;
+  h.bits = (uint16_t)(v >> (16 * upper));
+  return to_f32(h);
+}
+#endif
+// a - b, per half.
+__device__ __forceinline__ uint32_t h2_sub(uint32_t a, uint32_t b) {
+#ifdef VELLUM_EMU
+  uint32_t r = 0;
+  for (int u = 0; u < 2; ++u)
+    r |= (uint32_t)f16_bits_of_double(h2_half(a, u) - h2_half(b, u)) << (16 * u);
+  return r;
+#else
+  uint32_t r;
+  asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+#endif
+}
+// a · b + c, per half, rounded once.
+__device__ __forceinline__ uint32_t h2_fma(uint32_t a, uint32_t b, uint32_t c) {
+#ifdef VELLUM_EMU
+  uint32_t r = 0;
+  for (int u = 0; u < 2; ++u) {
+    // exact in double while the terms lie within 2^30 of each other, as the GEMM's do
+    double v = h2_half(a, u) * h2_half(b, u) + h2_half(c, u);
+    r |= (uint32_t)f16_bits_of_double(v) << (16 * u);
+  }
+  return r;
+#else
+  uint32_t r;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+#endif
+}
+// Byte permute (PTX prmt.b32, default mode, selectors 0-7 only: no sign replication): byte
+// i of the result is byte sel[4i..4i+3] of the 8 bytes {a, b} (a's bytes are 0-3).
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+#ifdef VELLUM_EMU
+  uint64_t bytes = (uint64_t)a | ((uint64_t)b << 32);
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i)
+    r |= (uint32_t)((bytes >> (8 * ((sel >> (4 * i)) & 7u))) & 0xffu) << (8 * i);
+  return r;
+#else
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+#endif
+}
+
 #define V_NEG_INF vf_from_bits(0xff800000u)
 
 // sin and cos of a float angle computed in double, as the CPU backend's rotary does.
