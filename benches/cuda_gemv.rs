@@ -28,6 +28,8 @@ const SHAPES: [(usize, usize); 3] = [(4096, 4096), (4096, 14336), (14336, 4096)]
 const BATCHES: [usize; 3] = [1, 16, 256];
 /// The quantized kernels, by the row count from which the backend takes the GEMM.
 const KERNELS: [(&str, usize); 2] = [("GEMV", usize::MAX), ("GEMM", 1)];
+/// Split-K targets swept for the GEMM on the first shape (blocks per multiprocessor).
+const BLOCKS_PER_SM: [usize; 5] = [1, 2, 4, 8, 16];
 /// Launches per timed round, and rounds (the best is kept, after a warm-up round).
 #[derive(Clone, Copy)]
 struct Timing {
@@ -82,7 +84,12 @@ fn run(be: &CudaBackend, scale: usize, timing: Timing) -> Result<(), Box<dyn std
     println!("| K x N | weights | kernel | batch | µs | GB/s | % of copy | vs batch 1 | vs bf16 | vs cuBLAS bf16 |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut blas_note = None;
-    for (k, n) in SHAPES.map(|(k, n)| (k / scale, n / scale)) {
+    let mut sweep = Vec::new();
+    for (shape, (k, n)) in SHAPES
+        .map(|(k, n)| (k / scale, n / scale))
+        .into_iter()
+        .enumerate()
+    {
         let values: Vec<f32> = (0..n * k)
             .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % 2001) as f32 / 1000.0 - 1.0)
             .map(|v| v * 0.05)
@@ -115,6 +122,9 @@ fn run(be: &CudaBackend, scale: usize, timing: Timing) -> Result<(), Box<dyn std
                 "bf16" => &KERNELS[..1], // dense weights have the GEMV only
                 _ => &KERNELS[..],
             };
+            if shape == 0 && name != "bf16" {
+                sweep.extend(split_sweep(be, timing, &w, &xs, copy_gbs)?);
+            }
             for &(kernel, min_rows) in kernels {
                 be.set_gemm_min_rows(min_rows);
                 let mut batch1_us = 0.0;
@@ -141,10 +151,52 @@ fn run(be: &CudaBackend, scale: usize, timing: Timing) -> Result<(), Box<dyn std
             }
         }
     }
+    println!(
+        "\nGEMM split-K sweep at {} x {}:\n",
+        SHAPES[0].0 / scale,
+        SHAPES[0].1 / scale
+    );
+    println!("| weights | batch | blocks per SM | µs | GB/s | % of copy |");
+    println!("|---|---|---|---|---|---|");
+    for row in sweep {
+        println!("{row}");
+    }
     if let Some(why) = blas_note {
         println!("\ncuBLAS baseline left out: {why}");
     }
     Ok(())
+}
+
+/// The GEMM on `w` at decode batches 1 and 16 for each split-K target of [`BLOCKS_PER_SM`],
+/// as table rows; leaves the backend at its defaults.
+fn split_sweep(
+    be: &CudaBackend,
+    timing: Timing,
+    w: &Weight,
+    xs: &[f32],
+    copy_gbs: f64,
+) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+    let rt = be.runtime();
+    let (k, n) = (w.cols, w.rows);
+    let name = w.format_name();
+    be.set_gemm_min_rows(1);
+    let default_blocks = be.gemm_blocks_per_sm();
+    let mut rows_out = Vec::new();
+    for rows in [1usize, 16] {
+        let x = DeviceBuffer::upload(rt, &xs[..rows * k])?;
+        let out = DeviceBuffer::zeroed(rt, rows * n * 4)?;
+        for blocks in BLOCKS_PER_SM {
+            be.set_gemm_blocks_per_sm(blocks);
+            let us = 1e6 * kernel_seconds(rt, timing, || be.matmul_device(w, &x, &out, rows))?;
+            let gbs = w.bytes() as f64 / (us * 1e-6) / 1e9;
+            rows_out.push(format!(
+                "| {name} | {rows} | {blocks} | {us:.1} | {gbs:.0} | {:.0}% |",
+                100.0 * gbs / copy_gbs
+            ));
+        }
+    }
+    be.set_gemm_blocks_per_sm(default_blocks);
+    Ok(rows_out)
 }
 
 /// cuBLAS's time in µs for the bf16 matmul of `dense` at each of [`BATCHES`], after checking its

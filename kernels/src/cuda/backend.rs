@@ -43,6 +43,10 @@ const DEFAULT_GEMM_MIN_ROWS: usize = 1;
 const GEMM_COLS: usize = 64;
 const GEMM_STEP: usize = 64;
 const GEMM_THREADS: u32 = 128;
+/// Blocks per multiprocessor that split-K aims at for a decode matmul: enough that some have
+/// loads in flight while others compute. An estimate until measured (`benches/cuda_gemv.rs`
+/// sweeps it); the GEMM's registers allow about five such blocks per multiprocessor.
+const DEFAULT_GEMM_BLOCKS_PER_SM: usize = 4;
 
 pub struct CudaBackend {
     rt: Arc<dyn KernelRuntime>,
@@ -51,6 +55,8 @@ pub struct CudaBackend {
     /// See `set_gemm_min_rows`; atomic so that a benchmark can switch kernels between
     /// matmuls on buffers borrowed from the backend.
     gemm_min_rows: AtomicUsize,
+    /// See `set_gemm_blocks_per_sm`; atomic for the same reason.
+    gemm_blocks_per_sm: AtomicUsize,
     /// The split-K GEMM's partial sums, kept between ops and grown as needed (an
     /// allocation per matmul would cost more than a decode matmul); with its size in bytes.
     /// Held locked from the GEMM's launch to its sum's, so no two matmuls share it.
@@ -65,6 +71,7 @@ impl CudaBackend {
             name,
             split_keys: DEFAULT_SPLIT_KEYS,
             gemm_min_rows: AtomicUsize::new(DEFAULT_GEMM_MIN_ROWS),
+            gemm_blocks_per_sm: AtomicUsize::new(DEFAULT_GEMM_BLOCKS_PER_SM),
             gemm_partials: Mutex::new(None),
         }
     }
@@ -96,6 +103,18 @@ impl CudaBackend {
     /// benchmarks and tests of both kernels; the default is `DEFAULT_GEMM_MIN_ROWS`.
     pub fn set_gemm_min_rows(&self, rows: usize) {
         self.gemm_min_rows.store(rows.max(1), Ordering::Relaxed);
+    }
+
+    /// The blocks per multiprocessor split-K aims at for a decode matmul (default
+    /// `DEFAULT_GEMM_BLOCKS_PER_SM`), for the benchmark's sweep. It sets the chunk size of
+    /// k, so results change with it (for every batch alike).
+    pub fn set_gemm_blocks_per_sm(&self, blocks: usize) {
+        self.gemm_blocks_per_sm
+            .store(blocks.max(1), Ordering::Relaxed);
+    }
+
+    pub fn gemm_blocks_per_sm(&self) -> usize {
+        self.gemm_blocks_per_sm.load(Ordering::Relaxed)
     }
 
     pub fn runtime(&self) -> &dyn KernelRuntime {
@@ -354,7 +373,8 @@ impl CudaBackend {
         let tile_rows = if rows <= 16 { 16 } else { 64 };
         let tiles = (n.div_ceil(GEMM_COLS), rows.div_ceil(tile_rows));
         let steps = k.div_ceil(GEMM_STEP);
-        let chunks = gemm_chunks(tiles.0, steps, self.rt.multiprocessors() as usize);
+        let blocks_wanted = self.rt.multiprocessors() as usize * self.gemm_blocks_per_sm();
+        let chunks = gemm_chunks(tiles.0, steps, blocks_wanted);
         let per_chunk = steps.div_ceil(chunks);
         let splits = if tiles.1 == 1 {
             steps.div_ceil(per_chunk)
@@ -462,11 +482,11 @@ impl CudaBackend {
 }
 
 /// Into how many chunks of k a tensor-core GEMM of `column_tiles` tiles of 64 output
-/// columns and `steps` k steps is cut: as split-K for a decode batch, enough blocks for
-/// about four per multiprocessor (so that each has loads in flight while others compute),
-/// at least two steps per chunk, at most 16 chunks (each split writes a partial output).
-fn gemm_chunks(column_tiles: usize, steps: usize, multiprocessors: usize) -> usize {
-    (4 * multiprocessors)
+/// columns and `steps` k steps is cut: as split-K for a decode batch, about `blocks_wanted`
+/// blocks, at least two steps per chunk, at most 16 chunks (each split writes a partial
+/// output).
+fn gemm_chunks(column_tiles: usize, steps: usize, blocks_wanted: usize) -> usize {
+    blocks_wanted
         .div_ceil(column_tiles.max(1))
         .min(steps / 2)
         .clamp(1, 16)
@@ -906,11 +926,11 @@ mod tests {
     #[test]
     fn gemm_chunks_fill_the_device_within_their_bounds() {
         // A decode matmul of 64 column tiles on 132 multiprocessors: 528 blocks wanted.
-        assert_eq!(gemm_chunks(64, 64, 132), 9);
+        assert_eq!(gemm_chunks(64, 64, 4 * 132), 9);
         // Never fewer than two k steps a chunk, nor more than 16 chunks, nor none.
-        assert_eq!(gemm_chunks(1, 9, 8), 4);
-        assert_eq!(gemm_chunks(1, 1000, 132), 16);
-        assert_eq!(gemm_chunks(1, 1, 132), 1);
-        assert_eq!(gemm_chunks(10_000, 64, 132), 1);
+        assert_eq!(gemm_chunks(1, 9, 32), 4);
+        assert_eq!(gemm_chunks(1, 1000, 4 * 132), 16);
+        assert_eq!(gemm_chunks(1, 1, 4 * 132), 1);
+        assert_eq!(gemm_chunks(10_000, 64, 4 * 132), 1);
     }
 }
