@@ -25,17 +25,13 @@
 // (row stride 36 words) on distinct banks.
 #define GEMM_LD (GEMM_BK + 8)
 
-// d += a · b for one 16×8×16 tile: f16 inputs, f32 accumulators, the PTX ISA's fragment
-// layout for mma.m16n8k16 .row.col. With lane = 4 g + t (each register two f16, the lower
-// k in the low half):
-//   a = {A[g][2t..2t+1], A[g+8][2t..2t+1], A[g][2t+8..2t+9], A[g+8][2t+8..2t+9]}
-//   b = {B[2t..2t+1][g], B[2t+8..2t+9][g]}
-//   d = {D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]}
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
-                                          const uint32_t (&b)[2]) {
-#if defined(VELLUM_EMU)
-  // The instruction, written from the layout above: gather the warp's registers and let each
-  // lane compute its four outputs in f32.
+#ifdef VELLUM_EMU
+// The MMA instructions, written from the PTX ISA's fragment layout for f16 inputs and f32
+// accumulators: gather the warp's registers and let each lane compute its four outputs in
+// f32. K = 16 is mma.m16n8k16; K = 8 is mma.m16n8k8, whose fragments are the first two A
+// registers and the first B register of the k16 layout below, restricted to k < 8.
+template <int K>
+__device__ void emulated_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   struct Fragments {
     uint32_t a[4], b[2];
   };
@@ -54,28 +50,51 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
   for (int i = 0; i < 4; ++i) {
     int row = g + 8 * (i / 2), col = 2 * t + i % 2;
     float s = 0.0f;
-    for (int kk = 0; kk < 16; ++kk) s += A(row, kk) * B(kk, col);
+    for (int kk = 0; kk < K; ++kk) s += A(row, kk) * B(kk, col);
     d[i] += s;
   }
-#elif __CUDA_ARCH__ >= 800
+}
+#endif
+
+// d += a · b for one 16×8×8 tile (sm_75+): a = {A[g][2t..2t+1], A[g+8][2t..2t+1]},
+// b = B[2t..2t+1][g], d as for m16n8k16 below.
+__device__ __forceinline__ void mma_1688(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+#ifdef VELLUM_EMU
+  const uint32_t a[4] = {a0, a1, 0u, 0u}, b[2] = {b0, 0u};
+  emulated_mma<8>(d, a, b);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(b0));
+#endif
+}
+
+// d += a · b for one 16×8×16 tile: f16 inputs, f32 accumulators, the PTX ISA's fragment
+// layout for mma.m16n8k16 .row.col. With lane = 4 g + t (each register two f16, the lower
+// k in the low half):
+//   a = {A[g][2t..2t+1], A[g+8][2t..2t+1], A[g][2t+8..2t+9], A[g+8][2t+8..2t+9]}
+//   b = {B[2t..2t+1][g], B[2t+8..2t+9][g]}
+//   d = {D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]}
+// sm_75 has no k16 shape: there it is two m16n8k8 over the halves of k, whose fragments
+// are the k16 registers taken two (A) and one (B) at a time. The emulator runs whichever
+// path its VELLUM_ARCH selects.
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
+                                          const uint32_t (&b)[2]) {
+#if VELLUM_ARCH >= 800
+#ifdef VELLUM_EMU
+  emulated_mma<16>(d, a, b);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 #else
-  // sm_75 has no k16 shape: the same product as two m16n8k8 MMAs over the halves of k, whose
-  // fragments are the k16 registers taken two (A) and one (B) at a time.
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(b[0]));
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[2]), "r"(a[3]), "r"(b[1]));
+  mma_1688(d, a[0], a[1], b[0]);
+  mma_1688(d, a[2], a[3], b[1]);
 #endif
 }
 

@@ -1,11 +1,18 @@
 // Shared by every Vellum kernel file. Compiles under NVRTC (for the GPU) and under g++
 // with -DVELLUM_EMU (the CPU emulator, emu.h). Kernels use only what is defined here and the
-// subset documented in emu.h.
+// subset documented in emu.h. Arch-specific code tests VELLUM_ARCH (750, 800, ..., like
+// __CUDA_ARCH__), which the emulator defines too, so each path runs under it.
 #pragma once
 
 #ifdef VELLUM_EMU
 #include "emu.h"
+// The architecture the emulator compiles for (emu.rs sets it), in __CUDA_ARCH__'s numbering.
+#ifndef VELLUM_EMU_ARCH
+#define VELLUM_EMU_ARCH 900
+#endif
+#define VELLUM_ARCH VELLUM_EMU_ARCH
 #else
+#define VELLUM_ARCH __CUDA_ARCH__
 // Under NVRTC nothing is exported by name mangling tricks: kernels are extern "C".
 #define VELLUM_EXPORT(kernel)
 #define VELLUM_DYN_SHARED(type, name) extern __shared__ type name[]

@@ -9,7 +9,9 @@
 use half::{bf16, f16};
 mod common;
 use common::backends;
-use vellum_kernels::cuda::{Arg, DeviceBuffer, LaunchConfig};
+use std::sync::Arc;
+use vellum_kernels::cuda::emu::EmuRuntime;
+use vellum_kernels::cuda::{Arg, CudaBackend, DeviceBuffer, LaunchConfig};
 use vellum_kernels::{Backend, QuantTarget, Weight, WeightData};
 use vellum_quant::{Int4Format, ScaleSearch};
 
@@ -76,45 +78,69 @@ fn reference(x: &[f32], w: &Weight, bias: Option<&[f32]>) -> (Vec<f32>, Vec<f64>
 /// weight to f16 (each at most 2^-11 relative) before its f32 sums.
 const KERNELS: [(&str, usize, f64); 2] = [("GEMV", usize::MAX, 1e-6), ("GEMM", 1, 1.2e-3)];
 
-#[test]
-fn quantized_matmuls_match_the_reference_for_every_format_and_odd_shapes() {
-    for be in backends() {
-        for (kernel, min_rows, tolerance) in KERNELS {
-            be.set_gemm_min_rows(min_rows);
-            // (3, 576, 33), (9, 320, 130) and (16, 1536, 7) are split along k on the
-            // emulator's 8 multiprocessors; (40, 576, 70) sums k in chunks in one block.
-            for (rows, k, n) in [
-                (1usize, 96usize, 5usize),
-                (3, 576, 33),
-                (9, 320, 130),
-                (16, 1536, 7),
-                (17, 96, 3),
-                (40, 576, 70),
-            ] {
-                let v = values(n * k, (k * n) as u64);
-                let x = values(rows * k, 7 + k as u64);
-                let bias = values(n, 3);
-                for w in formats(n, k, &v) {
-                    for b in [None, Some(&bias[..])] {
-                        let mut got = vec![0f32; rows * n];
-                        be.matmul(&x, &w, b, &mut got).unwrap();
-                        let (want, mag) = reference(&x, &w, b);
-                        for (i, ((g, w_), m)) in got.iter().zip(&want).zip(&mag).enumerate() {
-                            let err = (g - w_).abs() as f64 / m;
-                            assert!(
-                                err < tolerance,
-                                "{} {kernel} {} {rows}x{k}x{n} bias {}: output {i}: {g} vs {w_} \
-                                 ({err:.1e} of the terms)",
-                                be.name(),
-                                w.format_name(),
-                                b.is_some()
-                            );
-                        }
-                    }
+/// (3, 576, 33), (9, 320, 130) and (16, 1536, 7) are split along k on the emulator's 8
+/// multiprocessors; (40, 576, 70) sums k in chunks in one block.
+const ODD_SHAPES: [(usize, usize, usize); 6] = [
+    (1, 96, 5),
+    (3, 576, 33),
+    (9, 320, 130),
+    (16, 1536, 7),
+    (17, 96, 3),
+    (40, 576, 70),
+];
+
+/// `be`'s matmuls through `kernel` against the reference, every format, with and without
+/// bias, on each `(rows, k, n)`.
+fn check_parity(
+    be: &CudaBackend,
+    (kernel, min_rows, tolerance): (&str, usize, f64),
+    shapes: &[(usize, usize, usize)],
+) {
+    be.set_gemm_min_rows(min_rows);
+    for &(rows, k, n) in shapes {
+        let v = values(n * k, (k * n) as u64);
+        let x = values(rows * k, 7 + k as u64);
+        let bias = values(n, 3);
+        for w in formats(n, k, &v) {
+            for b in [None, Some(&bias[..])] {
+                let mut got = vec![0f32; rows * n];
+                be.matmul(&x, &w, b, &mut got).unwrap();
+                let (want, mag) = reference(&x, &w, b);
+                for (i, ((g, w_), m)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                    let err = (g - w_).abs() as f64 / m;
+                    assert!(
+                        err < tolerance,
+                        "{} {kernel} {} {rows}x{k}x{n} bias {}: output {i}: {g} vs {w_} \
+                         ({err:.1e} of the terms)",
+                        be.name(),
+                        w.format_name(),
+                        b.is_some()
+                    );
                 }
             }
         }
     }
+}
+
+#[test]
+fn quantized_matmuls_match_the_reference_for_every_format_and_odd_shapes() {
+    for be in backends() {
+        for kernel in KERNELS {
+            check_parity(&be, kernel, &ODD_SHAPES);
+        }
+    }
+}
+
+/// The GEMM compiled as for a T4 (sm_75), where each m16n8k16 is two m16n8k8 MMAs: the
+/// emulator runs that path with the k8 instruction emulated from its own fragment layout.
+#[test]
+fn the_sm75_gemm_path_matches_the_reference_under_the_emulator() {
+    let rt = EmuRuntime::with_arch(75).expect("the CUDA emulator needs g++");
+    let be = CudaBackend::new(Arc::new(rt));
+    assert_eq!(be.name(), "cuda-emulator (sm_75)");
+    check_parity(&be, KERNELS[1], &ODD_SHAPES[1..4]);
+    let err = EmuRuntime::with_arch(70).err().expect("sm_70 is no target");
+    assert!(err.to_string().contains("sm_70"), "{err}");
 }
 
 /// The Backend trait's promise on the tensor-core GEMM: a row's result is the same bits

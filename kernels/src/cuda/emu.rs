@@ -41,13 +41,30 @@ const EMULATED_MULTIPROCESSORS: u32 = 8;
 
 pub struct EmuRuntime {
     compiler: String,
+    /// The architecture the kernels are compiled as (`VELLUM_EMU_ARCH`): the newest target
+    /// unless `with_arch` asks for another, so that arch-specific code paths run here too.
+    arch: u32,
     /// Allocation start -> size in bytes.
     allocs: Mutex<BTreeMap<u64, usize>>,
 }
 
 impl EmuRuntime {
-    /// Checks that a C++ compiler (`$CXX`, else `g++`) is there; modules compile on first use.
+    /// Checks that a C++ compiler (`$CXX`, else `g++`) is there; modules compile on first use,
+    /// as for the newest target architecture.
     pub fn new() -> Result<Self> {
+        let newest = *sources::TARGET_ARCHS.last().expect("target archs");
+        Self::with_arch(newest)
+    }
+
+    /// As `new`, with the kernels compiled as for `sm_{arch}` (one of
+    /// [`sources::TARGET_ARCHS`]): sm_75 runs Turing's MMA shapes, for instance.
+    pub fn with_arch(arch: u32) -> Result<Self> {
+        if !sources::TARGET_ARCHS.contains(&arch) {
+            return Err(CudaError::Emulator(format!(
+                "sm_{arch} is not a target architecture ({:?})",
+                sources::TARGET_ARCHS
+            )));
+        }
         let compiler = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
         let ok = Command::new(&compiler)
             .arg("--version")
@@ -61,6 +78,7 @@ impl EmuRuntime {
         }
         Ok(EmuRuntime {
             compiler,
+            arch,
             allocs: Mutex::new(BTreeMap::new()),
         })
     }
@@ -70,11 +88,11 @@ impl EmuRuntime {
             .ok_or_else(|| CudaError::Emulator(format!("no kernel module named {name}")))?;
         // Loaded libraries stay loaded for the life of the process (and are shared by every
         // runtime), so no launch can ever run code that was unloaded.
-        static LIBS: Mutex<Option<HashMap<&'static str, Arc<libloading::Library>>>> =
-            Mutex::new(None);
+        type Libraries = HashMap<(&'static str, u32), Arc<libloading::Library>>;
+        static LIBS: Mutex<Option<Libraries>> = Mutex::new(None);
         let mut libs = LIBS.lock().unwrap_or_else(|e| e.into_inner());
         let libs = libs.get_or_insert_with(HashMap::new);
-        if let Some(lib) = libs.get(module.name) {
+        if let Some(lib) = libs.get(&(module.name, self.arch)) {
             return Ok(lib.clone());
         }
         let path = self.build(module)?;
@@ -83,7 +101,7 @@ impl EmuRuntime {
         let lib = unsafe { libloading::Library::new(&path) }
             .map_err(|e| CudaError::Emulator(format!("loading {}: {e}", path.display())))?;
         let lib = Arc::new(lib);
-        libs.insert(module.name, lib.clone());
+        libs.insert((module.name, self.arch), lib.clone());
         Ok(lib)
     }
 
@@ -91,14 +109,15 @@ impl EmuRuntime {
     fn build(&self, module: &Module) -> Result<PathBuf> {
         let key = sources::source_hash(module) ^ super::stable_hash(&[self.compiler.as_bytes()]);
         let dir = super::cache_dir().join("emu");
-        let lib = dir.join(format!("{}-{key:016x}.so", module.name));
+        let lib = dir.join(format!("{}-sm{}-{key:016x}.so", module.name, self.arch));
         let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         if lib.exists() {
             return Ok(lib);
         }
         let work = dir.join(format!(
-            "build-{}-{key:016x}-{}",
+            "build-{}-sm{}-{key:016x}-{}",
             module.name,
+            self.arch,
             std::process::id()
         ));
         let io = |e: std::io::Error| CudaError::Emulator(format!("{}: {e}", work.display()));
@@ -109,7 +128,7 @@ impl EmuRuntime {
         let src = work.join(module.file_name());
         std::fs::write(&src, module.source).map_err(io)?;
         let out = work.join("module.so");
-        let result = compile(&self.compiler, &src, &out);
+        let result = compile(&self.compiler, self.arch, &src, &out);
         let moved = result.and_then(|()| std::fs::rename(&out, &lib).map_err(io));
         let _ = std::fs::remove_dir_all(&work);
         moved.map(|()| lib)
@@ -131,9 +150,11 @@ impl EmuRuntime {
     }
 }
 
-fn compile(compiler: &str, src: &Path, out: &Path) -> Result<()> {
+fn compile(compiler: &str, arch: u32, src: &Path, out: &Path) -> Result<()> {
     let output = Command::new(compiler)
         .args(["-std=c++20", "-O2", "-fPIC", "-shared", "-DVELLUM_EMU"])
+        // In __CUDA_ARCH__'s numbering (750 for sm_75).
+        .arg(format!("-DVELLUM_EMU_ARCH={}", arch * 10))
         // Each library keeps its own copy of emu.h's inline functions and launch state:
         // with default visibility, calls would bind to whichever library loaded first.
         .args(["-fvisibility=hidden", "-fvisibility-inlines-hidden"])
@@ -156,7 +177,11 @@ fn compile(compiler: &str, src: &Path, out: &Path) -> Result<()> {
 
 impl KernelRuntime for EmuRuntime {
     fn name(&self) -> String {
-        "cuda-emulator".into()
+        let newest = *sources::TARGET_ARCHS.last().expect("target archs");
+        match self.arch {
+            a if a == newest => "cuda-emulator".into(),
+            a => format!("cuda-emulator (sm_{a})"),
+        }
     }
 
     fn multiprocessors(&self) -> u32 {
