@@ -320,45 +320,26 @@ impl CudaBackend {
         (x, bias, out): (Arg, Arg, Arg),
         (rows, k, n): (usize, usize, usize),
     ) -> Result<()> {
-        let quantized = !matches!(w, DeviceMatrix::Dense(..));
-        let min_rows = self.gemm_min_rows.load(Ordering::Relaxed);
-        // No rows take the GEMV, which launches over columns and does nothing (a GEMM grid of
-        // zero row tiles would be a launch error).
-        if quantized && rows >= min_rows && self.rt.tensor_cores() {
-            return self.launch_gemm(w, (x, bias, out), (rows, k, n));
-        }
         let blocks = (n as u32).div_ceil(MATMUL_WARPS);
         let cfg = LaunchConfig::linear(blocks, MATMUL_WARPS * 32);
         let shape = [rows, k, n].map(|v| Arg::U32(v as u32));
-        match w {
-            DeviceMatrix::Dense(wb, ty) => {
+        let (kind, mut args, group) = match w.quantized_args(x, bias, out) {
+            Ok(quantized) => quantized,
+            Err(Dense(wb, ty)) => {
                 let mut args = vec![x, wb.arg(), bias, out];
                 args.extend(shape);
-                self.launch("matmul", &format!("matmul_f32_{ty}"), cfg, &args)
+                return self.launch("matmul", &format!("matmul_f32_{ty}"), cfg, &args);
             }
-            DeviceMatrix::Int4 {
-                packed,
-                scales,
-                mins,
-                group,
-            } => {
-                let mins = mins.as_ref().map_or(Arg::Ptr(0), |m| m.arg());
-                let mut args = vec![x, packed.arg(), scales.arg(), mins, bias, out];
-                args.extend(shape);
-                args.push(Arg::U32(*group));
-                self.launch("qmatmul", "matmul_w4_f32", cfg, &args)
-            }
-            DeviceMatrix::Int8 {
-                codes,
-                scales,
-                group,
-            } => {
-                let mut args = vec![x, codes.arg(), scales.arg(), bias, out];
-                args.extend(shape);
-                args.push(Arg::U32(*group));
-                self.launch("qmatmul", "matmul_w8_f32", cfg, &args)
-            }
+        };
+        let min_rows = self.gemm_min_rows.load(Ordering::Relaxed);
+        // No rows take the GEMV, which launches over columns and does nothing (a GEMM grid of
+        // zero row tiles would be a launch error).
+        if rows >= min_rows && self.rt.tensor_cores() {
+            return self.launch_gemm(w, (x, bias, out), (rows, k, n));
         }
+        args.extend(shape);
+        args.push(Arg::U32(group));
+        self.launch("qmatmul", &format!("matmul_{kind}_f32"), cfg, &args)
     }
 
     /// The tensor-core matmul (`qgemm.cu`) of a quantized weight. k is summed in chunks
@@ -397,42 +378,26 @@ impl CudaBackend {
             Some(p) => (p, Arg::Ptr(0)),
             None => (out, bias),
         };
+        let Ok((kind, mut args, group)) = w.quantized_args(x, tile_bias, dst) else {
+            return Err(CudaError::Launch {
+                kernel: "gemm".into(),
+                detail: "dense weights have no tensor-core kernel".into(),
+            }
+            .into());
+        };
+        args.extend([rows, k, n].map(|v| Arg::U32(v as u32)));
+        args.extend([Arg::U32(group), Arg::U32(per_chunk as u32)]);
         let cfg = LaunchConfig {
             grid: (tiles.0 as u32, tiles.1 as u32, splits as u32),
             block: (GEMM_THREADS, 1, 1),
             shared_bytes: 0,
         };
-        let (kernel, mut args, group) = match w {
-            DeviceMatrix::Int4 {
-                packed,
-                scales,
-                mins,
-                group,
-            } => {
-                let mins = mins.as_ref().map_or(Arg::Ptr(0), |m| m.arg());
-                let args = vec![x, packed.arg(), scales.arg(), mins, tile_bias, dst];
-                ("gemm_w4", args, *group)
-            }
-            DeviceMatrix::Int8 {
-                codes,
-                scales,
-                group,
-            } => {
-                let args = vec![x, codes.arg(), scales.arg(), tile_bias, dst];
-                ("gemm_w8", args, *group)
-            }
-            DeviceMatrix::Dense(..) => {
-                return Err(CudaError::Launch {
-                    kernel: "gemm".into(),
-                    detail: "dense weights have no tensor-core kernel".into(),
-                }
-                .into())
-            }
-        };
-        args.extend([rows, k, n].map(|v| Arg::U32(v as u32)));
-        args.extend([Arg::U32(group), Arg::U32(per_chunk as u32)]);
-        let name = format!("{kernel}_m{tile_rows}_f32");
-        self.launch("qgemm", &name, cfg, &args)?;
+        self.launch(
+            "qgemm",
+            &format!("gemm_{kind}_m{tile_rows}_f32"),
+            cfg,
+            &args,
+        )?;
         if let Some(p) = partials {
             let len = (rows * n) as u32;
             let cfg = LaunchConfig::linear(len.div_ceil(ROW_THREADS), ROW_THREADS);
@@ -591,6 +556,37 @@ struct DeviceKv<B> {
     dtype: KvDtype,
     /// int8: log2 of the values per scale.
     shift: u32,
+}
+
+/// Dense rows and the kernel-name suffix of their type: what a matmul on them needs.
+struct Dense<'a, B>(&'a B, &'a str);
+/// See [`DeviceMatrix::quantized_args`].
+type QuantizedArgs<'a, B> = std::result::Result<(&'static str, Vec<Arg>, u32), Dense<'a, B>>;
+
+impl<B: DeviceMem> DeviceMatrix<B> {
+    /// For a quantized matrix, what its GEMV and GEMM kernels share: the name part (`w4`,
+    /// `w8`), the leading arguments (x, the weight's arrays, bias, out) and the group size.
+    /// Dense rows are handed back as they are.
+    fn quantized_args(&self, x: Arg, bias: Arg, out: Arg) -> QuantizedArgs<'_, B> {
+        match self {
+            DeviceMatrix::Dense(wb, ty) => Err(Dense(wb, ty)),
+            DeviceMatrix::Int4 {
+                packed,
+                scales,
+                mins,
+                group,
+            } => {
+                let mins = mins.as_ref().map_or(Arg::Ptr(0), |m| m.arg());
+                let args = vec![x, packed.arg(), scales.arg(), mins, bias, out];
+                Ok(("w4", args, *group))
+            }
+            DeviceMatrix::Int8 {
+                codes,
+                scales,
+                group,
+            } => Ok(("w8", vec![x, codes.arg(), scales.arg(), bias, out], *group)),
+        }
+    }
 }
 
 impl<B: DeviceMem> DeviceKv<B> {
