@@ -1,6 +1,6 @@
-// Weight-quantized matmul on tensor cores (W4A16 / W8A16) for prefill and for decode batches
-// past a few rows: out[rows, n] = x[rows, k] · dequant(w)[n, k]ᵀ (+ bias), on the weight
-// formats of qmatmul.cu. A block computes BM rows × 64 columns. For each 64-value step of k
+// Weight-quantized matmul on tensor cores (W4A16 / W8A16), for decode batches and prefill
+// alike: out[rows, n] = x[rows, k] · dequant(w)[n, k]ᵀ (+ bias), on the weight formats of
+// qmatmul.cu. A block computes BM rows × 64 columns. For each 64-value step of k
 // it stages x (rounded to f16) and its 64 weight columns (dequantized to f16) in shared
 // memory; each of its 4 warps then multiplies all BM rows by its own 16 columns with
 // m16n8k16 MMAs into f32 accumulators. The next step's global loads are issued before this
@@ -11,8 +11,8 @@
 // writes out (+ bias). Split-K, for matrices too small to fill the GPU, has grid.z = the
 // number of chunks: block z does chunk z and writes its f32 sums to out + z * rows * n (bias
 // null), and gemm_sum_splits adds them in order. Both give the same bits, and the chunk
-// size depends on k and n only, never on the rows: a row's result does not depend on the
-// other rows of the batch nor on the split (the Backend trait's determinism promise).
+// size depends on k, n and the device only, never on the rows: a row's result does not
+// depend on the other rows of the batch nor on the split (the Backend trait's promise).
 //
 // grid = (ceil(n / 64), ceil(rows / BM), splits), block = 128 threads; BM = 16 (the kernels
 // named _m16, for decode batches) or 64 (_m64). Host code: kernels/src/cuda/backend.rs.
