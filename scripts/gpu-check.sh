@@ -66,12 +66,14 @@ run() {
   done
   # Weights stay on the device (prepared at load); activations and the KV cache still travel
   # per op, so these decode figures are a floor, not the kernels' speed.
+  # Issue #7's end-to-end comparison: int4 (and int8) against bf16, batch 1 and 64.
   local q
-  for q in f16 int4; do
+  for q in bf16 int4 int8; do
     local quant=()
     [[ "$q" == int4 ]] && quant=(--quant int4:sym)
-    "$carry/vellum" bench --shape smollm-135m --dtype f16 "${quant[@]}" --device cuda:0 \
-      --concurrency 1,16 --prompt-len 64 --gen-len 16 --json >"$carry/bench-cuda-$q.json" 2>"$carry/bench-cuda-$q.log" ||
+    [[ "$q" == int8 ]] && quant=(--quant int8)
+    "$carry/vellum" bench --shape smollm-135m --dtype bf16 "${quant[@]}" --device cuda:0 \
+      --concurrency 1,16,64 --prompt-len 64 --gen-len 16 --json >"$carry/bench-cuda-$q.json" 2>"$carry/bench-cuda-$q.log" ||
       status+=("bench cuda:0 $q|FAILED|see $carry/bench-cuda-$q.log")
   done
   # Kernel bandwidth at the issue's shapes (its own table, printed after the summary).
@@ -83,7 +85,7 @@ run() {
   for s in "${status[@]}"; do echo "| ${s//|/ | } |"; done
   python3 - "$carry" <<'PY' || true
 import json, sys
-for q in ("f16", "int4"):
+for q in ("bf16", "int4", "int8"):
     try:
         lines = open(f"{sys.argv[1]}/bench-cuda-{q}.json").read().splitlines()
     except OSError:
