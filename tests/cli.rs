@@ -6,8 +6,13 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 fn vellum(args: &[&str], stdin: &str) -> (i32, String, String) {
+    vellum_with_env(args, stdin, &[])
+}
+
+fn vellum_with_env(args: &[&str], stdin: &str, env: &[(&str, &str)]) -> (i32, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_vellum"))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -462,6 +467,37 @@ fn device_flag_selects_the_backend_and_rejects_unusable_devices() {
     let (code, _, err) = score("tpu");
     assert_ne!(code, 0);
     assert!(err.contains("unknown device `tpu`"), "{err}");
+}
+
+/// Quantized matmuls on the CUDA backend run on tensor cores by default (f16 operands);
+/// `VELLUM_CUDA_GEMM=0` keeps them on the GEMV, whose exact f32 products score as the CPU's
+/// float path does.
+#[test]
+fn vellum_cuda_gemm_0_keeps_quantized_matmuls_on_the_gemv() {
+    let path = repo().join("tests/golden/spm_llama.gguf");
+    let m = path.to_str().unwrap();
+    let input = "{\"id\":\"a\",\"text\":\"hello world, hello again, and once more\"}\n";
+    let score = |device: &str, env: &[(&str, &str)]| {
+        let args = [
+            "score", "-m", m, "-q", "--quant", "int8", "--device", device,
+        ];
+        let (code, out, err) = vellum_with_env(&args, input, env);
+        assert_eq!(code, 0, "{device} {env:?}: {err}");
+        let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        v["total_logprob"].as_f64().unwrap()
+    };
+    let float = score("cpu", &[("VELLUM_INT_DOT", "0")]);
+    let gemv = score("cuda-emu", &[("VELLUM_CUDA_GEMM", "0")]);
+    let gemm = score("cuda-emu", &[]);
+    assert!(
+        (gemv - float).abs() < 1e-5 * float.abs(),
+        "GEMV {gemv} vs CPU {float}"
+    );
+    assert_ne!(gemm, gemv, "the default should take the tensor-core GEMM");
+    assert!(
+        (gemm - float).abs() < 1e-2 * float.abs(),
+        "GEMM {gemm} vs CPU {float}"
+    );
 }
 
 /// `vellum quantize --gptq`: calibrated on the model's own samples (no tokenizer needed) or

@@ -64,13 +64,24 @@ pub struct CudaBackend {
 }
 
 impl CudaBackend {
+    /// A backend on `rt`. `VELLUM_CUDA_GEMM=0` keeps quantized matmuls on the GEMV (a way
+    /// out, without a rebuild, should the tensor-core path misbehave on some card); `=1`,
+    /// the default, runs them on tensor cores.
     pub fn new(rt: Arc<dyn KernelRuntime>) -> Self {
         let name = rt.name();
+        let gemm_min_rows = match std::env::var("VELLUM_CUDA_GEMM").as_deref() {
+            Ok("0") => usize::MAX,
+            Ok("1") | Err(_) => DEFAULT_GEMM_MIN_ROWS,
+            Ok(other) => {
+                tracing::warn!("VELLUM_CUDA_GEMM={other:?} is not 0 or 1: ignored");
+                DEFAULT_GEMM_MIN_ROWS
+            }
+        };
         CudaBackend {
             rt,
             name,
             split_keys: DEFAULT_SPLIT_KEYS,
-            gemm_min_rows: AtomicUsize::new(DEFAULT_GEMM_MIN_ROWS),
+            gemm_min_rows: AtomicUsize::new(gemm_min_rows),
             gemm_blocks_per_sm: AtomicUsize::new(DEFAULT_GEMM_BLOCKS_PER_SM),
             gemm_partials: Mutex::new(None),
         }
