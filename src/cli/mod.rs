@@ -70,7 +70,8 @@ pub struct EngineArgs {
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     kv_cache_mem: usize,
     /// KV cache element type: f16 (twice the tokens in the same memory, half the bytes a
-    /// long-context decode reads) or f32.
+    /// long-context decode reads), f32, or int8 (one scale per 32 values: 1.78x f16's
+    /// tokens, perplexity +0.03% on SmolLM2; see README).
     #[arg(long, default_value = "f16", value_parser = parse_kv_dtype)]
     kv_dtype: KvDtype,
     /// Convert all weights to this dense dtype on load: f32, f16 or bf16 (quantized GGUF
