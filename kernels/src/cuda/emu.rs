@@ -52,8 +52,7 @@ impl EmuRuntime {
     /// Checks that a C++ compiler (`$CXX`, else `g++`) is there; modules compile on first use,
     /// as for the newest target architecture.
     pub fn new() -> Result<Self> {
-        let newest = *sources::TARGET_ARCHS.last().expect("target archs");
-        Self::with_arch(newest)
+        Self::with_arch(sources::NEWEST_ARCH)
     }
 
     /// As `new`, with the kernels compiled as for `sm_{arch}` (one of
@@ -177,9 +176,8 @@ fn compile(compiler: &str, arch: u32, src: &Path, out: &Path) -> Result<()> {
 
 impl KernelRuntime for EmuRuntime {
     fn name(&self) -> String {
-        let newest = *sources::TARGET_ARCHS.last().expect("target archs");
         match self.arch {
-            a if a == newest => "cuda-emulator".into(),
+            sources::NEWEST_ARCH => "cuda-emulator".into(),
             a => format!("cuda-emulator (sm_{a})"),
         }
     }

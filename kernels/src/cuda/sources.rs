@@ -56,6 +56,9 @@ pub fn module(name: &str) -> Option<&'static Module> {
 /// The GPU architectures Vellum targets: T4, A100, A10/3090, Orin, L4, H100.
 pub const TARGET_ARCHS: &[u32] = &[75, 80, 86, 87, 89, 90];
 
+/// The newest of [`TARGET_ARCHS`]: what the emulator compiles for unless asked otherwise.
+pub const NEWEST_ARCH: u32 = TARGET_ARCHS[TARGET_ARCHS.len() - 1];
+
 /// A hash of everything that determines a module's compiled form except the compiler.
 pub fn source_hash(m: &Module) -> u64 {
     let mut parts: Vec<&[u8]> = vec![m.name.as_bytes(), m.source.as_bytes()];
