@@ -5,7 +5,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rayon::prelude::*;
-use vellum_kernels::{cpu::Cpu, Backend, Weight, WeightData};
+use vellum_kernels::{cpu::Cpu, Backend, Tensor, Weight, WeightData};
 use vellum_quant::{BlockFormat, DType};
 
 fn values(n: usize) -> Vec<f32> {
@@ -58,8 +58,8 @@ fn matmul(c: &mut Criterion) {
             // As the engine does at load: quantized weights in the layout this CPU reads.
             let mut w = weight(rows, cols, format);
             cpu.prepare_weight(&mut w).unwrap();
-            let x = values(cols);
-            let mut out = vec![0f32; rows];
+            let x = Tensor::from(values(cols));
+            let mut out = Tensor::zeros(rows);
             g.throughput(Throughput::Bytes(w.bytes() as u64));
             let id = BenchmarkId::new(
                 format!("{}/{format}", cpu.name()),

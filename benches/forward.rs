@@ -6,7 +6,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use vellum_engine::synthetic;
-use vellum_kernels::{cpu::Cpu, Backend, BatchLayout, KvDtype, KvLayer};
+use vellum_kernels::{cpu::Cpu, Backend, BatchLayout, KvDtype, KvLayer, Tensor};
 use vellum_quant::DType;
 
 /// A batch of `seqs` sequences, each with `past` cached tokens and `new` tokens this step.
@@ -35,7 +35,7 @@ fn layout(seqs: usize, past: usize, new: usize, block: usize) -> BatchLayout {
 /// Writes values into every slot: an untouched pool would read the kernel's shared zero
 /// page (always cached) instead of memory.
 fn fill(cache: &mut KvLayer) {
-    let (k, v) = cache.pools_mut();
+    let (k, v) = cache.pools_mut().expect("a host-only cache");
     let values: Vec<f32> = (0..k.len()).map(|i| (i % 23) as f32 / 23.0 - 0.5).collect();
     k.write(0, &values);
     v.write(0, &values);
@@ -86,8 +86,8 @@ fn ops(c: &mut Criterion) {
         (16, 1, 64, 1, 2048, "mqa-16x64"),
     ] {
         let l = layout(seqs, ctx - 1, 1, 16);
-        let q = vec![0.1f32; l.num_tokens() * heads * hd];
-        let mut out = vec![0f32; q.len()];
+        let q = Tensor::from(vec![0.1f32; l.num_tokens() * heads * hd]);
+        let mut out = Tensor::zeros(q.len());
         for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Int8] {
             let mut cache = KvLayer::new(seqs * ctx / 16, 16, kv_heads, hd, dtype);
             fill(&mut cache);
@@ -103,9 +103,10 @@ fn ops(c: &mut Criterion) {
             );
         }
     }
-    let mut residual = vec![0.5f32; 16 * 576];
-    let (delta, weight) = (vec![0.01f32; 16 * 576], vec![1f32; 576]);
-    let mut normed = vec![0f32; 16 * 576];
+    let mut residual = Tensor::from(vec![0.5f32; 16 * 576]);
+    let delta = Tensor::from(vec![0.01f32; 16 * 576]);
+    let weight = Tensor::from(vec![1f32; 576]);
+    let mut normed = Tensor::zeros(16 * 576);
     g.bench_function(format!("add_rms_norm/{}/f32/576-b16", cpu.name()), |b| {
         b.iter(|| {
             cpu.add_rms_norm(&mut residual, Some(&delta), &weight, 1e-5, &mut normed)

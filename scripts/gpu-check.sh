@@ -64,8 +64,8 @@ run() {
       tail -30 "$carry/$t.log"
     fi
   done
-  # Weights stay on the device (prepared at load); activations and the KV cache still travel
-  # per op, so these decode figures are a floor, not the kernels' speed.
+  # Weights, KV cache and activations stay on the device, but kernels are launched one by
+  # one (no CUDA graphs), so these decode figures are a floor, not the kernels' speed.
   # Issue #7's end-to-end comparison: int4 (and int8) against bf16, batch 1 and 64.
   local q
   for q in bf16 int4 int8; do

@@ -15,8 +15,8 @@ fn converted_gguf_loads_back_bit_exact() {
     assert_eq!(hf.config.num_layers, gguf.config.num_layers);
     assert_eq!(hf.config.eos_token_ids, gguf.config.eos_token_ids);
     assert!(hf.config.tie_word_embeddings);
-    let a = convert::hf_tensors(&gguf.load_model().unwrap());
-    let b = convert::hf_tensors(&hf.load_model().unwrap());
+    let a = convert::hf_tensors(&gguf.load_model().unwrap()).unwrap();
+    let b = convert::hf_tensors(&hf.load_model().unwrap()).unwrap();
     assert_eq!(a.len(), b.len());
     for ((na, sa, va), (nb, sb, vb)) in a.iter().zip(&b) {
         assert_eq!((na, sa), (nb, sb));

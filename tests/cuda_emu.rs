@@ -69,3 +69,83 @@ fn quantized_tiny_model_decodes_like_the_cpu_on_the_emulated_cuda_backend() {
         }
     }
 }
+
+/// A forward pass on the CUDA backend keeps its activations and its KV writes on the device:
+/// all that comes back to the host is, at the end, the residual stream and the
+/// log-probabilities, byte for byte; and the logits match the CPU backend's. Once weights,
+/// pools, norms and the batch's arrays are on the device, a step sends its token ids and
+/// the rows the LM head reads, nothing else, allocating no device memory (the caching
+/// allocator hands it the last step's); and the cache, brought back, holds the CPU's K and V.
+#[test]
+fn a_forward_pass_moves_only_tokens_and_logits() {
+    use std::sync::Arc;
+    use vellum::engine::Checkpoint;
+    use vellum::kernels::cuda::caching::{Caching, DEFAULT_CACHE_BYTES};
+    use vellum::kernels::cuda::counting::Counting;
+    use vellum::kernels::cuda::emu::EmuRuntime;
+    use vellum::kernels::cuda::CudaBackend;
+    use vellum::kernels::{Backend, BatchLayout};
+    let mut model = Checkpoint::open(&repo().join("tests/golden/models/llama_gqa"))
+        .unwrap()
+        .load_model()
+        .unwrap();
+    let c = model.config.clone();
+    let rt = Arc::new(Counting::new(Arc::new(EmuRuntime::new().unwrap())));
+    let cuda = CudaBackend::new(Arc::new(Caching::new(rt.clone(), DEFAULT_CACHE_BYTES)));
+    model.prepare_for(&cuda).unwrap();
+    let tokens: Vec<u32> = (1..20).collect();
+    let t = tokens.len();
+    let batch = BatchLayout {
+        positions: (0..t as u32).collect(),
+        slot_mapping: (0..t as u32).collect(),
+        seq_offsets: vec![0, t],
+        block_tables: vec![(0..t.div_ceil(16) as u32).collect()],
+        context_lens: vec![t],
+    };
+    let logit_rows = [t - 1, 3];
+    let forward = |be: &dyn Backend, kv: &mut Vec<_>| {
+        model.forward(be, &tokens, &batch, kv, &logit_rows).unwrap()
+    };
+    let mut kv = model.new_kv_cache(4, 16, KvDtype::F16);
+    rt.take_downloaded();
+    let got = forward(&cuda, &mut kv);
+    let residual_bytes = 2 * t * c.hidden_size * 4; // residual and the last layer's delta
+    let logit_bytes = logit_rows.len() * c.vocab_size * 4;
+    assert_eq!(
+        rt.take_downloaded(),
+        residual_bytes + logit_bytes,
+        "bytes brought back by a forward pass"
+    );
+    let mut cpu_kv = model.new_kv_cache(4, 16, KvDtype::F16);
+    let want = forward(&Cpu::new().with_int_dot(None), &mut cpu_kv);
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(err < 1e-3, "logprobs {err} from the CPU's");
+
+    for (layer, (got, want)) in kv.iter_mut().zip(&mut cpu_kv).enumerate() {
+        let (got, want) = (got.host_pools().unwrap(), want.host_pools().unwrap());
+        for (g, w) in [(got.0, want.0), (got.1, want.1)] {
+            let (g, w) = (g.to_f32(), w.to_f32());
+            let err = g
+                .iter()
+                .zip(&w)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err < 1e-3, "layer {layer}: K/V {err} from the CPU's");
+        }
+    }
+
+    // The same step again, over the same slots, twice: the second time in the device memory
+    // of the first (which took some blocks the first step freed for the batch's arrays).
+    forward(&cuda, &mut kv);
+    rt.take_uploaded();
+    rt.take_allocated();
+    forward(&cuda, &mut kv);
+    assert_eq!(rt.take_allocated(), 0, "bytes allocated by a step");
+    assert_eq!(
+        rt.take_uploaded(),
+        t * 4 + 2 * logit_rows.len() * c.hidden_size * 4,
+        "bytes sent by a step: token ids and the LM head's rows"
+    );
+}

@@ -20,6 +20,7 @@ fn load(name: &str) -> Model {
     let mut m = Checkpoint::open(&tiny(name)).unwrap().load_model().unwrap();
     for l in &mut m.layers {
         for norm in [&mut l.attn_norm, &mut l.mlp_norm] {
+            let norm = norm.host_mut().unwrap();
             norm.iter_mut().step_by(13).for_each(|w| *w *= 8.0);
         }
     }

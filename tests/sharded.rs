@@ -62,8 +62,8 @@ fn sharded_checkpoints_load_like_single_files() {
     let single = Checkpoint::open(&src).unwrap();
     let (ms, m1) = (sharded.load_model().unwrap(), single.load_model().unwrap());
     let (ts, t1) = (
-        vellum::engine::convert::hf_tensors(&ms),
-        vellum::engine::convert::hf_tensors(&m1),
+        vellum::engine::convert::hf_tensors(&ms).unwrap(),
+        vellum::engine::convert::hf_tensors(&m1).unwrap(),
     );
     assert_eq!(ts.len(), t1.len());
     for (x, y) in ts.iter().zip(&t1) {

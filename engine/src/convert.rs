@@ -7,12 +7,15 @@ use crate::model::{Model, LINEAR_NAMES};
 use crate::tokenizer::Tokenizer;
 use safetensors::tensor::{Dtype, TensorView};
 use std::path::Path;
-use vellum_kernels::{QuantTarget, Weight, WeightData};
+use vellum_kernels::{QuantTarget, Tensor, Weight, WeightData};
 use vellum_quant::dtype::encode_le;
 use vellum_quant::DType;
 
+/// A tensor's Hugging Face name, shape and values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// Every tensor of `model` in Hugging Face naming and layout, dequantized to f32.
-pub fn hf_tensors(model: &Model) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+pub fn hf_tensors(model: &Model) -> Result<Vec<NamedTensor>> {
     let mut out = Vec::new();
     let mut mat = |name: String, w: &Weight| out.push((name, vec![w.rows, w.cols], w.to_f32()));
     mat("model.embed_tokens.weight".into(), &model.embed);
@@ -25,23 +28,26 @@ pub fn hf_tensors(model: &Model) -> Vec<(String, Vec<usize>, Vec<f32>)> {
             mat(format!("{p}.{name}.weight"), w);
         }
     }
-    let mut vec = |name: String, v: &[f32]| out.push((name, vec![v.len()], v.to_vec()));
-    vec("model.norm.weight".into(), &model.norm);
+    let mut vec = |name: String, v: &Tensor| -> Result<()> {
+        out.push((name, vec![v.len()], v.to_vec()?));
+        Ok(())
+    };
+    vec("model.norm.weight".into(), &model.norm)?;
     for (i, l) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        vec(format!("{p}.input_layernorm.weight"), &l.attn_norm);
-        vec(format!("{p}.post_attention_layernorm.weight"), &l.mlp_norm);
+        vec(format!("{p}.input_layernorm.weight"), &l.attn_norm)?;
+        vec(format!("{p}.post_attention_layernorm.weight"), &l.mlp_norm)?;
         for (name, b) in [
             ("q_proj", &l.q_bias),
             ("k_proj", &l.k_bias),
             ("v_proj", &l.v_bias),
         ] {
             if let Some(b) = b {
-                vec(format!("{p}.self_attn.{name}.bias"), b);
+                vec(format!("{p}.self_attn.{name}.bias"), b)?;
             }
         }
     }
-    out
+    Ok(out)
 }
 
 fn st_dtype(d: DType) -> Dtype {
@@ -195,7 +201,7 @@ pub fn write_checkpoint(
     tensors.push(encode_dense(
         "model.norm.weight",
         vec![model.norm.len()],
-        &model.norm,
+        &model.norm.host()?,
         small,
     ));
     for (i, l) in model.layers.iter().enumerate() {
@@ -216,13 +222,13 @@ pub fn write_checkpoint(
         tensors.push(encode_dense(
             &format!("{p}.input_layernorm.weight"),
             vec![l.attn_norm.len()],
-            &l.attn_norm,
+            &l.attn_norm.host()?,
             small,
         ));
         tensors.push(encode_dense(
             &format!("{p}.post_attention_layernorm.weight"),
             vec![l.mlp_norm.len()],
-            &l.mlp_norm,
+            &l.mlp_norm.host()?,
             small,
         ));
         for (name, b) in [
@@ -234,7 +240,7 @@ pub fn write_checkpoint(
                 tensors.push(encode_dense(
                     &format!("{p}.self_attn.{name}.bias"),
                     vec![b.len()],
-                    b,
+                    &b.host()?,
                     small,
                 ));
             }

@@ -577,7 +577,7 @@ impl Engine {
     }
 
     /// Picks (sequence, chunk length) pairs for this step and gives them KV blocks.
-    fn schedule(&mut self) -> Vec<(SeqId, usize)> {
+    fn schedule(&mut self) -> Result<Vec<(SeqId, usize)>> {
         let mut budget = self.config.max_batched_tokens;
         let mut batch = Vec::new();
         let mut i = 0;
@@ -585,7 +585,7 @@ impl Engine {
             let id = self.running[i];
             let seq = self.seqs.get_mut(&id).expect("running ids are live");
             let chunk = (seq.len() - seq.num_computed).min(budget);
-            let ok = own_tail_block(&mut self.blocks, &mut self.kv, seq)
+            let ok = own_tail_block(&mut self.blocks, &mut self.kv, seq)?
                 && self.blocks.grow(&mut seq.blocks, seq.num_computed + chunk);
             if ok {
                 batch.push((id, chunk));
@@ -634,7 +634,7 @@ impl Engine {
             batch.push((id, chunk));
             budget -= chunk;
         }
-        batch
+        Ok(batch)
     }
 
     /// Runs one step of continuous batching and returns what each touched request produced.
@@ -646,7 +646,7 @@ impl Engine {
     }
 
     fn step_inner(&mut self) -> Result<Vec<RequestOutput>> {
-        let batch = self.schedule();
+        let batch = self.schedule()?;
         if batch.is_empty() {
             if let Some(&id) = self.waiting.front() {
                 // Nothing runs and the head cannot be admitted: cannot happen for requests
@@ -876,20 +876,25 @@ impl Engine {
 }
 
 /// Copy-on-write: before a sequence writes into its last, partly filled block, makes sure
-/// the block is its own (forked samples share the prompt's). False when no block is free.
-fn own_tail_block(blocks: &mut BlockManager, kv: &mut [KvLayer], seq: &mut Sequence) -> bool {
+/// the block is its own (forked samples share the prompt's). False when no block is free;
+/// an error if a device copy of the pools cannot be brought back for the copy.
+fn own_tail_block(
+    blocks: &mut BlockManager,
+    kv: &mut [KvLayer],
+    seq: &mut Sequence,
+) -> Result<bool> {
     let idx = seq.num_computed / blocks.block_size();
     if idx >= seq.blocks.len() || blocks.ref_count(seq.blocks[idx]) <= 1 {
-        return true;
+        return Ok(true);
     }
     match blocks.fork_block(&mut seq.blocks, idx) {
         Some((old, new)) => {
             for layer in kv.iter_mut() {
-                layer.copy_block(old as usize, new as usize);
+                layer.copy_block(old as usize, new as usize)?;
             }
-            true
+            Ok(true)
         }
-        None => false,
+        None => Ok(false),
     }
 }
 

@@ -7,22 +7,24 @@ use crate::tensors::{TensorFormat, TensorInfo, TensorStore};
 use half::{bf16, f16};
 use std::path::Path;
 use vellum_kernels::{
-    Backend, BatchLayout, KvDtype, KvLayer, MatmulPart, QuantTarget, Rope, Weight, WeightData,
+    Backend, BatchLayout, KvDtype, KvLayer, MatmulPart, QuantTarget, Rope, Tensor, Weight,
+    WeightData,
 };
 use vellum_quant::DType;
 
-/// One decoder layer's weights.
+/// One decoder layer's weights. The norms' weights and the biases are [`Tensor`]s, which a
+/// GPU backend keeps on its device after their first use.
 #[derive(Clone)]
 pub struct Layer {
-    pub attn_norm: Vec<f32>,
+    pub attn_norm: Tensor,
     pub q: Weight,
     pub k: Weight,
     pub v: Weight,
-    pub q_bias: Option<Vec<f32>>,
-    pub k_bias: Option<Vec<f32>>,
-    pub v_bias: Option<Vec<f32>>,
+    pub q_bias: Option<Tensor>,
+    pub k_bias: Option<Tensor>,
+    pub v_bias: Option<Tensor>,
     pub o: Weight,
-    pub mlp_norm: Vec<f32>,
+    pub mlp_norm: Tensor,
     pub gate: Weight,
     pub up: Weight,
     pub down: Weight,
@@ -52,7 +54,8 @@ pub enum LinearInput {
     MlpDown,
 }
 
-/// Sees each layer's linear inputs during a forward pass: `(layer, input, [tokens, cols])`.
+/// Sees each layer's linear inputs during a forward pass: `(layer, input, [tokens, cols])`
+/// (brought to the host for it).
 pub type LinearInputObserver<'a> = dyn FnMut(usize, LinearInput, &[f32]) + 'a;
 
 impl LinearInput {
@@ -102,7 +105,7 @@ pub struct Model {
     pub config: ModelConfig,
     pub embed: Weight,
     pub layers: Vec<Layer>,
-    pub norm: Vec<f32>,
+    pub norm: Tensor,
     /// `None` when the embeddings are tied.
     pub lm_head: Option<Weight>,
     pub rope: Rope,
@@ -373,15 +376,16 @@ impl Model {
                 k = unpermute_rows(&k, c.num_kv_heads)
                     .map_err(|m| l.err(&format!("{p}.self_attn.k_proj.weight"), m))?;
             }
-            let bias = |name: &str, n: usize| -> Result<Option<Vec<f32>>> {
+            let bias = |name: &str, n: usize| -> Result<Option<Tensor>> {
                 if c.attention_bias {
-                    l.vector(&format!("{p}.self_attn.{name}.bias"), n).map(Some)
+                    let b = l.vector(&format!("{p}.self_attn.{name}.bias"), n)?;
+                    Ok(Some(b.into()))
                 } else {
                     Ok(None)
                 }
             };
             layers.push(Layer {
-                attn_norm: l.vector(&format!("{p}.input_layernorm.weight"), h)?,
+                attn_norm: l.vector(&format!("{p}.input_layernorm.weight"), h)?.into(),
                 q,
                 k,
                 v: l.linear(
@@ -399,13 +403,15 @@ impl Model {
                     c.q_width(),
                     c.quantization,
                 )?,
-                mlp_norm: l.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                mlp_norm: l
+                    .vector(&format!("{p}.post_attention_layernorm.weight"), h)?
+                    .into(),
                 gate: l.linear(&format!("{p}.mlp.gate_proj.weight"), f, h, c.quantization)?,
                 up: l.linear(&format!("{p}.mlp.up_proj.weight"), f, h, c.quantization)?,
                 down: l.linear(&format!("{p}.mlp.down_proj.weight"), h, f, c.quantization)?,
             });
         }
-        let norm = l.vector("model.norm.weight", h)?;
+        let norm = l.vector("model.norm.weight", h)?.into();
         let rope = Rope::new(c.head_dim, c.rope_theta, &c.rope_scaling);
         Ok(Model {
             config,
@@ -433,7 +439,8 @@ impl Model {
 
     /// Hands every matrix a matmul reads (the linear layers and the LM head, which is the
     /// embedding table when tied) to `backend` to bring into its layout
-    /// (`Backend::prepare_weight`): once, at load, the weights in parallel.
+    /// (`Backend::prepare_weight`), and the embedding table to bring where lookups read it
+    /// (`Backend::prepare_embedding`): once, at load, the weights in parallel.
     pub fn prepare_for(&mut self, backend: &dyn Backend) -> Result<()> {
         use rayon::prelude::*;
         let mut weights: Vec<&mut Weight> = self
@@ -445,6 +452,7 @@ impl Model {
         weights
             .into_par_iter()
             .try_for_each(|w| backend.prepare_weight(w))?;
+        backend.prepare_embedding(&mut self.embed)?;
         Ok(())
     }
 
@@ -541,14 +549,15 @@ impl Model {
         cache: &mut KvLayer,
         mut observe: Option<&mut LinearInputObserver>,
     ) -> Result<()> {
-        let mut seen = |input: LinearInput, x: &[f32]| {
+        let mut seen = |input: LinearInput, x: &Tensor| -> Result<()> {
             if let Some(o) = observe.as_mut() {
-                o(i, input, x);
+                o(i, input, &x.host()?);
             }
+            Ok(())
         };
         let (c, layer) = (&self.config, &self.layers[i]);
         let a = acts;
-        let d = a.has_delta.then_some(&a.delta[..]);
+        let d = a.has_delta.then_some(&a.delta);
         backend.add_rms_norm(
             &mut a.residual,
             d,
@@ -556,23 +565,23 @@ impl Model {
             c.rms_norm_eps,
             &mut a.normed,
         )?;
-        seen(LinearInput::Attention, &a.normed);
+        seen(LinearInput::Attention, &a.normed)?;
         backend.matmul_many(
             &a.normed,
             &mut [
                 MatmulPart {
                     w: &layer.q,
-                    bias: layer.q_bias.as_deref(),
+                    bias: layer.q_bias.as_ref(),
                     out: &mut a.q,
                 },
                 MatmulPart {
                     w: &layer.k,
-                    bias: layer.k_bias.as_deref(),
+                    bias: layer.k_bias.as_ref(),
                     out: &mut a.k,
                 },
                 MatmulPart {
                     w: &layer.v,
-                    bias: layer.v_bias.as_deref(),
+                    bias: layer.v_bias.as_ref(),
                     out: &mut a.v,
                 },
             ],
@@ -581,7 +590,7 @@ impl Model {
         backend.rotary(&mut a.k, &batch.positions, c.num_kv_heads, &self.rope)?;
         backend.write_kv(cache, &a.k, &a.v, &batch.slot_mapping)?;
         backend.attention(&a.q, cache, batch, c.num_heads, &mut a.attn)?;
-        seen(LinearInput::AttentionOutput, &a.attn);
+        seen(LinearInput::AttentionOutput, &a.attn)?;
         backend.matmul(&a.attn, &layer.o, None, &mut a.delta)?;
         backend.add_rms_norm(
             &mut a.residual,
@@ -590,7 +599,7 @@ impl Model {
             c.rms_norm_eps,
             &mut a.normed,
         )?;
-        seen(LinearInput::Mlp, &a.normed);
+        seen(LinearInput::Mlp, &a.normed)?;
         backend.matmul_many(
             &a.normed,
             &mut [
@@ -607,7 +616,7 @@ impl Model {
             ],
         )?;
         backend.silu_mul(&mut a.gate, &a.up)?;
-        seen(LinearInput::MlpDown, &a.gate);
+        seen(LinearInput::MlpDown, &a.gate)?;
         backend.matmul(&a.gate, &layer.down, None, &mut a.delta)?;
         a.has_delta = true;
         Ok(())
@@ -629,25 +638,27 @@ impl Model {
                 detail: format!("logit row {bad} of {t} tokens"),
             }));
         }
-        let mut sel_res = Vec::with_capacity(logit_rows.len() * h);
-        let mut sel_delta = Vec::with_capacity(logit_rows.len() * h);
-        for &r in logit_rows {
-            sel_res.extend_from_slice(&acts.residual[r * h..(r + 1) * h]);
-            sel_delta.extend_from_slice(&acts.delta[r * h..(r + 1) * h]);
-        }
-        let mut sel_norm = vec![0f32; sel_res.len()];
-        let delta_arg = acts.has_delta.then_some(&sel_delta[..]);
+        // The selected rows, gathered on the host: the residual stream comes back once per
+        // step, and only these rows go on to the LM head.
+        let select = |x: &Tensor| -> Result<Tensor> {
+            let x = x.host()?;
+            let rows = logit_rows.iter().flat_map(|&r| &x[r * h..(r + 1) * h]);
+            Ok(Tensor::from(rows.copied().collect::<Vec<f32>>()))
+        };
+        let mut sel_res = select(&acts.residual)?;
+        let sel_delta = acts.has_delta.then(|| select(&acts.delta)).transpose()?;
+        let mut sel_norm = Tensor::zeros(sel_res.len());
         backend.add_rms_norm(
             &mut sel_res,
-            delta_arg,
+            sel_delta.as_ref(),
             &self.norm,
             c.rms_norm_eps,
             &mut sel_norm,
         )?;
-        let mut logits = vec![0f32; logit_rows.len() * c.vocab_size];
+        let mut logits = Tensor::zeros(logit_rows.len() * c.vocab_size);
         backend.matmul(&sel_norm, self.lm_head(), None, &mut logits)?;
         backend.log_softmax(&mut logits, c.vocab_size)?;
-        Ok(logits)
+        Ok(logits.to_vec()?)
     }
 }
 
@@ -656,17 +667,17 @@ impl Model {
 #[derive(Clone)]
 pub struct Activations {
     tokens: usize,
-    residual: Vec<f32>,
+    residual: Tensor,
     /// The previous layer's MLP output, added to `residual` by the next norm.
-    delta: Vec<f32>,
+    delta: Tensor,
     has_delta: bool,
-    normed: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    attn: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
+    normed: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn: Tensor,
+    gate: Tensor,
+    up: Tensor,
 }
 
 impl Activations {
@@ -674,16 +685,16 @@ impl Activations {
         let (h, f) = (c.hidden_size, c.intermediate_size);
         Activations {
             tokens: t,
-            residual: vec![0f32; t * h],
-            delta: vec![0f32; t * h],
+            residual: Tensor::zeros(t * h),
+            delta: Tensor::zeros(t * h),
             has_delta: false,
-            normed: vec![0f32; t * h],
-            q: vec![0f32; t * c.q_width()],
-            k: vec![0f32; t * c.kv_width()],
-            v: vec![0f32; t * c.kv_width()],
-            attn: vec![0f32; t * c.q_width()],
-            gate: vec![0f32; t * f],
-            up: vec![0f32; t * f],
+            normed: Tensor::zeros(t * h),
+            q: Tensor::zeros(t * c.q_width()),
+            k: Tensor::zeros(t * c.kv_width()),
+            v: Tensor::zeros(t * c.kv_width()),
+            attn: Tensor::zeros(t * c.q_width()),
+            gate: Tensor::zeros(t * f),
+            up: Tensor::zeros(t * f),
         }
     }
 

@@ -4,7 +4,7 @@
 use crate::config::{Arch, ModelConfig};
 use crate::model::{Layer, Model};
 use rayon::prelude::*;
-use vellum_kernels::{Rope, RopeScaling, Weight};
+use vellum_kernels::{Rope, RopeScaling, Tensor, Weight};
 use vellum_quant::DType;
 
 /// Named shapes `vellum bench --shape` knows.
@@ -127,15 +127,15 @@ pub fn random_model(config: ModelConfig, dtype: DType, seed: u64) -> Model {
     let lm_head = (!c.tie_word_embeddings).then(|| mat(c.vocab_size, h));
     let layers = (0..c.num_layers)
         .map(|_| Layer {
-            attn_norm: vec![1.0; h],
+            attn_norm: vec![1.0; h].into(),
             q: mat(c.q_width(), h),
             k: mat(c.kv_width(), h),
             v: mat(c.kv_width(), h),
-            q_bias: c.attention_bias.then(|| vec![0.0; c.q_width()]),
-            k_bias: c.attention_bias.then(|| vec![0.0; c.kv_width()]),
-            v_bias: c.attention_bias.then(|| vec![0.0; c.kv_width()]),
+            q_bias: c.attention_bias.then(|| Tensor::zeros(c.q_width())),
+            k_bias: c.attention_bias.then(|| Tensor::zeros(c.kv_width())),
+            v_bias: c.attention_bias.then(|| Tensor::zeros(c.kv_width())),
             o: mat(h, c.q_width()),
-            mlp_norm: vec![1.0; h],
+            mlp_norm: vec![1.0; h].into(),
             gate: mat(f, h),
             up: mat(f, h),
             down: mat(h, f),
@@ -146,7 +146,7 @@ pub fn random_model(config: ModelConfig, dtype: DType, seed: u64) -> Model {
         config,
         embed,
         layers,
-        norm: vec![1.0; h],
+        norm: vec![1.0; h].into(),
         lm_head,
         rope,
     }

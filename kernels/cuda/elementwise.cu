@@ -47,14 +47,72 @@ ROTARY(rotary_f32, float)
 ROTARY(rotary_f16, f16)
 ROTARY(rotary_bf16, bf16)
 
-// grid.x = rows; copies row t of src (row_bytes bytes) to row slots[t] of dst: a KV cache's
-// new slots, in whatever form a device copy holds them (values, int8 codes, scales).
-extern "C" __global__ void scatter_rows_u8(uint8_t *dst, const uint8_t *src,
-                                           const uint32_t *slots, uint32_t row_bytes) {
-  size_t from = (size_t)blockIdx.x * row_bytes, to = (size_t)slots[blockIdx.x] * row_bytes;
-  for (uint32_t i = threadIdx.x; i < row_bytes; i += blockDim.x) dst[to + i] = src[from + i];
+// A K/V value as a pool of T stores it, rounded as the host stores it (KvData::write in
+// attention.rs), so that a GPU's cache holds the CPU's bits: f32 as is; f16 to nearest even,
+// with finite values beyond its range saturated to +-65504 rather than made infinite.
+__device__ __forceinline__ float kv_value(float x, float *) { return x; }
+__device__ __forceinline__ f16 kv_value(float x, f16 *) {
+  f16 h = from_f32<f16>(x);
+  bool finite = (vf_bits(x) & 0x7f800000u) != 0x7f800000u;
+  if ((h.bits & 0x7fffu) == 0x7c00u && finite) h.bits = (uint16_t)((h.bits & 0x8000u) | 0x7bffu);
+  return h;
 }
-VELLUM_EXPORT(scatter_rows_u8)
+
+// grid.x = tokens; stores token t's K and V rows (width values each) in slot slots[t] of
+// the pools.
+template <class T>
+__device__ void write_kv(const float *k, const float *v, T *k_pool, T *v_pool,
+                         const uint32_t *slots, uint32_t width) {
+  size_t from = (size_t)blockIdx.x * width, to = (size_t)slots[blockIdx.x] * width;
+  for (uint32_t i = threadIdx.x; i < width; i += blockDim.x) {
+    k_pool[to + i] = kv_value(k[from + i], k_pool);
+    v_pool[to + i] = kv_value(v[from + i], v_pool);
+  }
+}
+#define WRITE_KV(name, T)                                                                    \
+  extern "C" __global__ void name(const float *k, const float *v, T *k_pool, T *v_pool,      \
+                                  const uint32_t *slots, uint32_t width) {                   \
+    write_kv<T>(k, v, k_pool, v_pool, slots, width);                                         \
+  }                                                                                          \
+  VELLUM_EXPORT(name)
+WRITE_KV(write_kv_f32, float)
+WRITE_KV(write_kv_f16, f16)
+
+// One group of an int8 pool, as quantize_group in attention.rs: codes round(x * 127 / max|x|)
+// (ties away from zero), returns the scale max|x| / 127; an all-zero group has scale 0, one
+// with a NaN or an infinity a NaN scale and zero codes.
+__device__ float quantize_kv_group(const float *x, int8_t *codes, uint32_t group) {
+  float m = 0.0f;
+  for (uint32_t i = 0; i < group; ++i) {
+    float a = fabsf(x[i]);
+    if (a > m || a != a) m = a;  // a NaN, once met, stays
+  }
+  if (m == 0.0f || !(m <= 3.40282347e38f)) {
+    for (uint32_t i = 0; i < group; ++i) codes[i] = 0;
+    return m == 0.0f ? 0.0f : vf_from_bits(0x7fc00000u);
+  }
+  float inv = 127.0f / m;
+  for (uint32_t i = 0; i < group; ++i)
+    codes[i] = (int8_t)fminf(fmaxf(roundf(x[i] * inv), -127.0f), 127.0f);
+  return m / 127.0f;
+}
+
+// grid.x = tokens; int8 pools: each thread quantizes one group of `group` values (of K, then
+// of V) of token t's rows into slot slots[t]: codes, and the group's scale.
+extern "C" __global__ void write_kv_int8(const float *k, const float *v, int8_t *k_codes,
+                                         float *k_scales, int8_t *v_codes, float *v_scales,
+                                         const uint32_t *slots, uint32_t width, uint32_t group) {
+  size_t from = (size_t)blockIdx.x * width, to = (size_t)slots[blockIdx.x] * width;
+  uint32_t groups = width / group;
+  for (uint32_t i = threadIdx.x; i < 2 * groups; i += blockDim.x) {
+    bool is_v = i >= groups;
+    size_t at = (size_t)(is_v ? i - groups : i) * group;
+    int8_t *codes = (is_v ? v_codes : k_codes) + to + at;
+    float *scale = (is_v ? v_scales : k_scales) + (to + at) / group;
+    *scale = quantize_kv_group((is_v ? v : k) + from + at, codes, group);
+  }
+}
+VELLUM_EXPORT(write_kv_int8)
 
 // Grid-stride over n elements: gate = silu(gate) * up.
 template <class T> __device__ void silu_mul(T *gate, const T *up, uint32_t n) {

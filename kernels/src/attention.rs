@@ -1,11 +1,11 @@
 //! The paged KV cache storage of one layer and the ragged batch layout that drives
 //! attention on every backend (DESIGN.md, "Data flow of one step").
 
-use crate::DeviceCopy;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use half::vec::HalfBitsVecExt;
-use std::sync::OnceLock;
+use std::any::Any;
+use std::sync::{Arc, OnceLock};
 
 /// The element type of a KV cache. F16, the default (as in llama.cpp; vLLM keeps the
 /// model's 16-bit dtype), halves the bytes every decode step reads per cached position (at
@@ -163,6 +163,21 @@ impl KvData {
         }
     }
 
+    /// [`KvData::planes`], to write (a device copy's values brought back).
+    pub fn planes_mut(&mut self) -> Vec<&mut [u8]> {
+        fn bytes<T: Copy>(v: &mut [T]) -> &mut [u8] {
+            // SAFETY: as in `planes`; and every byte pattern is a valid f32, f16 or i8.
+            unsafe {
+                std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v))
+            }
+        }
+        match self {
+            KvData::F32(v) => vec![bytes(v)],
+            KvData::F16(v) => vec![bytes(v)],
+            KvData::Int8 { codes, scales, .. } => vec![bytes(codes), bytes(scales)],
+        }
+    }
+
     /// Values `at..at + out.len()` as f32, as [`KvData::to_f32`] gives them. An int8 pool
     /// reads whole groups (`at` and the length multiples of its `group`).
     pub fn read(&self, at: usize, out: &mut [f32]) {
@@ -256,13 +271,23 @@ fn saturate(out: &mut [f16], values: &[f32]) {
     }
 }
 
+/// A backend's device copy of a layer's pools, opaque to everything else, which can bring
+/// its values back to the host.
+pub trait DevicePools: Any + Send + Sync {
+    /// Copies the device pools into `k` and `v` (which have their shape and dtype).
+    fn download(&self, k: &mut KvData, v: &mut KvData) -> crate::Result<()>;
+    fn as_any(&self) -> &dyn Any;
+}
+
 /// One layer's paged K and V storage: `[num_blocks, block_size, n_kv_heads, head_dim]` each.
 /// Which blocks belong to which sequence is the engine's business (block tables).
 ///
-/// The host pools are the truth. A backend may keep a device copy of them (the CUDA
-/// backend's f32 mirror), which its own ops keep in step; every other change to the pools
-/// ([`KvLayer::pools_mut`], [`KvLayer::copy_block`]) drops it, and the backend rebuilds it
-/// when it next needs it. A clone starts without one.
+/// The pools live on the host and, once a backend with device memory has used them, in its
+/// device copy too. That backend writes new slots on the device only: the host pools go
+/// stale (`host_stale`) until something reads them there ([`KvLayer::host_pools`],
+/// [`KvLayer::pools_mut`], [`KvLayer::copy_block`]), which brings the values back first.
+/// A change on the host drops the device copy, and the backend rebuilds it when it next
+/// needs it.
 #[derive(Debug)]
 pub struct KvLayer {
     pub(crate) k: KvData,
@@ -271,17 +296,14 @@ pub struct KvLayer {
     pub block_size: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
-    pub(crate) device: OnceLock<DeviceCopy>,
+    pub(crate) device: OnceLock<Arc<dyn DevicePools>>,
+    /// Whether only the device copy holds the current values (it then exists).
+    host_stale: bool,
 }
 
-impl Clone for KvLayer {
-    fn clone(&self) -> Self {
-        KvLayer {
-            k: self.k.clone(),
-            v: self.v.clone(),
-            device: OnceLock::new(),
-            ..*self
-        }
+impl std::fmt::Debug for dyn DevicePools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DevicePools")
     }
 }
 
@@ -302,6 +324,7 @@ impl KvLayer {
             n_kv_heads,
             head_dim,
             device: OnceLock::new(),
+            host_stale: false,
         }
     }
 
@@ -309,31 +332,73 @@ impl KvLayer {
         self.k.dtype()
     }
 
-    /// The K pool (to change it: [`KvLayer::pools_mut`]).
-    pub fn k(&self) -> &KvData {
-        &self.k
+    /// The K and V pools on the host, brought back from the device first if only it holds
+    /// the current values.
+    pub fn host_pools(&mut self) -> crate::Result<(&KvData, &KvData)> {
+        self.sync_host()?;
+        Ok((&self.k, &self.v))
     }
 
-    /// The V pool (to change it: [`KvLayer::pools_mut`]).
-    pub fn v(&self) -> &KvData {
-        &self.v
+    /// The K and V pools, to change directly (tests, benches): brought back from the device
+    /// first if need be, and any device copy dropped.
+    pub fn pools_mut(&mut self) -> crate::Result<(&mut KvData, &mut KvData)> {
+        self.drop_device_copy()?;
+        Ok((&mut self.k, &mut self.v))
     }
 
-    /// The K and V pools, to change directly (tests, benches, a backend's writes): drops
-    /// any device copy.
-    pub fn pools_mut(&mut self) -> (&mut KvData, &mut KvData) {
-        self.drop_device_copy();
-        (&mut self.k, &mut self.v)
+    /// A copy with the current values on the host (and no device copy).
+    pub fn try_clone(&self) -> crate::Result<KvLayer> {
+        let mut copy = KvLayer {
+            k: self.k.clone(),
+            v: self.v.clone(),
+            device: OnceLock::new(),
+            host_stale: false,
+            ..*self
+        };
+        if self.host_stale {
+            self.stale_copy().download(&mut copy.k, &mut copy.v)?;
+        }
+        Ok(copy)
     }
 
-    pub(crate) fn drop_device_copy(&mut self) {
+    /// Brings the device copy's values back to the host pools if only it holds them.
+    pub fn sync_host(&mut self) -> crate::Result<()> {
+        if self.host_stale {
+            let copy = self.stale_copy().clone();
+            copy.download(&mut self.k, &mut self.v)?;
+            self.host_stale = false;
+        }
+        Ok(())
+    }
+
+    /// Whether only the device copy holds the current values.
+    pub fn host_is_stale(&self) -> bool {
+        self.host_stale
+    }
+
+    /// Says that the device copy's owner wrote new values there: the host pools are stale
+    /// until [`KvLayer::sync_host`]. Without a device copy, nothing changes.
+    pub(crate) fn mark_written_on_device(&mut self) {
+        self.host_stale |= self.device.get().is_some();
+    }
+
+    /// Drops the device copy, its values brought back to the host first.
+    pub(crate) fn drop_device_copy(&mut self) -> crate::Result<()> {
+        self.sync_host()?;
         self.device = OnceLock::new();
+        Ok(())
+    }
+
+    fn stale_copy(&self) -> &Arc<dyn DevicePools> {
+        // Invariant (see `host_stale`): stale host pools imply a device copy.
+        self.device
+            .get()
+            .expect("stale host pools have a device copy")
     }
 
     /// Stores token `t`'s K and V rows (`slot_width` values each) in slot
     /// `slot_mapping[t]` of the host pools, as every backend stores them (rounded to f16,
-    /// or quantized to int8). A device copy is left as it was: the backend that owns it
-    /// updates it, any other drops it.
+    /// or quantized to int8). The caller has dropped any device copy.
     pub(crate) fn store_slots(&mut self, k: &[f32], v: &[f32], slot_mapping: &[u32]) {
         let w = self.slot_width();
         for (t, &slot) in slot_mapping.iter().enumerate() {
@@ -352,12 +417,14 @@ impl KvLayer {
         self.num_blocks * self.block_size
     }
 
-    /// Copies one whole block's K and V to another (copy-on-write).
-    pub fn copy_block(&mut self, src: usize, dst: usize) {
+    /// Copies one whole block's K and V to another (copy-on-write), on the host: values
+    /// only a device copy holds are brought back first, and the device copy is dropped.
+    pub fn copy_block(&mut self, src: usize, dst: usize) -> crate::Result<()> {
         let w = self.block_size * self.slot_width();
-        let (k, v) = self.pools_mut();
+        let (k, v) = self.pools_mut()?;
         k.copy_within(src * w..(src + 1) * w, dst * w);
         v.copy_within(src * w..(src + 1) * w, dst * w);
+        Ok(())
     }
 }
 
@@ -495,13 +562,13 @@ mod tests {
         assert!(back[3].is_nan());
         layer.k.write(0, &values);
         let back = layer.k.to_f32();
-        layer.copy_block(0, 1);
+        layer.copy_block(0, 1).unwrap();
         assert_eq!(layer.k.to_f32()[4..], back[..4]);
         assert_eq!(layer.v.to_f32(), vec![0.0; 8]);
 
         let mut wide = KvLayer::new(2, 2, 1, 2, KvDtype::F32);
         wide.v.write(0, &values);
-        wide.copy_block(0, 1);
+        wide.copy_block(0, 1).unwrap();
         assert_eq!(wide.v.to_f32()[4..], values);
         assert_eq!(KvDtype::parse("F16"), Some(KvDtype::F16));
         assert_eq!(KvDtype::parse("bf16"), None);
@@ -548,7 +615,7 @@ mod tests {
         // Block 0 holds the NaN group of slot 1 too: compared as bits.
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let first_block = bits(&layer.k.to_f32()[..2 * n_kv * hd]);
-        layer.copy_block(0, 1);
+        layer.copy_block(0, 1).unwrap();
         assert_eq!(bits(&layer.k.to_f32()[2 * n_kv * hd..]), first_block);
         assert_eq!(KvDtype::parse("INT8"), Some(KvDtype::Int8));
         let groups = [8, 48, 80, 128, 6, 0].map(int8_group);

@@ -31,17 +31,16 @@ impl Device {
     }
 
     /// `VELLUM_DEVICE` when set, else the CPU. A usable GPU is not picked on its own yet: the
-    /// CUDA backend still copies activations and weights per op (its host code is being
-    /// proven under the emulator first), which would be slower than the CPU path; the
-    /// reason is logged.
+    /// CUDA backend has only run under the emulator; until a GPU run has measured it against
+    /// the CPU path, the CPU stays the default, and the reason is logged.
     pub fn auto() -> Result<Device, String> {
         if let Ok(v) = std::env::var("VELLUM_DEVICE") {
             return Device::parse(&v).map_err(|e| format!("VELLUM_DEVICE: {e}"));
         }
         match driver::probe(0) {
             Ok(()) => tracing::info!(
-                "a GPU is present but the CPU backend is used: the CUDA backend is not \
-                 device-resident yet (pass --device cuda:0 to use it anyway)"
+                "a GPU is present but the CPU backend is used: the CUDA backend has not been \
+                 measured on a GPU yet (pass --device cuda:0 to use it anyway)"
             ),
             Err(e) => tracing::info!("CPU backend: {e}"),
         }

@@ -10,11 +10,13 @@ pub mod cuda;
 pub mod device;
 pub mod rope;
 pub mod shapes;
+pub mod tensor;
 pub mod weight;
 
-pub use attention::{BatchLayout, KvData, KvDtype, KvLayer};
+pub use attention::{BatchLayout, DevicePools, KvData, KvDtype, KvLayer};
 pub use device::Device;
 pub use rope::{Rope, RopeScaling};
+pub use tensor::{DeviceTensor, Tensor};
 pub use weight::{DeviceCopy, QuantTarget, Weight, WeightData};
 
 /// Errors of the kernels crate.
@@ -35,11 +37,14 @@ pub type Result<T> = std::result::Result<T, KernelError>;
 /// One output of [`Backend::matmul_many`]: `out = x · wᵀ (+ bias)`.
 pub struct MatmulPart<'a> {
     pub w: &'a Weight,
-    pub bias: Option<&'a [f32]>,
-    pub out: &'a mut [f32],
+    pub bias: Option<&'a Tensor>,
+    pub out: &'a mut Tensor,
 }
 
-/// The fused ops of the forward pass. Activations are row-major `f32` (`[rows, width]`).
+/// The fused ops of the forward pass. Activations are row-major `f32` (`[rows, width]`)
+/// [`Tensor`]s, which a GPU backend keeps on its device from op to op: nothing comes back to
+/// the host until someone reads a tensor there. So do the norms' weights and the biases
+/// (copied to the device by the first op that reads them).
 ///
 /// Determinism promise: every op computes each row with a fixed reduction order, so a
 /// row's result never depends on the other rows of the batch.
@@ -56,26 +61,34 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// Brings an embedding table, once at load, to where `embedding` reads it fastest (the
+    /// CUDA backend's device memory, as rows to gather). Default: left as it is.
+    fn prepare_embedding(&self, table: &mut Weight) -> Result<()> {
+        let _ = table;
+        Ok(())
+    }
+
     /// `out[t] = table[tokens[t]]`, dequantized to f32.
-    fn embedding(&self, table: &Weight, tokens: &[u32], out: &mut [f32]) -> Result<()>;
+    fn embedding(&self, table: &Weight, tokens: &[u32], out: &mut Tensor) -> Result<()>;
 
     /// Fused residual add + RMSNorm: `residual += delta` (when given), then
     /// `out = residual / rms(residual) * weight`, row by row.
     fn add_rms_norm(
         &self,
-        residual: &mut [f32],
-        delta: Option<&[f32]>,
-        weight: &[f32],
+        residual: &mut Tensor,
+        delta: Option<&Tensor>,
+        weight: &Tensor,
         eps: f32,
-        out: &mut [f32],
+        out: &mut Tensor,
     ) -> Result<()>;
 
     /// `out[rows, w.rows] = x[rows, w.cols] · wᵀ (+ bias)`.
-    fn matmul(&self, x: &[f32], w: &Weight, bias: Option<&[f32]>, out: &mut [f32]) -> Result<()>;
+    fn matmul(&self, x: &Tensor, w: &Weight, bias: Option<&Tensor>, out: &mut Tensor)
+        -> Result<()>;
 
     /// Several matmuls of the same input (Q/K/V, gate/up) in one go; backends run them as
     /// one parallel region or one launch.
-    fn matmul_many(&self, x: &[f32], parts: &mut [MatmulPart]) -> Result<()> {
+    fn matmul_many(&self, x: &Tensor, parts: &mut [MatmulPart]) -> Result<()> {
         for p in parts.iter_mut() {
             self.matmul(x, p.w, p.bias, p.out)?;
         }
@@ -83,14 +96,14 @@ pub trait Backend: Send + Sync {
     }
 
     /// Rotary embedding in place on `x[T, n_heads * head_dim]` (half-rotation / neox layout).
-    fn rotary(&self, x: &mut [f32], positions: &[u32], n_heads: usize, rope: &Rope) -> Result<()>;
+    fn rotary(&self, x: &mut Tensor, positions: &[u32], n_heads: usize, rope: &Rope) -> Result<()>;
 
     /// Writes `k`, `v` (`[T, kv_width]`) into the paged cache at `slot_mapping[t]`.
     fn write_kv(
         &self,
         cache: &mut KvLayer,
-        k: &[f32],
-        v: &[f32],
+        k: &Tensor,
+        v: &Tensor,
         slot_mapping: &[u32],
     ) -> Result<()>;
 
@@ -98,18 +111,18 @@ pub trait Backend: Send + Sync {
     /// `q`: `[T, n_heads * head_dim]`, `out`: same shape.
     fn attention(
         &self,
-        q: &[f32],
+        q: &Tensor,
         cache: &KvLayer,
         batch: &BatchLayout,
         n_heads: usize,
-        out: &mut [f32],
+        out: &mut Tensor,
     ) -> Result<()>;
 
     /// `gate = silu(gate) * up`, element-wise, in place.
-    fn silu_mul(&self, gate: &mut [f32], up: &[f32]) -> Result<()>;
+    fn silu_mul(&self, gate: &mut Tensor, up: &Tensor) -> Result<()>;
 
     /// In-place log-softmax over rows of width `width`.
-    fn log_softmax(&self, x: &mut [f32], width: usize) -> Result<()>;
+    fn log_softmax(&self, x: &mut Tensor, width: usize) -> Result<()>;
 }
 
 pub(crate) fn check(op: &'static str, ok: bool, detail: impl FnOnce() -> String) -> Result<()> {

@@ -2,10 +2,10 @@
 //! is the same error (naming the op and the sizes) whichever backend gets it. Each returns
 //! the row count the op will work on where there is one.
 
-use crate::{check, BatchLayout, KernelError, KvData, KvLayer, Result, Rope, Weight};
+use crate::{check, BatchLayout, KernelError, KvData, KvLayer, Result, Rope, Tensor, Weight};
 
 /// `out` holds one row per token; every token is a row of the table.
-pub fn embedding(table: &Weight, tokens: &[u32], out: &[f32]) -> Result<()> {
+pub fn embedding(table: &Weight, tokens: &[u32], out: &Tensor) -> Result<()> {
     let d = table.cols;
     check("embedding", out.len() == tokens.len() * d, || {
         format!(
@@ -25,10 +25,10 @@ pub fn embedding(table: &Weight, tokens: &[u32], out: &[f32]) -> Result<()> {
 
 /// Returns the number of rows.
 pub fn add_rms_norm(
-    residual: &[f32],
-    delta: Option<&[f32]>,
-    weight: &[f32],
-    out: &[f32],
+    residual: &Tensor,
+    delta: Option<&Tensor>,
+    weight: &Tensor,
+    out: &Tensor,
 ) -> Result<usize> {
     let d = weight.len();
     let ok = d > 0
@@ -46,7 +46,7 @@ pub fn add_rms_norm(
 }
 
 /// Returns the number of activation rows.
-pub fn matmul(x: &[f32], w: &Weight, bias: Option<&[f32]>, out: &[f32]) -> Result<usize> {
+pub fn matmul(x: &Tensor, w: &Weight, bias: Option<&Tensor>, out: &Tensor) -> Result<usize> {
     let (k, n) = (w.cols, w.rows);
     let t = x.len().checked_div(k).unwrap_or(0);
     let ok = k > 0 && x.len() == t * k && out.len() == t * n && bias.is_none_or(|b| b.len() == n);
@@ -60,7 +60,7 @@ pub fn matmul(x: &[f32], w: &Weight, bias: Option<&[f32]>, out: &[f32]) -> Resul
     Ok(t)
 }
 
-pub fn rotary(x: &[f32], positions: &[u32], n_heads: usize, rope: &Rope) -> Result<()> {
+pub fn rotary(x: &Tensor, positions: &[u32], n_heads: usize, rope: &Rope) -> Result<()> {
     let hd = rope.head_dim;
     let ok = hd.is_multiple_of(2) && x.len() == positions.len() * n_heads * hd;
     check("rotary", ok, || {
@@ -102,7 +102,7 @@ fn kv_pools(cache: &KvLayer) -> Result<()> {
     Ok(())
 }
 
-pub fn write_kv(cache: &KvLayer, k: &[f32], v: &[f32], slot_mapping: &[u32]) -> Result<()> {
+pub fn write_kv(cache: &KvLayer, k: &Tensor, v: &Tensor, slot_mapping: &[u32]) -> Result<()> {
     kv_pools(cache)?;
     let w = cache.slot_width();
     let ok = k.len() == slot_mapping.len() * w
@@ -122,11 +122,11 @@ pub fn write_kv(cache: &KvLayer, k: &[f32], v: &[f32], slot_mapping: &[u32]) -> 
 
 /// Also validates the batch layout against the cache.
 pub fn attention(
-    q: &[f32],
+    q: &Tensor,
     cache: &KvLayer,
     batch: &BatchLayout,
     n_heads: usize,
-    out: &[f32],
+    out: &Tensor,
 ) -> Result<()> {
     batch.validate(cache)?;
     kv_pools(cache)?;
@@ -144,16 +144,16 @@ pub fn attention(
     })
 }
 
-pub fn silu_mul(gate: &[f32], up: &[f32]) -> Result<()> {
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<()> {
     check("silu_mul", gate.len() == up.len(), || {
         format!("gate {} floats, up {}", gate.len(), up.len())
     })
 }
 
 /// Returns the number of rows.
-pub fn rows_of(op: &'static str, x: &[f32], width: usize) -> Result<usize> {
-    check(op, width > 0 && x.len().is_multiple_of(width), || {
-        format!("{} floats in rows of {width}", x.len())
+pub fn rows_of(op: &'static str, len: usize, width: usize) -> Result<usize> {
+    check(op, width > 0 && len.is_multiple_of(width), || {
+        format!("{len} floats in rows of {width}")
     })?;
-    Ok(x.len() / width)
+    Ok(len / width)
 }

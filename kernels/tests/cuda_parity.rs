@@ -10,7 +10,7 @@ use vellum_kernels::cuda::runtime::Pod;
 use vellum_kernels::cuda::{Arg, DeviceBuffer, KernelRuntime, LaunchConfig};
 use vellum_kernels::{
     cpu::Cpu, Backend, BatchLayout, KvData, KvDtype, KvLayer, QuantTarget, Rope, RopeScaling,
-    Weight,
+    Tensor, Weight,
 };
 use vellum_quant::{BlockFormat, DType};
 
@@ -33,6 +33,11 @@ impl Rng {
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
+}
+
+/// A tensor's values on the host.
+fn host(t: &Tensor) -> Vec<f32> {
+    t.to_vec().unwrap()
 }
 
 /// Largest |a - b| relative to `scale`, asserted within `tol`.
@@ -69,11 +74,14 @@ fn embedding_matches_for_every_table_format() {
                     .unwrap(),
             };
             let tokens = [0u32, 10, 3, 3];
-            let (mut got, mut want) = (vec![0.0; 4 * cols], vec![0.0; 4 * cols]);
+            let (mut got, mut want) = (Tensor::zeros(4 * cols), Tensor::zeros(4 * cols));
             be.embedding(&table, &tokens, &mut got).unwrap();
             cpu.embedding(&table, &tokens, &mut want).unwrap();
-            assert_eq!(got, want, "{} embedding {}", be.name(), table.format_name());
-            let err = be.embedding(&table, &[11], &mut got[..cols]).unwrap_err();
+            let what = format!("{} embedding {}", be.name(), table.format_name());
+            assert_eq!(host(&got), host(&want), "{what}");
+            let err = be
+                .embedding(&table, &[11], &mut Tensor::zeros(cols))
+                .unwrap_err();
             assert!(err.to_string().contains("11"), "{err}");
         }
     }
@@ -86,19 +94,19 @@ fn add_rms_norm_matches_with_and_without_residual() {
     for be in backends() {
         for width in [1usize, 31, 577] {
             let rows = 3;
-            let residual = rng.vec(rows * width);
-            let delta = rng.vec(rows * width);
-            let weight = rng.vec(width);
+            let residual = Tensor::from(rng.vec(rows * width));
+            let delta = Tensor::from(rng.vec(rows * width));
+            let weight = Tensor::from(rng.vec(width));
             for with_delta in [false, true] {
-                let d = with_delta.then_some(&delta[..]);
+                let d = with_delta.then_some(&delta);
                 let (mut r1, mut r2) = (residual.clone(), residual.clone());
-                let (mut o1, mut o2) = (vec![0.0; rows * width], vec![0.0; rows * width]);
+                let (mut o1, mut o2) = (Tensor::zeros(rows * width), Tensor::zeros(rows * width));
                 be.add_rms_norm(&mut r1, d, &weight, 1e-5, &mut o1).unwrap();
                 cpu.add_rms_norm(&mut r2, d, &weight, 1e-5, &mut o2)
                     .unwrap();
                 let what = format!("{} rms_norm width {width} delta {with_delta}", be.name());
-                assert_eq!(r1, r2, "{what}: residual");
-                assert_close(&what, &o1, &o2, 2e-6);
+                assert_eq!(host(&r1), host(&r2), "{what}: residual");
+                assert_close(&what, &host(&o1), &host(&o2), 2e-6);
             }
         }
     }
@@ -115,13 +123,13 @@ fn matmul_matches_for_odd_shapes_and_every_dense_type() {
             (9, 130, 7),
             (17, 65, 4),
         ] {
-            let x = rng.vec(rows * k);
+            let x = Tensor::from(rng.vec(rows * k));
             let values = rng.vec(n * k);
-            let bias = rng.vec(n);
+            let bias = Tensor::from(rng.vec(n));
             for dtype in [DType::F32, DType::F16, DType::BF16] {
                 let w = Weight::dense(n, k, dtype, &values).unwrap();
-                for b in [None, Some(&bias[..])] {
-                    let (mut got, mut want) = (vec![0.0; rows * n], vec![0.0; rows * n]);
+                for b in [None, Some(&bias)] {
+                    let (mut got, mut want) = (Tensor::zeros(rows * n), Tensor::zeros(rows * n));
                     be.matmul(&x, &w, b, &mut got).unwrap();
                     cpu.matmul(&x, &w, b, &mut want).unwrap();
                     let what = format!(
@@ -129,7 +137,7 @@ fn matmul_matches_for_odd_shapes_and_every_dense_type() {
                         be.name(),
                         b.is_some()
                     );
-                    assert_close(&what, &got, &want, 1e-5);
+                    assert_close(&what, &host(&got), &host(&want), 1e-5);
                 }
             }
         }
@@ -144,11 +152,12 @@ fn rotary_matches_for_both_head_dims_and_far_positions() {
         for hd in [64usize, 128] {
             let rope = Rope::new(hd, 10000.0, &RopeScaling::None);
             let positions = [0u32, 7, 1000, 32767];
-            let x = rng.vec(positions.len() * 3 * hd);
+            let x = Tensor::from(rng.vec(positions.len() * 3 * hd));
             let (mut a, mut b) = (x.clone(), x.clone());
             be.rotary(&mut a, &positions, 3, &rope).unwrap();
             cpu.rotary(&mut b, &positions, 3, &rope).unwrap();
-            assert_close(&format!("{} rotary hd {hd}", be.name()), &a, &b, 1e-6);
+            let what = format!("{} rotary hd {hd}", be.name());
+            assert_close(&what, &host(&a), &host(&b), 1e-6);
         }
     }
 }
@@ -164,7 +173,7 @@ fn paged_case(
 ) -> (KvLayer, BatchLayout) {
     let num_blocks = 120;
     let mut cache = KvLayer::new(num_blocks, block_size, n_kv, hd, dtype);
-    let (k, v) = cache.pools_mut();
+    let (k, v) = cache.pools_mut().unwrap();
     k.write(0, &rng.vec(k.len()));
     v.write(0, &rng.vec(v.len()));
     let mut free: Vec<u32> = (0..num_blocks as u32).collect();
@@ -193,6 +202,44 @@ fn paged_case(
     (cache, batch)
 }
 
+/// The CUDA backend stores new K/V slots on the device; brought back, they are the bits the
+/// host stores (`KvData::write`) for edge values too: beyond f16's range (saturated), f16
+/// subnormals, int8 groups that are all zero, hold a NaN or an infinity, or round ties
+/// (away from zero).
+#[test]
+fn kv_writes_on_the_device_store_the_hosts_bits_for_edge_values() {
+    let cpu = Cpu::new();
+    let mut rng = Rng(9);
+    let (n_kv, hd) = (1usize, 64usize); // int8: two groups of 32 per head
+    let mut rows = rng.vec(4 * hd);
+    rows[hd..hd + 8].copy_from_slice(&[70000.0, -1e9, 65519.0, 65520.0, 6e-8, -3e-8, 1e-10, 1e-5]);
+    rows[2 * hd..2 * hd + 32].fill(0.0);
+    rows[2 * hd + 40] = f32::NAN;
+    rows[3 * hd + 3] = f32::INFINITY;
+    // A group whose largest is 127: codes are the values rounded, ties away from zero.
+    let ties = [127.0, 0.5, 1.5, -2.5, -0.5, 126.5];
+    rows[3 * hd + 32..3 * hd + 32 + ties.len()].copy_from_slice(&ties);
+    let (k, v) = (Tensor::from(&rows[..]), Tensor::from(rng.vec(4 * hd)));
+    let slots = [5u32, 0, 17, 3];
+    for be in backends() {
+        for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Int8] {
+            let mut cache = KvLayer::new(2, 16, n_kv, hd, dtype);
+            let mut host = cache.try_clone().unwrap();
+            be.write_kv(&mut cache, &k, &v, &slots).unwrap();
+            cpu.write_kv(&mut host, &k, &v, &slots).unwrap();
+            let (got, want) = (cache.host_pools().unwrap(), host.host_pools().unwrap());
+            for (what, g, w) in [("K", got.0, want.0), ("V", got.1, want.1)] {
+                // As bytes: NaN != NaN.
+                assert!(
+                    g.planes() == w.planes(),
+                    "{} {dtype:?}: {what} stored on the device differs from the host's",
+                    be.name()
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn write_kv_and_paged_attention_match_for_gqa_ratios_and_head_dims() {
     let cpu = Cpu::new();
@@ -207,48 +254,51 @@ fn write_kv_and_paged_attention_match_for_gqa_ratios_and_head_dims() {
         ] {
             let (mut cache, batch) = paged_case(&mut rng, n_kv, hd, bs, dtype);
             let t = batch.num_tokens();
-            let q = rng.vec(t * n_heads * hd);
+            let q = Tensor::from(rng.vec(t * n_heads * hd));
             // An attention first: the backend's device copy of the pools (if it keeps one)
             // exists before the write, which must then update it.
-            let (mut before, mut want) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+            let (mut before, mut want) = (Tensor::zeros(q.len()), Tensor::zeros(q.len()));
             be.attention(&q, &cache, &batch, n_heads, &mut before)
                 .unwrap();
             cpu.attention(&q, &cache, &batch, n_heads, &mut want)
                 .unwrap();
             assert_close(
                 &format!("{} before write_kv", be.name()),
-                &before,
-                &want,
+                &host(&before),
+                &host(&want),
                 2e-5,
             );
 
-            let (k, v) = (rng.vec(t * n_kv * hd), rng.vec(t * n_kv * hd));
-            let mut mirror = cache.clone();
+            let k = Tensor::from(rng.vec(t * n_kv * hd));
+            let v = Tensor::from(rng.vec(t * n_kv * hd));
+            let mut mirror = cache.try_clone().unwrap();
             be.write_kv(&mut cache, &k, &v, &batch.slot_mapping)
                 .unwrap();
             cpu.write_kv(&mut mirror, &k, &v, &batch.slot_mapping)
                 .unwrap();
-            assert_eq!(cache.k(), mirror.k(), "{} write_kv K", be.name());
-            assert_eq!(cache.v(), mirror.v(), "{} write_kv V", be.name());
 
-            let mut want = vec![0.0; q.len()];
-            cpu.attention(&q, &cache, &batch, n_heads, &mut want)
+            let mut want = Tensor::zeros(q.len());
+            cpu.attention(&q, &mirror, &batch, n_heads, &mut want)
                 .unwrap();
-            let mut got = vec![0.0; q.len()];
+            let want = host(&want);
+            let mut got = Tensor::zeros(q.len());
             be.attention(&q, &cache, &batch, n_heads, &mut got).unwrap();
             let what = format!(
                 "{} attention heads {n_heads}/{n_kv} hd {hd} block {bs}",
                 be.name()
             );
-            assert_close(&what, &got, &want, 2e-5);
+            assert_close(&what, &host(&got), &want, 2e-5);
             // Split-K: 128-key splits cut the 300-token context into 3 (the last partial),
             // the 21-token one is a single split, the 1-token one leaves two splits empty.
             let default = be.split_keys();
             be.set_split_keys(128);
-            let mut got = vec![0.0; q.len()];
+            let mut got = Tensor::zeros(q.len());
             be.attention(&q, &cache, &batch, n_heads, &mut got).unwrap();
             be.set_split_keys(default);
-            assert_close(&format!("{what} split-K"), &got, &want, 2e-5);
+            assert_close(&format!("{what} split-K"), &host(&got), &want, 2e-5);
+            // The new slots as the device stored them: the host's bits.
+            let got = cache.host_pools().unwrap();
+            assert_eq!(got, mirror.host_pools().unwrap(), "{what}: stored K/V");
         }
     }
 }
@@ -259,21 +309,23 @@ fn silu_mul_log_softmax_and_argmax_match() {
     let mut rng = Rng(6);
     for be in backends() {
         for n in [1usize, 1000] {
-            let (gate, up) = (rng.vec(n), rng.vec(n));
+            let (gate, up) = (Tensor::from(rng.vec(n)), Tensor::from(rng.vec(n)));
             let (mut a, mut b) = (gate.clone(), gate.clone());
             be.silu_mul(&mut a, &up).unwrap();
             cpu.silu_mul(&mut b, &up).unwrap();
-            assert_close(&format!("{} silu_mul {n}", be.name()), &a, &b, 1e-6);
+            let what = format!("{} silu_mul {n}", be.name());
+            assert_close(&what, &host(&a), &host(&b), 1e-6);
         }
         for width in [1usize, 1000] {
             let x: Vec<f32> = rng.vec(2 * width).iter().map(|v| v * 20.0).collect();
-            let (mut a, mut b) = (x.clone(), x.clone());
+            let (mut a, mut b) = (Tensor::from(&x[..]), Tensor::from(&x[..]));
             be.log_softmax(&mut a, width).unwrap();
             cpu.log_softmax(&mut b, width).unwrap();
-            assert_close(&format!("{} log_softmax {width}", be.name()), &a, &b, 1e-6);
+            let what = format!("{} log_softmax {width}", be.name());
+            assert_close(&what, &host(&a), &host(&b), 1e-6);
         }
         // Bad arguments are the same error on both backends (shared checks, kernels::shapes).
-        let (mut g, u) = (vec![0f32; 3], vec![0f32; 2]);
+        let (mut g, u) = (Tensor::zeros(3), Tensor::zeros(2));
         let errs = (be.silu_mul(&mut g, &u), cpu.silu_mul(&mut g, &u));
         assert_eq!(
             errs.0.unwrap_err().to_string(),
@@ -281,8 +333,8 @@ fn silu_mul_log_softmax_and_argmax_match() {
         );
         let w = Weight::from_f32(4, 8, vec![0.0; 32]).unwrap();
         let errs = (
-            be.matmul(&g, &w, None, &mut [0.0; 4]),
-            cpu.matmul(&g, &w, None, &mut [0.0; 4]),
+            be.matmul(&g, &w, None, &mut Tensor::zeros(4)),
+            cpu.matmul(&g, &w, None, &mut Tensor::zeros(4)),
         );
         assert_eq!(
             errs.0.unwrap_err().to_string(),
@@ -295,7 +347,7 @@ fn silu_mul_log_softmax_and_argmax_match() {
         x[777 + 776] = 3.0;
         x[2 * 777] = 2.0;
         assert_eq!(
-            be.argmax(&x, 777).unwrap(),
+            be.argmax(&Tensor::from(x), 777).unwrap(),
             vec![5, 776, 0],
             "{} argmax",
             be.name()
@@ -468,10 +520,10 @@ fn half_kernels_match<H: Half>() {
             &args,
         )
         .unwrap();
-        let mut want = vec![0.0; rows * n];
-        cpu.matmul(&xf, &Weight::from_f32(n, k, wf).unwrap(), None, &mut want)
-            .unwrap();
-        assert_close(&what("matmul"), &widen::<H>(&od), &want, H::TOL);
+        let mut want = Tensor::zeros(rows * n);
+        let w = Weight::from_f32(n, k, wf).unwrap();
+        cpu.matmul(&Tensor::from(xf), &w, None, &mut want).unwrap();
+        assert_close(&what("matmul"), &widen::<H>(&od), &host(&want), H::TOL);
 
         // add_rms_norm
         let width = 300;
@@ -499,11 +551,18 @@ fn half_kernels_match<H: Half>() {
             &args,
         )
         .unwrap();
-        let (mut r, mut want) = (rf.clone(), vec![0.0; 2 * width]);
+        let (mut r, mut want) = (Tensor::from(rf), Tensor::zeros(2 * width));
+        let (df, weight) = (Tensor::from(df), Tensor::from(weight));
         cpu.add_rms_norm(&mut r, Some(&df), &weight, 1e-6, &mut want)
             .unwrap();
-        assert_close(&what("add_rms_norm residual"), &widen::<H>(&rd), &r, H::TOL);
-        assert_close(&what("add_rms_norm"), &widen::<H>(&od), &want, H::TOL);
+        let residual = widen::<H>(&rd);
+        assert_close(&what("add_rms_norm residual"), &residual, &host(&r), H::TOL);
+        assert_close(
+            &what("add_rms_norm"),
+            &widen::<H>(&od),
+            &host(&want),
+            H::TOL,
+        );
 
         // rotary
         let (hd, heads) = (64usize, 2usize);
@@ -529,9 +588,9 @@ fn half_kernels_match<H: Half>() {
             &args,
         )
         .unwrap();
-        let mut want = xf.clone();
+        let mut want = Tensor::from(xf);
         cpu.rotary(&mut want, &positions, heads, &rope).unwrap();
-        assert_close(&what("rotary"), &widen::<H>(&xd), &want, H::TOL);
+        assert_close(&what("rotary"), &widen::<H>(&xd), &host(&want), H::TOL);
 
         // silu_mul
         let (gh, gf) = rounded::<H>(&rng.vec(777));
@@ -548,16 +607,16 @@ fn half_kernels_match<H: Half>() {
             &args,
         )
         .unwrap();
-        let mut want = gf.clone();
-        cpu.silu_mul(&mut want, &uf).unwrap();
-        assert_close(&what("silu_mul"), &widen::<H>(&gd), &want, H::TOL);
+        let mut want = Tensor::from(gf);
+        cpu.silu_mul(&mut want, &Tensor::from(uf)).unwrap();
+        assert_close(&what("silu_mul"), &widen::<H>(&gd), &host(&want), H::TOL);
 
         // attention over a paged cache stored in H
         let (n_heads, n_kv, hd, bs) = (3usize, 1usize, 64usize, 16usize);
         let (mut cache, batch) = paged_case(&mut rng, n_kv, hd, bs, KvDtype::F32);
-        let (kh, kf) = rounded::<H>(&cache.k().to_f32());
-        let (vh, vf) = rounded::<H>(&cache.v().to_f32());
-        let (k, v) = cache.pools_mut();
+        let (k, v) = cache.pools_mut().unwrap();
+        let (kh, kf) = rounded::<H>(&k.to_f32());
+        let (vh, vf) = rounded::<H>(&v.to_f32());
         (*k, *v) = (KvData::F32(kf), KvData::F32(vf));
         let t = batch.num_tokens();
         let (qh, qf) = rounded::<H>(&rng.vec(t * n_heads * hd));
@@ -582,9 +641,10 @@ fn half_kernels_match<H: Half>() {
         };
         rt.launch("attention", &format!("attention_{ty}"), &cfg, &args)
             .unwrap();
-        let mut want = vec![0.0; qf.len()];
-        cpu.attention(&qf, &cache, &batch, n_heads, &mut want)
+        let mut want = Tensor::zeros(qf.len());
+        cpu.attention(&Tensor::from(qf), &cache, &batch, n_heads, &mut want)
             .unwrap();
+        let want = host(&want);
         assert_close(&what("attention"), &widen::<H>(&bufs[3]), &want, H::TOL);
     }
 }

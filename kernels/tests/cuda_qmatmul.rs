@@ -12,7 +12,7 @@ use common::backends;
 use std::sync::Arc;
 use vellum_kernels::cuda::emu::EmuRuntime;
 use vellum_kernels::cuda::{Arg, CudaBackend, DeviceBuffer, LaunchConfig};
-use vellum_kernels::{Backend, QuantTarget, Weight, WeightData};
+use vellum_kernels::{Backend, QuantTarget, Tensor, Weight, WeightData};
 use vellum_quant::{Int4Format, ScaleSearch};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -103,8 +103,11 @@ fn check_parity(
         let bias = values(n, 3);
         for w in formats(n, k, &v) {
             for b in [None, Some(&bias[..])] {
-                let mut got = vec![0f32; rows * n];
-                be.matmul(&x, &w, b, &mut got).unwrap();
+                let mut got = Tensor::zeros(rows * n);
+                let bias_t = b.map(Tensor::from);
+                be.matmul(&Tensor::from(&x[..]), &w, bias_t.as_ref(), &mut got)
+                    .unwrap();
+                let got = got.to_vec().unwrap();
                 let (want, mag) = reference(&x, &w, b);
                 for (i, ((g, w_), m)) in got.iter().zip(&want).zip(&mag).enumerate() {
                     let err = (g - w_).abs() as f64 / m;
@@ -154,12 +157,16 @@ fn a_gemm_row_does_not_depend_on_the_rest_of_the_batch() {
     let bias = values(n, 8);
     for be in backends() {
         for w in formats(n, k, &v).into_iter().step_by(3) {
-            let mut batch = vec![0f32; 90 * n];
-            be.matmul(&x, &w, Some(&bias), &mut batch).unwrap();
+            let bias = Tensor::from(&bias[..]);
+            let mut batch = Tensor::zeros(90 * n);
+            be.matmul(&Tensor::from(&x[..]), &w, Some(&bias), &mut batch)
+                .unwrap();
+            let batch = batch.to_vec().unwrap();
             for rows in [1, 5, 16] {
-                let mut part = vec![0f32; rows * n];
-                be.matmul(&x[..rows * k], &w, Some(&bias), &mut part)
-                    .unwrap();
+                let mut part = Tensor::zeros(rows * n);
+                let x = Tensor::from(&x[..rows * k]);
+                be.matmul(&x, &w, Some(&bias), &mut part).unwrap();
+                let part = part.to_vec().unwrap();
                 assert_eq!(
                     part.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                     batch[..rows * n]

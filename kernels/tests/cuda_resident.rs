@@ -1,55 +1,16 @@
-//! Model weights and KV pools stay on the device: after `prepare_weight`, a matmul or an
-//! embedding uploads its activations only, and gives exactly what the per-op upload gave;
-//! after the first attention over a layer, its pools are not sent again until something
-//! else changes them. Under the CPU emulator always; on GPU 0 too when it is usable.
+//! What stays on the device: model weights after `prepare_weight` (a matmul or an embedding
+//! uploads its activations only, and gives exactly what the per-op upload gave); a layer's
+//! KV pools after the first attention over it (not sent again until something else changes
+//! them); and activations from op to op (nothing comes back until the host reads it).
+//! Under the CPU emulator always; on GPU 0 too when it is usable.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use vellum_kernels::cpu::Cpu;
+use vellum_kernels::cuda::counting::Counting;
 use vellum_kernels::cuda::emu::EmuRuntime;
-use vellum_kernels::cuda::{driver, Arg, CudaBackend, CudaError, KernelRuntime, LaunchConfig};
-use vellum_kernels::{Backend, BatchLayout, KvDtype, KvLayer, QuantTarget, Weight};
+use vellum_kernels::cuda::{driver, CudaBackend, KernelRuntime};
+use vellum_kernels::{Backend, BatchLayout, KvDtype, KvLayer, QuantTarget, Tensor, Weight};
 use vellum_quant::DType;
-
-/// A runtime that counts the bytes copied to the device.
-struct Counting {
-    inner: Arc<dyn KernelRuntime>,
-    uploaded: AtomicUsize,
-}
-
-impl Counting {
-    fn take(&self) -> usize {
-        self.uploaded.swap(0, Ordering::SeqCst)
-    }
-}
-
-impl KernelRuntime for Counting {
-    fn name(&self) -> String {
-        self.inner.name()
-    }
-    fn multiprocessors(&self) -> u32 {
-        self.inner.multiprocessors()
-    }
-    fn alloc(&self, bytes: usize) -> Result<u64, CudaError> {
-        self.inner.alloc(bytes)
-    }
-    fn free(&self, ptr: u64) {
-        self.inner.free(ptr)
-    }
-    fn htod(&self, dst: u64, src: &[u8]) -> Result<(), CudaError> {
-        self.uploaded.fetch_add(src.len(), Ordering::SeqCst);
-        self.inner.htod(dst, src)
-    }
-    fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<(), CudaError> {
-        self.inner.dtoh(src, dst)
-    }
-    fn launch(&self, m: &str, k: &str, cfg: &LaunchConfig, args: &[Arg]) -> Result<(), CudaError> {
-        self.inner.launch(m, k, cfg, args)
-    }
-    fn synchronize(&self) -> Result<(), CudaError> {
-        self.inner.synchronize()
-    }
-}
 
 /// The emulator, and GPU 0 when usable, each behind a counter.
 fn runtimes() -> Vec<Arc<Counting>> {
@@ -65,12 +26,7 @@ fn runtimes() -> Vec<Arc<Counting>> {
     }
     inner
         .into_iter()
-        .map(|inner| {
-            Arc::new(Counting {
-                inner,
-                uploaded: AtomicUsize::new(0),
-            })
-        })
+        .map(|inner| Arc::new(Counting::new(inner)))
         .collect()
 }
 
@@ -103,33 +59,48 @@ fn prepared_weights_are_uploaded_once_and_give_the_same_results() {
     for rt in runtimes() {
         let be = CudaBackend::new(rt.clone());
         let other = CudaBackend::emulated().unwrap();
+        // A new tensor each time: a tensor the backend has read keeps its device copy.
+        let matmul = |be: &CudaBackend, w: &Weight| {
+            let mut out = Tensor::from(vec![f32::NAN; t * rows]);
+            be.matmul(&Tensor::from(&x[..]), w, None, &mut out).unwrap();
+            out
+        };
         for (name, w) in &formats {
-            let mut per_op = vec![0f32; t * rows];
-            rt.take();
-            be.matmul(&x, w, None, &mut per_op).unwrap();
-            let first = rt.take();
+            rt.take_uploaded();
+            let per_op = matmul(&be, w);
+            let first = rt.take_uploaded();
             assert!(first >= w.bytes(), "{name}: {first} bytes for the op");
 
             let mut prepared = w.clone();
             be.prepare_weight(&mut prepared).unwrap();
-            assert!(rt.take() >= w.bytes(), "{name}: uploaded at prepare");
+            assert!(
+                rt.take_uploaded() >= w.bytes(),
+                "{name}: uploaded at prepare"
+            );
             be.prepare_weight(&mut prepared).unwrap();
-            assert_eq!(rt.take(), 0, "{name}: prepared twice, uploaded once");
+            assert_eq!(
+                rt.take_uploaded(),
+                0,
+                "{name}: prepared twice, uploaded once"
+            );
+            let per_op = per_op.to_vec().unwrap();
             for _ in 0..2 {
-                let mut out = vec![f32::NAN; t * rows];
-                be.matmul(&x, &prepared, None, &mut out).unwrap();
-                assert_eq!(rt.take(), x.len() * 4, "{name}: only x travels");
-                assert_eq!(out, per_op, "{name}: prepared vs per-op upload");
+                let out = matmul(&be, &prepared);
+                assert_eq!(rt.take_uploaded(), x.len() * 4, "{name}: only x travels");
+                assert_eq!(out.to_vec().unwrap(), per_op, "{name}: prepared vs per-op");
             }
-            let mut out = vec![f32::NAN; t * rows];
-            other.matmul(&x, &prepared, None, &mut out).unwrap();
-            assert_eq!(out, per_op, "{name}: another runtime's backend");
+            let out = matmul(&other, &prepared);
+            assert_eq!(
+                out.to_vec().unwrap(),
+                per_op,
+                "{name}: another runtime's backend"
+            );
         }
     }
 }
 
 /// A prepared table (a tied LM head is one) uploads its gather form on first use as an
-/// embedding, and not again.
+/// embedding, and not again; one prepared as a table (`prepare_embedding`) at load.
 #[test]
 fn prepared_embedding_tables_upload_their_rows_once() {
     let (rows, cols) = (50, 64);
@@ -140,19 +111,42 @@ fn prepared_embedding_tables_upload_their_rows_once() {
     let tokens = [3u32, 49, 0, 3];
     for rt in runtimes() {
         let be = CudaBackend::new(rt.clone());
-        let mut want = vec![0f32; tokens.len() * cols];
-        be.embedding(&table, &tokens, &mut want).unwrap();
+        let embed = |table: &Weight| {
+            let mut out = Tensor::zeros(tokens.len() * cols);
+            be.embedding(table, &tokens, &mut out).unwrap();
+            out
+        };
+        let want = embed(&table).to_vec().unwrap();
         let mut prepared = table.clone();
         be.prepare_weight(&mut prepared).unwrap();
-        rt.take();
-        let mut first = vec![f32::NAN; want.len()];
-        be.embedding(&prepared, &tokens, &mut first).unwrap();
-        assert!(rt.take() >= rows * cols * 4, "the rows go up on first use");
-        let mut again = vec![f32::NAN; want.len()];
-        be.embedding(&prepared, &tokens, &mut again).unwrap();
-        assert_eq!(rt.take(), tokens.len() * 4, "then only the token ids");
-        assert_eq!(first, want);
-        assert_eq!(again, want);
+        rt.take_uploaded();
+        let first = embed(&prepared);
+        assert!(
+            rt.take_uploaded() >= rows * cols * 4,
+            "the rows go up on first use"
+        );
+        let again = embed(&prepared);
+        assert_eq!(
+            rt.take_uploaded(),
+            tokens.len() * 4,
+            "then only the token ids"
+        );
+        assert_eq!(first.to_vec().unwrap(), want);
+        assert_eq!(again.to_vec().unwrap(), want);
+        // Prepared as a table, at load: the rows go up then.
+        let mut table_only = table.clone();
+        be.prepare_embedding(&mut table_only).unwrap();
+        assert!(
+            rt.take_uploaded() >= rows * cols * 4,
+            "the rows go up at load"
+        );
+        let looked_up = embed(&table_only);
+        assert_eq!(
+            rt.take_uploaded(),
+            tokens.len() * 4,
+            "then only the token ids"
+        );
+        assert_eq!(looked_up.to_vec().unwrap(), want);
     }
 }
 
@@ -161,7 +155,7 @@ fn prepared_embedding_tables_upload_their_rows_once() {
 fn decode_case(dtype: KvDtype) -> (KvLayer, BatchLayout) {
     let (n_kv, hd) = (2, 64);
     let mut cache = KvLayer::new(5, 16, n_kv, hd, dtype);
-    let (k, v) = cache.pools_mut();
+    let (k, v) = cache.pools_mut().unwrap();
     k.write(0, &values(k.len(), 4));
     v.write(0, &values(v.len(), 5));
     let table = vec![2u32, 0, 3];
@@ -176,11 +170,12 @@ fn decode_case(dtype: KvDtype) -> (KvLayer, BatchLayout) {
 }
 
 /// The KV pools go to the device once, as stored (f32, f16, or int8 codes and scales), on
-/// the first attention over a layer; then a decode
-/// step's write uploads its own slots and an attention its queries and batch layout, not
-/// the pools, and both match the CPU. A change to the host pools by anything else
-/// (`pools_mut`, `copy_block`) drops the device copy, and the next attention sends them
-/// again.
+/// the first attention over a layer; then an attention sends its queries and batch layout,
+/// not the pools, and a write stores its slots on the device only, as the host would have
+/// (bit for bit, once brought back), sending nothing but its rows. The host pools are then
+/// stale until read there (`host_pools`, `try_clone`, `copy_block`), which brings them back
+/// once. A change to the host pools (`pools_mut`, `copy_block`) drops the device copy, and
+/// the next attention sends them again.
 #[test]
 fn kv_pools_stay_on_the_device_between_ops() {
     let cpu = Cpu::new();
@@ -193,11 +188,13 @@ fn kv_pools_stay_on_the_device_between_ops() {
             let slot_bytes = dtype.slot_bytes(n_kv, hd);
             let pool_bytes = cache.num_slots() * slot_bytes;
             let q = values(n_heads * hd, 6);
-            let attend = |cache: &KvLayer| {
-                let (mut got, mut want) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+            // The CUDA backend's attention over `cache` against the CPU's over `host`.
+            let attend = |cache: &KvLayer, host: &KvLayer| {
+                let (mut got, mut want) = (Tensor::zeros(q.len()), Tensor::zeros(q.len()));
+                let q = Tensor::from(&q[..]);
                 be.attention(&q, cache, &batch, n_heads, &mut got).unwrap();
-                cpu.attention(&q, cache, &batch, n_heads, &mut want)
-                    .unwrap();
+                cpu.attention(&q, host, &batch, n_heads, &mut want).unwrap();
+                let (got, want) = (got.to_vec().unwrap(), want.to_vec().unwrap());
                 let err = got
                     .iter()
                     .zip(&want)
@@ -207,54 +204,85 @@ fn kv_pools_stay_on_the_device_between_ops() {
                     "{dtype:?}: attention differs from the CPU's by {err}"
                 );
             };
-            rt.take();
-            attend(&cache);
+            rt.take_uploaded();
+            attend(&cache, &cache);
             assert!(
-                rt.take() >= 2 * pool_bytes,
+                rt.take_uploaded() >= 2 * pool_bytes,
                 "{dtype:?}: the pools go up once"
             );
-            attend(&cache);
-            let small = rt.take();
+            attend(&cache, &cache);
+            let small = rt.take_uploaded();
             assert!(
                 small < pool_bytes / 4,
                 "{dtype:?}: {small} bytes, pools stayed"
             );
 
-            let (k, v) = (values(n_kv * hd, 7), values(n_kv * hd, 8));
-            let mut host = cache.clone();
-            be.write_kv(&mut cache, &k, &v, &batch.slot_mapping)
-                .unwrap();
-            cpu.write_kv(&mut host, &k, &v, &batch.slot_mapping)
-                .unwrap();
+            let write = |cache: &mut KvLayer, host: &mut KvLayer, seed: usize| {
+                let k = Tensor::from(values(n_kv * hd, seed));
+                let v = Tensor::from(values(n_kv * hd, seed + 1));
+                be.write_kv(cache, &k, &v, &batch.slot_mapping).unwrap();
+                cpu.write_kv(host, &k, &v, &batch.slot_mapping).unwrap();
+            };
+            let mut host = cache.try_clone().unwrap();
+            rt.take_downloaded();
+            write(&mut cache, &mut host, 7);
             assert_eq!(
-                cache.k(),
-                host.k(),
-                "{dtype:?}: the host pools stay the truth"
+                rt.take_uploaded(),
+                2 * n_kv * hd * 4 + 4,
+                "{dtype:?}: the new rows (from the host here) and the slot mapping, no pools"
             );
-            assert_eq!(
-                rt.take(),
-                2 * slot_bytes + 4,
-                "{dtype:?}: one slot's K and V"
-            );
-            attend(&cache);
+            assert_eq!(rt.take_downloaded(), 0, "{dtype:?}: nothing comes back");
             assert!(
-                rt.take() < pool_bytes / 4,
+                cache.host_is_stale(),
+                "{dtype:?}: written on the device only"
+            );
+            attend(&cache, &host);
+            assert!(
+                rt.take_uploaded() < pool_bytes / 4,
                 "{dtype:?}: the write updated the copy"
             );
-
-            cache
-                .pools_mut()
-                .1
-                .write(16 * n_kv * hd, &values(n_kv * hd, 9));
-            attend(&cache);
+            rt.take_downloaded(); // the attention's output
+            let twin = cache.try_clone().unwrap();
+            assert_eq!(
+                rt.take_downloaded(),
+                2 * pool_bytes,
+                "{dtype:?}: one download"
+            );
+            assert!(!twin.host_is_stale() && cache.host_is_stale());
+            assert_eq!(
+                cache.host_pools().unwrap(),
+                host.host_pools().unwrap(),
+                "{dtype:?}: the device stored the host's bits"
+            );
+            assert!(!cache.host_is_stale());
+            attend(&cache, &twin);
             assert!(
-                rt.take() >= 2 * pool_bytes,
+                rt.take_uploaded() < pool_bytes / 4,
+                "{dtype:?}: read back, the device copy stays"
+            );
+
+            for (c, value) in [(&mut cache, 9), (&mut host, 9)] {
+                let (_, v) = c.pools_mut().unwrap();
+                v.write(16 * n_kv * hd, &values(n_kv * hd, value));
+            }
+            attend(&cache, &host);
+            assert!(
+                rt.take_uploaded() >= 2 * pool_bytes,
                 "{dtype:?}: a host change, sent again"
             );
-            cache.copy_block(3, 0);
-            attend(&cache);
+            // A copy-on-write after a device write: the write comes back first.
+            write(&mut cache, &mut host, 11);
+            cache.copy_block(3, 0).unwrap();
+            host.copy_block(3, 0).unwrap();
+            assert_eq!(
+                cache.host_pools().unwrap(),
+                host.host_pools().unwrap(),
+                "{dtype:?}: a block copied after a device write"
+            );
+            rt.take_uploaded();
+            attend(&cache, &host);
             assert!(
-                rt.take() >= 2 * pool_bytes,
+                rt.take_uploaded() >= 2 * pool_bytes,
                 "{dtype:?}: a copied block, sent again"
             );
         }
@@ -275,8 +303,10 @@ fn device_only_matmul_and_copy_match_the_host_ops() {
     let x = values(t * cols, 11);
     for rt in runtimes() {
         let be = CudaBackend::new(rt.clone());
-        let mut want = vec![0f32; t * rows];
-        be.matmul(&x, &w, None, &mut want).unwrap();
+        let mut want = Tensor::zeros(t * rows);
+        be.matmul(&Tensor::from(&x[..]), &w, None, &mut want)
+            .unwrap();
+        let want = want.to_vec().unwrap();
         let xd = DeviceBuffer::upload(be.runtime(), &x).unwrap();
         let od = DeviceBuffer::zeroed(be.runtime(), t * rows * 4).unwrap();
         let err = be.matmul_device(&w, &xd, &od, t).unwrap_err().to_string();
@@ -295,5 +325,107 @@ fn device_only_matmul_and_copy_match_the_host_ops() {
         be.copy_device(&xd, &copy, x.len()).unwrap();
         be.runtime().synchronize().unwrap();
         assert_eq!(copy.to_vec::<f32>().unwrap(), x);
+    }
+}
+
+/// A forward pass's activations stay on the device: a chain of ops (norm, matmuls, SiLU,
+/// norm with a residual add) uploads its first input and the norm's weights only, and
+/// downloads nothing until the host reads a result, which matches the CPU's. A second
+/// chain reuses the norm's weights where the first left them.
+#[test]
+fn activations_stay_on_the_device_from_op_to_op() {
+    let cpu = Cpu::new();
+    let (t, h, f) = (3, 64, 96);
+    let up_w = Weight::dense(f, h, DType::F16, &values(f * h, 12)).unwrap();
+    let down_w = Weight::dense(h, f, DType::F16, &values(h * f, 13)).unwrap();
+    let norm = Tensor::from(values(h, 14));
+    let residual = values(t * h, 15);
+    // One MLP block: returns the residual stream and the next norm's output.
+    let block = |be: &dyn Backend, up: &Weight, down: &Weight| {
+        let mut residual = Tensor::from(&residual[..]);
+        let mut normed = Tensor::zeros(t * h);
+        let (mut gate, mut up_out) = (Tensor::zeros(t * f), Tensor::zeros(t * f));
+        let mut delta = Tensor::zeros(t * h);
+        be.add_rms_norm(&mut residual, None, &norm, 1e-5, &mut normed)
+            .unwrap();
+        be.matmul(&normed, up, None, &mut gate).unwrap();
+        be.matmul(&normed, up, None, &mut up_out).unwrap(); // the gate's weight too
+        be.silu_mul(&mut gate, &up_out).unwrap();
+        be.matmul(&gate, down, None, &mut delta).unwrap();
+        be.add_rms_norm(&mut residual, Some(&delta), &norm, 1e-5, &mut normed)
+            .unwrap();
+        (residual, normed)
+    };
+    let (want_res, want_out) = block(&cpu, &up_w, &down_w);
+    let (want_res, want_out) = (want_res.to_vec().unwrap(), want_out.to_vec().unwrap());
+    for rt in runtimes() {
+        let be = CudaBackend::new(rt.clone());
+        let (mut up, mut down) = (up_w.clone(), down_w.clone());
+        be.prepare_weight(&mut up).unwrap();
+        be.prepare_weight(&mut down).unwrap();
+        rt.take_uploaded();
+        rt.take_downloaded();
+        let (res, out) = block(&be, &up, &down);
+        assert_eq!(
+            rt.take_uploaded(),
+            (t * h + h) * 4,
+            "the residual and the norm's weights go up, nothing else"
+        );
+        assert_eq!(rt.take_downloaded(), 0, "nothing comes back unasked");
+        let (res, out) = (res.to_vec().unwrap(), out.to_vec().unwrap());
+        assert_eq!(rt.take_downloaded(), 2 * t * h * 4, "what the host reads");
+        for (what, got, want) in [("residual", &res, &want_res), ("norm", &out, &want_out)] {
+            let err = got
+                .iter()
+                .zip(want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err < 1e-4, "{what}: {err} from the CPU's");
+        }
+        block(&be, &up, &down);
+        assert_eq!(
+            rt.take_uploaded(),
+            t * h * 4,
+            "the norm's weights stayed on the device"
+        );
+    }
+}
+
+/// Clones share a device copy until one is written: an in-place op on a clone, or an op
+/// writing the original, leaves the other's values as they were.
+#[test]
+fn clones_of_a_device_tensor_are_copied_before_a_write() {
+    let (t, k, n) = (2, 64, 40);
+    let w = Weight::dense(n, k, DType::F32, &values(n * k, 16)).unwrap();
+    let (x1, x2) = (values(t * k, 17), values(t * k, 18));
+    let up = Tensor::from(values(t * n, 19));
+    for rt in runtimes() {
+        let be = CudaBackend::new(rt.clone());
+        let mut a = Tensor::zeros(t * n);
+        be.matmul(&Tensor::from(&x1[..]), &w, None, &mut a).unwrap();
+        let before = a.to_vec().unwrap();
+        let mut b = a.clone();
+        be.silu_mul(&mut b, &up).unwrap();
+        assert_eq!(
+            a.to_vec().unwrap(),
+            before,
+            "the original after its clone's SiLU"
+        );
+        let mut want = Tensor::from(&before[..]);
+        Cpu::new().silu_mul(&mut want, &up).unwrap();
+        let (got, want) = (b.to_vec().unwrap(), want.to_vec().unwrap());
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(err < 1e-6, "the clone's SiLU: {err}");
+
+        let c = a.clone();
+        be.matmul(&Tensor::from(&x2[..]), &w, None, &mut a).unwrap();
+        assert_eq!(
+            c.to_vec().unwrap(),
+            before,
+            "a clone after the original's rewrite"
+        );
+        assert_ne!(a.to_vec().unwrap(), before, "the original was rewritten");
     }
 }

@@ -11,7 +11,7 @@ pub mod simd;
 pub mod vmath;
 
 use crate::{
-    check, shapes, Backend, BatchLayout, KvData, KvLayer, MatmulPart, Result, Rope, Weight,
+    check, shapes, Backend, BatchLayout, KvData, KvLayer, MatmulPart, Result, Rope, Tensor, Weight,
     WeightData,
 };
 use pool::Pool;
@@ -320,9 +320,10 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn embedding(&self, table: &Weight, tokens: &[u32], out: &mut [f32]) -> Result<()> {
+    fn embedding(&self, table: &Weight, tokens: &[u32], out: &mut Tensor) -> Result<()> {
         shapes::embedding(table, tokens, out)?;
         let d = table.cols;
+        let out = out.host_for_overwrite();
         let mut rows: Vec<_> = out.chunks_mut(d.max(1)).zip(tokens).collect();
         Pool::global().for_each_mut(&mut rows, |(row, t)| table.row_to_f32(**t as usize, row));
         Ok(())
@@ -330,14 +331,17 @@ impl Backend for Cpu {
 
     fn add_rms_norm(
         &self,
-        residual: &mut [f32],
-        delta: Option<&[f32]>,
-        weight: &[f32],
+        residual: &mut Tensor,
+        delta: Option<&Tensor>,
+        weight: &Tensor,
         eps: f32,
-        out: &mut [f32],
+        out: &mut Tensor,
     ) -> Result<()> {
         shapes::add_rms_norm(residual, delta, weight, out)?;
         let d = weight.len();
+        let (weight, delta) = (weight.host()?, delta.map(Tensor::host).transpose()?);
+        let (weight, delta) = (&weight[..], delta.as_deref());
+        let (residual, out) = (residual.host_mut()?, out.host_for_overwrite());
         let isa = self.isa;
         let mut rows: Vec<_> = residual
             .chunks_mut(d)
@@ -360,11 +364,17 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn matmul(&self, x: &[f32], w: &Weight, bias: Option<&[f32]>, out: &mut [f32]) -> Result<()> {
+    fn matmul(
+        &self,
+        x: &Tensor,
+        w: &Weight,
+        bias: Option<&Tensor>,
+        out: &mut Tensor,
+    ) -> Result<()> {
         self.matmul_many(x, &mut [MatmulPart { w, bias, out }])
     }
 
-    fn matmul_many(&self, x: &[f32], parts: &mut [MatmulPart]) -> Result<()> {
+    fn matmul_many(&self, x: &Tensor, parts: &mut [MatmulPart]) -> Result<()> {
         let Some(k) = parts.first().map(|p| p.w.cols) else {
             return Ok(());
         };
@@ -378,6 +388,11 @@ impl Backend for Cpu {
         if t == 0 {
             return Ok(());
         }
+        let x = &x.host()?[..];
+        let biases: Vec<_> = parts
+            .iter()
+            .map(|p| p.bias.map(Tensor::host).transpose())
+            .collect::<Result<_>>()?;
         let isa = self.isa;
         // Integer dots on the weights prepared for them (`prepare_weight`).
         let q8 = self
@@ -390,8 +405,15 @@ impl Backend for Cpu {
         // transposition, a stride of t floats (2 KiB at t = 512) through a few L1 sets, cost
         // 10% of a prefill. All parts share one parallel region: fewer hand-offs between
         // threads per layer.
-        let specs: Vec<(&Weight, Option<&[f32]>)> = parts.iter().map(|p| (p.w, p.bias)).collect();
-        let outs: Vec<DisjointOut> = parts.iter_mut().map(|p| DisjointOut::new(p.out)).collect();
+        let specs: Vec<(&Weight, Option<&[f32]>)> = parts
+            .iter()
+            .zip(&biases)
+            .map(|(p, b)| (p.w, b.as_deref()))
+            .collect();
+        let outs: Vec<DisjointOut> = parts
+            .iter_mut()
+            .map(|p| DisjointOut::new(p.out.host_for_overwrite()))
+            .collect();
         let tasks: Vec<(usize, usize, usize)> = specs
             .iter()
             .enumerate()
@@ -439,8 +461,9 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn rotary(&self, x: &mut [f32], positions: &[u32], n_heads: usize, rope: &Rope) -> Result<()> {
+    fn rotary(&self, x: &mut Tensor, positions: &[u32], n_heads: usize, rope: &Rope) -> Result<()> {
         shapes::rotary(x, positions, n_heads, rope)?;
+        let x = x.host_mut()?;
         let hd = rope.head_dim;
         let width = n_heads * hd;
         let half = hd / 2;
@@ -465,25 +488,31 @@ impl Backend for Cpu {
     fn write_kv(
         &self,
         cache: &mut KvLayer,
-        k: &[f32],
-        v: &[f32],
+        k: &Tensor,
+        v: &Tensor,
         slot_mapping: &[u32],
     ) -> Result<()> {
         shapes::write_kv(cache, k, v, slot_mapping)?;
-        cache.drop_device_copy();
-        cache.store_slots(k, v, slot_mapping);
+        cache.drop_device_copy()?;
+        cache.store_slots(&k.host()?, &v.host()?, slot_mapping);
         Ok(())
     }
 
     fn attention(
         &self,
-        q: &[f32],
+        q: &Tensor,
         cache: &KvLayer,
         batch: &BatchLayout,
         n_heads: usize,
-        out: &mut [f32],
+        out: &mut Tensor,
     ) -> Result<()> {
         shapes::attention(q, cache, batch, n_heads, out)?;
+        check("attention", !cache.host_is_stale(), || {
+            "the KV pools hold values written on a device: sync the layer \
+             (KvLayer::sync_host) first"
+                .into()
+        })?;
+        let (q, out) = (&q.host()?[..], out.host_for_overwrite());
         let (hd, n_kv) = (cache.head_dim, cache.n_kv_heads);
         if hd == 0 || n_heads == 0 {
             return Ok(());
@@ -562,16 +591,18 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn silu_mul(&self, gate: &mut [f32], up: &[f32]) -> Result<()> {
+    fn silu_mul(&self, gate: &mut Tensor, up: &Tensor) -> Result<()> {
         shapes::silu_mul(gate, up)?;
+        let (gate, up) = (gate.host_mut()?, &up.host()?[..]);
         let isa = self.isa;
         let mut chunks: Vec<_> = gate.chunks_mut(4096).zip(up.chunks(4096)).collect();
         Pool::global().for_each_mut(&mut chunks, |(g, u)| vmath::silu_mul(isa, g, u));
         Ok(())
     }
 
-    fn log_softmax(&self, x: &mut [f32], width: usize) -> Result<()> {
-        shapes::rows_of("log_softmax", x, width)?;
+    fn log_softmax(&self, x: &mut Tensor, width: usize) -> Result<()> {
+        shapes::rows_of("log_softmax", x.len(), width)?;
+        let x = x.host_mut()?;
         let isa = self.isa;
         let mut rows: Vec<_> = x.chunks_mut(width).collect();
         Pool::global().for_each_mut(&mut rows, |row| vmath::log_softmax(isa, row));
@@ -706,11 +737,14 @@ mod tests {
                 let mut packed = w.clone();
                 int.prepare_weight(&mut packed).unwrap();
                 assert!(packed.packed_rows16().is_some(), "{name}");
-                let mut a = vec![0f32; t * n];
-                let (mut b, mut c) = (a.clone(), a.clone());
-                cpu.matmul(&x, &w, None, &mut a).unwrap();
-                int.matmul(&x, &packed, None, &mut b).unwrap();
-                cpu.matmul(&rounded, &w, None, &mut c).unwrap();
+                let matmul = |be: &Cpu, x: &[f32], w: &Weight| {
+                    let mut out = Tensor::zeros(x.len() / k * n);
+                    be.matmul(&Tensor::from(x), w, None, &mut out).unwrap();
+                    out.to_vec().unwrap()
+                };
+                let a = matmul(&cpu, &x, &w);
+                let b = matmul(&int, &x, &packed);
+                let c = matmul(&cpu, &rounded, &w);
                 let scale = a.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
                 for ((p, q), r) in a.iter().zip(&b).zip(&c) {
                     assert!((p - q).abs() <= tol * scale, "{name}: {p} vs {q}");
@@ -719,12 +753,10 @@ mod tests {
                         "{name}: {q} vs {r} (rounded x)"
                     );
                 }
-                let mut alone = vec![0f32; n];
-                int.matmul(&x[2 * k..3 * k], &packed, None, &mut alone)
-                    .unwrap();
+                let alone = matmul(&int, &x[2 * k..3 * k], &packed);
                 assert_eq!(alone, b[2 * n..3 * n].to_vec(), "{name}");
                 // Without integer dots, the packed weight gives what the original gives.
-                cpu.matmul(&x, &packed, None, &mut c).unwrap();
+                let c = matmul(&cpu, &x, &packed);
                 for (p, r) in a.iter().zip(&c) {
                     assert!(
                         (p - r).abs() <= 1e-5 * scale,
@@ -769,10 +801,11 @@ mod tests {
     fn attention_of_empty_heads_is_a_no_op() {
         let batch = first_token_batch();
         let cpu = Cpu::new();
+        let (q, mut out) = (Tensor::zeros(0), Tensor::zeros(0));
         let cache = KvLayer::new(1, 16, 1, 0, KvDtype::F32);
-        cpu.attention(&[], &cache, &batch, 2, &mut []).unwrap();
+        cpu.attention(&q, &cache, &batch, 2, &mut out).unwrap();
         let cache = KvLayer::new(1, 16, 1, 64, KvDtype::F32);
-        cpu.attention(&[], &cache, &batch, 0, &mut []).unwrap();
+        cpu.attention(&q, &cache, &batch, 0, &mut out).unwrap();
     }
 
     /// K and V pools can be replaced (`KvLayer::pools_mut`): one of the wrong dtype, length
@@ -781,15 +814,15 @@ mod tests {
     fn mismatched_kv_pools_are_an_error() {
         let batch = first_token_batch();
         let cpu = Cpu::new();
-        let (q, mut out) = (vec![0.5f32; 64], vec![0f32; 64]);
+        let (q, mut out) = (Tensor::from(vec![0.5f32; 64]), Tensor::zeros(64));
         let mut cache = KvLayer::new(1, 16, 1, 64, KvDtype::F16);
         cpu.attention(&q, &cache, &batch, 1, &mut out).unwrap();
-        *cache.pools_mut().1 = KvData::zeros(KvDtype::F32, 1024, 64);
+        *cache.pools_mut().unwrap().1 = KvData::zeros(KvDtype::F32, 1024, 64);
         let err = cpu.attention(&q, &cache, &batch, 1, &mut out).unwrap_err();
         assert!(err.to_string().contains("V 1024 f32"), "{err}");
         let err = cpu.write_kv(&mut cache, &q, &q, &[0]).unwrap_err();
         assert!(err.to_string().contains("kv cache"), "{err}");
-        *cache.pools_mut().1 = KvData::zeros(KvDtype::F16, 10, 64);
+        *cache.pools_mut().unwrap().1 = KvData::zeros(KvDtype::F16, 10, 64);
         assert!(cpu.attention(&q, &cache, &batch, 1, &mut out).is_err());
 
         // Int8 pools whose scale groups do not split the heads (or miscount) are refused.
@@ -797,7 +830,7 @@ mod tests {
         cpu.write_kv(&mut cache, &q, &q, &[0]).unwrap();
         cpu.attention(&q, &cache, &batch, 1, &mut out).unwrap();
         for (group, scales) in [(48, 1024 / 48 + 1), (32, 3)] {
-            *cache.pools_mut().1 = KvData::Int8 {
+            *cache.pools_mut().unwrap().1 = KvData::Int8 {
                 codes: vec![0; 1024],
                 scales: vec![0.0; scales],
                 group,

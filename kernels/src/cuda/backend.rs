@@ -1,22 +1,33 @@
 //! The CUDA backend's host code, written once against [`KernelRuntime`]: argument checks,
 //! launch geometry and argument packing for every kernel, run by a GPU or by the emulator.
 //!
-//! Today it implements the engine's [`Backend`] trait, which works on host `f32` slices: each
-//! op uploads its activations, launches, and downloads its outputs. Model weights and KV
-//! pools stay on the device: `prepare_weight` puts each weight there once, at load, in the
-//! form the matmul reads ([`ResidentWeight`]); the first attention over a layer puts its
-//! pools there as stored (f32, f16, or int8 codes and scales: [`ResidentKv`]), and
-//! `write_kv` then writes each new slot on the host (the truth, rounded as the CPU rounds)
-//! and copies its stored bytes to the device. Activations still travel per op:
-//! device-resident activations, and CUDA graphs over a step, need the trait to take device
-//! buffers (see the note in DESIGN.md's "Backends").
+//! It implements the engine's [`Backend`] trait, whose activations are [`Tensor`]s: each op
+//! writes its outputs into the tensors' device copies ([`DeviceF32`]) and reads its inputs
+//! from there, so a forward pass's activations stay on the device, and the host reads back
+//! only what it asks for (the logits). Norm weights and biases go up with the first op that
+//! reads them, and stay attached to their tensors. Model weights stay on the device:
+//! `prepare_weight` and `prepare_embedding` put each there once, at load, in the form the
+//! matmul or the lookup reads ([`ResidentWeight`]). So do the KV pools: the first attention
+//! or write over a layer puts them there as stored (f32, f16, or int8 codes and scales:
+//! [`ResidentKv`]), and `write_kv` then stores new slots there only, rounded as the host
+//! would have (the host pools are stale until someone reads them there, see [`KvLayer`]).
+//! The batch's positions, slot mapping and block tables, and the rotary frequencies, go up
+//! once per step: each is kept by role while the next op's equal it (`CudaBackend::arrays`).
+//!
+//! So a decode step sends its token ids and the LM head's rows, and brings back the
+//! residual rows and the log-probabilities, with no copy between its layers: the shape CUDA
+//! graphs need. Its device memory comes from a caching allocator ([`super::caching`]), so a
+//! step reuses the last one's.
 
 use super::runtime::{Arg, DeviceBuffer, KernelRuntime, LaunchConfig, Pod};
 use super::CudaError;
 use crate::{
-    check, shapes, Backend, BatchLayout, KvData, KvDtype, KvLayer, Result, Rope, Weight, WeightData,
+    check, shapes, Backend, BatchLayout, DeviceTensor, KvData, KvDtype, KvLayer, Result, Rope,
+    Tensor, Weight, WeightData,
 };
 use half::f16;
+use std::any::Any;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use vellum_quant::{BlockFormat, Int4Format, QK};
@@ -48,6 +59,9 @@ const GEMM_THREADS: u32 = 128;
 /// sweeps it); the GEMM's registers allow about five such blocks per multiprocessor.
 const DEFAULT_GEMM_BLOCKS_PER_SM: usize = 4;
 
+/// A small array's bytes as sent, and its device copy (see `CudaBackend::arrays`).
+type SentArray = (Vec<u8>, Arc<OwnedBuffer>);
+
 pub struct CudaBackend {
     rt: Arc<dyn KernelRuntime>,
     name: String,
@@ -61,6 +75,11 @@ pub struct CudaBackend {
     /// allocation per matmul would cost more than a decode matmul); with its size in bytes.
     /// Held locked from the GEMM's launch to its sum's, so no two matmuls share it.
     gemm_partials: Mutex<Option<(OwnedBuffer, usize)>>,
+    /// The small arrays ops read beside the activations (a batch's positions, slot mapping
+    /// and block tables; the rotary frequencies), by role: the last one sent for each, with
+    /// its bytes, reused while an op's array equals it. Every layer of a step reads the same
+    /// ones, so they go up once a step rather than once an op.
+    arrays: Mutex<HashMap<&'static str, SentArray>>,
 }
 
 impl CudaBackend {
@@ -84,19 +103,19 @@ impl CudaBackend {
             gemm_min_rows: AtomicUsize::new(gemm_min_rows),
             gemm_blocks_per_sm: AtomicUsize::new(DEFAULT_GEMM_BLOCKS_PER_SM),
             gemm_partials: Mutex::new(None),
+            arrays: Mutex::new(HashMap::new()),
         }
     }
 
     /// The kernels run on the CPU emulator (tests, and machines without a GPU).
     pub fn emulated() -> std::result::Result<Self, CudaError> {
-        Ok(Self::new(Arc::new(super::emu::EmuRuntime::new()?)))
+        Ok(Self::new(caching(Arc::new(super::emu::EmuRuntime::new()?))))
     }
 
     /// The kernels run on GPU `ordinal`.
     pub fn gpu(ordinal: usize) -> std::result::Result<Self, CudaError> {
-        Ok(Self::new(Arc::new(super::driver::CudaRuntime::new(
-            ordinal,
-        )?)))
+        let rt = super::driver::CudaRuntime::new(ordinal)?;
+        Ok(Self::new(caching(Arc::new(rt))))
     }
 
     /// Contexts longer than `keys` (a multiple of the attention block's 128 threads) are
@@ -159,8 +178,8 @@ impl CudaBackend {
                 )
             },
         )?;
-        let r = resident.expect("checked");
-        self.launch_matmul(&r.matrix, (x.arg(), Arg::Ptr(0), out.arg()), (rows, k, n))
+        let matrix = self.matrix_of(resident.expect("checked"), w)?;
+        self.launch_matmul(matrix, (x.arg(), Arg::Ptr(0), out.arg()), (rows, k, n))
     }
 
     /// Copies `n` f32 from `src` to `dst` on the device with a kernel: the device-to-device
@@ -182,14 +201,109 @@ impl CudaBackend {
                 )
             },
         )?;
+        self.copy_f32(src.arg(), dst.arg(), n)
+    }
+
+    fn copy_f32(&self, src: Arg, dst: Arg, n: usize) -> Result<()> {
         let blocks = (n as u32).div_ceil(256).clamp(1, 65535);
         let cfg = LaunchConfig::linear(blocks, 256);
-        let args = [src.arg(), dst.arg(), Arg::U32(n as u32)];
+        let args = [src, dst, Arg::U32(n as u32)];
         self.launch("elementwise", "copy_f32", cfg, &args)
+    }
+
+    /// `copy` as this backend's device copy of a tensor, if it is one on this runtime.
+    fn own_copy<'t>(&self, copy: &'t Arc<dyn DeviceTensor>) -> Option<&'t DeviceF32> {
+        let copy = copy.as_any().downcast_ref::<DeviceF32>()?;
+        self.is_runtime(&copy.buf.rt).then_some(copy)
+    }
+
+    fn new_device_tensor(&self, len: usize) -> Result<DeviceF32> {
+        Ok(DeviceF32 {
+            buf: self.keep(self.zeroed(len * 4)?),
+            len,
+        })
+    }
+
+    /// Where an op reads `t` on the device: its device copy; else its values uploaded and
+    /// attached to it, so that later ops find them there (a norm's weights go up once);
+    /// else, where another device's copy holds it, uploaded for this op only.
+    fn input(&self, t: &Tensor) -> Result<Input<'_>> {
+        if let Some(copy) = t.device().and_then(|c| self.own_copy(c)) {
+            return Ok(Input::Resident(copy.buf.arg()));
+        }
+        let buf = self.up(&t.host()?)?;
+        if t.device().is_some() {
+            return Ok(Input::ForOp(buf));
+        }
+        let copy = DeviceF32 {
+            buf: self.keep(buf),
+            len: t.len(),
+        };
+        // Another thread may have attached a copy first: then this one is freed, and the op
+        // reads that one (or, if it is another device's, an upload of its own).
+        let _ = t.attach_device(Arc::new(copy));
+        match t.device().and_then(|c| self.own_copy(c)) {
+            Some(copy) => Ok(Input::Resident(copy.buf.arg())),
+            None => Ok(Input::ForOp(self.up(&t.host()?)?)),
+        }
+    }
+
+    /// Where an op writes all of `t`'s new values: its own device copy if no clone shares
+    /// it, else new device memory that becomes its copy. The host's values go stale.
+    fn output(&self, t: &mut Tensor) -> Result<Arg> {
+        if let Some(copy) = t.unshared_device().and_then(|c| self.own_copy(c)) {
+            let arg = copy.buf.arg();
+            t.mark_written_on_device();
+            return Ok(arg);
+        }
+        let copy = self.new_device_tensor(t.len())?;
+        let arg = copy.buf.arg();
+        t.set_device(Arc::new(copy));
+        Ok(arg)
+    }
+
+    /// Where an op updates `t` in place: its own device copy if no clone shares it, else
+    /// new device memory filled with its values (copied on the device, or uploaded) that
+    /// becomes its copy. The host's values go stale.
+    fn in_place(&self, t: &mut Tensor) -> Result<Arg> {
+        if let Some(copy) = t.unshared_device().and_then(|c| self.own_copy(c)) {
+            let arg = copy.buf.arg();
+            t.mark_written_on_device();
+            return Ok(arg);
+        }
+        let copy = match t.device().and_then(|c| self.own_copy(c)) {
+            Some(shared) => {
+                let copy = self.new_device_tensor(t.len())?;
+                self.copy_f32(shared.buf.arg(), copy.buf.arg(), t.len())?;
+                copy
+            }
+            None => DeviceF32 {
+                buf: self.keep(self.up(&t.host()?)?),
+                len: t.len(),
+            },
+        };
+        let arg = copy.buf.arg();
+        t.set_device(Arc::new(copy));
+        Ok(arg)
     }
 
     fn up<T: Pod>(&self, data: &[T]) -> Result<DeviceBuffer<'_>> {
         Ok(DeviceBuffer::upload(&*self.rt, data)?)
+    }
+
+    /// `data` on the device, as the array of `role` (see `arrays`): the copy sent last for
+    /// that role when it holds the same bytes, else a new one (which replaces it).
+    fn array<T: Pod>(&self, role: &'static str, data: &[T]) -> Result<Arc<OwnedBuffer>> {
+        let bytes = super::runtime::bytes_of(data);
+        let mut arrays = self.arrays.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((sent, copy)) = arrays.get(role) {
+            if sent[..] == *bytes {
+                return Ok(copy.clone());
+            }
+        }
+        let copy = Arc::new(self.keep(self.up(data)?));
+        arrays.insert(role, (bytes.to_vec(), copy.clone()));
+        Ok(copy)
     }
 
     /// A layer's K and V pools on the device as stored on the host (f32, f16, or int8
@@ -213,7 +327,7 @@ impl CudaBackend {
 
     /// This backend's device copy of a layer's pools, if it made one on this runtime.
     fn own_kv<'c>(&self, cache: &'c KvLayer) -> Option<&'c ResidentKv> {
-        let copy = cache.device.get()?.0.downcast_ref::<ResidentKv>()?;
+        let copy = cache.device.get()?.as_any().downcast_ref::<ResidentKv>()?;
         self.is_runtime(&copy.rt).then_some(copy)
     }
 
@@ -224,7 +338,7 @@ impl CudaBackend {
 
     /// A layer's pools on the device for an op: its device copy, made on first use (the
     /// whole pool goes up once), or, where another backend's copy holds the layer's slot,
-    /// uploaded for this op only.
+    /// uploaded for this op only (an error if only that copy holds the current values).
     fn kv_on_device<'c>(&'c self, cache: &'c KvLayer) -> Result<KvOnDevice<'c>> {
         if cache.device.get().is_none() {
             let pools = self.upload_kv(cache)?;
@@ -241,12 +355,17 @@ impl CudaBackend {
                 },
             };
             // Another thread may have won the race: its copy is kept, this one freed.
-            let _ = cache.device.set(crate::DeviceCopy(Arc::new(mirror)));
+            let _ = cache.device.set(Arc::new(mirror));
         }
-        Ok(match self.own_kv(cache) {
-            Some(m) => KvOnDevice::Resident(m),
-            None => KvOnDevice::ForOp(self.upload_kv(cache)?),
-        })
+        if let Some(m) = self.own_kv(cache) {
+            return Ok(KvOnDevice::Resident(m));
+        }
+        check("attention", !cache.host_is_stale(), || {
+            "the KV pools hold values written on another device: sync the layer \
+             (KvLayer::sync_host) first"
+                .into()
+        })?;
+        Ok(KvOnDevice::ForOp(self.upload_kv(cache)?))
     }
 
     fn zeroed(&self, bytes: usize) -> Result<DeviceBuffer<'_>> {
@@ -310,10 +429,50 @@ impl CudaBackend {
         })
     }
 
-    /// This backend's device copy of `w`, if `prepare_weight` made one on this runtime.
+    /// This backend's device copy of `w`, if it was prepared on this runtime.
     fn resident<'w>(&self, w: &'w Weight) -> Option<&'w ResidentWeight> {
         let copy = w.device_copy()?.0.downcast_ref::<ResidentWeight>()?;
         self.is_runtime(&copy.rt).then_some(copy)
+    }
+
+    /// `w`'s device copy on this runtime, attached empty if it has none yet.
+    fn attach_resident<'w>(&self, w: &'w mut Weight) -> &'w Weight {
+        if self.resident(w).is_none() {
+            w.set_device_copy(crate::DeviceCopy(Arc::new(ResidentWeight {
+                rt: self.rt.clone(),
+                matrix: OnceLock::new(),
+                rows: OnceLock::new(),
+            })));
+        }
+        w
+    }
+
+    /// The matmul form of `w` (whose device copy is `r`), uploaded if it is not there yet.
+    fn matrix_of<'r>(
+        &self,
+        r: &'r ResidentWeight,
+        w: &Weight,
+    ) -> Result<&'r DeviceMatrix<OwnedBuffer>> {
+        if r.matrix.get().is_none() {
+            let matrix = self.upload_matrix(w)?.map(|b| self.keep(b));
+            // Another thread may have won the race: its copy is kept, this one freed.
+            let _ = r.matrix.set(matrix);
+        }
+        Ok(r.matrix.get().expect("set above"))
+    }
+
+    /// The row-gather form of `w` (whose device copy is `r`), uploaded if it is not there yet.
+    fn rows_of<'r>(
+        &self,
+        r: &'r ResidentWeight,
+        w: &Weight,
+    ) -> Result<&'r (OwnedBuffer, &'static str)> {
+        if r.rows.get().is_none() {
+            let (buf, ty) = self.upload_rows(w)?;
+            // As above.
+            let _ = r.rows.set((self.keep(buf), ty));
+        }
+        Ok(r.rows.get().expect("set above"))
     }
 
     /// An upload's memory, kept past this op (a prepared weight's, a KV device copy's).
@@ -441,13 +600,13 @@ impl CudaBackend {
     }
 
     /// Index of the largest logit of each row (lowest index among ties).
-    pub fn argmax(&self, x: &[f32], width: usize) -> Result<Vec<u32>> {
-        let rows = shapes::rows_of("argmax", x, width)?;
+    pub fn argmax(&self, x: &Tensor, width: usize) -> Result<Vec<u32>> {
+        let rows = shapes::rows_of("argmax", x.len(), width)?;
         let mut out = vec![0u32; rows];
         if rows == 0 {
             return Ok(out);
         }
-        let xd = self.up(x)?;
+        let xd = self.input(x)?;
         let od = self.zeroed(rows * 4)?;
         let cfg = LaunchConfig::linear(rows as u32, ROW_THREADS);
         let args = [xd.arg(), Arg::U32(width as u32), od.arg()];
@@ -455,6 +614,12 @@ impl CudaBackend {
         od.download(&mut out)?;
         Ok(out)
     }
+}
+
+/// `rt` behind a caching allocator: a step reuses the last step's device memory.
+fn caching(rt: Arc<dyn KernelRuntime>) -> Arc<dyn KernelRuntime> {
+    use super::caching::{Caching, DEFAULT_CACHE_BYTES};
+    Arc::new(Caching::new(rt, DEFAULT_CACHE_BYTES))
 }
 
 /// Into how many chunks of k a tensor-core GEMM of `column_tiles` tiles of 64 output
@@ -542,22 +707,74 @@ impl Drop for OwnedBuffer {
     }
 }
 
-/// A weight on one runtime's device, attached to it by `prepare_weight` at load (and freed
-/// with it): the matmul form, and the row-gather form the first time it is used as an
-/// embedding table (a tied LM head is both). Ops that meet an unprepared weight, or one
-/// prepared on another device, upload it for the op as before.
+/// A weight on one runtime's device, attached to it at load (and freed with it): the matmul
+/// form (`prepare_weight`) and the row-gather form (`prepare_embedding`), each uploaded at
+/// load or by the first op that needs it (a tied LM head has both). Ops that meet an
+/// unprepared weight, or one prepared on another device, upload it for the op.
 struct ResidentWeight {
     rt: Arc<dyn KernelRuntime>,
-    matrix: DeviceMatrix<OwnedBuffer>,
+    matrix: OnceLock<DeviceMatrix<OwnedBuffer>>,
     rows: OnceLock<(OwnedBuffer, &'static str)>,
 }
 
+/// A [`Tensor`]'s values in one runtime's device memory: its device copy.
+struct DeviceF32 {
+    buf: OwnedBuffer,
+    len: usize,
+}
+
+impl DeviceTensor for DeviceF32 {
+    fn download(&self, out: &mut [f32]) -> Result<()> {
+        check("download", out.len() == self.len, || {
+            format!("{} floats into {}", self.len, out.len())
+        })?;
+        let bytes = super::runtime::bytes_of_mut(out);
+        Ok(self.buf.rt.dtoh(self.buf.ptr, bytes)?)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// An op's input on the device (see `CudaBackend::input`).
+enum Input<'b> {
+    /// A tensor's device copy.
+    Resident(Arg),
+    /// Uploaded for this op.
+    ForOp(DeviceBuffer<'b>),
+}
+
+impl Input<'_> {
+    fn arg(&self) -> Arg {
+        match self {
+            Input::Resident(a) => *a,
+            Input::ForOp(b) => b.arg(),
+        }
+    }
+}
+
 /// A layer's K and V pools on one runtime's device, attached to the layer (`KvLayer`'s
-/// device slot) by the first attention over it. This backend's `write_kv` updates it with
-/// the slots it writes; any other change to the host pools drops it.
+/// device slot) by the first attention or write over it. This backend's `write_kv` stores
+/// new slots there only (the host pools go stale until read); any change to the host pools
+/// drops it.
 struct ResidentKv {
     rt: Arc<dyn KernelRuntime>,
     pools: DeviceKv<OwnedBuffer>,
+}
+
+impl crate::attention::DevicePools for ResidentKv {
+    fn download(&self, k: &mut KvData, v: &mut KvData) -> Result<()> {
+        let host = k.planes_mut().into_iter().chain(v.planes_mut());
+        for ((buf, _), plane) in self.pools.planes.iter().zip(host) {
+            self.rt.dtoh(buf.ptr, plane)?;
+        }
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
 }
 
 /// A layer's pools on the device in their host form: each array of K, then of V
@@ -644,19 +861,19 @@ impl Backend for CudaBackend {
 
     /// Uploads the weight in its matmul form, once: every later op reads it there.
     fn prepare_weight(&self, w: &mut Weight) -> Result<()> {
-        if self.resident(w).is_some() {
-            return Ok(());
-        }
-        let matrix = self.upload_matrix(w)?.map(|b| self.keep(b));
-        w.set_device_copy(crate::DeviceCopy(Arc::new(ResidentWeight {
-            rt: self.rt.clone(),
-            matrix,
-            rows: OnceLock::new(),
-        })));
-        Ok(())
+        let w = self.attach_resident(w);
+        let r = self.resident(w).expect("attached");
+        self.matrix_of(r, w).map(|_| ())
     }
 
-    fn embedding(&self, table: &Weight, tokens: &[u32], out: &mut [f32]) -> Result<()> {
+    /// Uploads the table in its row-gather form, once: every later lookup reads it there.
+    fn prepare_embedding(&self, table: &mut Weight) -> Result<()> {
+        let table = self.attach_resident(table);
+        let r = self.resident(table).expect("attached");
+        self.rows_of(r, table).map(|_| ())
+    }
+
+    fn embedding(&self, table: &Weight, tokens: &[u32], out: &mut Tensor) -> Result<()> {
         shapes::embedding(table, tokens, out)?;
         let width = table.cols;
         if tokens.is_empty() {
@@ -665,12 +882,7 @@ impl Backend for CudaBackend {
         let for_op;
         let (w, ty) = match self.resident(table) {
             Some(r) => {
-                if r.rows.get().is_none() {
-                    let (buf, ty) = self.upload_rows(table)?;
-                    // Another thread may have won the race: its copy is kept, this freed.
-                    let _ = r.rows.set((self.keep(buf), ty));
-                }
-                let (buf, ty) = r.rows.get().expect("set above");
+                let (buf, ty) = self.rows_of(r, table)?;
                 (buf.arg(), *ty)
             }
             None => {
@@ -679,94 +891,96 @@ impl Backend for CudaBackend {
             }
         };
         let td = self.up(tokens)?;
-        let od = self.zeroed(out.len() * 4)?;
+        let od = self.output(out)?;
         let cfg = LaunchConfig::linear(tokens.len() as u32, row_threads(width));
-        let args = [w, td.arg(), od.arg(), Arg::U32(width as u32)];
-        self.launch("elementwise", &format!("embedding_f32_{ty}"), cfg, &args)?;
-        od.download(out)?;
-        Ok(())
+        let args = [w, td.arg(), od, Arg::U32(width as u32)];
+        self.launch("elementwise", &format!("embedding_f32_{ty}"), cfg, &args)
     }
 
     fn add_rms_norm(
         &self,
-        residual: &mut [f32],
-        delta: Option<&[f32]>,
-        weight: &[f32],
+        residual: &mut Tensor,
+        delta: Option<&Tensor>,
+        weight: &Tensor,
         eps: f32,
-        out: &mut [f32],
+        out: &mut Tensor,
     ) -> Result<()> {
         let width = weight.len();
         let rows = shapes::add_rms_norm(residual, delta, weight, out)?;
         if rows == 0 {
             return Ok(());
         }
-        let rd = self.up(residual)?;
-        let dd = delta.map(|d| self.up(d)).transpose()?;
-        let wd = self.up(weight)?;
-        let od = self.zeroed(out.len() * 4)?;
+        let dd = delta.map(|d| self.input(d)).transpose()?;
+        let wd = self.input(weight)?;
+        // The kernel adds the delta into the residual, or only reads the residual.
+        let read_only;
+        let rd = match dd {
+            Some(_) => self.in_place(residual)?,
+            None => {
+                read_only = self.input(residual)?;
+                read_only.arg()
+            }
+        };
+        let od = self.output(out)?;
         let cfg = LaunchConfig::linear(rows as u32, row_threads(width));
         let args = [
-            rd.arg(),
+            rd,
             dd.as_ref().map_or(Arg::Ptr(0), |d| d.arg()),
             wd.arg(),
             Arg::F32(eps),
-            od.arg(),
+            od,
             Arg::U32(width as u32),
         ];
-        self.launch("norm", "add_rms_norm_f32", cfg, &args)?;
-        if delta.is_some() {
-            rd.download(residual)?;
-        }
-        od.download(out)?;
-        Ok(())
+        self.launch("norm", "add_rms_norm_f32", cfg, &args)
     }
 
-    fn matmul(&self, x: &[f32], w: &Weight, bias: Option<&[f32]>, out: &mut [f32]) -> Result<()> {
+    fn matmul(
+        &self,
+        x: &Tensor,
+        w: &Weight,
+        bias: Option<&Tensor>,
+        out: &mut Tensor,
+    ) -> Result<()> {
         let (k, n) = (w.cols, w.rows);
         let rows = shapes::matmul(x, w, bias, out)?;
         if rows == 0 || n == 0 {
             return Ok(());
         }
-        let xd = self.up(x)?;
-        let bd = bias.map(|b| self.up(b)).transpose()?;
-        let od = self.zeroed(out.len() * 4)?;
+        let xd = self.input(x)?;
+        let bd = bias.map(|b| self.input(b)).transpose()?;
         let bias = bd.as_ref().map_or(Arg::Ptr(0), |b| b.arg());
-        let args = (xd.arg(), bias, od.arg());
+        let args = (xd.arg(), bias, self.output(out)?);
         match self.resident(w) {
-            Some(r) => self.launch_matmul(&r.matrix, args, (rows, k, n))?,
-            None => self.launch_matmul(&self.upload_matrix(w)?, args, (rows, k, n))?,
+            Some(r) => self.launch_matmul(self.matrix_of(r, w)?, args, (rows, k, n)),
+            None => self.launch_matmul(&self.upload_matrix(w)?, args, (rows, k, n)),
         }
-        od.download(out)?;
-        Ok(())
     }
 
-    fn rotary(&self, x: &mut [f32], positions: &[u32], n_heads: usize, rope: &Rope) -> Result<()> {
+    fn rotary(&self, x: &mut Tensor, positions: &[u32], n_heads: usize, rope: &Rope) -> Result<()> {
         shapes::rotary(x, positions, n_heads, rope)?;
         let hd = rope.head_dim;
         if positions.is_empty() || n_heads == 0 || hd == 0 {
             return Ok(());
         }
-        let xd = self.up(x)?;
-        let pd = self.up(positions)?;
-        let fd = self.up(&rope.inv_freq)?;
+        let xd = self.in_place(x)?;
+        let pd = self.array("positions", positions)?;
+        let fd = self.array("inv_freq", &rope.inv_freq)?;
         let cfg = LaunchConfig::linear(positions.len() as u32, 128);
         let args = [
-            xd.arg(),
+            xd,
             pd.arg(),
             fd.arg(),
             Arg::U32(n_heads as u32),
             Arg::U32(hd as u32),
         ];
-        self.launch("elementwise", "rotary_f32", cfg, &args)?;
-        xd.download(x)?;
-        Ok(())
+        self.launch("elementwise", "rotary_f32", cfg, &args)
     }
 
     fn write_kv(
         &self,
         cache: &mut KvLayer,
-        k: &[f32],
-        v: &[f32],
+        k: &Tensor,
+        v: &Tensor,
         slot_mapping: &[u32],
     ) -> Result<()> {
         shapes::write_kv(cache, k, v, slot_mapping)?;
@@ -774,36 +988,41 @@ impl Backend for CudaBackend {
         if t == 0 {
             return Ok(());
         }
-        // The host pools first, stored as the CPU stores them (rounded to f16, or int8).
-        cache.store_slots(k, v, slot_mapping);
-        // Then the device copy, if there is one: the stored values of these slots only.
-        let Some(mirror) = self.own_kv(cache) else {
-            cache.drop_device_copy(); // another backend's copy: now stale
-            return Ok(());
-        };
-        let sd = self.up(slot_mapping)?;
-        let host = cache.k.planes().into_iter().chain(cache.v.planes());
-        for ((buf, row_bytes), plane) in mirror.pools.planes.iter().zip(host) {
-            let rb = *row_bytes;
-            let mut rows = Vec::with_capacity(t * rb);
-            for &slot in slot_mapping {
-                rows.extend_from_slice(&plane[slot as usize * rb..(slot as usize + 1) * rb]);
-            }
-            let rd = self.up(&rows)?;
-            let cfg = LaunchConfig::linear(t as u32, row_threads(rb));
-            let args = [buf.arg(), rd.arg(), sd.arg(), Arg::U32(rb as u32)];
-            self.launch("elementwise", "scatter_rows_u8", cfg, &args)?;
+        if self.own_kv(cache).is_none() {
+            // Another backend's copy: its values come home, then ours goes up.
+            cache.drop_device_copy()?;
+            self.kv_on_device(cache)?;
         }
+        let mirror = self.own_kv(cache).expect("made above");
+        // The new slots are stored on the device only, rounded as the host stores them
+        // (KvData::write): the host pools go stale until someone reads them there.
+        let (kd, vd) = (self.input(k)?, self.input(v)?);
+        let sd = self.array("slot_mapping", slot_mapping)?;
+        let width = cache.slot_width();
+        let mut args = vec![kd.arg(), vd.arg()];
+        args.extend(mirror.pools.planes.iter().map(|(b, _)| b.arg()));
+        args.extend([sd.arg(), Arg::U32(width as u32)]);
+        let kernel = match mirror.pools.dtype {
+            KvDtype::F32 => "write_kv_f32",
+            KvDtype::F16 => "write_kv_f16",
+            KvDtype::Int8 => {
+                args.push(Arg::U32(1 << mirror.pools.shift));
+                "write_kv_int8"
+            }
+        };
+        let cfg = LaunchConfig::linear(t as u32, row_threads(width));
+        self.launch("elementwise", kernel, cfg, &args)?;
+        cache.mark_written_on_device();
         Ok(())
     }
 
     fn attention(
         &self,
-        q: &[f32],
+        q: &Tensor,
         cache: &KvLayer,
         batch: &BatchLayout,
         n_heads: usize,
-        out: &mut [f32],
+        out: &mut Tensor,
     ) -> Result<()> {
         shapes::attention(q, cache, batch, n_heads, out)?;
         let (hd, n_kv) = (cache.head_dim, cache.n_kv_heads);
@@ -819,15 +1038,15 @@ impl Backend for CudaBackend {
         }
         let seq_of = batch.seq_of_token();
         let (tables, max_blocks) = batch.flat_block_tables();
-        let qd = self.up(q)?;
+        let qd = self.input(q)?;
         let kv = self.kv_on_device(cache)?;
         let (kv_args, kv_kind) = kv.args();
         let (pd, sd, td) = (
-            self.up(&batch.positions)?,
-            self.up(&seq_of)?,
-            self.up(&tables)?,
+            self.array("positions", &batch.positions)?,
+            self.array("seq_of_token", &seq_of)?,
+            self.array("block_tables", &tables)?,
         );
-        let od = self.zeroed(out.len() * 4)?;
+        let od = self.output(out)?;
         let shared_bytes = (hd as u32 + ATTENTION_THREADS) * 4;
         let scale = Arg::F32(1.0 / (hd as f32).sqrt());
         let layout = [
@@ -867,14 +1086,12 @@ impl Backend for CudaBackend {
             let args = [
                 ml.arg(),
                 acc.arg(),
-                od.arg(),
+                od,
                 Arg::U32(n_heads as u32),
                 Arg::U32(hd as u32),
                 Arg::U32(splits),
             ];
-            self.launch("attention", "attention_merge_f32", merge, &args)?;
-            od.download(out)?;
-            return Ok(());
+            return self.launch("attention", "attention_merge_f32", merge, &args);
         }
         let cfg = LaunchConfig {
             grid: (t as u32, n_heads as u32, 1),
@@ -883,46 +1100,42 @@ impl Backend for CudaBackend {
         };
         let mut args = vec![qd.arg()];
         args.extend(kv_args);
-        args.push(od.arg());
+        args.push(od);
         args.extend(layout);
-        self.launch("attention", &format!("attention_f32{kv_kind}"), cfg, &args)?;
-        od.download(out)?;
-        Ok(())
+        self.launch("attention", &format!("attention_f32{kv_kind}"), cfg, &args)
     }
 
-    fn silu_mul(&self, gate: &mut [f32], up: &[f32]) -> Result<()> {
+    fn silu_mul(&self, gate: &mut Tensor, up: &Tensor) -> Result<()> {
         shapes::silu_mul(gate, up)?;
         if gate.is_empty() {
             return Ok(());
         }
-        let (gd, ud) = (self.up(gate)?, self.up(up)?);
-        let blocks = (gate.len() as u32).div_ceil(256).min(1024);
-        let args = [gd.arg(), ud.arg(), Arg::U32(gate.len() as u32)];
+        let n = gate.len();
+        let ud = self.input(up)?;
+        let gd = self.in_place(gate)?;
+        let blocks = (n as u32).div_ceil(256).min(1024);
+        let args = [gd, ud.arg(), Arg::U32(n as u32)];
         self.launch(
             "elementwise",
             "silu_mul_f32",
             LaunchConfig::linear(blocks, 256),
             &args,
-        )?;
-        gd.download(gate)?;
-        Ok(())
+        )
     }
 
-    fn log_softmax(&self, x: &mut [f32], width: usize) -> Result<()> {
-        let rows = shapes::rows_of("log_softmax", x, width)?;
+    fn log_softmax(&self, x: &mut Tensor, width: usize) -> Result<()> {
+        let rows = shapes::rows_of("log_softmax", x.len(), width)?;
         if rows == 0 {
             return Ok(());
         }
-        let xd = self.up(x)?;
+        let xd = self.in_place(x)?;
         let cfg = LaunchConfig::linear(rows as u32, row_threads(width));
         self.launch(
             "norm",
             "log_softmax_f32",
             cfg,
-            &[xd.arg(), Arg::U32(width as u32)],
-        )?;
-        xd.download(x)?;
-        Ok(())
+            &[xd, Arg::U32(width as u32)],
+        )
     }
 }
 

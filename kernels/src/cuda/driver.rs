@@ -199,6 +199,16 @@ impl KernelRuntime for CudaRuntime {
         }
     }
 
+    fn zero(&self, ptr: u64, bytes: usize) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("cuCtxSetCurrent"))?;
+        // SAFETY: `ptr` is a live allocation of at least `bytes` bytes; the memset is queued
+        // on the default stream, as every launch and copy is.
+        unsafe { result::memset_d8_async(ptr, 0, bytes, std::ptr::null_mut()) }
+            .map_err(driver("cuMemsetD8Async"))
+    }
+
     fn free(&self, ptr: u64) {
         if self.ctx.bind_to_thread().is_ok() {
             // SAFETY: `ptr` came from malloc_sync and is freed once (DeviceBuffer::drop).

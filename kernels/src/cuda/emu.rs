@@ -211,6 +211,13 @@ impl KernelRuntime for EmuRuntime {
         }
     }
 
+    fn zero(&self, ptr: u64, bytes: usize) -> Result<()> {
+        self.check_range(ptr, bytes, "memset")?;
+        // SAFETY: the range lies inside one live allocation.
+        unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, bytes) };
+        Ok(())
+    }
+
     fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
         self.check_range(dst, src.len(), "host-to-device copy")?;
         // SAFETY: the destination range lies inside one live allocation.

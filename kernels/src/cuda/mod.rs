@@ -8,6 +8,8 @@
 //! before any CUDA call and says why a GPU is unusable.
 
 pub mod backend;
+pub mod caching;
+pub mod counting;
 pub mod driver;
 pub mod emu;
 pub mod nvrtc;

@@ -82,6 +82,8 @@ pub trait KernelRuntime: Send + Sync {
     fn alloc(&self, bytes: usize) -> Result<u64>;
     /// Frees what [`KernelRuntime::alloc`] returned.
     fn free(&self, ptr: u64);
+    /// Sets `bytes` from `ptr` to zero, queued after the work before it.
+    fn zero(&self, ptr: u64, bytes: usize) -> Result<()>;
     fn htod(&self, dst: u64, src: &[u8]) -> Result<()>;
     fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()>;
     /// Launches `kernel` of `module` (a [`super::sources::Module`] name).
@@ -119,13 +121,13 @@ impl Pod for u8 {}
 impl Pod for half::f16 {}
 impl Pod for half::bf16 {}
 
-fn bytes_of<T: Pod>(v: &[T]) -> &[u8] {
+pub(crate) fn bytes_of<T: Pod>(v: &[T]) -> &[u8] {
     // SAFETY: Pod types are plain old data without padding; the byte view has the same
     // lifetime and covers exactly the slice.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
-fn bytes_of_mut<T: Pod>(v: &mut [T]) -> &mut [u8] {
+pub(crate) fn bytes_of_mut<T: Pod>(v: &mut [T]) -> &mut [u8] {
     // SAFETY: as above; every byte pattern is a valid value of these types.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
 }

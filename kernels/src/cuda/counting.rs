@@ -1,0 +1,88 @@
+//! [`Counting`]: a [`KernelRuntime`] that counts the bytes copied each way across the host
+//! boundary, and the bytes allocated, for tests and benchmarks that check what stays on the
+//! device.
+
+use super::runtime::{Arg, KernelRuntime, LaunchConfig};
+use super::CudaError;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+pub struct Counting {
+    inner: Arc<dyn KernelRuntime>,
+    uploaded: AtomicUsize,
+    downloaded: AtomicUsize,
+    allocated: AtomicUsize,
+}
+
+impl Counting {
+    pub fn new(inner: Arc<dyn KernelRuntime>) -> Counting {
+        Counting {
+            inner,
+            uploaded: AtomicUsize::new(0),
+            downloaded: AtomicUsize::new(0),
+            allocated: AtomicUsize::new(0),
+        }
+    }
+
+    /// Bytes copied to the device since the last call.
+    pub fn take_uploaded(&self) -> usize {
+        self.uploaded.swap(0, Ordering::SeqCst)
+    }
+
+    /// Bytes copied to the host since the last call.
+    pub fn take_downloaded(&self) -> usize {
+        self.downloaded.swap(0, Ordering::SeqCst)
+    }
+
+    /// Bytes allocated on the device since the last call.
+    pub fn take_allocated(&self) -> usize {
+        self.allocated.swap(0, Ordering::SeqCst)
+    }
+}
+
+impl KernelRuntime for Counting {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn multiprocessors(&self) -> u32 {
+        self.inner.multiprocessors()
+    }
+    fn tensor_cores(&self) -> bool {
+        self.inner.tensor_cores()
+    }
+    fn alloc(&self, bytes: usize) -> Result<u64, CudaError> {
+        self.allocated.fetch_add(bytes, Ordering::SeqCst);
+        self.inner.alloc(bytes)
+    }
+    fn free(&self, ptr: u64) {
+        self.inner.free(ptr)
+    }
+    fn zero(&self, ptr: u64, bytes: usize) -> Result<(), CudaError> {
+        self.inner.zero(ptr, bytes)
+    }
+    fn htod(&self, dst: u64, src: &[u8]) -> Result<(), CudaError> {
+        self.uploaded.fetch_add(src.len(), Ordering::SeqCst);
+        self.inner.htod(dst, src)
+    }
+    fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<(), CudaError> {
+        self.downloaded.fetch_add(dst.len(), Ordering::SeqCst);
+        self.inner.dtoh(src, dst)
+    }
+    fn launch(&self, m: &str, k: &str, cfg: &LaunchConfig, args: &[Arg]) -> Result<(), CudaError> {
+        self.inner.launch(m, k, cfg, args)
+    }
+    fn synchronize(&self) -> Result<(), CudaError> {
+        self.inner.synchronize()
+    }
+    fn blas_gemm_bf16(
+        &self,
+        w: u64,
+        x: u64,
+        y: u64,
+        rows: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
+        self.inner.blas_gemm_bf16(w, x, y, rows, n, k)
+    }
+}
