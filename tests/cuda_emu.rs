@@ -149,3 +149,39 @@ fn a_forward_pass_moves_only_tokens_and_logits() {
         "bytes sent by a step: token ids and the LM head's rows"
     );
 }
+
+/// Parallel samples share their prompt's blocks and each copies the partly filled one before
+/// writing into it (copy-on-write). On the CUDA backend, whose KV writes stay on the device,
+/// the copy brings them back first: seeded samples give the CPU backend's tokens.
+#[test]
+fn parallel_samples_copy_device_written_blocks_on_the_emulated_cuda_backend() {
+    use vellum::engine::{Engine, EngineConfig, Request};
+    let dir = repo().join("tests/golden/models/llama_gqa");
+    // 20 tokens: one full block of 16 and a partly filled one, shared by the samples.
+    let prompt: Vec<u32> = (1..21).collect();
+    let params = greedy(5).temperature(0.7).seed(3).n(3);
+    let run = |device: Device| {
+        let b = match device {
+            Device::Cpu => Engine::builder().backend(Box::new(Cpu::new().with_int_dot(None))),
+            _ => Engine::builder().device(device),
+        };
+        let mut e = b
+            .model(&dir)
+            .config(EngineConfig {
+                kv_cache_bytes: 4 << 20,
+                ..EngineConfig::default()
+            })
+            .build()
+            .unwrap();
+        let done = e
+            .generate(vec![Request::tokens(prompt.clone(), params.clone())])
+            .unwrap();
+        let first = &done[0];
+        let mut samples = vec![first.tokens.clone()];
+        samples.extend(first.more_samples.iter().map(|s| s.tokens.clone()));
+        samples
+    };
+    let (cpu, emu) = (run(Device::Cpu), run(Device::CudaEmulator));
+    assert_eq!(cpu.len(), 3);
+    assert_eq!(cpu, emu, "the samples' tokens");
+}
