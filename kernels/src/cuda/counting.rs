@@ -1,6 +1,6 @@
 //! [`Counting`]: a [`KernelRuntime`] that counts the bytes copied each way across the host
-//! boundary, and the bytes allocated, for tests and benchmarks that check what stays on the
-//! device.
+//! boundary, the bytes allocated and the kernels launched, for tests and benchmarks that
+//! check what stays on the device and what a step costs.
 
 use super::runtime::{Arg, KernelRuntime, LaunchConfig};
 use super::CudaError;
@@ -12,6 +12,8 @@ pub struct Counting {
     uploaded: AtomicUsize,
     downloaded: AtomicUsize,
     allocated: AtomicUsize,
+    launches: AtomicUsize,
+    copies: AtomicUsize,
 }
 
 impl Counting {
@@ -21,6 +23,8 @@ impl Counting {
             uploaded: AtomicUsize::new(0),
             downloaded: AtomicUsize::new(0),
             allocated: AtomicUsize::new(0),
+            launches: AtomicUsize::new(0),
+            copies: AtomicUsize::new(0),
         }
     }
 
@@ -37,6 +41,17 @@ impl Counting {
     /// Bytes allocated on the device since the last call.
     pub fn take_allocated(&self) -> usize {
         self.allocated.swap(0, Ordering::SeqCst)
+    }
+
+    /// Kernels launched since the last call.
+    pub fn take_launches(&self) -> usize {
+        self.launches.swap(0, Ordering::SeqCst)
+    }
+
+    /// Copies across the host boundary since the last call, each way: each waits for the
+    /// work queued before it.
+    pub fn take_copies(&self) -> usize {
+        self.copies.swap(0, Ordering::SeqCst)
     }
 }
 
@@ -62,13 +77,16 @@ impl KernelRuntime for Counting {
     }
     fn htod(&self, dst: u64, src: &[u8]) -> Result<(), CudaError> {
         self.uploaded.fetch_add(src.len(), Ordering::SeqCst);
+        self.copies.fetch_add(1, Ordering::SeqCst);
         self.inner.htod(dst, src)
     }
     fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<(), CudaError> {
         self.downloaded.fetch_add(dst.len(), Ordering::SeqCst);
+        self.copies.fetch_add(1, Ordering::SeqCst);
         self.inner.dtoh(src, dst)
     }
     fn launch(&self, m: &str, k: &str, cfg: &LaunchConfig, args: &[Arg]) -> Result<(), CudaError> {
+        self.launches.fetch_add(1, Ordering::SeqCst);
         self.inner.launch(m, k, cfg, args)
     }
     fn synchronize(&self) -> Result<(), CudaError> {
