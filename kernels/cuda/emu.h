@@ -18,7 +18,7 @@
 //   __ballot_sync/__any_sync/__all_sync, static __shared__ (as
 //   `static`, correct because blocks run one at a time), dynamic shared memory through
 //   VELLUM_DYN_SHARED, atomicAdd/atomicMax on int and atomicAdd on float (plain ops: one
-//   OS thread), __ldg, __dp4a, __launch_bounds__, math: expf/logf/sqrtf/rsqrtf/fmaxf/
+//   OS thread), __threadfence (a no-op: blocks run in turn), __ldg, __dp4a, __launch_bounds__, math: expf/logf/sqrtf/rsqrtf/fmaxf/
 //   fminf/fabsf/__expf (vsincos in vellum.cuh). Half and bfloat16 are Vellum's own storage types defined in
 //   vellum.cuh (round to nearest even, identical on both compilers).
 #pragma once
@@ -350,6 +350,8 @@ inline int __any_sync(unsigned, int p) { return emu::ballot(p != 0) != 0; }
 inline int __all_sync(unsigned, int p) { return emu::ballot(p == 0) == 0; }
 
 template <class T> inline T __ldg(const T *p) { return *p; }
+// Blocks run one after another on one OS thread: every write is already visible.
+inline void __threadfence() {}
 inline int atomicAdd(int *p, int v) { int o = *p; *p += v; return o; }
 inline unsigned atomicAdd(unsigned *p, unsigned v) { unsigned o = *p; *p += v; return o; }
 inline float atomicAdd(float *p, float v) { float o = *p; *p += v; return o; }

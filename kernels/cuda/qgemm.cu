@@ -9,8 +9,9 @@
 // k is summed in chunks of `steps_per_chunk` steps: each chunk in its own accumulators, the
 // chunks added in order to a running total. With grid.z = 1 a block does every chunk and
 // writes out (+ bias). Split-K, for matrices too small to fill the GPU, has grid.z = the
-// number of chunks: block z does chunk z and writes its f32 sums to out + z * rows * n (bias
-// null), and gemm_sum_splits adds them in order. Both give the same bits, and the chunk
+// number of chunks: block z does chunk z and writes its f32 sums to out + z * rows * n, and
+// the last block of each tile to finish adds them in order (+ bias) into sum_out
+// (sum_splits_if_last). Both give the same bits, and the chunk
 // size depends on k, n and the device only, never on the rows: a row's result does not
 // depend on the other rows of the batch nor on the split (the Backend trait's promise).
 //
@@ -208,10 +209,55 @@ struct W8Loader {
   }
 };
 
-// The block's tile: grid.x picks 64 columns, grid.y BM rows, grid.z a range of k.
+// A float from global memory through L2 only: values other blocks wrote in this launch
+// (the emulator has no caches to bypass).
+__device__ __forceinline__ float load_l2(const float *p) {
+#ifdef VELLUM_EMU
+  return *p;
+#else
+  float v;
+  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+  return v;
+#endif
+}
+
+// The end of a split-K launch, in the block that finishes its tile last: out = the sum of
+// the splits' partial tiles (z in order, as one block would have summed its chunks) plus
+// bias. Each block counts itself in `counters` (one per tile, zero between launches: the
+// last block resets its own) after its partials are visible device-wide; the block that
+// counts last reads them all. This saves the launch of a separate sum kernel per matmul.
+template <int BM>
+__device__ void sum_splits_if_last(const float *partials, float *out, const float *bias,
+                                   uint32_t *counters, uint32_t rows, uint32_t n,
+                                   uint32_t col0, uint32_t row0) {
+  __shared__ uint32_t last;
+  __threadfence();  // this thread's partials, before the block is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    uint32_t tile = blockIdx.y * gridDim.x + blockIdx.x;
+    last = atomicAdd(&counters[tile], 1u) == gridDim.z - 1;
+    if (last) counters[tile] = 0;  // every split has counted: ready for the next launch
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (uint32_t e = threadIdx.x; e < BM * GEMM_BN; e += blockDim.x) {
+    uint32_t row = row0 + e / GEMM_BN, col = col0 + e % GEMM_BN;
+    if (row >= rows || col >= n) continue;
+    size_t at = (size_t)row * n + col;
+    float s = 0.0f;
+    for (uint32_t z = 0; z < gridDim.z; ++z) s += load_l2(partials + (size_t)z * rows * n + at);
+    out[at] = s + (bias ? bias[col] : 0.0f);
+  }
+}
+
+// The block's tile: grid.x picks 64 columns, grid.y BM rows, grid.z a range of k. Unsplit
+// (grid.z = 1), it writes out = x·wᵀ + bias. Split, it writes its partial tile to
+// partials[z] (`out`), and the last split of each tile sums them into `sum_out`.
 template <class T, int BM, class W>
 __device__ void gemm(const T *x, W w, const float *bias, float *out, uint32_t rows, uint32_t k,
-                     uint32_t n, uint32_t steps_per_chunk) {
+                     uint32_t n, uint32_t steps_per_chunk, float *sum_out,
+                     uint32_t *counters) {
   constexpr int MT = BM / 16;
   __shared__ GemmStage<BM> stage;
   uint32_t col0 = blockIdx.x * GEMM_BN, row0 = blockIdx.y * BM;
@@ -270,7 +316,9 @@ __device__ void gemm(const T *x, W w, const float *bias, float *out, uint32_t ro
     }
   }
 
+  bool split = gridDim.z > 1;
   float *dst = out + (size_t)blockIdx.z * rows * n;
+  const float *tile_bias = split ? nullptr : bias;
 #pragma unroll
   for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -280,37 +328,27 @@ __device__ void gemm(const T *x, W w, const float *bias, float *out, uint32_t ro
         uint32_t row = row0 + i * 16 + g + 8 * (c / 2);
         uint32_t col = col0 + warp * 16 + j * 8 + 2 * t + c % 2;
         if (row < rows && col < n)
-          dst[(size_t)row * n + col] = total[i][j][c] + (bias ? bias[col] : 0.0f);
+          dst[(size_t)row * n + col] = total[i][j][c] + (tile_bias ? tile_bias[col] : 0.0f);
       }
+  if (split) sum_splits_if_last<BM>(out, sum_out, bias, counters, rows, n, col0, row0);
 }
 
 #define QGEMM(BM)                                                                            \
   extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_w4_m##BM##_f32(           \
       const float *x, const uint8_t *packed, const f16 *scales, const f16 *mins,             \
       const float *bias, float *out, uint32_t rows, uint32_t k, uint32_t n, uint32_t group,  \
-      uint32_t steps_per_chunk) {                                                            \
+      uint32_t steps_per_chunk, float *sum_out, uint32_t *counters) {                        \
     W4Loader w{packed, scales, mins, k, n, group, {}, 0u, 0u};                               \
-    gemm<float, BM>(x, w, bias, out, rows, k, n, steps_per_chunk);                           \
+    gemm<float, BM>(x, w, bias, out, rows, k, n, steps_per_chunk, sum_out, counters);        \
   }                                                                                          \
   VELLUM_EXPORT(gemm_w4_m##BM##_f32)                                                         \
   extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_w8_m##BM##_f32(           \
       const float *x, const int8_t *q, const float *scales, const float *bias, float *out,   \
-      uint32_t rows, uint32_t k, uint32_t n, uint32_t group, uint32_t steps_per_chunk) {     \
+      uint32_t rows, uint32_t k, uint32_t n, uint32_t group, uint32_t steps_per_chunk,       \
+      float *sum_out, uint32_t *counters) {                                                  \
     W8Loader w{q, scales, k, n, group, {}, {}};                                              \
-    gemm<float, BM>(x, w, bias, out, rows, k, n, steps_per_chunk);                           \
+    gemm<float, BM>(x, w, bias, out, rows, k, n, steps_per_chunk, sum_out, counters);        \
   }                                                                                          \
   VELLUM_EXPORT(gemm_w8_m##BM##_f32)
 QGEMM(16)
 QGEMM(64)
-
-// out[i] = Σ_z partials[z * len + i] (+ bias[i % n]), z in order: the end of a split-K GEMM.
-extern "C" __global__ void gemm_sum_splits_f32(const float *partials, uint32_t splits,
-                                               const float *bias, float *out, uint32_t len,
-                                               uint32_t n) {
-  uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= len) return;
-  float s = 0.0f;
-  for (uint32_t z = 0; z < splits; ++z) s += partials[(size_t)z * len + i];
-  out[i] = s + (bias ? bias[i % n] : 0.0f);
-}
-VELLUM_EXPORT(gemm_sum_splits_f32)

@@ -59,6 +59,35 @@ const GEMM_THREADS: u32 = 128;
 /// sweeps it); the GEMM's registers allow about five such blocks per multiprocessor.
 const DEFAULT_GEMM_BLOCKS_PER_SM: usize = 4;
 
+/// What a split-K GEMM needs beside its output: room for every split's partial tiles (each
+/// split writes all of its own, so it needs no clearing), and a counter per column tile, at
+/// zero between launches (the tile's last split resets it; new counters are allocated
+/// zeroed). Grown as needed, kept between matmuls: an allocation per matmul would cost more
+/// than a decode matmul.
+#[derive(Default)]
+struct GemmScratch {
+    partials: Option<(OwnedBuffer, usize)>,
+    counters: Option<(OwnedBuffer, usize)>,
+}
+
+impl GemmScratch {
+    /// The partials (`floats` f32) and the counters (`tiles` u32), grown to fit.
+    fn for_split(&mut self, be: &CudaBackend, floats: usize, tiles: usize) -> Result<(Arg, Arg)> {
+        for (slot, bytes) in [
+            (&mut self.partials, floats * 4),
+            (&mut self.counters, tiles * 4),
+        ] {
+            if slot.as_ref().is_none_or(|(_, size)| *size < bytes) {
+                *slot = None; // freed before its replacement is allocated
+                *slot = Some((be.keep(be.zeroed(bytes)?), bytes));
+            }
+        }
+        let arg =
+            |slot: &Option<(OwnedBuffer, usize)>| slot.as_ref().map_or(Arg::Ptr(0), |b| b.0.arg());
+        Ok((arg(&self.partials), arg(&self.counters)))
+    }
+}
+
 /// A small array's bytes as sent, and its device copy (see `CudaBackend::arrays`).
 type SentArray = (Vec<u8>, Arc<OwnedBuffer>);
 
@@ -71,10 +100,8 @@ pub struct CudaBackend {
     gemm_min_rows: AtomicUsize,
     /// See `set_gemm_blocks_per_sm`; atomic for the same reason.
     gemm_blocks_per_sm: AtomicUsize,
-    /// The split-K GEMM's partial sums, kept between ops and grown as needed (an
-    /// allocation per matmul would cost more than a decode matmul); with its size in bytes.
-    /// Held locked from the GEMM's launch to its sum's, so no two matmuls share it.
-    gemm_partials: Mutex<Option<(OwnedBuffer, usize)>>,
+    /// The split-K GEMM's scratch, kept between ops and grown as needed.
+    gemm_scratch: Mutex<GemmScratch>,
     /// The small arrays ops read beside the activations (a batch's positions, slot mapping
     /// and block tables; the rotary frequencies), by role: the last one sent for each, with
     /// its bytes, reused while an op's array equals it. Every layer of a step reads the same
@@ -102,7 +129,7 @@ impl CudaBackend {
             split_keys: DEFAULT_SPLIT_KEYS,
             gemm_min_rows: AtomicUsize::new(gemm_min_rows),
             gemm_blocks_per_sm: AtomicUsize::new(DEFAULT_GEMM_BLOCKS_PER_SM),
-            gemm_partials: Mutex::new(None),
+            gemm_scratch: Mutex::new(GemmScratch::default()),
             arrays: Mutex::new(HashMap::new()),
         }
     }
@@ -532,23 +559,15 @@ impl CudaBackend {
         } else {
             1
         };
-        // Every split writes every output of its slice: the scratch needs no clearing.
-        let mut scratch = self.gemm_partials.lock().unwrap_or_else(|e| e.into_inner());
-        let partials = if splits > 1 {
-            let bytes = splits * rows * n * 4;
-            if scratch.as_ref().is_none_or(|(_, size)| *size < bytes) {
-                *scratch = None; // freed before its replacement is allocated
-                *scratch = Some((self.keep(self.zeroed(bytes)?), bytes));
-            }
-            scratch.as_ref().map(|(b, _)| b.arg())
+        // Launches queue in order on one stream, so matmuls can share the scratch one after another.
+        let mut scratch = self.gemm_scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let (dst, sum_out, counters) = if splits > 1 {
+            let (partials, counters) = scratch.for_split(self, splits * rows * n, tiles.0)?;
+            (partials, out, counters)
         } else {
-            None
+            (out, Arg::Ptr(0), Arg::Ptr(0))
         };
-        let (dst, tile_bias) = match partials {
-            Some(p) => (p, Arg::Ptr(0)),
-            None => (out, bias),
-        };
-        let Ok((kind, mut args, group)) = w.quantized_args(x, tile_bias, dst) else {
+        let Ok((kind, mut args, group)) = w.quantized_args(x, bias, dst) else {
             return Err(CudaError::Launch {
                 kernel: "gemm".into(),
                 detail: "dense weights have no tensor-core kernel".into(),
@@ -556,7 +575,12 @@ impl CudaBackend {
             .into());
         };
         args.extend([rows, k, n].map(|v| Arg::U32(v as u32)));
-        args.extend([Arg::U32(group), Arg::U32(per_chunk as u32)]);
+        args.extend([
+            Arg::U32(group),
+            Arg::U32(per_chunk as u32),
+            sum_out,
+            counters,
+        ]);
         let cfg = LaunchConfig {
             grid: (tiles.0 as u32, tiles.1 as u32, splits as u32),
             block: (GEMM_THREADS, 1, 1),
@@ -567,21 +591,7 @@ impl CudaBackend {
             &format!("gemm_{kind}_m{tile_rows}_f32"),
             cfg,
             &args,
-        )?;
-        if let Some(p) = partials {
-            let len = (rows * n) as u32;
-            let cfg = LaunchConfig::linear(len.div_ceil(ROW_THREADS), ROW_THREADS);
-            let args = [
-                p,
-                Arg::U32(splits as u32),
-                bias,
-                out,
-                Arg::U32(len),
-                Arg::U32(n as u32),
-            ];
-            self.launch("qgemm", "gemm_sum_splits_f32", cfg, &args)?;
-        }
-        Ok(())
+        )
     }
 
     fn upload_int4(
