@@ -638,12 +638,12 @@ impl Model {
                 detail: format!("logit row {bad} of {t} tokens"),
             }));
         }
-        // The selected rows, gathered on the host: the residual stream comes back once per
-        // step, and only these rows go on to the LM head.
+        // Only the selected rows go on to the LM head.
+        let rows: Vec<u32> = logit_rows.iter().map(|&r| r as u32).collect();
         let select = |x: &Tensor| -> Result<Tensor> {
-            let x = x.host()?;
-            let rows = logit_rows.iter().flat_map(|&r| &x[r * h..(r + 1) * h]);
-            Ok(Tensor::from(rows.copied().collect::<Vec<f32>>()))
+            let mut out = Tensor::zeros(rows.len() * h);
+            backend.gather_rows(x, h, &rows, &mut out)?;
+            Ok(out)
         };
         let mut sel_res = select(&acts.residual)?;
         let sel_delta = acts.has_delta.then(|| select(&acts.delta)).transpose()?;

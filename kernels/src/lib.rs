@@ -118,6 +118,18 @@ pub trait Backend: Send + Sync {
         out: &mut Tensor,
     ) -> Result<()>;
 
+    /// `out[i] = x[rows[i]]`, rows of `width` values: the rows of the residual stream that
+    /// go on to the LM head. Default: on the host.
+    fn gather_rows(&self, x: &Tensor, width: usize, rows: &[u32], out: &mut Tensor) -> Result<()> {
+        shapes::gather_rows(x, width, rows, out)?;
+        let x = x.host()?;
+        let out = out.host_for_overwrite();
+        for (o, &r) in out.chunks_exact_mut(width).zip(rows) {
+            o.copy_from_slice(&x[r as usize * width..(r as usize + 1) * width]);
+        }
+        Ok(())
+    }
+
     /// `gate = silu(gate) * up`, element-wise, in place.
     fn silu_mul(&self, gate: &mut Tensor, up: &Tensor) -> Result<()>;
 

@@ -144,6 +144,22 @@ pub fn attention(
     })
 }
 
+/// Every row index is a row of `x`.
+pub fn gather_rows(x: &Tensor, width: usize, rows: &[u32], out: &Tensor) -> Result<()> {
+    let have = x.len().checked_div(width).unwrap_or(0);
+    let ok = width > 0
+        && x.len() == have * width
+        && out.len() == rows.len() * width
+        && rows.iter().all(|&r| (r as usize) < have);
+    check("gather_rows", ok, || {
+        format!(
+            "rows {rows:?} of {} floats in rows of {width}, out {} floats",
+            x.len(),
+            out.len()
+        )
+    })
+}
+
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<()> {
     check("silu_mul", gate.len() == up.len(), || {
         format!("gate {} floats, up {}", gate.len(), up.len())

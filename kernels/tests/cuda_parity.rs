@@ -355,6 +355,27 @@ fn silu_mul_log_softmax_and_argmax_match() {
     }
 }
 
+#[test]
+fn gather_rows_matches_and_refuses_a_row_out_of_range() {
+    let cpu = Cpu::new();
+    let mut rng = Rng(10);
+    let (rows, width) = (7usize, 33usize);
+    let x = Tensor::from(rng.vec(rows * width));
+    let pick = [6u32, 0, 3, 3];
+    for be in backends() {
+        let (mut got, mut want) = (Tensor::zeros(4 * width), Tensor::zeros(4 * width));
+        be.gather_rows(&x, width, &pick, &mut got).unwrap();
+        cpu.gather_rows(&x, width, &pick, &mut want).unwrap();
+        let got = host(&got);
+        assert_eq!(got, host(&want), "{} gather_rows", be.name());
+        assert_eq!(got[..width], host(&x)[6 * width..]);
+        let err = be
+            .gather_rows(&x, width, &[7], &mut Tensor::zeros(width))
+            .unwrap_err();
+        assert!(err.to_string().contains("gather_rows"), "{err}");
+    }
+}
+
 /// Launches a one-input cast kernel over `input` and returns the output elements.
 fn cast<I: Pod, O: Pod>(rt: &dyn KernelRuntime, kernel: &str, input: &[I]) -> Vec<O> {
     let src = DeviceBuffer::upload(rt, input).unwrap();

@@ -14,9 +14,9 @@
 //! The batch's positions, slot mapping and block tables, and the rotary frequencies, go up
 //! once per step: each is kept by role while the next op's equal it (`CudaBackend::arrays`).
 //!
-//! So a decode step sends its token ids and the LM head's rows, and brings back the
-//! residual rows and the log-probabilities, with no copy between its layers: the shape CUDA
-//! graphs need. Its device memory comes from a caching allocator ([`super::caching`]), so a
+//! The rows the LM head reads are gathered on the device (`gather_rows`). So a decode step
+//! sends its token ids and brings back the log-probabilities, with no copy between its
+//! layers: the shape CUDA graphs need. Its device memory comes from a caching allocator ([`super::caching`]), so a
 //! step reuses the last one's.
 
 use super::runtime::{Arg, DeviceBuffer, KernelRuntime, LaunchConfig, Pod};
@@ -1113,6 +1113,20 @@ impl Backend for CudaBackend {
         args.push(od);
         args.extend(layout);
         self.launch("attention", &format!("attention_f32{kv_kind}"), cfg, &args)
+    }
+
+    /// On the device, with the embedding lookup's kernel (`x` as a table of rows).
+    fn gather_rows(&self, x: &Tensor, width: usize, rows: &[u32], out: &mut Tensor) -> Result<()> {
+        shapes::gather_rows(x, width, rows, out)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let xd = self.input(x)?;
+        let rd = self.array("gathered_rows", rows)?;
+        let od = self.output(out)?;
+        let cfg = LaunchConfig::linear(rows.len() as u32, row_threads(width));
+        let args = [xd.arg(), rd.arg(), od, Arg::U32(width as u32)];
+        self.launch("elementwise", "embedding_f32_f32", cfg, &args)
     }
 
     fn silu_mul(&self, gate: &mut Tensor, up: &Tensor) -> Result<()> {
