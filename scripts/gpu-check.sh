@@ -6,6 +6,10 @@
 #                                  # test executables into gpu-carry/ (git-ignored, carried)
 #   scripts/gpu-check.sh run       # on the GPU machine (no Rust needed): runs every GPU test
 #                                  # and the GPU benches, prints a short table last
+#   scripts/gpu-check.sh engine [DEVICE [VELLUM]]
+#                                  # the engine end to end on DEVICE (default cuda:0) against
+#                                  # the CPU, part of `run` (here: with cuda-emu and
+#                                  # target/release/vellum, to check the check)
 #
 # The run step needs libcuda (the driver) and libnvrtc (the CUDA toolkit's, or the wheel from
 # scripts/install-nvrtc.sh) on the library path; it fails rather than skips without a GPU.
@@ -64,6 +68,12 @@ run() {
       tail -30 "$carry/$t.log"
     fi
   done
+  if engine_check cuda:0 "$carry/vellum" >"$carry/engine.log" 2>&1; then
+    status+=("engine end to end|ok|$(tail -1 "$carry/engine.log")")
+  else
+    status+=("engine end to end|FAILED|see $carry/engine.log")
+    tail -30 "$carry/engine.log"
+  fi
   # Weights, KV cache and activations stay on the device, but kernels are launched one by
   # one (no CUDA graphs), so these decode figures are a floor, not the kernels' speed.
   # Issue #7's end-to-end comparison: int4 (and int8) against bf16, batch 1 and 64.
@@ -98,8 +108,56 @@ PY
   cat "$carry/cuda_gemv.md" 2>/dev/null || true
 }
 
+# The engine end to end on a device, against the CPU's f32 path, on the committed tiny GGUF
+# (tests/golden/spm_llama.gguf, with its tokenizer): scores through the GEMV (exact f32
+# products: within 1e-5) and the tensor-core GEMM (f16 rounding: within 1e-2), int8 and
+# int4 weights, f16 and int8 KV caches; and parallel samples (copy-on-write of KV blocks
+# written on the device) give the CPU's tokens.
+engine_check() {
+  local device="${1:-cuda:0}" vellum="${2:-target/release/vellum}"
+  local model=tests/golden/spm_llama.gguf tmp
+  tmp=$(mktemp -d)
+  printf '%s\n' '{"id":"a","text":"hello world, hello again, and once more"}' \
+    '{"id":"b","context":"once upon a time","continuation":" there was a world"}' >"$tmp/in.jsonl"
+  local q kv
+  for q in int8 int4; do
+    for kv in f16 int8; do
+      local args=(score -m "$model" -q --quant "$q" --kv-dtype "$kv" --input "$tmp/in.jsonl")
+      VELLUM_INT_DOT=0 "$vellum" "${args[@]}" --device cpu >"$tmp/cpu-$q-$kv.jsonl"
+      VELLUM_CUDA_GEMM=0 "$vellum" "${args[@]}" --device "$device" >"$tmp/gemv-$q-$kv.jsonl"
+      "$vellum" "${args[@]}" --device "$device" >"$tmp/gemm-$q-$kv.jsonl"
+    done
+  done
+  printf '%s\n' '{"id":"s","prompt":"hello world","max_tokens":8,"seed":5,"temperature":0.8}' >"$tmp/gen.jsonl"
+  local gen=(generate -m "$model" -q --n 3 --input "$tmp/gen.jsonl")
+  VELLUM_INT_DOT=0 "$vellum" "${gen[@]}" --device cpu >"$tmp/gen-cpu.jsonl"
+  VELLUM_CUDA_GEMM=0 "$vellum" "${gen[@]}" --device "$device" >"$tmp/gen-dev.jsonl"
+  python3 - "$tmp" <<'PY'
+import json, sys
+d = sys.argv[1]
+def lines(name):
+    return [json.loads(l) for l in open(f"{d}/{name}") if l.strip()]
+worst = {"gemv": 0.0, "gemm": 0.0}
+for q in ("int8", "int4"):
+    for kv in ("f16", "int8"):
+        cpu = lines(f"cpu-{q}-{kv}.jsonl")
+        for kernel, tol in (("gemv", 1e-5), ("gemm", 1e-2)):
+            for c, g in zip(cpu, lines(f"{kernel}-{q}-{kv}.jsonl")):
+                a, b = c["total_logprob"], g["total_logprob"]
+                rel = abs(a - b) / abs(a)
+                worst[kernel] = max(worst[kernel], rel)
+                assert rel < tol, f"{kernel} {q} KV {kv} line {c['id']}: {b} vs the CPU's {a} ({rel:.1e})"
+cpu, dev = lines("gen-cpu.jsonl"), lines("gen-dev.jsonl")
+samples = lambda r: [r["completion"]] + [s["completion"] for s in r.get("more_samples", [])]
+assert samples(cpu[0]) == samples(dev[0]), f"parallel samples: {samples(dev[0])} vs the CPU's {samples(cpu[0])}"
+print(f"scores within {worst['gemv']:.1e} (GEMV) and {worst['gemm']:.1e} (GEMM) of the CPU's; {len(samples(cpu[0]))} samples equal")
+PY
+  rm -rf "$tmp"
+}
+
 case "${1:-}" in
   prepare) prepare ;;
   run) run ;;
-  *) echo "usage: $0 prepare|run" >&2; exit 2 ;;
+  engine) engine_check "${2:-cuda:0}" "${3:-target/release/vellum}" ;;
+  *) echo "usage: $0 prepare|run|engine [DEVICE [VELLUM]]" >&2; exit 2 ;;
 esac
