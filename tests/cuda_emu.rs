@@ -166,7 +166,7 @@ fn a_forward_pass_moves_only_tokens_and_logits() {
 
 /// Parallel samples share their prompt's blocks and each copies the partly filled one before
 /// writing into it (copy-on-write). On the CUDA backend, whose KV writes stay on the device,
-/// the copy brings them back first: seeded samples give the CPU backend's tokens.
+/// the block is copied there: seeded samples give the CPU backend's tokens.
 #[test]
 fn parallel_samples_copy_device_written_blocks_on_the_emulated_cuda_backend() {
     use vellum::engine::Request;

@@ -141,6 +141,14 @@ CAST(cast_f32_to_bf16, bf16, float)
 CAST(cast_f16_to_f32, float, f16)
 CAST(cast_bf16_to_f32, float, bf16)
 
+// Grid-stride copy of n bytes between ranges that do not overlap: a KV block's slots copied
+// on the device (copy-on-write).
+extern "C" __global__ void copy_u8(const uint8_t *in, uint8_t *out, uint32_t n) {
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+    out[i] = in[i];
+}
+VELLUM_EXPORT(copy_u8)
+
 // Grid-stride copy of n floats: the device-to-device bandwidth kernel benchmarks compare with.
 extern "C" __global__ void copy_f32(const float *in, float *out, uint32_t n) {
   for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)

@@ -276,6 +276,9 @@ fn saturate(out: &mut [f16], values: &[f32]) {
 pub trait DevicePools: Any + Send + Sync {
     /// Copies the device pools into `k` and `v` (which have their shape and dtype).
     fn download(&self, k: &mut KvData, v: &mut KvData) -> crate::Result<()>;
+    /// Copies slots `src..src + slots` of every device pool to `dst..dst + slots` (ranges
+    /// that do not overlap), queued like a launch.
+    fn copy_slots(&self, src: usize, dst: usize, slots: usize) -> crate::Result<()>;
     fn as_any(&self) -> &dyn Any;
 }
 
@@ -285,9 +288,10 @@ pub trait DevicePools: Any + Send + Sync {
 /// The pools live on the host and, once a backend with device memory has used them, in its
 /// device copy too. That backend writes new slots on the device only: the host pools go
 /// stale (`host_stale`) until something reads them there ([`KvLayer::host_pools`],
-/// [`KvLayer::pools_mut`], [`KvLayer::copy_block`]), which brings the values back first.
+/// [`KvLayer::pools_mut`], [`KvLayer::try_clone`]), which brings the values back first.
 /// A change on the host drops the device copy, and the backend rebuilds it when it next
-/// needs it.
+/// needs it; [`KvLayer::copy_block`] copies on both sides instead (or on the device alone
+/// while only it holds the values).
 #[derive(Debug)]
 pub struct KvLayer {
     pub(crate) k: KvData,
@@ -417,13 +421,20 @@ impl KvLayer {
         self.num_blocks * self.block_size
     }
 
-    /// Copies one whole block's K and V to another (copy-on-write), on the host: values
-    /// only a device copy holds are brought back first, and the device copy is dropped.
+    /// Copies one whole block's K and V to another (copy-on-write): in the device copy, if
+    /// there is one, and on the host unless only the device holds the values (the host
+    /// stays stale then), so that a parallel sample's fork costs no round trip.
     pub fn copy_block(&mut self, src: usize, dst: usize) -> crate::Result<()> {
-        let w = self.block_size * self.slot_width();
-        let (k, v) = self.pools_mut()?;
-        k.copy_within(src * w..(src + 1) * w, dst * w);
-        v.copy_within(src * w..(src + 1) * w, dst * w);
+        let slots = self.block_size;
+        if let Some(device) = self.device.get() {
+            device.copy_slots(src * slots, dst * slots, slots)?;
+            if self.host_stale {
+                return Ok(());
+            }
+        }
+        let w = slots * self.slot_width();
+        self.k.copy_within(src * w..(src + 1) * w, dst * w);
+        self.v.copy_within(src * w..(src + 1) * w, dst * w);
         Ok(())
     }
 }

@@ -173,9 +173,10 @@ fn decode_case(dtype: KvDtype) -> (KvLayer, BatchLayout) {
 /// the first attention over a layer; then an attention sends its queries and batch layout,
 /// not the pools, and a write stores its slots on the device only, as the host would have
 /// (bit for bit, once brought back), sending nothing but its rows. The host pools are then
-/// stale until read there (`host_pools`, `try_clone`, `copy_block`), which brings them back
-/// once. A change to the host pools (`pools_mut`, `copy_block`) drops the device copy, and
-/// the next attention sends them again.
+/// stale until read there (`host_pools`, `try_clone`), which brings them back once. A block
+/// copy (copy-on-write) is made on the device too, and on the host unless it is stale. A
+/// change to the host pools (`pools_mut`) drops the device copy, and the next attention
+/// sends them again.
 #[test]
 fn kv_pools_stay_on_the_device_between_ops() {
     let cpu = Cpu::new();
@@ -270,20 +271,45 @@ fn kv_pools_stay_on_the_device_between_ops() {
                 rt.take_uploaded() >= 2 * pool_bytes,
                 "{dtype:?}: a host change, sent again"
             );
-            // A copy-on-write after a device write: the write comes back first.
+            // A copy-on-write after a device write: on the device alone, nothing moved.
             write(&mut cache, &mut host, 11);
+            rt.take_uploaded();
+            rt.take_downloaded();
             cache.copy_block(3, 0).unwrap();
             host.copy_block(3, 0).unwrap();
+            let moved = rt.take_uploaded() + rt.take_downloaded();
+            assert_eq!(moved, 0, "{dtype:?}: a block copied on the device");
+            assert!(cache.host_is_stale());
+            attend(&cache, &host);
+            assert!(
+                rt.take_uploaded() < pool_bytes / 4,
+                "{dtype:?}: the pools stayed"
+            );
             assert_eq!(
                 cache.host_pools().unwrap(),
                 host.host_pools().unwrap(),
-                "{dtype:?}: a block copied after a device write"
+                "{dtype:?}: a block copied after a device write, brought back"
             );
-            rt.take_uploaded();
+            // With the host in step: copied on both sides, the device copy kept.
+            cache.copy_block(0, 2).unwrap();
+            host.copy_block(0, 2).unwrap();
+            assert!(!cache.host_is_stale());
             attend(&cache, &host);
             assert!(
-                rt.take_uploaded() >= 2 * pool_bytes,
-                "{dtype:?}: a copied block, sent again"
+                rt.take_uploaded() < pool_bytes / 4,
+                "{dtype:?}: the pools stayed"
+            );
+            // The read-back, the two attentions' outputs, and no more: nothing for the copy.
+            let read_back = 2 * pool_bytes + 2 * q.len() * 4;
+            assert_eq!(
+                rt.take_downloaded(),
+                read_back,
+                "{dtype:?}: bytes brought back"
+            );
+            assert_eq!(
+                cache.host_pools().unwrap(),
+                host.host_pools().unwrap(),
+                "{dtype:?}: a block copied on both sides"
             );
         }
     }

@@ -782,6 +782,21 @@ impl crate::attention::DevicePools for ResidentKv {
         Ok(())
     }
 
+    fn copy_slots(&self, src: usize, dst: usize, slots: usize) -> Result<()> {
+        for (buf, row_bytes) in &self.pools.planes {
+            let bytes = slots * row_bytes;
+            let blocks = (bytes as u32).div_ceil(256).clamp(1, 1024);
+            let args = [
+                Arg::Ptr(buf.ptr + (src * row_bytes) as u64),
+                Arg::Ptr(buf.ptr + (dst * row_bytes) as u64),
+                Arg::U32(bytes as u32),
+            ];
+            let cfg = LaunchConfig::linear(blocks, 256);
+            self.rt.launch("elementwise", "copy_u8", &cfg, &args)?;
+        }
+        Ok(())
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
