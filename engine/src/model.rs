@@ -586,9 +586,8 @@ impl Model {
                 },
             ],
         )?;
-        backend.rotary(&mut a.q, &batch.positions, c.num_heads, &self.rope)?;
-        backend.rotary(&mut a.k, &batch.positions, c.num_kv_heads, &self.rope)?;
-        backend.write_kv(cache, &a.k, &a.v, &batch.slot_mapping)?;
+        let qkv = (&mut a.q, &mut a.k, &a.v);
+        backend.rotary_write_kv(qkv, c.num_heads, &self.rope, cache, batch)?;
         backend.attention(&a.q, cache, batch, c.num_heads, &mut a.attn)?;
         seen(LinearInput::AttentionOutput, &a.attn)?;
         backend.matmul(&a.attn, &layer.o, None, &mut a.delta)?;

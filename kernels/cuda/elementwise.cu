@@ -20,13 +20,11 @@ EMBEDDING(embedding_f32_bf16, float, bf16)
 EMBEDDING(embedding_f16_f16, f16, f16)
 EMBEDDING(embedding_bf16_bf16, bf16, bf16)
 
-// grid.x = tokens; rotates every head of x[t] (half-rotation layout) at positions[t].
+// Rotates every head of one token's row (half-rotation layout) at position pos.
 template <class T>
-__device__ void rotary(T *x, const uint32_t *positions, const float *inv_freq, uint32_t n_heads,
-                       uint32_t head_dim) {
+__device__ void rotary_row(T *row, float pos, const float *inv_freq, uint32_t n_heads,
+                           uint32_t head_dim) {
   uint32_t half = head_dim / 2;
-  T *row = x + (size_t)blockIdx.x * n_heads * head_dim;
-  float pos = (float)positions[blockIdx.x];
   for (uint32_t idx = threadIdx.x; idx < n_heads * half; idx += blockDim.x) {
     uint32_t h = idx / half, i = idx % half;
     float s, c;
@@ -36,6 +34,14 @@ __device__ void rotary(T *x, const uint32_t *positions, const float *inv_freq, u
     *a = from_f32<T>(x0 * c - x1 * s);
     *b = from_f32<T>(x1 * c + x0 * s);
   }
+}
+
+// grid.x = tokens; rotates every head of x[t] at positions[t].
+template <class T>
+__device__ void rotary(T *x, const uint32_t *positions, const float *inv_freq, uint32_t n_heads,
+                       uint32_t head_dim) {
+  T *row = x + (size_t)blockIdx.x * n_heads * head_dim;
+  rotary_row(row, (float)positions[blockIdx.x], inv_freq, n_heads, head_dim);
 }
 #define ROTARY(name, T)                                                                      \
   extern "C" __global__ void name(T *x, const uint32_t *positions, const float *inv_freq,   \
@@ -99,9 +105,9 @@ __device__ float quantize_kv_group(const float *x, int8_t *codes, uint32_t group
 
 // grid.x = tokens; int8 pools: each thread quantizes one group of `group` values (of K, then
 // of V) of token t's rows into slot slots[t]: codes, and the group's scale.
-extern "C" __global__ void write_kv_int8(const float *k, const float *v, int8_t *k_codes,
-                                         float *k_scales, int8_t *v_codes, float *v_scales,
-                                         const uint32_t *slots, uint32_t width, uint32_t group) {
+__device__ void write_kv_int8_token(const float *k, const float *v, int8_t *k_codes,
+                                    float *k_scales, int8_t *v_codes, float *v_scales,
+                                    const uint32_t *slots, uint32_t width, uint32_t group) {
   size_t from = (size_t)blockIdx.x * width, to = (size_t)slots[blockIdx.x] * width;
   uint32_t groups = width / group;
   for (uint32_t i = threadIdx.x; i < 2 * groups; i += blockDim.x) {
@@ -112,7 +118,45 @@ extern "C" __global__ void write_kv_int8(const float *k, const float *v, int8_t 
     *scale = quantize_kv_group((is_v ? v : k) + from + at, codes, group);
   }
 }
+extern "C" __global__ void write_kv_int8(const float *k, const float *v, int8_t *k_codes,
+                                         float *k_scales, int8_t *v_codes, float *v_scales,
+                                         const uint32_t *slots, uint32_t width, uint32_t group) {
+  write_kv_int8_token(k, v, k_codes, k_scales, v_codes, v_scales, slots, width, group);
+}
 VELLUM_EXPORT(write_kv_int8)
+
+// grid.x = tokens: rotary_f32 on token t's q and k rows (in place), then write_kv_* of its k
+// and v rows: the three ops between a layer's QKV matmul and its attention as one launch,
+// with the same arithmetic (so the same bits).
+__device__ void rotary_qk(float *q, float *k, const uint32_t *positions, const float *inv_freq,
+                          uint32_t n_heads, uint32_t n_kv, uint32_t head_dim) {
+  float pos = (float)positions[blockIdx.x];
+  rotary_row(q + (size_t)blockIdx.x * n_heads * head_dim, pos, inv_freq, n_heads, head_dim);
+  rotary_row(k + (size_t)blockIdx.x * n_kv * head_dim, pos, inv_freq, n_kv, head_dim);
+  __syncthreads();  // the rotated k, which other threads of the block store
+}
+#define ROTARY_WRITE_KV(name, T)                                                              \
+  extern "C" __global__ void name(float *q, float *k, const float *v, T *k_pool, T *v_pool,    \
+                                  const uint32_t *positions, const float *inv_freq,            \
+                                  const uint32_t *slots, uint32_t n_heads, uint32_t n_kv,      \
+                                  uint32_t head_dim) {                                         \
+    rotary_qk(q, k, positions, inv_freq, n_heads, n_kv, head_dim);                             \
+    write_kv<T>(k, v, k_pool, v_pool, slots, n_kv * head_dim);                                 \
+  }                                                                                            \
+  VELLUM_EXPORT(name)
+ROTARY_WRITE_KV(rotary_write_kv_f32, float)
+ROTARY_WRITE_KV(rotary_write_kv_f16, f16)
+extern "C" __global__ void rotary_write_kv_int8(float *q, float *k, const float *v,
+                                                int8_t *k_codes, float *k_scales,
+                                                int8_t *v_codes, float *v_scales,
+                                                const uint32_t *positions, const float *inv_freq,
+                                                const uint32_t *slots, uint32_t n_heads,
+                                                uint32_t n_kv, uint32_t head_dim,
+                                                uint32_t group) {
+  rotary_qk(q, k, positions, inv_freq, n_heads, n_kv, head_dim);
+  write_kv_int8_token(k, v, k_codes, k_scales, v_codes, v_scales, slots, n_kv * head_dim, group);
+}
+VELLUM_EXPORT(rotary_write_kv_int8)
 
 // Grid-stride over n elements: gate = silu(gate) * up.
 template <class T> __device__ void silu_mul(T *gate, const T *up, uint32_t n) {

@@ -107,6 +107,23 @@ pub trait Backend: Send + Sync {
         slot_mapping: &[u32],
     ) -> Result<()>;
 
+    /// The ops between a layer's QKV matmul and its attention, as one so that a backend can
+    /// fuse them: rotary on `q` (`n_heads` heads) and `k` (the cache's KV heads) at the
+    /// batch's positions, then `k` and `v` into the cache at its slot mapping. Default: the
+    /// three ops in turn.
+    fn rotary_write_kv(
+        &self,
+        (q, k, v): (&mut Tensor, &mut Tensor, &Tensor),
+        n_heads: usize,
+        rope: &Rope,
+        cache: &mut KvLayer,
+        batch: &BatchLayout,
+    ) -> Result<()> {
+        self.rotary(q, &batch.positions, n_heads, rope)?;
+        self.rotary(k, &batch.positions, cache.n_kv_heads, rope)?;
+        self.write_kv(cache, k, v, &batch.slot_mapping)
+    }
+
     /// Causal attention of the ragged batch's queries over the paged cache.
     /// `q`: `[T, n_heads * head_dim]`, `out`: same shape.
     fn attention(

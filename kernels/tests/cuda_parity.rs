@@ -355,6 +355,57 @@ fn silu_mul_log_softmax_and_argmax_match() {
     }
 }
 
+/// The fused rotary + KV write gives, bit for bit, what rotary, rotary and write_kv give on
+/// the same backend (q and k rotated in place, the pools brought back), and the CPU's
+/// values, for every KV dtype.
+#[test]
+fn rotary_write_kv_matches_the_separate_ops() {
+    let cpu = Cpu::new();
+    let mut rng = Rng(11);
+    let (n_heads, n_kv, hd) = (4usize, 2usize, 64usize);
+    let rope = Rope::new(hd, 10000.0, &RopeScaling::None);
+    for be in backends() {
+        for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Int8] {
+            let (cache0, batch) = paged_case(&mut rng, n_kv, hd, 16, dtype);
+            let t = batch.num_tokens();
+            let (q0, k0) = (rng.vec(t * n_heads * hd), rng.vec(t * n_kv * hd));
+            let v = Tensor::from(rng.vec(t * n_kv * hd));
+            // (q, k, K and V pools as f32) after the ops, fused or one by one.
+            let run = |be: &dyn Backend, fused: bool| {
+                let mut cache = cache0.try_clone().unwrap();
+                let (mut q, mut k) = (Tensor::from(&q0[..]), Tensor::from(&k0[..]));
+                if fused {
+                    let qkv = (&mut q, &mut k, &v);
+                    be.rotary_write_kv(qkv, n_heads, &rope, &mut cache, &batch)
+                        .unwrap();
+                } else {
+                    be.rotary(&mut q, &batch.positions, n_heads, &rope).unwrap();
+                    be.rotary(&mut k, &batch.positions, n_kv, &rope).unwrap();
+                    be.write_kv(&mut cache, &k, &v, &batch.slot_mapping)
+                        .unwrap();
+                }
+                let (kp, vp) = cache.host_pools().unwrap();
+                [host(&q), host(&k), kp.to_f32(), vp.to_f32()]
+            };
+            let bits = |v: &[Vec<f32>; 4]| {
+                let bits = |x: &Vec<f32>| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                v.iter().map(bits).collect::<Vec<_>>()
+            };
+            let fused = run(&be, true);
+            let what = format!("{} {dtype:?}", be.name());
+            assert_eq!(
+                bits(&fused),
+                bits(&run(&be, false)),
+                "{what}: fused vs separate"
+            );
+            let want = run(&cpu, true);
+            for (i, tol) in [(0, 1e-6), (1, 1e-6), (2, 1e-2), (3, 1e-2)] {
+                assert_close(&format!("{what} output {i}"), &fused[i], &want[i], tol);
+            }
+        }
+    }
+}
+
 #[test]
 fn gather_rows_matches_and_refuses_a_row_out_of_range() {
     let cpu = Cpu::new();

@@ -358,6 +358,17 @@ impl CudaBackend {
         self.is_runtime(&copy.rt).then_some(copy)
     }
 
+    /// This backend's device copy of a layer's pools, for a write that stores new slots there
+    /// only, rounded as the host stores them (KvData::write): made first if need be (another
+    /// backend's copy brings its values home first).
+    fn kv_to_write<'c>(&self, cache: &'c mut KvLayer) -> Result<&'c ResidentKv> {
+        if self.own_kv(cache).is_none() {
+            cache.drop_device_copy()?;
+            self.kv_on_device(cache)?;
+        }
+        Ok(self.own_kv(cache).expect("made above"))
+    }
+
     /// Whether `rt` is this backend's runtime (device copies are only valid there).
     fn is_runtime(&self, rt: &Arc<dyn KernelRuntime>) -> bool {
         std::ptr::addr_eq(Arc::as_ptr(rt), Arc::as_ptr(&self.rt))
@@ -1013,17 +1024,10 @@ impl Backend for CudaBackend {
         if t == 0 {
             return Ok(());
         }
-        if self.own_kv(cache).is_none() {
-            // Another backend's copy: its values come home, then ours goes up.
-            cache.drop_device_copy()?;
-            self.kv_on_device(cache)?;
-        }
-        let mirror = self.own_kv(cache).expect("made above");
-        // The new slots are stored on the device only, rounded as the host stores them
-        // (KvData::write): the host pools go stale until someone reads them there.
+        let width = cache.slot_width();
+        let mirror = self.kv_to_write(cache)?;
         let (kd, vd) = (self.input(k)?, self.input(v)?);
         let sd = self.array("slot_mapping", slot_mapping)?;
-        let width = cache.slot_width();
         let mut args = vec![kd.arg(), vd.arg()];
         args.extend(mirror.pools.planes.iter().map(|(b, _)| b.arg()));
         args.extend([sd.arg(), Arg::U32(width as u32)]);
@@ -1036,6 +1040,47 @@ impl Backend for CudaBackend {
             }
         };
         let cfg = LaunchConfig::linear(t as u32, row_threads(width));
+        self.launch("elementwise", kernel, cfg, &args)?;
+        cache.mark_written_on_device();
+        Ok(())
+    }
+
+    /// Rotary and the KV write in one launch (`rotary_write_kv_*`), with the same arithmetic
+    /// as `rotary` then `write_kv`.
+    fn rotary_write_kv(
+        &self,
+        (q, k, v): (&mut Tensor, &mut Tensor, &Tensor),
+        n_heads: usize,
+        rope: &Rope,
+        cache: &mut KvLayer,
+        batch: &BatchLayout,
+    ) -> Result<()> {
+        let n_kv = cache.n_kv_heads;
+        shapes::rotary(q, &batch.positions, n_heads, rope)?;
+        shapes::rotary(k, &batch.positions, n_kv, rope)?;
+        shapes::write_kv(cache, k, v, &batch.slot_mapping)?;
+        let (t, hd) = (batch.slot_mapping.len(), rope.head_dim);
+        if t == 0 || hd == 0 || n_heads == 0 {
+            return Ok(()); // nothing to rotate, nor to store
+        }
+        let mirror = self.kv_to_write(cache)?;
+        let (qd, kd, vd) = (self.in_place(q)?, self.in_place(k)?, self.input(v)?);
+        let mut args = vec![qd, kd, vd.arg()];
+        args.extend(mirror.pools.planes.iter().map(|(b, _)| b.arg()));
+        let pd = self.array("positions", &batch.positions)?;
+        let fd = self.array("inv_freq", &rope.inv_freq)?;
+        let sd = self.array("slot_mapping", &batch.slot_mapping)?;
+        args.extend([pd.arg(), fd.arg(), sd.arg()]);
+        args.extend([n_heads, n_kv, hd].map(|v| Arg::U32(v as u32)));
+        let kernel = match mirror.pools.dtype {
+            KvDtype::F32 => "rotary_write_kv_f32",
+            KvDtype::F16 => "rotary_write_kv_f16",
+            KvDtype::Int8 => {
+                args.push(Arg::U32(1 << mirror.pools.shift));
+                "rotary_write_kv_int8"
+            }
+        };
+        let cfg = LaunchConfig::linear(t as u32, 128);
         self.launch("elementwise", kernel, cfg, &args)?;
         cache.mark_written_on_device();
         Ok(())
