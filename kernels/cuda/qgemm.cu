@@ -16,7 +16,9 @@
 // depend on the other rows of the batch nor on the split (the Backend trait's promise).
 //
 // grid = (ceil(n / 64), ceil(rows / BM), splits), block = 128 threads; BM = 16 (the kernels
-// named _m16, for decode batches) or 64 (_m64). Host code: kernels/src/cuda/backend.rs.
+// named _m16, for decode batches) or 64 (_m64). The gemm3_* kernels take two or three
+// matrices of one input side by side along grid.x (Q, K and V; gate and up), each with its
+// own plan. Host code: kernels/src/cuda/backend.rs.
 #include "vellum.cuh"
 
 #define GEMM_BN 64
@@ -226,17 +228,23 @@ __device__ __forceinline__ float load_l2(const float *p) {
 // bias. Each block counts itself in `counters` (one per tile, zero between launches: the
 // last block resets its own) after its partials are visible device-wide; the block that
 // counts last reads them all. This saves the launch of a separate sum kernel per matmul.
+// Where a block works: its column tile (of its matrix), its split of k and the number of
+// splits, and its tile's counter. Read from the grid by a plain launch, worked out from the
+// parts by a grouped one.
+struct GemmTile {
+  uint32_t x, z, splits, counter;
+};
+
 template <int BM>
 __device__ void sum_splits_if_last(const float *partials, float *out, const float *bias,
                                    uint32_t *counters, uint32_t rows, uint32_t n,
-                                   uint32_t col0, uint32_t row0) {
+                                   uint32_t col0, uint32_t row0, GemmTile tile) {
   __shared__ uint32_t last;
   __threadfence();  // this thread's partials, before the block is counted
   __syncthreads();
   if (threadIdx.x == 0) {
-    uint32_t tile = blockIdx.y * gridDim.x + blockIdx.x;
-    last = atomicAdd(&counters[tile], 1u) == gridDim.z - 1;
-    if (last) counters[tile] = 0;  // every split has counted: ready for the next launch
+    last = atomicAdd(&counters[tile.counter], 1u) == tile.splits - 1;
+    if (last) counters[tile.counter] = 0;  // every split has counted: ready for the next launch
   }
   __syncthreads();
   if (!last) return;
@@ -246,25 +254,25 @@ __device__ void sum_splits_if_last(const float *partials, float *out, const floa
     if (row >= rows || col >= n) continue;
     size_t at = (size_t)row * n + col;
     float s = 0.0f;
-    for (uint32_t z = 0; z < gridDim.z; ++z) s += load_l2(partials + (size_t)z * rows * n + at);
+    for (uint32_t z = 0; z < tile.splits; ++z) s += load_l2(partials + (size_t)z * rows * n + at);
     out[at] = s + (bias ? bias[col] : 0.0f);
   }
 }
 
-// The block's tile: grid.x picks 64 columns, grid.y BM rows, grid.z a range of k. Unsplit
-// (grid.z = 1), it writes out = x·wᵀ + bias. Split, it writes its partial tile to
+// The block's tile: 64 columns (tile.x), BM rows (grid.y), a range of k (tile.z of
+// tile.splits). Unsplit, it writes out = x·wᵀ + bias. Split, it writes its partial tile to
 // partials[z] (`out`), and the last split of each tile sums them into `sum_out`.
 template <class T, int BM, class W>
 __device__ void gemm(const T *x, W w, const float *bias, float *out, uint32_t rows, uint32_t k,
                      uint32_t n, uint32_t steps_per_chunk, float *sum_out,
-                     uint32_t *counters) {
+                     uint32_t *counters, GemmTile tile) {
   constexpr int MT = BM / 16;
   __shared__ GemmStage<BM> stage;
-  uint32_t col0 = blockIdx.x * GEMM_BN, row0 = blockIdx.y * BM;
+  uint32_t col0 = tile.x * GEMM_BN, row0 = blockIdx.y * BM;
   uint32_t steps = (k + GEMM_BK - 1) / GEMM_BK;
-  uint32_t first = gridDim.z == 1 ? 0 : blockIdx.z * steps_per_chunk;
-  uint32_t last = gridDim.z == 1 || first + steps_per_chunk > steps ? steps
-                                                                     : first + steps_per_chunk;
+  uint32_t first = tile.splits == 1 ? 0 : tile.z * steps_per_chunk;
+  uint32_t last = tile.splits == 1 || first + steps_per_chunk > steps ? steps
+                                                                       : first + steps_per_chunk;
   uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
 
   float acc[MT][2][4], total[MT][2][4];
@@ -316,8 +324,8 @@ __device__ void gemm(const T *x, W w, const float *bias, float *out, uint32_t ro
     }
   }
 
-  bool split = gridDim.z > 1;
-  float *dst = out + (size_t)blockIdx.z * rows * n;
+  bool split = tile.splits > 1;
+  float *dst = out + (size_t)tile.z * rows * n;
   const float *tile_bias = split ? nullptr : bias;
 #pragma unroll
   for (int i = 0; i < MT; ++i)
@@ -330,8 +338,42 @@ __device__ void gemm(const T *x, W w, const float *bias, float *out, uint32_t ro
         if (row < rows && col < n)
           dst[(size_t)row * n + col] = total[i][j][c] + (tile_bias ? tile_bias[col] : 0.0f);
       }
-  if (split) sum_splits_if_last<BM>(out, sum_out, bias, counters, rows, n, col0, row0);
+  if (split) sum_splits_if_last<BM>(out, sum_out, bias, counters, rows, n, col0, row0, tile);
 }
+
+// A plain launch: the tile from the grid.
+__device__ __forceinline__ GemmTile grid_tile() {
+  return GemmTile{blockIdx.x, blockIdx.z, gridDim.z, blockIdx.y * gridDim.x + blockIdx.x};
+}
+
+// A grouped launch: up to three matrices of the same input and format side by side along
+// grid.x (Q, K and V; gate and up), each with its own column tiles, its own split of k (grid.z
+// is the largest; blocks past a part's splits leave at once) and its own slice of the
+// partials: the same tiles, chunks and sums as three plain launches, so the same bits.
+struct GroupPart {
+  uint32_t index, tile_x, splits;
+  size_t partials;  // floats before this part's partials
+};
+__device__ GroupPart group_part(const uint32_t n[3], const uint32_t splits[3], uint32_t rows) {
+  GroupPart p{0, blockIdx.x, splits[0], 0};
+  for (uint32_t i = 0; i < 2; ++i) {
+    uint32_t tiles = (n[i] + GEMM_BN - 1) / GEMM_BN;
+    if (p.tile_x < tiles) break;
+    p.tile_x -= tiles;
+    p.partials += (size_t)splits[i] * rows * n[i];
+    p.index = i + 1;
+    p.splits = splits[i + 1];
+  }
+  return p;
+}
+
+// One part's arguments in a grouped launch (a missing third part has n = 0 and no tiles).
+#define W4_PART_ARGS(i)                                                                      \
+  const uint8_t *packed##i, const f16 *scales##i, const f16 *mins##i, const float *bias##i,  \
+      float *out##i, uint32_t n##i, uint32_t chunk##i, uint32_t splits##i
+#define W8_PART_ARGS(i)                                                                      \
+  const int8_t *q##i, const float *scales##i, const float *bias##i, float *out##i,           \
+      uint32_t n##i, uint32_t chunk##i, uint32_t splits##i
 
 #define QGEMM(BM)                                                                            \
   extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_w4_m##BM##_f32(           \
@@ -339,7 +381,8 @@ __device__ void gemm(const T *x, W w, const float *bias, float *out, uint32_t ro
       const float *bias, float *out, uint32_t rows, uint32_t k, uint32_t n, uint32_t group,  \
       uint32_t steps_per_chunk, float *sum_out, uint32_t *counters) {                        \
     W4Loader w{packed, scales, mins, k, n, group, {}, 0u, 0u};                               \
-    gemm<float, BM>(x, w, bias, out, rows, k, n, steps_per_chunk, sum_out, counters);        \
+    gemm<float, BM>(x, w, bias, out, rows, k, n, steps_per_chunk, sum_out, counters,         \
+                    grid_tile());                                                            \
   }                                                                                          \
   VELLUM_EXPORT(gemm_w4_m##BM##_f32)                                                         \
   extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_w8_m##BM##_f32(           \
@@ -347,8 +390,44 @@ __device__ void gemm(const T *x, W w, const float *bias, float *out, uint32_t ro
       uint32_t rows, uint32_t k, uint32_t n, uint32_t group, uint32_t steps_per_chunk,       \
       float *sum_out, uint32_t *counters) {                                                  \
     W8Loader w{q, scales, k, n, group, {}, {}};                                              \
-    gemm<float, BM>(x, w, bias, out, rows, k, n, steps_per_chunk, sum_out, counters);        \
+    gemm<float, BM>(x, w, bias, out, rows, k, n, steps_per_chunk, sum_out, counters,         \
+                    grid_tile());                                                            \
   }                                                                                          \
-  VELLUM_EXPORT(gemm_w8_m##BM##_f32)
+  VELLUM_EXPORT(gemm_w8_m##BM##_f32)                                                         \
+  extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm3_w4_m##BM##_f32(          \
+      const float *x, uint32_t rows, uint32_t k, uint32_t group, float *partials,            \
+      uint32_t *counters, W4_PART_ARGS(0), W4_PART_ARGS(1), W4_PART_ARGS(2)) {               \
+    const uint32_t n[3] = {n0, n1, n2}, splits[3] = {splits0, splits1, splits2};             \
+    GroupPart p = group_part(n, splits, rows);                                               \
+    if (blockIdx.z >= p.splits) return;                                                      \
+    const uint8_t *packed[3] = {packed0, packed1, packed2};                                  \
+    const f16 *scales[3] = {scales0, scales1, scales2}, *mins[3] = {mins0, mins1, mins2};    \
+    const float *bias[3] = {bias0, bias1, bias2};                                            \
+    float *out[3] = {out0, out1, out2};                                                      \
+    const uint32_t per_chunk[3] = {chunk0, chunk1, chunk2};                                  \
+    uint32_t i = p.index;                                                                    \
+    W4Loader w{packed[i], scales[i], mins[i], k, n[i], group, {}, 0u, 0u};                   \
+    float *dst = p.splits > 1 ? partials + p.partials : out[i];                              \
+    GemmTile tile{p.tile_x, blockIdx.z, p.splits, blockIdx.x};                               \
+    gemm<float, BM>(x, w, bias[i], dst, rows, k, n[i], per_chunk[i], out[i], counters, tile); \
+  }                                                                                          \
+  VELLUM_EXPORT(gemm3_w4_m##BM##_f32)                                                        \
+  extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm3_w8_m##BM##_f32(          \
+      const float *x, uint32_t rows, uint32_t k, uint32_t group, float *partials,            \
+      uint32_t *counters, W8_PART_ARGS(0), W8_PART_ARGS(1), W8_PART_ARGS(2)) {               \
+    const uint32_t n[3] = {n0, n1, n2}, splits[3] = {splits0, splits1, splits2};             \
+    GroupPart p = group_part(n, splits, rows);                                               \
+    if (blockIdx.z >= p.splits) return;                                                      \
+    const int8_t *q[3] = {q0, q1, q2};                                                       \
+    const float *scales[3] = {scales0, scales1, scales2}, *bias[3] = {bias0, bias1, bias2};  \
+    float *out[3] = {out0, out1, out2};                                                      \
+    const uint32_t per_chunk[3] = {chunk0, chunk1, chunk2};                                  \
+    uint32_t i = p.index;                                                                    \
+    W8Loader w{q[i], scales[i], k, n[i], group, {}, {}};                                     \
+    float *dst = p.splits > 1 ? partials + p.partials : out[i];                              \
+    GemmTile tile{p.tile_x, blockIdx.z, p.splits, blockIdx.x};                               \
+    gemm<float, BM>(x, w, bias[i], dst, rows, k, n[i], per_chunk[i], out[i], counters, tile); \
+  }                                                                                          \
+  VELLUM_EXPORT(gemm3_w8_m##BM##_f32)
 QGEMM(16)
 QGEMM(64)

@@ -270,3 +270,72 @@ fn f16_and_bf16_activations_match_the_f32_kernels() {
         }
     }
 }
+
+/// Q/K/V and gate/up as one grouped launch (`matmul_many` on prepared weights) give, bit for
+/// bit, what one launch per weight gives: several formats, a decode and a prefill batch,
+/// parts of different widths (so different splits of k), two or three parts, with and
+/// without biases; and the group is one launch.
+#[test]
+fn grouped_gemm_matches_one_launch_per_weight() {
+    use vellum_kernels::cuda::counting::Counting;
+    use vellum_kernels::MatmulPart;
+    let k = 256;
+    let widths = [256usize, 128, 70];
+    let counted = Arc::new(Counting::new(Arc::new(EmuRuntime::new().unwrap())));
+    let mut bes = vec![CudaBackend::new(counted.clone())];
+    bes.extend(backends().into_iter().skip(1)); // GPU 0, when there is one
+    let n_formats = formats(64, 64, &values(64 * 64, 1)).len();
+    for (b, be) in bes.iter().enumerate() {
+        for f in (0..n_formats).step_by(3) {
+            let ws: Vec<Weight> = widths
+                .iter()
+                .map(|&n| {
+                    let mut w = formats(n, k, &values(n * k, n as u64)).swap_remove(f);
+                    be.prepare_weight(&mut w).unwrap();
+                    w
+                })
+                .collect();
+            let biases: Vec<Tensor> = widths.iter().map(|&n| Tensor::from(values(n, 3))).collect();
+            for (rows, count, with_bias) in [(1, 3, true), (1, 2, false), (40, 3, false)] {
+                let x = Tensor::from(values(rows * k, 7));
+                let bias = |i: usize| with_bias.then_some(&biases[i]);
+                let mut outs: Vec<Tensor> = widths[..count]
+                    .iter()
+                    .map(|&n| Tensor::zeros(rows * n))
+                    .collect();
+                counted.take_launches();
+                let mut parts: Vec<MatmulPart> = ws
+                    .iter()
+                    .zip(outs.iter_mut())
+                    .enumerate()
+                    .map(|(i, (w, out))| MatmulPart {
+                        w,
+                        bias: bias(i),
+                        out,
+                    })
+                    .collect();
+                be.matmul_many(&x, &mut parts).unwrap();
+                let what = format!(
+                    "{} {} rows {rows} parts {count}",
+                    be.name(),
+                    ws[0].format_name()
+                );
+                if b == 0 {
+                    assert_eq!(counted.take_launches(), 1, "{what}: one launch");
+                }
+                for (i, grouped) in outs.iter().enumerate() {
+                    let mut alone = Tensor::zeros(grouped.len());
+                    be.matmul(&x, &ws[i], bias(i), &mut alone).unwrap();
+                    let bits = |t: &Tensor| {
+                        t.to_vec()
+                            .unwrap()
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(bits(grouped), bits(&alone), "{what}: part {i}");
+                }
+            }
+        }
+    }
+}

@@ -22,8 +22,8 @@
 use super::runtime::{Arg, DeviceBuffer, KernelRuntime, LaunchConfig, Pod};
 use super::CudaError;
 use crate::{
-    check, shapes, Backend, BatchLayout, DeviceTensor, KvData, KvDtype, KvLayer, Result, Rope,
-    Tensor, Weight, WeightData,
+    check, shapes, Backend, BatchLayout, DeviceTensor, KvData, KvDtype, KvLayer, MatmulPart,
+    Result, Rope, Tensor, Weight, WeightData,
 };
 use half::f16;
 use std::any::Any;
@@ -58,6 +58,18 @@ const GEMM_THREADS: u32 = 128;
 /// loads in flight while others compute. An estimate until measured (`benches/cuda_gemv.rs`
 /// sweeps it); the GEMM's registers allow about five such blocks per multiprocessor.
 const DEFAULT_GEMM_BLOCKS_PER_SM: usize = 4;
+
+/// How one tensor-core GEMM covers its matrix (see `CudaBackend::gemm_plan`).
+struct GemmPlan {
+    /// Rows per block: 16 (decode batches) or 64.
+    tile_rows: usize,
+    /// Blocks along the columns (64 each) and along the rows.
+    tiles: (usize, usize),
+    /// k steps (64 values each) per chunk.
+    per_chunk: usize,
+    /// Blocks along k: one per chunk for a single row tile (split-K), else one.
+    splits: usize,
+}
 
 /// What a split-K GEMM needs beside its output: room for every split's partial tiles (each
 /// split writes all of its own, so it needs no clearing), and a counter per column tile, at
@@ -559,17 +571,12 @@ impl CudaBackend {
         (x, bias, out): (Arg, Arg, Arg),
         (rows, k, n): (usize, usize, usize),
     ) -> Result<()> {
-        let tile_rows = if rows <= 16 { 16 } else { 64 };
-        let tiles = (n.div_ceil(GEMM_COLS), rows.div_ceil(tile_rows));
-        let steps = k.div_ceil(GEMM_STEP);
-        let blocks_wanted = self.rt.multiprocessors() as usize * self.gemm_blocks_per_sm();
-        let chunks = gemm_chunks(tiles.0, steps, blocks_wanted);
-        let per_chunk = steps.div_ceil(chunks);
-        let splits = if tiles.1 == 1 {
-            steps.div_ceil(per_chunk)
-        } else {
-            1
-        };
+        let GemmPlan {
+            tile_rows,
+            tiles,
+            per_chunk,
+            splits,
+        } = self.gemm_plan(rows, k, n);
         // Launches queue in order on one stream, so matmuls can share the scratch one after another.
         let mut scratch = self.gemm_scratch.lock().unwrap_or_else(|e| e.into_inner());
         let (dst, sum_out, counters) = if splits > 1 {
@@ -603,6 +610,139 @@ impl CudaBackend {
             cfg,
             &args,
         )
+    }
+
+    /// How the tensor-core GEMM covers `[rows, k] · [n, k]ᵀ`: k is summed in chunks sized by
+    /// k and n alone (`gemm_chunks`); a decode batch (one tile of 16 rows) gives each chunk
+    /// its own blocks (split-K), so that a small matrix still fills the device.
+    fn gemm_plan(&self, rows: usize, k: usize, n: usize) -> GemmPlan {
+        let tile_rows = if rows <= 16 { 16 } else { 64 };
+        let tiles = (n.div_ceil(GEMM_COLS), rows.div_ceil(tile_rows));
+        let steps = k.div_ceil(GEMM_STEP);
+        let blocks_wanted = self.rt.multiprocessors() as usize * self.gemm_blocks_per_sm();
+        let chunks = gemm_chunks(tiles.0, steps, blocks_wanted);
+        let per_chunk = steps.div_ceil(chunks);
+        let splits = if tiles.1 == 1 {
+            steps.div_ceil(per_chunk)
+        } else {
+            1
+        };
+        GemmPlan {
+            tile_rows,
+            tiles,
+            per_chunk,
+            splits,
+        }
+    }
+
+    /// Two or three quantized matmuls of the same input (Q, K and V; gate and up) as one
+    /// grouped tensor-core launch (`gemm3_*` in qgemm.cu), each part with its own plan, so
+    /// the same bits as one launch each. `None` when the parts do not qualify (not all
+    /// prepared here in one quantized form, or not on the GEMM path): the caller runs them
+    /// one by one.
+    fn grouped_gemm(&self, x: &Tensor, parts: &mut [MatmulPart]) -> Result<Option<()>> {
+        let Some(first) = parts.first() else {
+            return Ok(None);
+        };
+        let k = first.w.cols;
+        let rows = x.len() / k.max(1);
+        let gemm = rows >= self.gemm_min_rows.load(Ordering::Relaxed) && self.rt.tensor_cores();
+        if !gemm || !(2..=3).contains(&parts.len()) || rows == 0 {
+            return Ok(None);
+        }
+        let mut matrices = Vec::with_capacity(3);
+        for p in parts.iter() {
+            match self.resident(p.w).and_then(|r| r.matrix.get()) {
+                Some(m) if p.w.rows > 0 => matrices.push(m),
+                _ => return Ok(None),
+            }
+        }
+        // One kernel, one kind and group for all parts (and offsets for all int4 or none).
+        let form = |m: &DeviceMatrix<OwnedBuffer>| match m {
+            DeviceMatrix::Int4 { mins, group, .. } => Some(("w4", *group, mins.is_some())),
+            DeviceMatrix::Int8 { group, .. } => Some(("w8", *group, false)),
+            DeviceMatrix::Dense(..) => None,
+        };
+        let Some(kind) = form(matrices[0]) else {
+            return Ok(None);
+        };
+        if matrices.iter().any(|m| form(m) != Some(kind)) {
+            return Ok(None);
+        }
+        let plans: Vec<GemmPlan> = parts
+            .iter()
+            .map(|p| self.gemm_plan(rows, k, p.w.rows))
+            .collect();
+        let tile_rows = plans[0].tile_rows;
+        let xd = self.input(x)?;
+        let biases = parts
+            .iter()
+            .map(|p| p.bias.map(|b| self.input(b)).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        let mut outs = Vec::with_capacity(3);
+        for p in parts.iter_mut() {
+            outs.push(self.output(p.out)?);
+        }
+        let partial_floats: usize = parts
+            .iter()
+            .zip(&plans)
+            .map(|(p, plan)| {
+                if plan.splits > 1 {
+                    plan.splits * rows * p.w.rows
+                } else {
+                    0
+                }
+            })
+            .sum();
+        let column_tiles: usize = plans.iter().map(|p| p.tiles.0).sum();
+        let mut scratch = self.gemm_scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let (partials, counters) = scratch.for_split(self, partial_floats.max(1), column_tiles)?;
+        let mut args = vec![xd.arg()];
+        args.extend([rows, k, kind.1 as usize].map(|v| Arg::U32(v as u32)));
+        args.extend([partials, counters]);
+        for i in 0..3 {
+            let (m, plan) = match (matrices.get(i), plans.get(i)) {
+                (Some(m), Some(plan)) => (Some(*m), Some(plan)),
+                _ => (None, None),
+            };
+            let mut ptrs: Vec<Arg> = match m {
+                Some(DeviceMatrix::Int4 {
+                    packed,
+                    scales,
+                    mins,
+                    ..
+                }) => vec![
+                    packed.arg(),
+                    scales.arg(),
+                    mins.as_ref().map_or(Arg::Ptr(0), |m| m.arg()),
+                ],
+                Some(DeviceMatrix::Int8 { codes, scales, .. }) => vec![codes.arg(), scales.arg()],
+                _ if kind.0 == "w4" => vec![Arg::Ptr(0); 3],
+                _ => vec![Arg::Ptr(0); 2],
+            };
+            let bias = biases
+                .get(i)
+                .and_then(|b| b.as_ref())
+                .map_or(Arg::Ptr(0), |b| b.arg());
+            ptrs.extend([bias, outs.get(i).copied().unwrap_or(Arg::Ptr(0))]);
+            args.extend(ptrs);
+            let n = parts.get(i).map_or(0, |p| p.w.rows);
+            let (chunk, splits) = plan.map_or((1, 1), |p| (p.per_chunk, p.splits));
+            args.extend([n, chunk, splits].map(|v| Arg::U32(v as u32)));
+        }
+        let max_splits = plans.iter().map(|p| p.splits).max().unwrap_or(1);
+        let cfg = LaunchConfig {
+            grid: (
+                column_tiles as u32,
+                plans[0].tiles.1 as u32,
+                max_splits as u32,
+            ),
+            block: (GEMM_THREADS, 1, 1),
+            shared_bytes: 0,
+        };
+        let kernel = format!("gemm3_{}_m{tile_rows}_f32", kind.0);
+        self.launch("qgemm", &kernel, cfg, &args)?;
+        Ok(Some(()))
     }
 
     fn upload_int4(
@@ -968,6 +1108,24 @@ impl Backend for CudaBackend {
             Arg::U32(width as u32),
         ];
         self.launch("norm", "add_rms_norm_f32", cfg, &args)
+    }
+
+    /// Quantized parts on the tensor cores go as one grouped launch; anything else one by one.
+    fn matmul_many(&self, x: &Tensor, parts: &mut [MatmulPart]) -> Result<()> {
+        let k = parts.first().map_or(0, |p| p.w.cols);
+        for p in parts.iter() {
+            check("matmul", p.w.cols == k, || {
+                format!("weights of {} and {k} columns in one call", p.w.cols)
+            })?;
+            shapes::matmul(x, p.w, p.bias, p.out)?;
+        }
+        if self.grouped_gemm(x, parts)?.is_some() {
+            return Ok(());
+        }
+        for p in parts.iter_mut() {
+            self.matmul(x, p.w, p.bias, p.out)?;
+        }
+        Ok(())
     }
 
     fn matmul(
