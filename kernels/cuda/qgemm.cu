@@ -367,6 +367,28 @@ __device__ GroupPart group_part(const uint32_t n[3], const uint32_t splits[3], u
   return p;
 }
 
+// One part of a grouped launch: its output is written directly, or through its slice of
+// the partials when it is split.
+template <int BM, class W>
+__device__ void gemm_part(const float *x, W w, GroupPart p, const float *bias, float *out,
+                          float *partials, uint32_t *counters, uint32_t rows, uint32_t k,
+                          uint32_t n, uint32_t per_chunk) {
+  float *dst = p.splits > 1 ? partials + p.partials : out;
+  GemmTile tile{p.tile_x, blockIdx.z, p.splits, blockIdx.x};
+  gemm<float, BM>(x, w, bias, dst, rows, k, n, per_chunk, out, counters, tile);
+}
+
+// The part a block of a grouped launch works on (p, and its index i), the arrays of the
+// parts' common arguments, and the early exit of blocks past the part's splits.
+#define GROUP_PART()                                                                         \
+  const uint32_t n[3] = {n0, n1, n2}, splits[3] = {splits0, splits1, splits2};               \
+  const uint32_t per_chunk[3] = {chunk0, chunk1, chunk2};                                    \
+  const float *bias[3] = {bias0, bias1, bias2};                                              \
+  float *out[3] = {out0, out1, out2};                                                        \
+  GroupPart p = group_part(n, splits, rows);                                                 \
+  if (blockIdx.z >= p.splits) return;                                                        \
+  uint32_t i = p.index
+
 // One part's arguments in a grouped launch (a missing third part has n = 0 and no tiles).
 #define W4_PART_ARGS(i)                                                                      \
   const uint8_t *packed##i, const f16 *scales##i, const f16 *mins##i, const float *bias##i,  \
@@ -397,36 +419,21 @@ __device__ GroupPart group_part(const uint32_t n[3], const uint32_t splits[3], u
   extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm3_w4_m##BM##_f32(          \
       const float *x, uint32_t rows, uint32_t k, uint32_t group, float *partials,            \
       uint32_t *counters, W4_PART_ARGS(0), W4_PART_ARGS(1), W4_PART_ARGS(2)) {               \
-    const uint32_t n[3] = {n0, n1, n2}, splits[3] = {splits0, splits1, splits2};             \
-    GroupPart p = group_part(n, splits, rows);                                               \
-    if (blockIdx.z >= p.splits) return;                                                      \
+    GROUP_PART();                                                                            \
     const uint8_t *packed[3] = {packed0, packed1, packed2};                                  \
     const f16 *scales[3] = {scales0, scales1, scales2}, *mins[3] = {mins0, mins1, mins2};    \
-    const float *bias[3] = {bias0, bias1, bias2};                                            \
-    float *out[3] = {out0, out1, out2};                                                      \
-    const uint32_t per_chunk[3] = {chunk0, chunk1, chunk2};                                  \
-    uint32_t i = p.index;                                                                    \
     W4Loader w{packed[i], scales[i], mins[i], k, n[i], group, {}, 0u, 0u};                   \
-    float *dst = p.splits > 1 ? partials + p.partials : out[i];                              \
-    GemmTile tile{p.tile_x, blockIdx.z, p.splits, blockIdx.x};                               \
-    gemm<float, BM>(x, w, bias[i], dst, rows, k, n[i], per_chunk[i], out[i], counters, tile); \
+    gemm_part<BM>(x, w, p, bias[i], out[i], partials, counters, rows, k, n[i], per_chunk[i]); \
   }                                                                                          \
   VELLUM_EXPORT(gemm3_w4_m##BM##_f32)                                                        \
   extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm3_w8_m##BM##_f32(          \
       const float *x, uint32_t rows, uint32_t k, uint32_t group, float *partials,            \
       uint32_t *counters, W8_PART_ARGS(0), W8_PART_ARGS(1), W8_PART_ARGS(2)) {               \
-    const uint32_t n[3] = {n0, n1, n2}, splits[3] = {splits0, splits1, splits2};             \
-    GroupPart p = group_part(n, splits, rows);                                               \
-    if (blockIdx.z >= p.splits) return;                                                      \
+    GROUP_PART();                                                                            \
     const int8_t *q[3] = {q0, q1, q2};                                                       \
-    const float *scales[3] = {scales0, scales1, scales2}, *bias[3] = {bias0, bias1, bias2};  \
-    float *out[3] = {out0, out1, out2};                                                      \
-    const uint32_t per_chunk[3] = {chunk0, chunk1, chunk2};                                  \
-    uint32_t i = p.index;                                                                    \
+    const float *scales[3] = {scales0, scales1, scales2};                                    \
     W8Loader w{q[i], scales[i], k, n[i], group, {}, {}};                                     \
-    float *dst = p.splits > 1 ? partials + p.partials : out[i];                              \
-    GemmTile tile{p.tile_x, blockIdx.z, p.splits, blockIdx.x};                               \
-    gemm<float, BM>(x, w, bias[i], dst, rows, k, n[i], per_chunk[i], out[i], counters, tile); \
+    gemm_part<BM>(x, w, p, bias[i], out[i], partials, counters, rows, k, n[i], per_chunk[i]); \
   }                                                                                          \
   VELLUM_EXPORT(gemm3_w8_m##BM##_f32)
 QGEMM(16)

@@ -119,9 +119,7 @@ pub trait Backend: Send + Sync {
         cache: &mut KvLayer,
         batch: &BatchLayout,
     ) -> Result<()> {
-        self.rotary(q, &batch.positions, n_heads, rope)?;
-        self.rotary(k, &batch.positions, cache.n_kv_heads, rope)?;
-        self.write_kv(cache, k, v, &batch.slot_mapping)
+        rotary_then_write_kv(self, (q, k, v), n_heads, rope, cache, batch)
     }
 
     /// Causal attention of the ragged batch's queries over the paged cache.
@@ -152,6 +150,20 @@ pub trait Backend: Send + Sync {
 
     /// In-place log-softmax over rows of width `width`.
     fn log_softmax(&self, x: &mut Tensor, width: usize) -> Result<()>;
+}
+
+/// `Backend::rotary_write_kv` as its three ops in turn.
+pub fn rotary_then_write_kv<B: Backend + ?Sized>(
+    be: &B,
+    (q, k, v): (&mut Tensor, &mut Tensor, &Tensor),
+    n_heads: usize,
+    rope: &Rope,
+    cache: &mut KvLayer,
+    batch: &BatchLayout,
+) -> Result<()> {
+    be.rotary(q, &batch.positions, n_heads, rope)?;
+    be.rotary(k, &batch.positions, cache.n_kv_heads, rope)?;
+    be.write_kv(cache, k, v, &batch.slot_mapping)
 }
 
 pub(crate) fn check(op: &'static str, ok: bool, detail: impl FnOnce() -> String) -> Result<()> {

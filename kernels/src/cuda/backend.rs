@@ -1220,9 +1220,8 @@ impl Backend for CudaBackend {
         let (t, hd) = (batch.slot_mapping.len(), rope.head_dim);
         if t == 0 || hd == 0 || n_heads == 0 {
             // Degenerate shapes: the separate ops know what each has to do.
-            self.rotary(q, &batch.positions, n_heads, rope)?;
-            self.rotary(k, &batch.positions, n_kv, rope)?;
-            return self.write_kv(cache, k, v, &batch.slot_mapping);
+            let qkv = (q, k, v);
+            return crate::rotary_then_write_kv(self, qkv, n_heads, rope, cache, batch);
         }
         let mirror = self.kv_to_write(cache)?;
         let (qd, kd, vd) = (self.in_place(q)?, self.in_place(k)?, self.input(v)?);
