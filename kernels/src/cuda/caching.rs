@@ -142,44 +142,46 @@ mod tests {
     use crate::cuda::counting::Counting;
     use crate::cuda::emu::EmuRuntime;
 
-    fn runtime(limit: usize) -> (Arc<Counting>, Caching) {
-        let counted = Arc::new(Counting::new(Arc::new(EmuRuntime::new().unwrap())));
-        (counted.clone(), Caching::new(counted, limit))
+    fn runtime(limit: usize) -> Result<(Arc<Counting>, Caching), CudaError> {
+        let counted = Arc::new(Counting::new(Arc::new(EmuRuntime::new()?)));
+        Ok((counted.clone(), Caching::new(counted, limit)))
     }
 
     #[test]
-    fn a_freed_block_is_reused_for_the_same_size_and_zeroed_again() {
-        let (counted, rt) = runtime(1 << 20);
-        let a = rt.alloc(64).unwrap();
-        rt.htod(a, &[7u8; 64]).unwrap();
+    fn a_freed_block_is_reused_for_the_same_size_and_zeroed_again() -> Result<(), CudaError> {
+        let (counted, rt) = runtime(1 << 20)?;
+        let a = rt.alloc(64)?;
+        rt.htod(a, &[7u8; 64])?;
         rt.free(a);
         assert_eq!(rt.cached_bytes(), 64);
         counted.take_allocated();
-        let b = rt.alloc(64).unwrap();
+        let b = rt.alloc(64)?;
         assert_eq!(
             (b, counted.take_allocated()),
             (a, 0),
             "the same block, no new one"
         );
         let mut back = [1u8; 64];
-        rt.dtoh(b, &mut back).unwrap();
+        rt.dtoh(b, &mut back)?;
         assert_eq!(back, [0u8; 64], "zeroed as a new allocation is");
         // Another size is a new block.
-        let c = rt.alloc(65).unwrap();
+        let c = rt.alloc(65)?;
         assert_ne!(c, b);
         assert_eq!(counted.take_allocated(), 65);
+        Ok(())
     }
 
     #[test]
-    fn blocks_beyond_the_limit_go_back_to_the_device() {
-        let (counted, rt) = runtime(100);
-        let (a, b) = (rt.alloc(60).unwrap(), rt.alloc(60).unwrap());
+    fn blocks_beyond_the_limit_go_back_to_the_device() -> Result<(), CudaError> {
+        let (counted, rt) = runtime(100)?;
+        let (a, b) = (rt.alloc(60)?, rt.alloc(60)?);
         rt.free(a);
         rt.free(b);
         assert_eq!(rt.cached_bytes(), 60, "the second would pass the limit");
         counted.take_allocated();
-        rt.alloc(60).unwrap();
-        rt.alloc(60).unwrap();
+        rt.alloc(60)?;
+        rt.alloc(60)?;
         assert_eq!(counted.take_allocated(), 60, "one reused, one new");
+        Ok(())
     }
 }
