@@ -2,7 +2,7 @@
 //! boundary, the bytes allocated and the kernels launched, for tests and benchmarks that
 //! check what stays on the device and what a step costs.
 
-use super::runtime::{Arg, KernelRuntime, LaunchConfig};
+use super::runtime::{Arg, DeviceGraph, KernelRuntime, LaunchConfig};
 use super::CudaError;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -13,6 +13,8 @@ pub struct Counting {
     downloaded: AtomicUsize,
     allocated: AtomicUsize,
     launches: AtomicUsize,
+    graph_launches: AtomicUsize,
+    memsets: AtomicUsize,
     copies: AtomicUsize,
 }
 
@@ -24,6 +26,8 @@ impl Counting {
             downloaded: AtomicUsize::new(0),
             allocated: AtomicUsize::new(0),
             launches: AtomicUsize::new(0),
+            graph_launches: AtomicUsize::new(0),
+            memsets: AtomicUsize::new(0),
             copies: AtomicUsize::new(0),
         }
     }
@@ -50,6 +54,16 @@ impl Counting {
 
     /// Copies across the host boundary since the last call, each way: each waits for the
     /// work queued before it.
+    /// Graphs launched (each replays many kernels; those are not in `take_launches`).
+    pub fn take_graph_launches(&self) -> usize {
+        self.graph_launches.swap(0, Ordering::SeqCst)
+    }
+
+    /// Memsets queued (a reused block is zeroed again).
+    pub fn take_memsets(&self) -> usize {
+        self.memsets.swap(0, Ordering::SeqCst)
+    }
+
     pub fn take_copies(&self) -> usize {
         self.copies.swap(0, Ordering::SeqCst)
     }
@@ -69,10 +83,15 @@ impl KernelRuntime for Counting {
         self.allocated.fetch_add(bytes, Ordering::SeqCst);
         self.inner.alloc(bytes)
     }
+    fn alloc_for_overwrite(&self, bytes: usize) -> Result<u64, CudaError> {
+        self.allocated.fetch_add(bytes, Ordering::SeqCst);
+        self.inner.alloc_for_overwrite(bytes)
+    }
     fn free(&self, ptr: u64) {
         self.inner.free(ptr)
     }
     fn zero(&self, ptr: u64, bytes: usize) -> Result<(), CudaError> {
+        self.memsets.fetch_add(1, Ordering::SeqCst);
         self.inner.zero(ptr, bytes)
     }
     fn htod(&self, dst: u64, src: &[u8]) -> Result<(), CudaError> {
@@ -91,6 +110,16 @@ impl KernelRuntime for Counting {
     }
     fn synchronize(&self) -> Result<(), CudaError> {
         self.inner.synchronize()
+    }
+    fn begin_capture(&self) -> Result<(), CudaError> {
+        self.inner.begin_capture()
+    }
+    fn end_capture(&self) -> Result<Box<dyn DeviceGraph>, CudaError> {
+        self.inner.end_capture()
+    }
+    fn launch_graph(&self, graph: &dyn DeviceGraph) -> Result<(), CudaError> {
+        self.graph_launches.fetch_add(1, Ordering::SeqCst);
+        self.inner.launch_graph(graph)
     }
     fn blas_gemm_bf16(
         &self,

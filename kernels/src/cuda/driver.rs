@@ -1,13 +1,14 @@
-//! [`KernelRuntime`] on a real GPU through cudarc's driver API. Everything is synchronous on
-//! the default stream for now (the engine's Backend trait is synchronous); streams and CUDA
-//! graphs come with device-resident activations.
+//! [`KernelRuntime`] on a real GPU through cudarc's driver API. Every launch, memset and copy
+//! goes through one stream of the runtime's own, in order: a non-default stream, since the
+//! legacy default stream cannot be captured into a CUDA graph. Copies to the host wait for
+//! the stream, so the engine's synchronous `Backend` ops see finished results.
 
-use super::runtime::{Arg, KernelRuntime, LaunchConfig, PackedArgs};
+use super::runtime::{Arg, DeviceGraph, KernelRuntime, LaunchConfig, PackedArgs};
 use super::sources;
 use super::CudaError;
 use cudarc::cublas as blas;
 use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule};
+use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -51,6 +52,10 @@ pub struct CudaRuntime {
     /// Made on the first [`KernelRuntime::blas_gemm_bf16`]; destroyed before the context.
     blas: Mutex<Option<BlasHandle>>,
     ctx: Arc<CudaContext>,
+    /// Where everything is queued (see the module's comment).
+    stream: Arc<CudaStream>,
+    /// Launches recorded by the capture in progress, if one is.
+    capturing: Mutex<Option<usize>>,
     ordinal: usize,
     arch: u32,
     multiprocessors: u32,
@@ -71,9 +76,12 @@ impl CudaRuntime {
         let multiprocessors = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver("cuDeviceGetAttribute"))?;
+        let stream = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
         Ok(CudaRuntime {
             blas: Mutex::new(None),
             ctx,
+            stream,
+            capturing: Mutex::new(None),
             ordinal,
             arch: (major * 10 + minor) as u32,
             multiprocessors: multiprocessors.max(1) as u32,
@@ -81,6 +89,30 @@ impl CudaRuntime {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Host copies cannot be part of a graph: refused while capturing, with a clear error
+    /// rather than the driver's.
+    fn refuse_while_capturing(&self, what: &str) -> Result<()> {
+        match self
+            .capturing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            true => Err(CudaError::Driver {
+                call: "stream capture",
+                detail: format!(
+                    "a {what} while capturing a graph: a recorded step's inputs must already \
+                     be on the device"
+                ),
+            }),
+            false => Ok(()),
+        }
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))
     }
 
     /// The compute capability as `sm_XY` digits (75, 86, 90, ...).
@@ -153,6 +185,27 @@ impl BlasGemm {
     }
 }
 
+/// An instantiated CUDA graph, launched on the runtime's stream.
+struct DriverGraph {
+    /// cudarc's graph is neither Send nor Sync: CUDA graph objects must not be used from two
+    /// threads at once. The mutex serializes every use.
+    graph: Mutex<CudaGraph>,
+    launches: usize,
+}
+
+// SAFETY: every use of the graph goes through the mutex (see above).
+unsafe impl Send for DriverGraph {}
+unsafe impl Sync for DriverGraph {}
+
+impl DeviceGraph for DriverGraph {
+    fn launches(&self) -> usize {
+        self.launches
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
 /// A cuBLAS handle; used under the runtime's mutex, one call at a time.
 struct BlasHandle(blas::sys::cublasHandle_t);
 
@@ -187,9 +240,7 @@ impl KernelRuntime for CudaRuntime {
     }
 
     fn alloc(&self, bytes: usize) -> Result<u64> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(driver("cuCtxSetCurrent"))?;
+        self.bind()?;
         // SAFETY: the context is current; the allocation is zeroed before use.
         unsafe {
             let p = result::malloc_sync(bytes.max(1))
@@ -200,12 +251,10 @@ impl KernelRuntime for CudaRuntime {
     }
 
     fn zero(&self, ptr: u64, bytes: usize) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(driver("cuCtxSetCurrent"))?;
+        self.bind()?;
         // SAFETY: `ptr` is a live allocation of at least `bytes` bytes; the memset is queued
-        // on the default stream, as every launch and copy is.
-        unsafe { result::memset_d8_async(ptr, 0, bytes, std::ptr::null_mut()) }
+        // on the runtime's stream, as every launch and copy is.
+        unsafe { result::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
             .map_err(driver("cuMemsetD8Async"))
     }
 
@@ -216,28 +265,33 @@ impl KernelRuntime for CudaRuntime {
         }
     }
 
+    /// Queued on the stream. `src` is pageable memory, which the driver copies to a staging
+    /// buffer before returning, so the caller may reuse it at once.
     fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(driver("cuCtxSetCurrent"))?;
+        self.refuse_while_capturing("host-to-device copy")?;
+        self.bind()?;
         // SAFETY: `dst` is a live allocation of at least `src.len()` bytes (DeviceBuffer).
-        unsafe { result::memcpy_htod_sync(dst, src) }.map_err(driver("cuMemcpyHtoD"))
+        unsafe { result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
+            .map_err(driver("cuMemcpyHtoDAsync"))
     }
 
+    /// Queued on the stream, then waited for: returns with `dst` filled.
     fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(driver("cuCtxSetCurrent"))?;
-        // SAFETY: `src` is a live allocation of at least `dst.len()` bytes (DeviceBuffer).
-        unsafe { result::memcpy_dtoh_sync(dst, src) }.map_err(driver("cuMemcpyDtoH"))
+        self.refuse_while_capturing("device-to-host copy")?;
+        self.bind()?;
+        // SAFETY: `src` is a live allocation of at least `dst.len()` bytes (DeviceBuffer);
+        // `dst` is not touched until the stream has finished the copy.
+        unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+            .map_err(driver("cuMemcpyDtoHAsync"))?;
+        self.stream
+            .synchronize()
+            .map_err(driver("cuStreamSynchronize"))
     }
 
     fn launch(&self, module: &str, kernel: &str, cfg: &LaunchConfig, args: &[Arg]) -> Result<()> {
         let f = self.function(module, kernel)?;
         // Launches come from whichever (pool) thread runs the op: make the context current.
-        self.ctx
-            .bind_to_thread()
-            .map_err(driver("cuCtxSetCurrent"))?;
+        self.bind()?;
         let mut packed = PackedArgs::new(args);
         let mut ptrs = packed.pointers();
         // SAFETY: the argument array matches the kernel's parameters (the backend's host code
@@ -248,21 +302,85 @@ impl KernelRuntime for CudaRuntime {
                 cfg.grid,
                 cfg.block,
                 cfg.shared_bytes,
-                std::ptr::null_mut(),
+                self.stream.cu_stream(),
                 &mut ptrs,
             )
         }
         .map_err(|e| CudaError::Launch {
             kernel: kernel.into(),
             detail: format!("{e:?}"),
-        })
+        })?;
+        if let Some(n) = self
+            .capturing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            *n += 1;
+        }
+        Ok(())
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(driver("cuCtxSetCurrent"))?;
-        result::ctx::synchronize().map_err(driver("cuCtxSynchronize"))
+        self.bind()?;
+        self.stream
+            .synchronize()
+            .map_err(driver("cuStreamSynchronize"))
+    }
+
+    /// Relaxed mode: an allocation during the capture (a new block for the graph's pool,
+    /// see `Caching`) is allowed, and runs at once.
+    fn begin_capture(&self) -> Result<()> {
+        let mut capturing = self.capturing.lock().unwrap_or_else(|e| e.into_inner());
+        if capturing.is_some() {
+            return Err(CudaError::Driver {
+                call: "cuStreamBeginCapture",
+                detail: "a capture is already on".into(),
+            });
+        }
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        self.stream
+            .begin_capture(mode)
+            .map_err(driver("cuStreamBeginCapture"))?;
+        *capturing = Some(0);
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<Box<dyn DeviceGraph>> {
+        let launches = self
+            .capturing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let launches = launches.ok_or_else(|| CudaError::Driver {
+            call: "cuStreamEndCapture",
+            detail: "no capture is on".into(),
+        })?;
+        let flags = sys::CUgraphInstantiate_flags(0);
+        let graph = self
+            .stream
+            .end_capture(flags)
+            .map_err(driver("cuStreamEndCapture"))?
+            .ok_or_else(|| CudaError::Driver {
+                call: "cuStreamEndCapture",
+                detail: "the capture recorded nothing".into(),
+            })?;
+        Ok(Box::new(DriverGraph {
+            graph: Mutex::new(graph),
+            launches,
+        }))
+    }
+
+    fn launch_graph(&self, graph: &dyn DeviceGraph) -> Result<()> {
+        let graph = graph
+            .as_any()
+            .downcast_ref::<DriverGraph>()
+            .ok_or_else(|| CudaError::Driver {
+                call: "cuGraphLaunch",
+                detail: "not a graph of this runtime".into(),
+            })?;
+        let graph = graph.graph.lock().unwrap_or_else(|e| e.into_inner());
+        graph.launch().map_err(driver("cuGraphLaunch"))
     }
 
     fn blas_gemm_bf16(
@@ -292,14 +410,15 @@ impl KernelRuntime for CudaRuntime {
                 .map_err(|_| CudaError::Unavailable(format!("{v} is past cuBLAS's int")))
         };
         let g = BlasGemm::for_rows_times_weight_t(int(rows)?, int(n)?, int(k)?);
-        self.ctx
-            .bind_to_thread()
-            .map_err(driver("cuCtxSetCurrent"))?;
+        self.bind()?;
         let mut handle = self.blas.lock().unwrap_or_else(|e| e.into_inner());
         if handle.is_none() {
-            *handle = Some(BlasHandle(
-                blas::result::create_handle().map_err(blas_err("cublasCreate"))?,
-            ));
+            let h = blas::result::create_handle().map_err(blas_err("cublasCreate"))?;
+            // SAFETY: a live handle, and the runtime's live stream (cuBLAS's type for it is
+            // the runtime API's, the same object).
+            unsafe { blas::result::set_stream(h, self.stream.cu_stream() as _) }
+                .map_err(blas_err("cublasSetStream"))?;
+            *handle = Some(BlasHandle(h));
         }
         let h = handle.as_ref().map(|h| h.0).expect("made above");
         let (alpha, beta) = (1f32, 0f32);
@@ -310,7 +429,7 @@ impl KernelRuntime for CudaRuntime {
         let bf16 = cudaDataType_t::CUDA_R_16BF;
         // SAFETY: the pointers are live device allocations of these shapes (the caller's
         // buffers), alpha and beta are host f32s as the compute type asks, and the handle
-        // queues on the default stream as every launch does.
+        // queues on the runtime's stream as every launch does.
         unsafe {
             blas::result::gemm_ex(
                 h,

@@ -4,7 +4,7 @@
 //! Device memory is host memory; copies are checked against the allocation they touch, so a
 //! host-code bug is an error here rather than memory corruption.
 
-use super::runtime::{Arg, KernelRuntime, LaunchConfig, PackedArgs};
+use super::runtime::{Arg, DeviceGraph, KernelRuntime, LaunchConfig, PackedArgs};
 use super::sources::{self, Module, HEADERS};
 use super::CudaError;
 use std::alloc::Layout;
@@ -46,6 +46,38 @@ pub struct EmuRuntime {
     arch: u32,
     /// Allocation start -> size in bytes.
     allocs: Mutex<BTreeMap<u64, usize>>,
+    /// While capturing: what was launched, in order, not yet run.
+    capture: Mutex<Option<Vec<Recorded>>>,
+}
+
+/// One step of an emulated graph.
+#[derive(Clone)]
+enum Recorded {
+    Launch {
+        module: String,
+        kernel: String,
+        cfg: LaunchConfig,
+        args: Vec<Arg>,
+    },
+    Zero {
+        ptr: u64,
+        bytes: usize,
+    },
+}
+
+/// What an emulated capture recorded; `launch_graph` runs it in order.
+struct EmuGraph {
+    steps: Vec<Recorded>,
+}
+
+impl DeviceGraph for EmuGraph {
+    fn launches(&self) -> usize {
+        let launch = |r: &&Recorded| matches!(r, Recorded::Launch { .. });
+        self.steps.iter().filter(launch).count()
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 impl EmuRuntime {
@@ -79,6 +111,7 @@ impl EmuRuntime {
             compiler,
             arch,
             allocs: Mutex::new(BTreeMap::new()),
+            capture: Mutex::new(None),
         })
     }
 
@@ -131,6 +164,34 @@ impl EmuRuntime {
         let moved = result.and_then(|()| std::fs::rename(&out, &lib).map_err(io));
         let _ = std::fs::remove_dir_all(&work);
         moved.map(|()| lib)
+    }
+
+    /// Records `step` if a capture is on (and says so), as CUDA's stream capture does.
+    fn recorded(&self, step: impl FnOnce() -> Recorded) -> bool {
+        let mut capture = self.capture.lock().unwrap_or_else(|e| e.into_inner());
+        match capture.as_mut() {
+            Some(steps) => {
+                steps.push(step());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Host copies cannot be part of a graph: refused while capturing.
+    fn refuse_while_capturing(&self, what: &str) -> Result<()> {
+        match self
+            .capture
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            true => Err(CudaError::Emulator(format!(
+                "a {what} while capturing a graph: a recorded step's inputs must already be on \
+                 the device"
+            ))),
+            false => Ok(()),
+        }
     }
 
     fn check_range(&self, ptr: u64, len: usize, what: &str) -> Result<()> {
@@ -201,6 +262,15 @@ impl KernelRuntime for EmuRuntime {
         Ok(p as u64)
     }
 
+    /// Filled with 0xFF bytes (NaN as f32) rather than left zeroed: an op that fails to
+    /// write all of its output then shows in every emulated test.
+    fn alloc_for_overwrite(&self, bytes: usize) -> Result<u64> {
+        let ptr = self.alloc(bytes)?;
+        // SAFETY: a live allocation of `bytes` bytes, just made.
+        unsafe { std::ptr::write_bytes(ptr as *mut u8, 0xFF, bytes) };
+        Ok(ptr)
+    }
+
     fn free(&self, ptr: u64) {
         let mut allocs = self.allocs.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(bytes) = allocs.remove(&ptr) {
@@ -213,6 +283,9 @@ impl KernelRuntime for EmuRuntime {
 
     fn zero(&self, ptr: u64, bytes: usize) -> Result<()> {
         self.check_range(ptr, bytes, "memset")?;
+        if self.recorded(|| Recorded::Zero { ptr, bytes }) {
+            return Ok(());
+        }
         // SAFETY: the range lies inside one live allocation.
         unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, bytes) };
         Ok(())
@@ -220,6 +293,7 @@ impl KernelRuntime for EmuRuntime {
 
     fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
         self.check_range(dst, src.len(), "host-to-device copy")?;
+        self.refuse_while_capturing("host-to-device copy")?;
         // SAFETY: the destination range lies inside one live allocation.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
         Ok(())
@@ -227,6 +301,7 @@ impl KernelRuntime for EmuRuntime {
 
     fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()> {
         self.check_range(src, dst.len(), "device-to-host copy")?;
+        self.refuse_while_capturing("device-to-host copy")?;
         // SAFETY: the source range lies inside one live allocation.
         unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
         Ok(())
@@ -234,6 +309,15 @@ impl KernelRuntime for EmuRuntime {
 
     fn launch(&self, module: &str, kernel: &str, cfg: &LaunchConfig, args: &[Arg]) -> Result<()> {
         let lib = self.library(module)?;
+        let record = || Recorded::Launch {
+            module: module.into(),
+            kernel: kernel.into(),
+            cfg: *cfg,
+            args: args.to_vec(),
+        };
+        if self.recorded(record) {
+            return Ok(());
+        }
         let symbol = format!("vellum_emu_{kernel}");
         let err = |detail: String| CudaError::Launch {
             kernel: kernel.into(),
@@ -268,6 +352,45 @@ impl KernelRuntime for EmuRuntime {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+
+    fn begin_capture(&self) -> Result<()> {
+        let mut capture = self.capture.lock().unwrap_or_else(|e| e.into_inner());
+        if capture.is_some() {
+            return Err(CudaError::Emulator("a capture is already on".into()));
+        }
+        *capture = Some(Vec::new());
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<Box<dyn DeviceGraph>> {
+        let steps = self
+            .capture
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let steps = steps.ok_or_else(|| CudaError::Emulator("no capture is on".into()))?;
+        Ok(Box::new(EmuGraph { steps }))
+    }
+
+    fn launch_graph(&self, graph: &dyn DeviceGraph) -> Result<()> {
+        let graph = graph
+            .as_any()
+            .downcast_ref::<EmuGraph>()
+            .ok_or_else(|| CudaError::Emulator("not a graph of the emulator".into()))?;
+        self.refuse_while_capturing("graph launch")?;
+        for step in &graph.steps {
+            match step {
+                Recorded::Launch {
+                    module,
+                    kernel,
+                    cfg,
+                    args,
+                } => self.launch(module, kernel, cfg, args)?,
+                Recorded::Zero { ptr, bytes } => self.zero(*ptr, *bytes)?,
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Drop for EmuRuntime {
@@ -280,5 +403,48 @@ impl Drop for EmuRuntime {
         for p in ptrs {
             self.free(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn floats(rt: &EmuRuntime, ptr: u64) -> Result<[f32; 4]> {
+        let mut out = [0f32; 4];
+        rt.dtoh(ptr, super::super::runtime::bytes_of_mut(&mut out))?;
+        Ok(out)
+    }
+
+    /// As CUDA's stream capture: launches are recorded, not run; host copies are refused;
+    /// each graph launch reruns the launches on the memory as it is then.
+    #[test]
+    fn a_capture_records_launches_that_each_graph_launch_runs() -> Result<()> {
+        let rt = EmuRuntime::new()?;
+        let (src, dst) = (rt.alloc(16)?, rt.alloc(16)?);
+        let send = |v: [f32; 4]| rt.htod(src, super::super::runtime::bytes_of(&v));
+        send([1.0, 2.0, 3.0, 4.0])?;
+        rt.begin_capture()?;
+        let args = [Arg::Ptr(src), Arg::Ptr(dst), Arg::U32(4)];
+        rt.launch(
+            "elementwise",
+            "copy_f32",
+            &LaunchConfig::linear(1, 256),
+            &args,
+        )?;
+        assert!(send([9.0; 4]).is_err(), "a host copy while capturing");
+        let graph = rt.end_capture()?;
+        assert_eq!(graph.launches(), 1);
+        assert_eq!(floats(&rt, dst)?, [0.0; 4], "nothing ran while capturing");
+        rt.launch_graph(&*graph)?;
+        assert_eq!(floats(&rt, dst)?, [1.0, 2.0, 3.0, 4.0]);
+        send([5.0, 6.0, 7.0, 8.0])?;
+        rt.launch_graph(&*graph)?;
+        assert_eq!(
+            floats(&rt, dst)?,
+            [5.0, 6.0, 7.0, 8.0],
+            "a replay's new input"
+        );
+        Ok(())
     }
 }

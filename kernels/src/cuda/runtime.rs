@@ -80,6 +80,12 @@ pub trait KernelRuntime: Send + Sync {
     }
     /// Allocates `bytes` (zeroed) and returns the device pointer.
     fn alloc(&self, bytes: usize) -> Result<u64>;
+    /// Allocates `bytes` that the caller overwrites before anything reads them (an upload,
+    /// an op's output): as `alloc`, except that a runtime reusing freed memory need not zero
+    /// it. Default: `alloc`.
+    fn alloc_for_overwrite(&self, bytes: usize) -> Result<u64> {
+        self.alloc(bytes)
+    }
     /// Frees what [`KernelRuntime::alloc`] returned.
     fn free(&self, ptr: u64);
     /// Sets `bytes` from `ptr` to zero, queued after the work before it.
@@ -90,6 +96,32 @@ pub trait KernelRuntime: Send + Sync {
     fn launch(&self, module: &str, kernel: &str, cfg: &LaunchConfig, args: &[Arg]) -> Result<()>;
     /// Waits until every launch so far has finished, surfacing asynchronous errors.
     fn synchronize(&self) -> Result<()>;
+    /// From here on, launches and memsets are recorded into a graph rather than run, until
+    /// [`KernelRuntime::end_capture`] (CUDA stream capture). Host copies are refused while
+    /// capturing: a recorded step must find its inputs already on the device. Allocations
+    /// still happen at once. Default: unsupported.
+    fn begin_capture(&self) -> Result<()> {
+        Err(CudaError::Unavailable(format!(
+            "no graph capture on {}",
+            self.name()
+        )))
+    }
+    /// Ends the capture and returns what it recorded, ready to launch. Also the way out of a
+    /// capture that failed half way (the result is then dropped).
+    fn end_capture(&self) -> Result<Box<dyn DeviceGraph>> {
+        Err(CudaError::Unavailable(format!(
+            "no graph capture on {}",
+            self.name()
+        )))
+    }
+    /// Runs a graph this runtime's `end_capture` made, queued like a launch.
+    fn launch_graph(&self, graph: &dyn DeviceGraph) -> Result<()> {
+        let _ = graph;
+        Err(CudaError::Unavailable(format!(
+            "no graph capture on {}",
+            self.name()
+        )))
+    }
     /// `y = x · wᵀ` in dense bf16 through the vendor's BLAS (cuBLAS), queued like a launch:
     /// `w` is `[n, k]`, `x` `[rows, k]`, `y` `[rows, n]`, all bf16, summed in f32. The
     /// benchmarks' baseline (issue #7 measures the quantized kernels against it); the engine
@@ -109,6 +141,14 @@ pub trait KernelRuntime: Send + Sync {
             self.name()
         )))
     }
+}
+
+/// Launches and memsets recorded by [`KernelRuntime::begin_capture`], replayed as one unit
+/// by [`KernelRuntime::launch_graph`] with the same arguments (the same device pointers).
+pub trait DeviceGraph: Send + Sync {
+    /// How many launches it replays (for tests and logs).
+    fn launches(&self) -> usize;
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// Plain data that can be copied to and from the device byte for byte.
@@ -145,8 +185,14 @@ impl<'r> DeviceBuffer<'r> {
         Ok(DeviceBuffer { rt, ptr, bytes })
     }
 
+    /// Memory the caller fills before anything reads it (see `alloc_for_overwrite`).
+    pub fn for_overwrite(rt: &'r dyn KernelRuntime, bytes: usize) -> Result<Self> {
+        let ptr = rt.alloc_for_overwrite(bytes)?;
+        Ok(DeviceBuffer { rt, ptr, bytes })
+    }
+
     pub fn upload<T: Pod>(rt: &'r dyn KernelRuntime, data: &[T]) -> Result<Self> {
-        let buf = Self::zeroed(rt, std::mem::size_of_val(data))?;
+        let buf = Self::for_overwrite(rt, std::mem::size_of_val(data))?;
         rt.htod(buf.ptr, bytes_of(data))?;
         Ok(buf)
     }
