@@ -612,3 +612,23 @@ fn quantize_with_gptq_writes_a_loadable_int8_checkpoint() {
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
+
+/// `--step-graphs` replays recorded decode steps (here on the emulated CUDA backend): the
+/// same generations, token for token and logprob for logprob, as op by op.
+#[test]
+fn step_graphs_flag_generates_the_same_text() {
+    let path = repo().join("tests/golden/spm_llama.gguf");
+    let m = path.to_str().unwrap();
+    let input = "{\"id\":1,\"prompt\":\"hello world\",\"max_tokens\":9,\"logprobs\":1}\n\
+                 {\"id\":2,\"prompt\":\"hello again, and once more\",\"max_tokens\":5,\"logprobs\":1}\n";
+    let generate = |extra: &[&str]| {
+        let mut args = vec!["generate", "-m", m, "-i", "-", "-q", "--device", "cuda-emu"];
+        args.extend(extra);
+        let (code, out, err) = vellum(&args, input);
+        assert_eq!(code, 0, "{extra:?}: {err}");
+        out
+    };
+    let (with, without) = (generate(&["--step-graphs"]), generate(&[]));
+    assert_eq!(with.lines().count(), 2, "{with}");
+    assert_eq!(with, without);
+}

@@ -151,11 +151,15 @@ fn a_forward_pass_moves_only_tokens_and_logits() {
     }
 
     // The same step again, over the same slots, twice: the second time in the device memory
-    // of the first (which took some blocks the first step freed for the batch's arrays).
+    // of the first (which took some blocks the first step freed for the batch's arrays),
+    // and with other token ids.
     forward(&cuda, &mut kv);
     rt.take_uploaded();
     rt.take_allocated();
-    forward(&cuda, &mut kv);
+    let other: Vec<u32> = tokens.iter().map(|&t| t + 1).collect();
+    model
+        .forward(&cuda, &other, &batch, &mut kv, &logit_rows)
+        .unwrap();
     assert_eq!(rt.take_allocated(), 0, "bytes allocated by a step");
     assert_eq!(
         rt.take_uploaded(),

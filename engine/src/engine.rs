@@ -7,6 +7,7 @@
 //! head of the queue with the tokens it already generated, so its output is unchanged.
 
 use crate::error::{EngineError, Result};
+use crate::graphs::{GraphStats, StepGraphs};
 use crate::kv::BlockManager;
 use crate::loader::Checkpoint;
 use crate::model::Model;
@@ -37,6 +38,9 @@ pub struct EngineConfig {
     pub max_seqs: usize,
     /// Reuse the KV blocks of earlier prompts with the same prefix.
     pub enable_prefix_caching: bool,
+    /// Record decode steps and replay them as one launch (CUDA graphs) where the backend can:
+    /// the same results, without a launch per op. Off by default until measured on GPUs.
+    pub step_graphs: bool,
 }
 
 impl Default for EngineConfig {
@@ -48,6 +52,7 @@ impl Default for EngineConfig {
             max_batched_tokens: 512,
             max_seqs: 64,
             enable_prefix_caching: true,
+            step_graphs: false,
         }
     }
 }
@@ -189,6 +194,9 @@ impl Sequence {
 
 /// The engine: a model, a backend, a KV pool and the scheduler state.
 pub struct Engine {
+    /// Recorded decode steps (`EngineConfig::step_graphs`). First, so that they are dropped
+    /// before the weights and KV pools their launches read.
+    graphs: Option<StepGraphs>,
     model: Model,
     tokenizer: Option<Tokenizer>,
     backend: Box<dyn Backend>,
@@ -368,6 +376,7 @@ impl Engine {
             "KV cache allocated"
         );
         Ok(Engine {
+            graphs: config.step_graphs.then(StepGraphs::default),
             blocks: BlockManager::new(num_blocks, config.block_size),
             model,
             tokenizer,
@@ -389,6 +398,11 @@ impl Engine {
 
     pub fn tokenizer(&self) -> Option<&Tokenizer> {
         self.tokenizer.as_ref()
+    }
+
+    /// What the recorded decode steps did, when `EngineConfig::step_graphs` is on.
+    pub fn graph_stats(&self) -> Option<&GraphStats> {
+        self.graphs.as_ref().map(|g| &g.stats)
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -693,8 +707,11 @@ impl Engine {
         // The whole forward pass runs on a pool thread: the ops' parallel loops then start
         // from inside the pool instead of each waking it from outside (hundreds a step).
         let (model, backend, kv) = (&self.model, self.backend.as_ref(), &mut self.kv);
+        let graphs = self.graphs.as_mut();
         let forward_start = std::time::Instant::now();
-        let logprobs = rayon::scope(|_| model.forward(backend, &tokens, &layout, kv, &logit_rows))?;
+        let logprobs = rayon::scope(|_| {
+            model.forward_with_graphs(backend, &tokens, &layout, kv, &logit_rows, graphs)
+        })?;
         self.stats.forward_ns += forward_start.elapsed().as_nanos() as u64;
         let vocab = self.model.config.vocab_size;
         let mut outputs = Vec::with_capacity(plan.len());

@@ -5,6 +5,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod gguf;
+pub mod graphs;
 pub mod handle;
 pub mod loader;
 pub mod model;

@@ -3,12 +3,13 @@
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
+use crate::graphs::StepGraphs;
 use crate::tensors::{TensorFormat, TensorInfo, TensorStore};
 use half::{bf16, f16};
 use std::path::Path;
 use vellum_kernels::{
-    Backend, BatchLayout, KvDtype, KvLayer, MatmulPart, QuantTarget, Rope, Tensor, Weight,
-    WeightData,
+    Backend, BatchLayout, KvDtype, KvLayer, MatmulPart, QuantTarget, Rope, StepInputs, Tensor,
+    Weight, WeightData,
 };
 use vellum_quant::DType;
 
@@ -512,6 +513,20 @@ impl Model {
         kv: &mut [KvLayer],
         logit_rows: &[usize],
     ) -> Result<Vec<f32>> {
+        self.forward_with_graphs(backend, tokens, batch, kv, logit_rows, None)
+    }
+
+    /// [`Model::forward`], with decode steps recorded and replayed through `graphs` where
+    /// the backend can (CUDA graphs): the same values, fewer launches.
+    pub fn forward_with_graphs(
+        &self,
+        backend: &dyn Backend,
+        tokens: &[u32],
+        batch: &BatchLayout,
+        kv: &mut [KvLayer],
+        logit_rows: &[usize],
+        graphs: Option<&mut StepGraphs>,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let t = tokens.len();
         if batch.num_tokens() != t || kv.len() != c.num_layers {
@@ -524,11 +539,23 @@ impl Model {
                 ),
             }));
         }
-        let mut acts = self.embed_tokens(backend, tokens)?;
-        for (i, cache) in kv.iter_mut().enumerate() {
-            self.layer_forward(backend, i, &mut acts, batch, cache, None)?;
-        }
-        self.logits(backend, &acts, logit_rows)
+        let mut step = |kv: &mut [KvLayer]| {
+            let mut acts = self.embed_tokens(backend, tokens)?;
+            for (i, cache) in kv.iter_mut().enumerate() {
+                self.layer_forward(backend, i, &mut acts, batch, cache, None)?;
+            }
+            self.logits(backend, &acts, logit_rows)
+        };
+        let Some(graphs) = graphs else {
+            return Ok(step(kv)?.to_vec()?);
+        };
+        let rows: Vec<u32> = logit_rows.iter().map(|&r| r as u32).collect();
+        let inputs = StepInputs {
+            tokens,
+            batch,
+            rows: &rows,
+        };
+        graphs.run(backend, &inputs, kv, &mut step)
     }
 
     /// The activations entering layer 0: the embeddings of `tokens`.
@@ -622,13 +649,14 @@ impl Model {
     }
 
     /// Log-probabilities (`[logit_rows.len(), vocab]`) after the last layer, for the given
-    /// token rows only: only they go through the final norm and the LM head.
+    /// token rows only: only they go through the final norm and the LM head. Where the
+    /// backend computed them (a GPU's memory) until someone reads them.
     pub fn logits(
         &self,
         backend: &dyn Backend,
         acts: &Activations,
         logit_rows: &[usize],
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (h, t) = (c.hidden_size, acts.tokens());
         if let Some(&bad) = logit_rows.iter().find(|&&r| r >= t) {
@@ -657,7 +685,7 @@ impl Model {
         let mut logits = Tensor::zeros(logit_rows.len() * c.vocab_size);
         backend.matmul(&sel_norm, self.lm_head(), None, &mut logits)?;
         backend.log_softmax(&mut logits, c.vocab_size)?;
-        Ok(logits.to_vec()?)
+        Ok(logits)
     }
 }
 

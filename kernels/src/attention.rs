@@ -465,18 +465,20 @@ impl BatchLayout {
     /// The block tables as one row-major `[seqs, width]` array (rows padded with block 0,
     /// never read past a sequence's context), and `width`: what a GPU kernel indexes.
     pub fn flat_block_tables(&self) -> (Vec<u32>, usize) {
-        let width = self
-            .block_tables
-            .iter()
-            .map(Vec::len)
-            .max()
-            .unwrap_or(0)
-            .max(1);
+        let width = self.block_tables.iter().map(Vec::len).max().unwrap_or(0);
+        let width = width.max(1);
+        (self.block_tables_with_width(width), width)
+    }
+
+    /// The block tables as one row-major `[seqs, width]` array, padded as above; `width`
+    /// must be at least the longest table's (a recorded step's is fixed, see `graph`).
+    pub fn block_tables_with_width(&self, width: usize) -> Vec<u32> {
         let mut flat = vec![0u32; self.num_seqs() * width];
-        for (s, table) in self.block_tables.iter().enumerate() {
-            flat[s * width..s * width + table.len()].copy_from_slice(table);
+        for (s, table) in self.block_tables.iter().take(self.num_seqs()).enumerate() {
+            let n = table.len().min(width);
+            flat[s * width..s * width + n].copy_from_slice(&table[..n]);
         }
-        (flat, width)
+        flat
     }
 
     /// The sequence of each query token.

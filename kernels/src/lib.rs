@@ -8,6 +8,7 @@ pub mod attention;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
+pub mod graph;
 pub mod rope;
 pub mod shapes;
 pub mod tensor;
@@ -15,6 +16,7 @@ pub mod weight;
 
 pub use attention::{BatchLayout, DevicePools, KvData, KvDtype, KvLayer};
 pub use device::Device;
+pub use graph::{GraphKey, RecordedStep, StepInputs};
 pub use rope::{Rope, RopeScaling};
 pub use tensor::{DeviceTensor, Tensor};
 pub use weight::{DeviceCopy, QuantTarget, Weight, WeightData};
@@ -26,6 +28,8 @@ pub enum KernelError {
     Shape { op: &'static str, detail: String },
     #[error("token id {token} is out of range for an embedding table of {rows} rows")]
     TokenOutOfRange { token: u32, rows: usize },
+    #[error("{op}: {detail}")]
+    Unsupported { op: &'static str, detail: String },
     #[error(transparent)]
     Cuda(#[from] cuda::CudaError),
     #[error(transparent)]
@@ -150,6 +154,52 @@ pub trait Backend: Send + Sync {
 
     /// In-place log-softmax over rows of width `width`.
     fn log_softmax(&self, x: &mut Tensor, width: usize) -> Result<()>;
+
+    /// The shape under which this backend can record `inputs`' step and replay it (see
+    /// [`graph`]), or `None`: the step runs op by op. Default: `None`.
+    fn step_graph_key(&self, inputs: &StepInputs) -> Option<GraphKey> {
+        let _ = inputs;
+        None
+    }
+
+    /// Starts recording the ops that follow, until [`Backend::end_step_record`], as one
+    /// replayable step of shape `key` (from `step_graph_key`), instead of running them.
+    fn begin_step_record(&self, key: GraphKey, inputs: &StepInputs) -> Result<()> {
+        let _ = (key, inputs);
+        Err(no_step_records(self.name(), "begin_step_record"))
+    }
+
+    /// Ends the recording begun last. `output` is what the step's ops produced (its
+    /// log-probabilities); `None` when they failed, and the recording is dropped.
+    fn end_step_record(
+        &self,
+        output: Option<&Tensor>,
+        kv: &[KvLayer],
+    ) -> Result<Box<dyn RecordedStep>> {
+        let _ = (output, kv);
+        Err(no_step_records(self.name(), "end_step_record"))
+    }
+
+    /// Runs a recorded step on `inputs` (of its key's shape), writing the KV cache as its
+    /// ops would, and returns the output's values; `None` if the recording no longer
+    /// applies (the KV pools it wrote moved), and nothing ran.
+    fn replay_step(
+        &self,
+        step: &dyn RecordedStep,
+        inputs: &StepInputs,
+        kv: &mut [KvLayer],
+    ) -> Result<Option<Vec<f32>>> {
+        let _ = (step, inputs, kv);
+        Err(no_step_records(self.name(), "replay_step"))
+    }
+}
+
+/// What the `Backend` methods of recorded steps answer on a backend without them.
+fn no_step_records(backend: &str, op: &'static str) -> KernelError {
+    KernelError::Unsupported {
+        op,
+        detail: format!("{backend} does not record steps"),
+    }
 }
 
 /// `Backend::rotary_write_kv` as its three ops in turn.

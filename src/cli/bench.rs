@@ -70,6 +70,9 @@ pub struct BenchArgs {
     kv_dtype: KvDtype,
     #[arg(long, default_value_t = 512)]
     max_batched_tokens: usize,
+    /// Record decode steps and replay them (CUDA graphs; see `score --help`).
+    #[arg(long)]
+    step_graphs: bool,
     /// Runs of each level; throughputs are their medians (llama-bench reports a median too).
     #[arg(long, default_value_t = 1)]
     repeat: usize,
@@ -257,6 +260,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         kv_dtype: a.kv_dtype,
         max_batched_tokens: a.max_batched_tokens,
         max_seqs: max_c.max(1),
+        step_graphs: a.step_graphs,
         ..EngineConfig::default()
     };
     let device = vellum_kernels::Device::parse(&a.device).map_err(|e| anyhow!("--device: {e}"))?;
@@ -269,10 +273,11 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     run_level(&mut engine, 1, a.prompt_len.min(16), 4, read_bw, &mut rng)?;
     if !a.json {
         println!(
-            "model {name} | backend {backend_name} | threads {} | weights {:.1} MiB | KV {} | read bandwidth {:.1} GB/s",
+            "model {name} | backend {backend_name} | threads {} | weights {:.1} MiB | KV {} | step graphs {} | read bandwidth {:.1} GB/s",
             rayon::current_num_threads(),
             engine.model().weight_bytes() as f64 / (1 << 20) as f64,
             a.kv_dtype.name(),
+            if a.step_graphs { "on" } else { "off" },
             read_bw / 1e9
         );
         println!(
@@ -297,7 +302,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         if a.json {
             let o = json!({
                 "model": name, "backend": backend_name, "threads": rayon::current_num_threads(),
-                "kv_dtype": a.kv_dtype.name(),
+                "kv_dtype": a.kv_dtype.name(), "step_graphs": a.step_graphs,
                 "concurrency": l.concurrency, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
                 "repeat": a.repeat,
                 "prefill_tok_s": l.prefill_tok_s, "decode_tok_s": l.decode_tok_s,
@@ -321,6 +326,9 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             );
         }
         levels.push(l);
+    }
+    if let Some(g) = engine.graph_stats() {
+        eprintln!("step graphs: {g}");
     }
     if let Some(path) = &a.plot {
         std::fs::write(path, plot_svg(&name, &levels))?;

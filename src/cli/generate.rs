@@ -293,6 +293,9 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
     }
     bar.finish_and_clear();
     out.flush()?;
+    if let (Some(g), false) = (engine.graph_stats(), a.engine.quiet) {
+        eprintln!("step graphs: {g}");
+    }
     if interrupted.load(Ordering::SeqCst) {
         eprintln!("interrupted: every written line is complete; rerun with --resume to go on");
         return Ok(ExitCode::from(130));

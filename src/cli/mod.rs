@@ -61,9 +61,8 @@ pub struct EngineArgs {
     /// Model: a Hugging Face directory (config.json + safetensors) or a .gguf file.
     #[arg(long, short = 'm')]
     model: PathBuf,
-    /// Device to run on: auto (VELLUM_DEVICE, else cpu), cpu, cuda:N (a GPU; the CUDA backend
-    /// still copies per op, see README), or cuda-emu (the CUDA kernels on the CPU emulator,
-    /// slow, for debugging).
+    /// Device to run on: auto (VELLUM_DEVICE, else cpu), cpu, cuda:N (a GPU), or cuda-emu
+    /// (the CUDA kernels on the CPU emulator, slow, for debugging).
     #[arg(long, default_value = "auto")]
     device: String,
     /// KV cache memory, with units (e.g. 512MiB, 2GiB).
@@ -90,6 +89,11 @@ pub struct EngineArgs {
     /// Token budget of one step (prefill chunks plus decodes).
     #[arg(long, default_value_t = 512)]
     max_batched_tokens: usize,
+    /// Record each decode batch shape's step once and replay it as one launch (CUDA graphs,
+    /// on cuda:N and cuda-emu): the same results without a launch per op. Off by default
+    /// until measured on GPUs.
+    #[arg(long)]
+    step_graphs: bool,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -118,6 +122,7 @@ impl EngineArgs {
             kv_dtype: self.kv_dtype,
             max_seqs: self.max_seqs,
             max_batched_tokens: self.max_batched_tokens,
+            step_graphs: self.step_graphs,
             ..EngineConfig::default()
         };
         let mut builder = Engine::builder()

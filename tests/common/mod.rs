@@ -5,8 +5,13 @@ use std::path::PathBuf;
 use vellum::engine::{Engine, EngineConfig, Request, SamplingParams};
 use vellum::kernels::{Device, KvDtype};
 
+/// The checkout: where the tests were built, or `$VELLUM_REPO` (a test executable run on
+/// another machine, as `scripts/gpu-check.sh` does).
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    match std::env::var_os("VELLUM_REPO") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    }
 }
 
 /// A path for a test's scratch files, under cargo's directory for them (target/tmp), not the

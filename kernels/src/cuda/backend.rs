@@ -20,10 +20,12 @@
 //! step reuses the last one's.
 
 use super::runtime::{Arg, DeviceBuffer, KernelRuntime, LaunchConfig, Pod};
+
+mod step_graph;
 use super::CudaError;
 use crate::{
-    check, shapes, Backend, BatchLayout, DeviceTensor, KvData, KvDtype, KvLayer, MatmulPart,
-    Result, Rope, Tensor, Weight, WeightData,
+    check, shapes, Backend, BatchLayout, DeviceTensor, GraphKey, KvData, KvDtype, KvLayer,
+    MatmulPart, RecordedStep, Result, Rope, StepInputs, Tensor, Weight, WeightData,
 };
 use half::f16;
 use std::any::Any;
@@ -78,8 +80,8 @@ struct GemmPlan {
 /// than a decode matmul.
 #[derive(Default)]
 struct GemmScratch {
-    partials: Option<(OwnedBuffer, usize)>,
-    counters: Option<(OwnedBuffer, usize)>,
+    partials: Option<(Arc<OwnedBuffer>, usize)>,
+    counters: Option<(Arc<OwnedBuffer>, usize)>,
 }
 
 impl GemmScratch {
@@ -91,17 +93,46 @@ impl GemmScratch {
         ] {
             if slot.as_ref().is_none_or(|(_, size)| *size < bytes) {
                 *slot = None; // freed before its replacement is allocated
-                *slot = Some((be.keep(be.zeroed(bytes)?), bytes));
+                *slot = Some((Arc::new(be.keep(be.zeroed(bytes)?)), bytes));
             }
         }
-        let arg =
-            |slot: &Option<(OwnedBuffer, usize)>| slot.as_ref().map_or(Arg::Ptr(0), |b| b.0.arg());
+        let arg = |slot: &Option<(Arc<OwnedBuffer>, usize)>| {
+            slot.as_ref().map_or(Arg::Ptr(0), |b| b.0.arg())
+        };
         Ok((arg(&self.partials), arg(&self.counters)))
+    }
+
+    /// The buffers, for a recorded step to keep alive.
+    fn buffers(&self) -> impl Iterator<Item = Arc<OwnedBuffer>> + '_ {
+        [&self.partials, &self.counters]
+            .into_iter()
+            .flatten()
+            .map(|(b, _)| b.clone())
     }
 }
 
 /// A small array's bytes as sent, and its device copy (see `CudaBackend::arrays`).
 type SentArray = (Vec<u8>, Arc<OwnedBuffer>);
+
+/// A small array an op reads on the device: a buffer of its own, or a part of one (a
+/// recorded step's inputs share one buffer, sent in one copy).
+struct DeviceArray {
+    buf: Arc<OwnedBuffer>,
+    offset: u64,
+}
+
+impl DeviceArray {
+    fn all_of(buf: &Arc<OwnedBuffer>) -> DeviceArray {
+        DeviceArray {
+            buf: buf.clone(),
+            offset: 0,
+        }
+    }
+
+    fn arg(&self) -> Arg {
+        Arg::Ptr(self.buf.ptr + self.offset)
+    }
+}
 
 pub struct CudaBackend {
     rt: Arc<dyn KernelRuntime>,
@@ -119,6 +150,8 @@ pub struct CudaBackend {
     /// its bytes, reused while an op's array equals it. Every layer of a step reads the same
     /// ones, so they go up once a step rather than once an op.
     arrays: Mutex<HashMap<&'static str, SentArray>>,
+    /// The step being recorded, if one is (see `step_graph`).
+    capture: Mutex<Option<step_graph::Capture>>,
 }
 
 impl CudaBackend {
@@ -143,6 +176,7 @@ impl CudaBackend {
             gemm_blocks_per_sm: AtomicUsize::new(DEFAULT_GEMM_BLOCKS_PER_SM),
             gemm_scratch: Mutex::new(GemmScratch::default()),
             arrays: Mutex::new(HashMap::new()),
+            capture: Mutex::new(None),
         }
     }
 
@@ -258,7 +292,7 @@ impl CudaBackend {
 
     fn new_device_tensor(&self, len: usize) -> Result<DeviceF32> {
         Ok(DeviceF32 {
-            buf: self.keep(self.zeroed(len * 4)?),
+            buf: self.keep(DeviceBuffer::for_overwrite(&*self.rt, len * 4)?),
             len,
         })
     }
@@ -331,18 +365,35 @@ impl CudaBackend {
     }
 
     /// `data` on the device, as the array of `role` (see `arrays`): the copy sent last for
-    /// that role when it holds the same bytes, else a new one (which replaces it).
-    fn array<T: Pod>(&self, role: &'static str, data: &[T]) -> Result<Arc<OwnedBuffer>> {
+    /// that role when it holds the same bytes, else that copy overwritten, or a new one
+    /// (which replaces it).
+    /// While a step is being recorded, the array comes from the recording instead.
+    fn array<T: Pod>(&self, role: &'static str, data: &[T]) -> Result<DeviceArray> {
         let bytes = super::runtime::bytes_of(data);
+        if let Some(capture) = self
+            .capture
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            return capture.array(role, bytes, &self.arrays);
+        }
         let mut arrays = self.arrays.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((sent, copy)) = arrays.get(role) {
+        if let Some((sent, copy)) = arrays.get_mut(role) {
             if sent[..] == *bytes {
-                return Ok(copy.clone());
+                return Ok(DeviceArray::all_of(copy));
+            }
+            // Held by no one else (no recorded step): new values in place, queued after the
+            // launches that read the old ones. A decode step's arrays change size rarely.
+            if sent.len() == bytes.len() && Arc::strong_count(copy) == 1 {
+                self.rt.htod(copy.ptr, bytes)?;
+                sent.copy_from_slice(bytes);
+                return Ok(DeviceArray::all_of(copy));
             }
         }
         let copy = Arc::new(self.keep(self.up(data)?));
         arrays.insert(role, (bytes.to_vec(), copy.clone()));
-        Ok(copy)
+        Ok(DeviceArray::all_of(&copy))
     }
 
     /// A layer's K and V pools on the device as stored on the host (f32, f16, or int8
@@ -1066,7 +1117,7 @@ impl Backend for CudaBackend {
                 (for_op.0.arg(), for_op.1)
             }
         };
-        let td = self.up(tokens)?;
+        let td = self.array("tokens", tokens)?;
         let od = self.output(out)?;
         let cfg = LaunchConfig::linear(tokens.len() as u32, row_threads(width));
         let args = [w, td.arg(), od, Arg::U32(width as u32)];
@@ -1267,7 +1318,14 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let seq_of = batch.seq_of_token();
-        let (tables, max_blocks) = batch.flat_block_tables();
+        // A recorded step's block tables are as wide as its key says, whatever the batch's.
+        let (tables, max_blocks) = match self.recording_key() {
+            Some(key) => (
+                batch.block_tables_with_width(key.table_width),
+                key.table_width,
+            ),
+            None => batch.flat_block_tables(),
+        };
         let qd = self.input(q)?;
         let kv = self.kv_on_device(cache)?;
         let (kv_args, kv_kind) = kv.args();
@@ -1380,6 +1438,31 @@ impl Backend for CudaBackend {
             cfg,
             &[xd, Arg::U32(width as u32)],
         )
+    }
+
+    fn step_graph_key(&self, inputs: &StepInputs) -> Option<GraphKey> {
+        self.graph_key(inputs)
+    }
+
+    fn begin_step_record(&self, key: GraphKey, inputs: &StepInputs) -> Result<()> {
+        self.begin_record(key, inputs)
+    }
+
+    fn end_step_record(
+        &self,
+        output: Option<&Tensor>,
+        kv: &[KvLayer],
+    ) -> Result<Box<dyn RecordedStep>> {
+        self.end_record(output, kv)
+    }
+
+    fn replay_step(
+        &self,
+        step: &dyn RecordedStep,
+        inputs: &StepInputs,
+        kv: &mut [KvLayer],
+    ) -> Result<Option<Vec<f32>>> {
+        self.replay(step, inputs, kv)
     }
 }
 
