@@ -33,6 +33,16 @@ for line in sys.stdin:
         shutil.copy(exe, sys.argv[1] + "/" + name)
         print("carried", name)
 ' "$carry"
+  # The engine-level one: recorded decode steps (CUDA graphs) against op by op.
+  cargo test --release --no-run --message-format=json --test cuda_graphs 2>/dev/null |
+    python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("executable") and m.get("target", {}).get("name") == "cuda_graphs":
+        shutil.copy(m["executable"], sys.argv[1] + "/cuda_graphs")
+        print("carried cuda_graphs")
+' "$carry"
   # The GEMV kernel benchmark (benches/cuda_gemv.rs).
   cargo bench --no-run --bench cuda_gemv --message-format=json 2>/dev/null |
     python3 -c '
@@ -60,8 +70,9 @@ run() {
   export VELLUM_REQUIRE_GPU=1 VELLUM_REQUIRE_NVRTC=1 VELLUM_CACHE_DIR="$PWD/$carry/cache"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   local status=()
-  for t in cuda_compile cuda_parity cuda_qmatmul cuda_resident vellum_kernels; do
-    if "$carry/$t" --test-threads=1 >"$carry/$t.log" 2>&1; then
+  # VELLUM_REPO: where cuda_graphs finds the committed tiny model.
+  for t in cuda_compile cuda_parity cuda_qmatmul cuda_resident vellum_kernels cuda_graphs; do
+    if VELLUM_REPO="$PWD" "$carry/$t" --test-threads=1 >"$carry/$t.log" 2>&1; then
       status+=("$t|ok|$(grep -o '[0-9]* passed' "$carry/$t.log" | tail -1)")
     else
       status+=("$t|FAILED|see $carry/$t.log")
@@ -74,17 +85,20 @@ run() {
     status+=("engine end to end|FAILED|see $carry/engine.log")
     tail -30 "$carry/engine.log"
   fi
-  # Weights, KV cache and activations stay on the device, but kernels are launched one by
-  # one (no CUDA graphs), so these decode figures are a floor, not the kernels' speed.
-  # Issue #7's end-to-end comparison: int4 (and int8) against bf16, batch 1 and 64.
-  local q
+  # Issue #7's end-to-end comparison: int4 (and int8) against bf16, batch 1 and 64, with
+  # kernels launched one by one and with decode steps replayed as CUDA graphs.
+  local q graphs
   for q in bf16 int4 int8; do
     local quant=()
     [[ "$q" == int4 ]] && quant=(--quant int4:sym)
     [[ "$q" == int8 ]] && quant=(--quant int8)
-    "$carry/vellum" bench --shape smollm-135m --dtype bf16 "${quant[@]}" --device cuda:0 \
-      --concurrency 1,16,64 --prompt-len 64 --gen-len 16 --json >"$carry/bench-cuda-$q.json" 2>"$carry/bench-cuda-$q.log" ||
-      status+=("bench cuda:0 $q|FAILED|see $carry/bench-cuda-$q.log")
+    for graphs in off on; do
+      local flag=() out="$carry/bench-cuda-$q-graphs-$graphs"
+      [[ "$graphs" == on ]] && flag=(--step-graphs)
+      "$carry/vellum" bench --shape smollm-135m --dtype bf16 "${quant[@]}" "${flag[@]}" --device cuda:0 \
+        --concurrency 1,16,64 --prompt-len 64 --gen-len 32 --json >"$out.json" 2>"$out.log" ||
+        status+=("bench cuda:0 $q graphs $graphs|FAILED|see $out.log")
+    done
   done
   # Kernel bandwidth at the issue's shapes (its own table, printed after the summary).
   "$carry/cuda_gemv" >"$carry/cuda_gemv.md" 2>"$carry/cuda_gemv.log" ||
@@ -96,13 +110,19 @@ run() {
   python3 - "$carry" <<'PY' || true
 import json, sys
 for q in ("bf16", "int4", "int8"):
-    try:
-        lines = open(f"{sys.argv[1]}/bench-cuda-{q}.json").read().splitlines()
-    except OSError:
-        continue
-    for line in lines:
-        r = json.loads(line)
-        print(f"| bench smollm-135m {q} cuda:0 x{r.get('concurrency')} | {r.get('decode_tok_s', 0):.1f} tok/s | |")
+    rows = {}
+    for graphs in ("off", "on"):
+        try:
+            lines = open(f"{sys.argv[1]}/bench-cuda-{q}-graphs-{graphs}.json").read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            r = json.loads(line)
+            rows.setdefault(r.get("concurrency"), {})[graphs] = r.get("decode_tok_s", 0)
+    for c, t in sorted(rows.items()):
+        off, on = t.get("off", 0), t.get("on", 0)
+        gain = f"graphs {on / off:.2f}x" if off else ""
+        print(f"| bench smollm-135m {q} cuda:0 x{c} | {off:.1f} tok/s, graphs {on:.1f} tok/s | {gain} |")
 PY
   echo
   cat "$carry/cuda_gemv.md" 2>/dev/null || true
@@ -111,8 +131,9 @@ PY
 # The engine end to end on a device, against the CPU's f32 path, on the committed tiny GGUF
 # (tests/golden/spm_llama.gguf, with its tokenizer): scores through the GEMV (exact f32
 # products: within 1e-5) and the tensor-core GEMM (f16 rounding: within 1e-2), int8 and
-# int4 weights, f16 and int8 KV caches; and parallel samples (copy-on-write of KV blocks
-# written on the device) give the CPU's tokens.
+# int4 weights, f16 and int8 KV caches; parallel samples (copy-on-write of KV blocks
+# written on the device) give the CPU's tokens; and generations with decode steps replayed
+# as CUDA graphs (--step-graphs) are byte for byte those run op by op.
 engine_check() {
   local device="${1:-cuda:0}" vellum="${2:-target/release/vellum}"
   local model=tests/golden/spm_llama.gguf tmp
@@ -132,6 +153,12 @@ engine_check() {
   local gen=(generate -m "$model" -q --n 3 --input "$tmp/gen.jsonl")
   VELLUM_INT_DOT=0 "$vellum" "${gen[@]}" --device cpu >"$tmp/gen-cpu.jsonl"
   VELLUM_CUDA_GEMM=0 "$vellum" "${gen[@]}" --device "$device" >"$tmp/gen-dev.jsonl"
+  printf '%s\n' '{"id":1,"prompt":"hello world","max_tokens":12,"logprobs":2}' \
+    '{"id":2,"prompt":"once upon a time there was","max_tokens":6,"logprobs":2}' >"$tmp/greedy.jsonl"
+  local greedy=(generate -m "$model" --quant int4 --input "$tmp/greedy.jsonl" --device "$device")
+  "$vellum" "${greedy[@]}" -q >"$tmp/greedy-ops.jsonl"
+  # Not quiet: its last words are what the recordings did.
+  "$vellum" "${greedy[@]}" --step-graphs >"$tmp/greedy-graphs.jsonl" 2>"$tmp/greedy-graphs.log"
   python3 - "$tmp" <<'PY'
 import json, sys
 d = sys.argv[1]
@@ -150,7 +177,11 @@ for q in ("int8", "int4"):
 cpu, dev = lines("gen-cpu.jsonl"), lines("gen-dev.jsonl")
 samples = lambda r: [r["completion"]] + [s["completion"] for s in r.get("more_samples", [])]
 assert samples(cpu[0]) == samples(dev[0]), f"parallel samples: {samples(dev[0])} vs the CPU's {samples(cpu[0])}"
-print(f"scores within {worst['gemv']:.1e} (GEMV) and {worst['gemm']:.1e} (GEMM) of the CPU's; {len(samples(cpu[0]))} samples equal")
+ops, graphs = lines("greedy-ops.jsonl"), lines("greedy-graphs.jsonl")
+assert len(ops) == 2 and ops == graphs, f"with step graphs: {graphs} vs op by op: {ops}"
+said = [l for l in open(f"{d}/greedy-graphs.log") if l.startswith("step graphs:")]
+assert said and " 0 replayed" not in said[-1] and " 0 failed" in said[-1], f"step graphs: {said}"
+print(f"scores within {worst['gemv']:.1e} (GEMV) and {worst['gemm']:.1e} (GEMM) of the CPU's; {len(samples(cpu[0]))} samples equal; step graphs give the same generations")
 PY
   rm -rf "$tmp"
 }
