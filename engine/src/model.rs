@@ -576,6 +576,7 @@ impl Model {
         cache: &mut KvLayer,
         mut observe: Option<&mut LinearInputObserver>,
     ) -> Result<()> {
+        let observed = observe.is_some();
         let mut seen = |input: LinearInput, x: &Tensor| -> Result<()> {
             if let Some(o) = observe.as_mut() {
                 o(i, input, &x.host()?);
@@ -641,9 +642,14 @@ impl Model {
                 },
             ],
         )?;
-        backend.silu_mul(&mut a.gate, &a.up)?;
-        seen(LinearInput::MlpDown, &a.gate)?;
-        backend.matmul(&a.gate, &layer.down, None, &mut a.delta)?;
+        if observed {
+            // The down projection's input, for the observer.
+            backend.silu_mul(&mut a.gate, &a.up)?;
+            seen(LinearInput::MlpDown, &a.gate)?;
+            backend.matmul(&a.gate, &layer.down, None, &mut a.delta)?;
+        } else {
+            backend.silu_mul_matmul(&mut a.gate, &a.up, &layer.down, &mut a.delta)?;
+        }
         a.has_delta = true;
         Ok(())
     }

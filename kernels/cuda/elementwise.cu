@@ -161,8 +161,7 @@ VELLUM_EXPORT(rotary_write_kv_int8)
 // Grid-stride over n elements: gate = silu(gate) * up.
 template <class T> __device__ void silu_mul(T *gate, const T *up, uint32_t n) {
   for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-    float g = to_f32(gate[i]);
-    gate[i] = from_f32<T>(g / (1.0f + expf(-g)) * to_f32(up[i]));
+    gate[i] = from_f32<T>(silu_times(to_f32(gate[i]), to_f32(up[i])));
   }
 }
 #define SILU_MUL(name, T)                                                                    \

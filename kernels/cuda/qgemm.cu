@@ -18,7 +18,9 @@
 // grid = (ceil(n / 64), ceil(rows / BM), splits), block = 128 threads; BM = 16 (the kernels
 // named _m16, for decode batches) or 64 (_m64). The gemm3_* kernels take two or three
 // matrices of one input side by side along grid.x (Q, K and V; gate and up), each with its
-// own plan. Host code: kernels/src/cuda/backend.rs.
+// own plan. The gemm_*_silu_* kernels read their rows as silu(gate) · up, computed as they
+// load them (the MLP's down projection, without the silu_mul launch before it; the same
+// bits). Host code: kernels/src/cuda/backend.rs.
 #include "vellum.cuh"
 
 #define GEMM_BN 64
@@ -113,18 +115,28 @@ template <int BM> struct alignas(16) GemmStage {
   uint16_t b[GEMM_BN][GEMM_LD];
 };
 
+// Where the GEMM reads its rows' values: a matrix, or silu(gate) · up of two.
+struct Rows {
+  const float *x;
+  __device__ float at(size_t i) const { return x[i]; }
+};
+struct SiluRows {
+  const float *gate, *up;
+  __device__ float at(size_t i) const { return silu_times(gate[i], up[i]); }
+};
+
 // x's part of a step: thread tid holds column tid % 64 of rows tid / 64 + 2 i, so that a warp
 // reads 32 consecutive floats of a row. Zero past the last row or past k.
-template <class T, int BM> struct XLoader {
+template <class X, int BM> struct XLoader {
   static constexpr int PER_THREAD = BM * GEMM_BK / GEMM_THREADS;
   float v[PER_THREAD];
 
-  __device__ void load(const T *x, uint32_t rows, uint32_t k, uint32_t row0, uint32_t k0) {
+  __device__ void load(const X &x, uint32_t rows, uint32_t k, uint32_t row0, uint32_t k0) {
     uint32_t col = k0 + threadIdx.x % GEMM_BK;
 #pragma unroll
     for (int i = 0; i < PER_THREAD; ++i) {
       uint32_t row = row0 + threadIdx.x / GEMM_BK + 2 * i;
-      v[i] = row < rows && col < k ? to_f32(x[(size_t)row * k + col]) : 0.0f;
+      v[i] = row < rows && col < k ? x.at((size_t)row * k + col) : 0.0f;
     }
   }
   __device__ void store(GemmStage<BM> &s) const {
@@ -262,8 +274,8 @@ __device__ void sum_splits_if_last(const float *partials, float *out, const floa
 // The block's tile: 64 columns (tile.x), BM rows (grid.y), a range of k (tile.z of
 // tile.splits). Unsplit, it writes out = x·wᵀ + bias. Split, it writes its partial tile to
 // partials[z] (`out`), and the last split of each tile sums them into `sum_out`.
-template <class T, int BM, class W>
-__device__ void gemm(const T *x, W w, const float *bias, float *out, uint32_t rows, uint32_t k,
+template <class X, int BM, class W>
+__device__ void gemm(X x, W w, const float *bias, float *out, uint32_t rows, uint32_t k,
                      uint32_t n, uint32_t steps_per_chunk, float *sum_out,
                      uint32_t *counters, GemmTile tile) {
   constexpr int MT = BM / 16;
@@ -280,7 +292,7 @@ __device__ void gemm(const T *x, W w, const float *bias, float *out, uint32_t ro
     for (int j = 0; j < 2; ++j)
       for (int c = 0; c < 4; ++c) acc[i][j][c] = total[i][j][c] = 0.0f;
 
-  XLoader<T, BM> xs;
+  XLoader<X, BM> xs;
   if (first < last) {
     xs.load(x, rows, k, row0, first * GEMM_BK);
     w.load(col0, first * GEMM_BK);
@@ -375,7 +387,7 @@ __device__ void gemm_part(const float *x, W w, GroupPart p, const float *bias, f
                           uint32_t n, uint32_t per_chunk) {
   float *dst = p.splits > 1 ? partials + p.partials : out;
   GemmTile tile{p.tile_x, blockIdx.z, p.splits, blockIdx.x};
-  gemm<float, BM>(x, w, bias, dst, rows, k, n, per_chunk, out, counters, tile);
+  gemm<Rows, BM>(Rows{x}, w, bias, dst, rows, k, n, per_chunk, out, counters, tile);
 }
 
 // The part a block of a grouped launch works on (p, and its index i), the arrays of the
@@ -397,25 +409,32 @@ __device__ void gemm_part(const float *x, W w, GroupPart p, const float *bias, f
   const int8_t *q##i, const float *scales##i, const float *bias##i, float *out##i,           \
       uint32_t n##i, uint32_t chunk##i, uint32_t splits##i
 
-#define QGEMM(BM)                                                                            \
-  extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_w4_m##BM##_f32(           \
-      const float *x, const uint8_t *packed, const f16 *scales, const f16 *mins,             \
+// A comma inside one macro argument (a kernel's leading parameters).
+#define QGEMM_COMMA ,
+// A plain GEMM's kernels: `NAME` reads rows given by `ROWS_ARGS` as `ROWS`.
+#define QGEMM_PLAIN(BM, NAME, ROWS_ARGS, ROWS)                                               \
+  extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_w4##NAME##_m##BM##_f32(   \
+      ROWS_ARGS, const uint8_t *packed, const f16 *scales, const f16 *mins,                  \
       const float *bias, float *out, uint32_t rows, uint32_t k, uint32_t n, uint32_t group,  \
       uint32_t steps_per_chunk, float *sum_out, uint32_t *counters) {                        \
     W4Loader w{packed, scales, mins, k, n, group, {}, 0u, 0u};                               \
-    gemm<float, BM>(x, w, bias, out, rows, k, n, steps_per_chunk, sum_out, counters,         \
-                    grid_tile());                                                            \
+    gemm<decltype(ROWS), BM>(ROWS, w, bias, out, rows, k, n, steps_per_chunk, sum_out,      \
+                             counters, grid_tile());                                         \
   }                                                                                          \
-  VELLUM_EXPORT(gemm_w4_m##BM##_f32)                                                         \
-  extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_w8_m##BM##_f32(           \
-      const float *x, const int8_t *q, const float *scales, const float *bias, float *out,   \
+  VELLUM_EXPORT(gemm_w4##NAME##_m##BM##_f32)                                                 \
+  extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_w8##NAME##_m##BM##_f32(   \
+      ROWS_ARGS, const int8_t *q, const float *scales, const float *bias, float *out,        \
       uint32_t rows, uint32_t k, uint32_t n, uint32_t group, uint32_t steps_per_chunk,       \
       float *sum_out, uint32_t *counters) {                                                  \
     W8Loader w{q, scales, k, n, group, {}, {}};                                              \
-    gemm<float, BM>(x, w, bias, out, rows, k, n, steps_per_chunk, sum_out, counters,         \
-                    grid_tile());                                                            \
+    gemm<decltype(ROWS), BM>(ROWS, w, bias, out, rows, k, n, steps_per_chunk, sum_out,      \
+                             counters, grid_tile());                                         \
   }                                                                                          \
-  VELLUM_EXPORT(gemm_w8_m##BM##_f32)                                                         \
+  VELLUM_EXPORT(gemm_w8##NAME##_m##BM##_f32)
+
+#define QGEMM(BM)                                                                            \
+  QGEMM_PLAIN(BM, , const float *x, (Rows{x}))                                               \
+  QGEMM_PLAIN(BM, _silu, const float *gate QGEMM_COMMA const float *up, (SiluRows{gate, up})) \
   extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm3_w4_m##BM##_f32(          \
       const float *x, uint32_t rows, uint32_t k, uint32_t group, float *partials,            \
       uint32_t *counters, W4_PART_ARGS(0), W4_PART_ARGS(1), W4_PART_ARGS(2)) {               \

@@ -51,6 +51,12 @@ __device__ __forceinline__ float vf_from_bits(uint32_t u) {
   return c.f;
 }
 
+// The MLP's activation, silu(gate) · up, in f32: one definition for the silu_mul kernels and
+// the GEMM that computes it as it loads its rows (qgemm.cu), so both give the same bits.
+__device__ __forceinline__ float silu_times(float gate, float up) {
+  return gate / (1.0f + expf(-gate)) * up;
+}
+
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return vf_from_bits((uint32_t)x.bits << 16); }
 __device__ __forceinline__ float to_f32(f16 x) {

@@ -152,6 +152,20 @@ pub trait Backend: Send + Sync {
     /// `gate = silu(gate) * up`, element-wise, in place.
     fn silu_mul(&self, gate: &mut Tensor, up: &Tensor) -> Result<()>;
 
+    /// `out = (silu(gate) · up) · wᵀ`: the MLP's activation and down projection, as one op
+    /// so that a backend can fuse them. `gate` is left holding its input or silu(gate) · up.
+    /// Default: `silu_mul`, then `matmul`.
+    fn silu_mul_matmul(
+        &self,
+        gate: &mut Tensor,
+        up: &Tensor,
+        w: &Weight,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        self.silu_mul(gate, up)?;
+        self.matmul(gate, w, None, out)
+    }
+
     /// In-place log-softmax over rows of width `width`.
     fn log_softmax(&self, x: &mut Tensor, width: usize) -> Result<()>;
 

@@ -339,3 +339,44 @@ fn grouped_gemm_matches_one_launch_per_weight() {
         }
     }
 }
+
+/// The MLP's activation and down projection as one launch (`silu_mul_matmul` on a prepared
+/// weight: the GEMM computes silu(gate) · up as it loads its rows) give, bit for bit, the
+/// two ops: several formats, a decode batch (split along k) and a
+/// prefill batch; and it is one launch.
+#[test]
+fn silu_fused_into_the_gemm_matches_the_two_ops() {
+    use vellum_kernels::cuda::counting::Counting;
+    let (k, n) = (320, 96);
+    let counted = Arc::new(Counting::new(Arc::new(EmuRuntime::new().unwrap())));
+    let mut bes = vec![CudaBackend::new(counted.clone())];
+    bes.extend(backends().into_iter().skip(1)); // GPU 0, when there is one
+    let all = formats(n, k, &values(n * k, 5));
+    for (b, be) in bes.iter().enumerate() {
+        for f in (0..all.len()).step_by(2) {
+            let mut w = all[f].clone();
+            be.prepare_weight(&mut w).unwrap();
+            for rows in [1, 3, 70] {
+                // Gates from about -6 to 6: silu's curved part and both tails.
+                let gate: Vec<f32> = values(rows * k, 11).iter().map(|v| v * 12.0).collect();
+                let up = Tensor::from(values(rows * k, 13));
+                let mut fused = Tensor::zeros(rows * n);
+                counted.take_launches();
+                be.silu_mul_matmul(&mut Tensor::from(gate.clone()), &up, &w, &mut fused)
+                    .unwrap();
+                let what = format!("{} {} rows {rows}", be.name(), w.format_name());
+                if b == 0 {
+                    assert_eq!(counted.take_launches(), 1, "{what}: one launch");
+                }
+                let mut two_ops = Tensor::zeros(rows * n);
+                let mut g = Tensor::from(gate);
+                be.silu_mul(&mut g, &up).unwrap();
+                be.matmul(&g, &w, None, &mut two_ops).unwrap();
+                let bits = |t: &Tensor| -> Vec<u32> {
+                    t.to_vec().unwrap().iter().map(|v| v.to_bits()).collect()
+                };
+                assert_eq!(bits(&fused), bits(&two_ops), "{what}");
+            }
+        }
+    }
+}

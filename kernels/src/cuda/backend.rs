@@ -111,6 +111,14 @@ impl GemmScratch {
     }
 }
 
+/// What a tensor-core GEMM reads as its rows: a matrix, or silu(gate) · up, computed as it
+/// loads them (`qgemm.cu`'s `_silu` kernels: the MLP's down projection, fused).
+#[derive(Clone, Copy)]
+enum GemmRows {
+    Plain(Arg),
+    SiluOf { gate: Arg, up: Arg },
+}
+
 /// A small array's bytes as sent, and its device copy (see `CudaBackend::arrays`).
 type SentArray = (Vec<u8>, Arc<OwnedBuffer>);
 
@@ -606,7 +614,7 @@ impl CudaBackend {
         // No rows take the GEMV, which launches over columns and does nothing (a GEMM grid of
         // zero row tiles would be a launch error).
         if rows >= min_rows && self.rt.tensor_cores() {
-            return self.launch_gemm(w, (x, bias, out), (rows, k, n));
+            return self.launch_gemm(w, (GemmRows::Plain(x), bias, out), (rows, k, n));
         }
         args.extend(shape);
         args.push(Arg::U32(group));
@@ -619,7 +627,7 @@ impl CudaBackend {
     fn launch_gemm<B: DeviceMem>(
         &self,
         w: &DeviceMatrix<B>,
-        (x, bias, out): (Arg, Arg, Arg),
+        (x, bias, out): (GemmRows, Arg, Arg),
         (rows, k, n): (usize, usize, usize),
     ) -> Result<()> {
         let GemmPlan {
@@ -636,13 +644,20 @@ impl CudaBackend {
         } else {
             (out, Arg::Ptr(0), Arg::Ptr(0))
         };
-        let Ok((kind, mut args, group)) = w.quantized_args(x, bias, dst) else {
+        let (first, up, variant) = match x {
+            GemmRows::Plain(x) => (x, None, ""),
+            GemmRows::SiluOf { gate, up } => (gate, Some(up), "_silu"),
+        };
+        let Ok((kind, mut args, group)) = w.quantized_args(first, bias, dst) else {
             return Err(CudaError::Launch {
                 kernel: "gemm".into(),
                 detail: "dense weights have no tensor-core kernel".into(),
             }
             .into());
         };
+        if let Some(up) = up {
+            args.insert(1, up);
+        }
         args.extend([rows, k, n].map(|v| Arg::U32(v as u32)));
         args.extend([
             Arg::U32(group),
@@ -657,7 +672,7 @@ impl CudaBackend {
         };
         self.launch(
             "qgemm",
-            &format!("gemm_{kind}_m{tile_rows}_f32"),
+            &format!("gemm_{kind}{variant}_m{tile_rows}_f32"),
             cfg,
             &args,
         )
@@ -1423,6 +1438,39 @@ impl Backend for CudaBackend {
             LaunchConfig::linear(blocks, 256),
             &args,
         )
+    }
+
+    /// On tensor cores, one launch (`gemm_*_silu_*`) that computes silu(gate) · up as it
+    /// loads its rows: the same bits as the two ops. `gate` keeps its input. Otherwise (the
+    /// GEMV, dense or unprepared weights) the two ops.
+    fn silu_mul_matmul(
+        &self,
+        gate: &mut Tensor,
+        up: &Tensor,
+        w: &Weight,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        shapes::silu_mul(gate, up)?;
+        let (k, n) = (w.cols, w.rows);
+        let rows = shapes::matmul(gate, w, None, out)?;
+        let on_tensor_cores = rows > 0
+            && n > 0
+            && rows >= self.gemm_min_rows.load(Ordering::Relaxed)
+            && self.rt.tensor_cores();
+        if let Some(r) = self.resident(w).filter(|_| on_tensor_cores) {
+            let matrix = self.matrix_of(r, w)?;
+            if !matches!(matrix, DeviceMatrix::Dense(..)) {
+                let (gd, ud) = (self.input(gate)?, self.input(up)?);
+                let x = GemmRows::SiluOf {
+                    gate: gd.arg(),
+                    up: ud.arg(),
+                };
+                let od = self.output(out)?;
+                return self.launch_gemm(matrix, (x, Arg::Ptr(0), od), (rows, k, n));
+            }
+        }
+        self.silu_mul(gate, up)?;
+        self.matmul(gate, w, None, out)
     }
 
     fn log_softmax(&self, x: &mut Tensor, width: usize) -> Result<()> {
