@@ -154,16 +154,30 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
 #[test]
 fn replayed_decode_steps_give_the_op_by_op_bits_in_one_launch() {
     for (device, new) in runtimes() {
-        replays_give_the_op_by_op_bits(device, new);
+        let graphs = replays_give_the_op_by_op_bits(device, new, StepGraphs::default());
+        assert_eq!((graphs.stats.evicted, graphs.len()), (0, 2), "{device}");
     }
 }
 
-fn replays_give_the_op_by_op_bits(device: &str, new: NewRuntime) {
+/// As above, with a memory budget that holds one recording: the second shape's recording
+/// drops the first's.
+#[test]
+fn recordings_past_the_memory_budget_are_dropped_least_recently_used_first() {
+    let (device, new) = runtimes()[0];
+    let graphs = replays_give_the_op_by_op_bits(device, new, StepGraphs::with_budget(1));
+    assert_eq!((graphs.stats.evicted, graphs.len()), (1, 1));
+    assert!(graphs.bytes() > 0);
+}
+
+fn replays_give_the_op_by_op_bits(
+    device: &str,
+    new: NewRuntime,
+    mut graphs: StepGraphs,
+) -> StepGraphs {
     let counted = counted(new);
     let mut graphed = Decoder::new(counted.clone(), [120, 30]);
     let mut op_by_op = Decoder::new(self::counted(new), [120, 30]);
     let vocab = graphed.model.config.vocab_size;
-    let mut graphs = StepGraphs::default();
     for step in 0..12 {
         counted.take_launches();
         counted.take_graph_launches();
@@ -205,16 +219,17 @@ fn replays_give_the_op_by_op_bits(device: &str, new: NewRuntime) {
         replayed: 8,
         op_by_op: 2,
         failed: 0,
+        ..graphs.stats
     };
     assert_eq!(
         graphs.stats, stats,
         "{device}: one shape up to 128 keys, one past"
     );
-    assert_eq!(graphs.len(), 2);
     assert!(
         graphed.kv_values() == op_by_op.kv_values(),
         "{device}: the replays' KV cache differs from the op-by-op one"
     );
+    graphs
 }
 
 /// A recording whose KV pools moved (here: brought home for a host write) no longer
@@ -251,6 +266,7 @@ fn a_failed_recording_runs_op_by_op(device: &str, new: NewRuntime) {
         replayed: 3, // steps 2, 3 and 6
         op_by_op: 2, // steps 0 and 4
         failed: 1,   // step 4
+        evicted: 0,
     };
     assert_eq!(graphs.stats, stats, "{device}");
     assert!(graphed.kv_values() == op_by_op.kv_values(), "{device}");
@@ -290,6 +306,7 @@ fn an_engine_generates_the_same_with_recorded_steps() {
         replayed: 1 + 2 + 2,
         op_by_op: 1 + 3,
         failed: 0,
+        evicted: 0,
     };
     assert_eq!(stats_with.unwrap(), stats);
     for (a, b) in with.iter().zip(&without) {

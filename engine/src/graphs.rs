@@ -7,14 +7,19 @@
 //! to fail), and the next step of its shape tries again: a failure can be passing (KV pools
 //! moved back to the host). A shape that fails `MAX_FAILURES` times runs op by op from then
 //! on, with a warning.
+//!
+//! Each recording holds device memory for its replays, mostly its log-probabilities (a
+//! SmolLM2 step of 64 sequences: 12.6 MB). Batch sizes and context buckets multiply the
+//! shapes, so the recordings share a budget (`DEFAULT_BUDGET`, `StepGraphs::with_budget`):
+//! past it, the least recently used go (their shapes are recorded again when they return).
 
 use crate::error::Result;
 use std::collections::{HashMap, HashSet};
+use std::fmt;
 use vellum_kernels::{Backend, GraphKey, KvLayer, RecordedStep, StepInputs, Tensor};
 
-/// Most recordings kept: one per decode batch size and context bucket met, each holding its
-/// activations' device memory (about a decode step's, small beside the weights).
-const MAX_RECORDED: usize = 128;
+/// Device memory the recordings may hold together, by default.
+pub const DEFAULT_BUDGET: usize = 256 << 20;
 /// Failed recordings of a shape before it is no longer tried.
 const MAX_FAILURES: u32 = 3;
 
@@ -23,9 +28,12 @@ const MAX_FAILURES: u32 = 3;
 pub type StepFn<'a> = dyn FnMut(&mut [KvLayer]) -> Result<Tensor> + 'a;
 
 /// The recordings of one engine's decode steps, by shape.
-#[derive(Default)]
 pub struct StepGraphs {
-    recorded: HashMap<GraphKey, Box<dyn RecordedStep>>,
+    recorded: HashMap<GraphKey, Recorded>,
+    /// Device memory the recordings may hold together.
+    budget: usize,
+    /// Counts steps, to find the least recently used recording.
+    clock: u64,
     /// Shapes met once: the next step of the shape is recorded.
     seen: HashSet<GraphKey>,
     /// Failed recordings by shape: at `MAX_FAILURES`, the shape runs op by op.
@@ -44,19 +52,47 @@ pub struct GraphStats {
     pub op_by_op: u64,
     /// Recordings that failed.
     pub failed: u64,
+    /// Recordings dropped for the budget.
+    pub evicted: u64,
 }
 
-impl std::fmt::Display for GraphStats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+/// A recording, and the step it last ran.
+struct Recorded {
+    step: Box<dyn RecordedStep>,
+    used: u64,
+}
+
+impl Default for StepGraphs {
+    fn default() -> Self {
+        StepGraphs::with_budget(DEFAULT_BUDGET)
+    }
+}
+
+impl fmt::Display for GraphStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} recorded, {} replayed, {} steps op by op, {} failed recordings",
-            self.recorded, self.replayed, self.op_by_op, self.failed
+            "{} recorded, {} replayed, {} steps op by op, {} failed recordings, {} dropped for \
+             the memory budget",
+            self.recorded, self.replayed, self.op_by_op, self.failed, self.evicted
         )
     }
 }
 
 impl StepGraphs {
+    /// Recordings holding at most `budget` bytes of device memory together (one recording
+    /// is kept whatever its size).
+    pub fn with_budget(budget: usize) -> StepGraphs {
+        StepGraphs {
+            recorded: HashMap::new(),
+            budget,
+            clock: 0,
+            seen: HashSet::new(),
+            failures: HashMap::new(),
+            stats: GraphStats::default(),
+        }
+    }
+
     /// Runs the step (`step`, over `inputs`): as a replay of its shape's recording, as a
     /// new recording, or op by op. Returns its log-probabilities.
     pub fn run(
@@ -69,8 +105,10 @@ impl StepGraphs {
         let Some(key) = backend.step_graph_key(inputs) else {
             return self.op_by_op(kv, step);
         };
-        if let Some(recorded) = self.recorded.get(&key) {
-            if let Some(out) = backend.replay_step(&**recorded, inputs, kv)? {
+        self.clock += 1;
+        if let Some(recorded) = self.recorded.get_mut(&key) {
+            recorded.used = self.clock;
+            if let Some(out) = backend.replay_step(&*recorded.step, inputs, kv)? {
                 self.stats.replayed += 1;
                 return Ok(out);
             }
@@ -79,7 +117,7 @@ impl StepGraphs {
         }
         let first = self.seen.insert(key);
         let failures = self.failures.get(&key).copied().unwrap_or(0);
-        if first || failures >= MAX_FAILURES || self.recorded.len() >= MAX_RECORDED {
+        if first || failures >= MAX_FAILURES {
             return self.op_by_op(kv, step);
         }
         match self.record(backend, key, inputs, kv, step) {
@@ -119,9 +157,36 @@ impl StepGraphs {
                 detail: "a step just recorded does not apply to its own inputs".into(),
             })
         })?;
-        self.recorded.insert(key, recorded);
+        let used = self.clock;
+        self.recorded.insert(
+            key,
+            Recorded {
+                step: recorded,
+                used,
+            },
+        );
         self.stats.recorded += 1;
+        self.keep_to_budget();
         Ok(out)
+    }
+
+    /// Drops the least recently used recordings while they hold more than the budget, the
+    /// last one run excepted.
+    fn keep_to_budget(&mut self) {
+        let mut held: usize = self.recorded.values().map(|r| r.step.bytes()).sum();
+        while held > self.budget && self.recorded.len() > 1 {
+            let oldest = self.recorded.iter().min_by_key(|(_, r)| r.used);
+            let Some((&key, _)) = oldest else { break };
+            if let Some(r) = self.recorded.remove(&key) {
+                held -= r.step.bytes();
+                self.stats.evicted += 1;
+            }
+        }
+    }
+
+    /// Device memory the recordings hold.
+    pub fn bytes(&self) -> usize {
+        self.recorded.values().map(|r| r.step.bytes()).sum()
     }
 
     fn op_by_op(&mut self, kv: &mut [KvLayer], step: &mut StepFn) -> Result<Vec<f32>> {

@@ -79,6 +79,8 @@ impl StepInputs<'_> {
 pub trait RecordedStep: Send + Sync {
     /// Kernel launches it replays.
     fn launches(&self) -> usize;
+    /// Device memory it holds (its activations, inputs and output), for a budget.
+    fn bytes(&self) -> usize;
     fn as_any(&self) -> &dyn Any;
 }
 

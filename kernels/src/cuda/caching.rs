@@ -283,6 +283,13 @@ impl DeviceGraph for PooledGraph {
     fn launches(&self) -> usize {
         self.graph.as_ref().map_or(0, |g| g.launches())
     }
+    fn bytes(&self) -> usize {
+        let state = lock(&self.state);
+        state
+            .pools
+            .get(&self.pool)
+            .map_or(0, |p| p.sizes.values().sum())
+    }
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }

@@ -148,6 +148,10 @@ pub trait KernelRuntime: Send + Sync {
 pub trait DeviceGraph: Send + Sync {
     /// How many launches it replays (for tests and logs).
     fn launches(&self) -> usize;
+    /// Device memory it holds for its replays (its pool, see `Caching`). Default: none.
+    fn bytes(&self) -> usize {
+        0
+    }
     fn as_any(&self) -> &dyn std::any::Any;
 }
 

@@ -118,6 +118,10 @@ impl RecordedStep for CudaStep {
     fn launches(&self) -> usize {
         self.graph.launches()
     }
+    fn bytes(&self) -> usize {
+        let inputs = self.inputs.lock().unwrap_or_else(|e| e.into_inner());
+        self.graph.bytes() + inputs.sent.len()
+    }
     fn as_any(&self) -> &dyn Any {
         self
     }
