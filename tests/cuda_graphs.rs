@@ -26,52 +26,52 @@ fn backend(rt: Arc<Counting>) -> CudaBackend {
     cuda
 }
 
-/// The layout of one new token per sequence, sequence `s` holding `lens[s]` tokens before
-/// it, in blocks `s * BLOCKS_PER_SEQ ..`.
-fn decode_layout(lens: &[usize]) -> BatchLayout {
+/// The layout of one new token per sequence, sequence `s` (of `(s, len)`) holding `len`
+/// tokens before it, in blocks `s * BLOCKS_PER_SEQ ..`.
+fn decode_layout(seqs: &[(usize, usize)]) -> BatchLayout {
     let table = |s: usize, len: usize| -> Vec<u32> {
         let first = (s * BLOCKS_PER_SEQ) as u32;
         (first..first + (len / BLOCK + 1) as u32).collect()
     };
     BatchLayout {
-        positions: lens.iter().map(|&n| n as u32).collect(),
-        slot_mapping: lens
+        positions: seqs.iter().map(|&(_, n)| n as u32).collect(),
+        slot_mapping: seqs
             .iter()
-            .enumerate()
-            .map(|(s, &n)| ((s * BLOCKS_PER_SEQ + n / BLOCK) * BLOCK + n % BLOCK) as u32)
+            .map(|&(s, n)| ((s * BLOCKS_PER_SEQ + n / BLOCK) * BLOCK + n % BLOCK) as u32)
             .collect(),
-        seq_offsets: (0..=lens.len()).collect(),
-        block_tables: lens.iter().enumerate().map(|(s, &n)| table(s, n)).collect(),
-        context_lens: lens.iter().map(|&n| n + 1).collect(),
+        seq_offsets: (0..=seqs.len()).collect(),
+        block_tables: seqs.iter().map(|&(s, n)| table(s, n)).collect(),
+        context_lens: seqs.iter().map(|&(_, n)| n + 1).collect(),
     }
 }
 
-/// A model, its backend and its KV cache, decoding two sequences.
+/// A model, its backend and its KV cache, decoding a few sequences.
 struct Decoder {
     model: Model,
     be: CudaBackend,
     kv: Vec<KvLayer>,
-    prompts: [usize; 2],
+    /// Tokens each sequence holds.
+    lens: Vec<usize>,
 }
 
 impl Decoder {
-    /// The tiny GQA model on an emulated CUDA backend counted by `rt`, its two sequences'
-    /// prompts (`prompts` tokens) prefilled one by one.
-    fn new(rt: Arc<Counting>, prompts: [usize; 2]) -> Decoder {
+    /// The tiny GQA model on an emulated CUDA backend counted by `rt`, its sequences'
+    /// prompts (`prompts[s]` tokens) prefilled one by one.
+    fn new(rt: Arc<Counting>, prompts: &[usize]) -> Decoder {
         let mut model = Checkpoint::open(&repo().join("tests/golden/models/llama_gqa"))
             .unwrap()
             .load_model()
             .unwrap();
         let be = backend(rt);
         model.prepare_for(&be).unwrap();
-        let kv = model.new_kv_cache(2 * BLOCKS_PER_SEQ, BLOCK, KvDtype::F16);
+        let kv = model.new_kv_cache(prompts.len() * BLOCKS_PER_SEQ, BLOCK, KvDtype::F16);
         let mut d = Decoder {
             model,
             be,
             kv,
-            prompts,
+            lens: prompts.to_vec(),
         };
-        for (s, len) in prompts.into_iter().enumerate() {
+        for (s, &len) in prompts.iter().enumerate() {
             d.prefill(s, len);
         }
         d
@@ -97,15 +97,28 @@ impl Decoder {
             .unwrap();
     }
 
-    /// Decode step `step` of both sequences (through `graphs` if given): their
+    /// A decode step of every sequence (through `graphs` if given): their
     /// log-probabilities.
-    fn step(&mut self, step: usize, graphs: Option<&mut StepGraphs>) -> Vec<f32> {
-        let lens: Vec<usize> = self.prompts.iter().map(|&p| p + step).collect();
-        let batch = decode_layout(&lens);
-        let tokens: Vec<u32> = (0..2).map(|s| (step * 5 + s) as u32 % 200 + 1).collect();
+    fn step(&mut self, graphs: Option<&mut StepGraphs>) -> Vec<f32> {
+        let all: Vec<usize> = (0..self.lens.len()).collect();
+        self.step_of(&all, graphs)
+    }
+
+    /// A decode step of sequences `seqs`, in that order.
+    fn step_of(&mut self, seqs: &[usize], graphs: Option<&mut StepGraphs>) -> Vec<f32> {
+        let at: Vec<(usize, usize)> = seqs.iter().map(|&s| (s, self.lens[s])).collect();
+        let batch = decode_layout(&at);
+        let tokens: Vec<u32> = at
+            .iter()
+            .map(|&(s, n)| ((n * 5 + s) % 200 + 1) as u32)
+            .collect();
+        let rows: Vec<usize> = (0..seqs.len()).collect();
         let (m, kv) = (&self.model, &mut self.kv);
-        m.forward_with_graphs(&self.be, &tokens, &batch, kv, &[0, 1], graphs)
-            .unwrap()
+        let out = m.forward_with_graphs(&self.be, &tokens, &batch, kv, &rows, graphs);
+        for &s in seqs {
+            self.lens[s] += 1;
+        }
+        out.unwrap()
     }
 
     /// The KV cache's values, brought back.
@@ -175,8 +188,8 @@ fn replays_give_the_op_by_op_bits(
     mut graphs: StepGraphs,
 ) -> StepGraphs {
     let counted = counted(new);
-    let mut graphed = Decoder::new(counted.clone(), [120, 30]);
-    let mut op_by_op = Decoder::new(self::counted(new), [120, 30]);
+    let mut graphed = Decoder::new(counted.clone(), &[120, 30]);
+    let mut op_by_op = Decoder::new(self::counted(new), &[120, 30]);
     let vocab = graphed.model.config.vocab_size;
     for step in 0..12 {
         counted.take_launches();
@@ -184,7 +197,7 @@ fn replays_give_the_op_by_op_bits(
         counted.take_allocated();
         counted.take_uploaded();
         counted.take_copies();
-        let got = graphed.step(step, Some(&mut graphs));
+        let got = graphed.step(Some(&mut graphs));
         if step == 3 {
             // A replay whose block tables are those of the step before.
             assert_eq!(
@@ -207,7 +220,7 @@ fn replays_give_the_op_by_op_bits(
             // The tokens, positions and slots, packed 16 bytes apart, as far as they changed.
             assert!((1..=40).contains(&sent), "{device}: {sent} bytes sent");
         }
-        let want = op_by_op.step(step, None);
+        let want = op_by_op.step(None);
         assert_eq!(got.len(), 2 * vocab);
         assert!(
             same_bits(&got, &want),
@@ -232,6 +245,51 @@ fn replays_give_the_op_by_op_bits(
     graphs
 }
 
+/// Continuous batching changes the batch size as sequences come and go: decode batches of
+/// any 3 of 4 sequences, or all 4, are padded to 4 and replay one recording, with the bits
+/// of the unpadded steps op by op; the padding writes no KV.
+#[test]
+fn decode_batches_of_changing_sizes_replay_the_recording_of_their_padded_size() {
+    for (device, new) in runtimes() {
+        let prompts = [20, 9, 33, 14];
+        let counted = counted(new);
+        let mut graphed = Decoder::new(counted.clone(), &prompts);
+        let mut op_by_op = Decoder::new(self::counted(new), &prompts);
+        let vocab = graphed.model.config.vocab_size;
+        let mut graphs = StepGraphs::default();
+        let batches: [&[usize]; 6] = [
+            &[0, 1, 2],
+            &[0, 1, 2, 3],
+            &[1, 2, 3],
+            &[0, 2, 3],
+            &[3, 0, 1],
+            &[0, 1, 2, 3],
+        ];
+        for (step, seqs) in batches.into_iter().enumerate() {
+            counted.take_launches();
+            let got = graphed.step_of(seqs, Some(&mut graphs));
+            if step >= 2 {
+                assert_eq!(counted.take_launches(), 0, "{device}, step {step}");
+            }
+            let want = op_by_op.step_of(seqs, None);
+            assert_eq!(got.len(), seqs.len() * vocab, "{device}: rows returned");
+            assert!(
+                same_bits(&got, &want),
+                "{device}, step {step}: log-probabilities differ from the unpadded step's"
+            );
+        }
+        let stats = GraphStats {
+            recorded: 1,
+            replayed: 4,
+            op_by_op: 1,
+            failed: 0,
+            evicted: 0,
+        };
+        assert_eq!(graphs.stats, stats, "{device}: one shape, of 4 sequences");
+        assert!(graphed.kv_values() == op_by_op.kv_values(), "{device}");
+    }
+}
+
 /// A recording whose KV pools moved (here: brought home for a host write) no longer
 /// applies. Recording the shape again then fails once, since the pools must go up first,
 /// which a recording cannot do: that step runs op by op, which puts them there, and the
@@ -244,8 +302,8 @@ fn a_step_whose_recording_fails_runs_op_by_op_and_the_next_one_records() {
 }
 
 fn a_failed_recording_runs_op_by_op(device: &str, new: NewRuntime) {
-    let mut graphed = Decoder::new(counted(new), [20, 9]);
-    let mut op_by_op = Decoder::new(counted(new), [20, 9]);
+    let mut graphed = Decoder::new(counted(new), &[20, 9]);
+    let mut op_by_op = Decoder::new(counted(new), &[20, 9]);
     let mut graphs = StepGraphs::default();
     for step in 0..7 {
         if step == 4 {
@@ -255,10 +313,7 @@ fn a_failed_recording_runs_op_by_op(device: &str, new: NewRuntime) {
                 }
             }
         }
-        let (got, want) = (
-            graphed.step(step, Some(&mut graphs)),
-            op_by_op.step(step, None),
-        );
+        let (got, want) = (graphed.step(Some(&mut graphs)), op_by_op.step(None));
         assert!(same_bits(&got, &want), "{device}, step {step}");
     }
     let stats = GraphStats {

@@ -8,6 +8,11 @@
 //! moved back to the host). A shape that fails `MAX_FAILURES` times runs op by op from then
 //! on, with a warning.
 //!
+//! A decode batch is padded up to one of a few sizes (`vellum_kernels::padded_seqs`) when
+//! the backend can record it, whether it is then recorded, replayed or run op by op, so
+//! that continuous batching's changing batch sizes replay a few recordings, and a batch's
+//! values do not depend on whether its step was replayed.
+//!
 //! Each recording holds device memory for its replays, mostly its log-probabilities (a
 //! SmolLM2 step of 64 sequences: 12.6 MB). Batch sizes and context buckets multiply the
 //! shapes, so the recordings share a budget (`DEFAULT_BUDGET`, `StepGraphs::with_budget`):
@@ -16,16 +21,16 @@
 use crate::error::Result;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use vellum_kernels::{Backend, GraphKey, KvLayer, RecordedStep, StepInputs, Tensor};
+use vellum_kernels::{padded_seqs, Backend, GraphKey, KvLayer, RecordedStep, StepInputs, Tensor};
 
 /// Device memory the recordings may hold together, by default.
 pub const DEFAULT_BUDGET: usize = 256 << 20;
 /// Failed recordings of a shape before it is no longer tried.
 const MAX_FAILURES: u32 = 3;
 
-/// A step's ops, run op by op on the KV cache given; the log-probabilities where the backend
-/// left them.
-pub type StepFn<'a> = dyn FnMut(&mut [KvLayer]) -> Result<Tensor> + 'a;
+/// A step's ops over the inputs given (the step's, or them padded), run op by op on the KV
+/// cache given; the log-probabilities of every row, where the backend left them.
+pub type StepFn<'a> = dyn FnMut(&StepInputs, &mut [KvLayer]) -> Result<Tensor> + 'a;
 
 /// The recordings of one engine's decode steps, by shape.
 pub struct StepGraphs {
@@ -93,8 +98,8 @@ impl StepGraphs {
         }
     }
 
-    /// Runs the step (`step`, over `inputs`): as a replay of its shape's recording, as a
-    /// new recording, or op by op. Returns its log-probabilities.
+    /// Runs the step (`step`, over `inputs`, padded): as a replay of its shape's recording,
+    /// as a new recording, or op by op. Returns the log-probabilities of `inputs`' rows.
     pub fn run(
         &mut self,
         backend: &dyn Backend,
@@ -102,9 +107,13 @@ impl StepGraphs {
         kv: &mut [KvLayer],
         step: &mut StepFn,
     ) -> Result<Vec<f32>> {
-        let Some(key) = backend.step_graph_key(inputs) else {
-            return self.op_by_op(kv, step);
+        let padded = inputs.padded(padded_seqs(inputs.tokens.len()));
+        let padded_inputs = padded.as_ref().map(|p| p.inputs());
+        let keyed = padded_inputs.and_then(|p| Some((backend.step_graph_key(&p)?, p)));
+        let Some((key, inputs)) = keyed else {
+            return self.op_by_op(inputs, kv, step);
         };
+        let inputs = &inputs;
         self.clock += 1;
         if let Some(recorded) = self.recorded.get_mut(&key) {
             recorded.used = self.clock;
@@ -118,14 +127,14 @@ impl StepGraphs {
         let first = self.seen.insert(key);
         let failures = self.failures.get(&key).copied().unwrap_or(0);
         if first || failures >= MAX_FAILURES {
-            return self.op_by_op(kv, step);
+            return self.op_by_op(inputs, kv, step);
         }
         match self.record(backend, key, inputs, kv, step) {
             Ok(out) => Ok(out),
             Err(why) => {
                 // Nothing ran while recording: the step runs op by op, and if that fails as
                 // well, the recording was not to blame.
-                let out = self.op_by_op(kv, step)?;
+                let out = self.op_by_op(inputs, kv, step)?;
                 self.stats.failed += 1;
                 self.failures.insert(key, failures + 1);
                 tracing::debug!("recording a decode step of shape {key:?}: {why}");
@@ -146,7 +155,7 @@ impl StepGraphs {
         step: &mut StepFn,
     ) -> Result<Vec<f32>> {
         backend.begin_step_record(key, inputs)?;
-        let output = step(kv);
+        let output = step(inputs, kv);
         let recorded = backend.end_step_record(output.as_ref().ok(), kv);
         output?;
         let recorded = recorded?;
@@ -189,9 +198,17 @@ impl StepGraphs {
         self.recorded.values().map(|r| r.step.bytes()).sum()
     }
 
-    fn op_by_op(&mut self, kv: &mut [KvLayer], step: &mut StepFn) -> Result<Vec<f32>> {
+    fn op_by_op(
+        &mut self,
+        inputs: &StepInputs,
+        kv: &mut [KvLayer],
+        step: &mut StepFn,
+    ) -> Result<Vec<f32>> {
         self.stats.op_by_op += 1;
-        Ok(step(kv)?.to_vec()?)
+        let mut out = step(inputs, kv)?.to_vec()?;
+        let row = out.len() / inputs.rows.len().max(1);
+        out.truncate(inputs.returned_rows() * row);
+        Ok(out)
     }
 
     /// Recordings held.

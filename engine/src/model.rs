@@ -539,23 +539,25 @@ impl Model {
                 ),
             }));
         }
-        let mut step = |kv: &mut [KvLayer]| {
-            let mut acts = self.embed_tokens(backend, tokens)?;
+        let mut step = |inputs: &StepInputs, kv: &mut [KvLayer]| {
+            let mut acts = self.embed_tokens(backend, inputs.tokens)?;
             for (i, cache) in kv.iter_mut().enumerate() {
-                self.layer_forward(backend, i, &mut acts, batch, cache, None)?;
+                self.layer_forward(backend, i, &mut acts, inputs.batch, cache, None)?;
             }
-            self.logits(backend, &acts, logit_rows)
-        };
-        let Some(graphs) = graphs else {
-            return Ok(step(kv)?.to_vec()?);
+            let rows: Vec<usize> = inputs.rows.iter().map(|&r| r as usize).collect();
+            self.logits(backend, &acts, &rows)
         };
         let rows: Vec<u32> = logit_rows.iter().map(|&r| r as u32).collect();
         let inputs = StepInputs {
             tokens,
             batch,
             rows: &rows,
+            padding: 0,
         };
-        graphs.run(backend, &inputs, kv, &mut step)
+        match graphs {
+            Some(graphs) => graphs.run(backend, &inputs, kv, &mut step),
+            None => Ok(step(&inputs, kv)?.to_vec()?),
+        }
     }
 
     /// The activations entering layer 0: the embeddings of `tokens`.

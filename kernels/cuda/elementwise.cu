@@ -64,11 +64,16 @@ __device__ __forceinline__ f16 kv_value(float x, f16 *) {
   return h;
 }
 
+// The slot of a sequence that only pads a recorded decode batch (graph::PAD_SLOT in Rust):
+// its K and V are written nowhere.
+#define PAD_SLOT 0xffffffffu
+
 // grid.x = tokens; stores token t's K and V rows (width values each) in slot slots[t] of
 // the pools.
 template <class T>
 __device__ void write_kv(const float *k, const float *v, T *k_pool, T *v_pool,
                          const uint32_t *slots, uint32_t width) {
+  if (slots[blockIdx.x] == PAD_SLOT) return;
   size_t from = (size_t)blockIdx.x * width, to = (size_t)slots[blockIdx.x] * width;
   for (uint32_t i = threadIdx.x; i < width; i += blockDim.x) {
     k_pool[to + i] = kv_value(k[from + i], k_pool);
@@ -108,6 +113,7 @@ __device__ float quantize_kv_group(const float *x, int8_t *codes, uint32_t group
 __device__ void write_kv_int8_token(const float *k, const float *v, int8_t *k_codes,
                                     float *k_scales, int8_t *v_codes, float *v_scales,
                                     const uint32_t *slots, uint32_t width, uint32_t group) {
+  if (slots[blockIdx.x] == PAD_SLOT) return;
   size_t from = (size_t)blockIdx.x * width, to = (size_t)slots[blockIdx.x] * width;
   uint32_t groups = width / group;
   for (uint32_t i = threadIdx.x; i < 2 * groups; i += blockDim.x) {

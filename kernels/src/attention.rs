@@ -402,10 +402,13 @@ impl KvLayer {
 
     /// Stores token `t`'s K and V rows (`slot_width` values each) in slot
     /// `slot_mapping[t]` of the host pools, as every backend stores them (rounded to f16,
-    /// or quantized to int8). The caller has dropped any device copy.
+    /// or quantized to int8), but for `PAD_SLOT`s. The caller has dropped any device copy.
     pub(crate) fn store_slots(&mut self, k: &[f32], v: &[f32], slot_mapping: &[u32]) {
         let w = self.slot_width();
         for (t, &slot) in slot_mapping.iter().enumerate() {
+            if slot == crate::PAD_SLOT {
+                continue;
+            }
             let (at, row) = (slot as usize * w, t * w..(t + 1) * w);
             self.k.write(at, &k[row.clone()]);
             self.v.write(at, &v[row]);
@@ -439,7 +442,8 @@ impl KvLayer {
     }
 }
 
-/// The ragged (never padded) batch metadata of one step.
+/// The ragged batch metadata of one step: never padded, but for a recorded decode step's
+/// padding sequences (see `graph`), whose slot is `PAD_SLOT`.
 ///
 /// Sequence `b` contributes query tokens `seq_offsets[b]..seq_offsets[b+1]`; each token at
 /// `positions[t]` attends to its sequence's cached positions `0..=positions[t]`, found through
@@ -540,7 +544,8 @@ impl BatchLayout {
             }
         }
         for &slot in &self.slot_mapping {
-            crate::check(op, (slot as usize) < cache.num_slots(), || {
+            let in_pool = slot == crate::PAD_SLOT || (slot as usize) < cache.num_slots();
+            crate::check(op, in_pool, || {
                 format!("slot {slot} outside a pool of {}", cache.num_slots())
             })?;
         }

@@ -7,6 +7,14 @@
 //! the same arguments, so everything a step's ops read from the host must either be the same
 //! at every step of the shape (its [`GraphKey`]) or be one of the step's input arrays
 //! ([`StepInputs::arrays`]), which a replay sends before it launches.
+//!
+//! Continuous batching changes a decode batch's size whenever a sequence joins or ends, and
+//! each size would be a shape of its own, met once, recorded the next time, and holding
+//! device memory. So a decode batch is padded up to one of a few sizes ([`padded_seqs`])
+//! with sequences that change nothing: token 0 at position 0, attending to one slot of
+//! block 0, its K and V written nowhere ([`PAD_SLOT`]), its row of log-probabilities
+//! computed but never brought back. Every op treats rows independently, so the real rows'
+//! values do not depend on the padding.
 
 use crate::BatchLayout;
 use std::any::Any;
@@ -14,6 +22,19 @@ use std::any::Any;
 /// Block-table widths are rounded up to a multiple of this, so that a sequence growing by a
 /// block keeps its graph (every 32 blocks it needs a wider one).
 pub const TABLE_WIDTH_STEP: usize = 32;
+
+/// The slot a padding sequence's K and V go to: none. Every backend's KV write skips it.
+pub const PAD_SLOT: u32 = u32::MAX;
+
+/// The decode batch size `seqs` sequences are padded to: 1, 2, 4, then multiples of 8
+/// (at most 7 padding rows, a small part of a step that reads every weight).
+pub fn padded_seqs(seqs: usize) -> usize {
+    match seqs {
+        0..=2 => seqs,
+        3..=4 => 4,
+        _ => seqs.next_multiple_of(8),
+    }
+}
 
 /// The shape of a recorded step: steps with equal keys replay one recording.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -27,11 +48,33 @@ pub struct GraphKey {
 }
 
 /// What a decode step reads from the host: its tokens, their batch layout, and the rows of
-/// log-probabilities it returns.
+/// log-probabilities it computes; the last `padding` sequences pad the batch, and their rows
+/// are not returned.
+#[derive(Clone, Copy)]
 pub struct StepInputs<'a> {
     pub tokens: &'a [u32],
     pub batch: &'a BatchLayout,
     pub rows: &'a [u32],
+    pub padding: usize,
+}
+
+/// A decode step padded to a recorded size: [`StepInputs::padded`].
+pub struct PaddedStep {
+    tokens: Vec<u32>,
+    batch: BatchLayout,
+    rows: Vec<u32>,
+    padding: usize,
+}
+
+impl PaddedStep {
+    pub fn inputs(&self) -> StepInputs<'_> {
+        StepInputs {
+            tokens: &self.tokens,
+            batch: &self.batch,
+            rows: &self.rows,
+            padding: self.padding,
+        }
+    }
 }
 
 impl StepInputs<'_> {
@@ -48,6 +91,39 @@ impl StepInputs<'_> {
             && b.seq_offsets.iter().enumerate().all(|(i, &o)| o == i)
             && self.rows.iter().enumerate().all(|(i, &r)| r as usize == i)
             && self.rows.len() == n
+    }
+
+    /// Rows of log-probabilities returned: those of the real sequences.
+    pub fn returned_rows(&self) -> usize {
+        self.rows.len().saturating_sub(self.padding)
+    }
+
+    /// This decode step with padding sequences (see the module's comment) up to `seqs`
+    /// sequences; `None` if it is not a decode step or has more sequences already.
+    pub fn padded(&self, seqs: usize) -> Option<PaddedStep> {
+        let n = self.tokens.len();
+        if !self.is_decode() || seqs < n {
+            return None;
+        }
+        let b = self.batch;
+        let pad = seqs - n;
+        let more = |v: &[u32], with: u32| [v, &vec![with; pad]].concat();
+        let mut block_tables = b.block_tables.clone();
+        block_tables.resize(seqs, vec![0]);
+        let mut context_lens = b.context_lens.clone();
+        context_lens.resize(seqs, 1);
+        Some(PaddedStep {
+            tokens: more(self.tokens, 0),
+            batch: BatchLayout {
+                positions: more(&b.positions, 0),
+                slot_mapping: more(&b.slot_mapping, PAD_SLOT),
+                seq_offsets: (0..=seqs).collect(),
+                block_tables,
+                context_lens,
+            },
+            rows: (0..seqs as u32).collect(),
+            padding: self.padding + pad,
+        })
     }
 
     /// The longest table, rounded up to [`TABLE_WIDTH_STEP`].
@@ -111,6 +187,7 @@ mod tests {
                 tokens: &tokens,
                 batch: &batch,
                 rows,
+                padding: 0,
             }
             .is_decode()
         };
@@ -123,8 +200,45 @@ mod tests {
             tokens: &tokens,
             batch: &prefill,
             rows: &[0, 1],
+            padding: 0,
         };
         assert!(!inputs.is_decode(), "two tokens of one sequence");
+    }
+
+    #[test]
+    fn decode_batches_pad_to_1_2_4_then_multiples_of_8() {
+        let sizes: Vec<usize> = [1, 2, 3, 4, 5, 8, 9, 17, 64, 65].map(padded_seqs).into();
+        assert_eq!(sizes, [1, 2, 4, 4, 8, 8, 16, 24, 64, 72]);
+    }
+
+    #[test]
+    fn padding_sequences_write_nowhere_and_return_no_row() {
+        let batch = decode(&[5, 40, 3]);
+        let inputs = StepInputs {
+            tokens: &[3, 4, 5],
+            batch: &batch,
+            rows: &[0, 1, 2],
+            padding: 0,
+        };
+        let padded = inputs.padded(padded_seqs(3)).unwrap();
+        let p = padded.inputs();
+        assert!(p.is_decode());
+        assert_eq!((p.tokens, p.returned_rows()), (&[3, 4, 5, 0][..], 3));
+        assert_eq!(p.batch.slot_mapping[3], PAD_SLOT);
+        assert_eq!(p.batch.slot_mapping[..3], batch.slot_mapping[..]);
+        assert_eq!(
+            (
+                p.batch.positions[3],
+                p.batch.context_lens[3],
+                &p.batch.block_tables[3]
+            ),
+            (0, 1, &vec![0])
+        );
+        assert_eq!(p.rows, [0, 1, 2, 3]);
+        assert!(
+            inputs.padded(2).is_none(),
+            "fewer sequences than the step's"
+        );
     }
 
     #[test]
@@ -134,6 +248,7 @@ mod tests {
             tokens: &[3, 4],
             batch: &batch,
             rows: &[0, 1],
+            padding: 0,
         };
         assert_eq!(inputs.table_width(), TABLE_WIDTH_STEP);
         let arrays = inputs.arrays(inputs.table_width());

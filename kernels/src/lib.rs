@@ -16,7 +16,7 @@ pub mod weight;
 
 pub use attention::{BatchLayout, DevicePools, KvData, KvDtype, KvLayer};
 pub use device::Device;
-pub use graph::{GraphKey, RecordedStep, StepInputs};
+pub use graph::{padded_seqs, GraphKey, PaddedStep, RecordedStep, StepInputs, PAD_SLOT};
 pub use rope::{Rope, RopeScaling};
 pub use tensor::{DeviceTensor, Tensor};
 pub use weight::{DeviceCopy, QuantTarget, Weight, WeightData};

@@ -109,7 +109,7 @@ pub fn write_kv(cache: &KvLayer, k: &Tensor, v: &Tensor, slot_mapping: &[u32]) -
         && v.len() == k.len()
         && slot_mapping
             .iter()
-            .all(|&s| (s as usize) < cache.num_slots());
+            .all(|&s| s == crate::PAD_SLOT || (s as usize) < cache.num_slots());
     check("write_kv", ok, || {
         format!(
             "{} slots, k {} floats, slot width {w}, pool {} slots",

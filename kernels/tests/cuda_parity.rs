@@ -10,7 +10,7 @@ use vellum_kernels::cuda::runtime::Pod;
 use vellum_kernels::cuda::{Arg, DeviceBuffer, KernelRuntime, LaunchConfig};
 use vellum_kernels::{
     cpu::Cpu, Backend, BatchLayout, KvData, KvDtype, KvLayer, QuantTarget, Rope, RopeScaling,
-    Tensor, Weight,
+    Tensor, Weight, PAD_SLOT,
 };
 use vellum_quant::{BlockFormat, DType};
 
@@ -236,6 +236,45 @@ fn kv_writes_on_the_device_store_the_hosts_bits_for_edge_values() {
                     be.name()
                 );
             }
+        }
+    }
+}
+
+/// A token whose slot is `PAD_SLOT` (a padding sequence of a recorded decode step) is
+/// stored nowhere, on every backend and KV dtype: the pools are those of the other tokens'
+/// writes alone.
+#[test]
+fn kv_writes_store_nothing_for_padding_slots() {
+    let cpu = Cpu::new();
+    let mut rng = Rng(4);
+    let (n_kv, hd) = (2usize, 32usize);
+    let (k, v) = (rng.vec(3 * n_kv * hd), rng.vec(3 * n_kv * hd));
+    let real = |x: &[f32]| Tensor::from([&x[..n_kv * hd], &x[2 * n_kv * hd..]].concat());
+    let cuda = backends();
+    let all = cuda
+        .iter()
+        .map(|b| b as &dyn Backend)
+        .chain([&cpu as &dyn Backend]);
+    for be in all {
+        for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Int8] {
+            let mut cache = KvLayer::new(2, 16, n_kv, hd, dtype);
+            let mut host = cache.try_clone().unwrap();
+            let slots = [7, PAD_SLOT, 20];
+            be.write_kv(
+                &mut cache,
+                &Tensor::from(&k[..]),
+                &Tensor::from(&v[..]),
+                &slots,
+            )
+            .unwrap();
+            cpu.write_kv(&mut host, &real(&k), &real(&v), &[7, 20])
+                .unwrap();
+            let (got, want) = (cache.host_pools().unwrap(), host.host_pools().unwrap());
+            assert!(
+                got.0.planes() == want.0.planes() && got.1.planes() == want.1.planes(),
+                "{} {dtype:?}: a padding token's K/V was stored",
+                be.name()
+            );
         }
     }
 }

@@ -7,7 +7,8 @@
 //! the pools have not moved), the graph's own pool (activations and temporaries, allocated
 //! while capturing: see `Caching`), or the backend's (scratch, constant arrays), which the
 //! recording keeps alive. A replay sends the inputs that changed into the same buffer, in
-//! one copy, launches the graph, and brings back its output.
+//! one copy, launches the graph, and brings back its output's real rows (not the padding
+//! sequences', see [`crate::graph`]).
 
 use super::{CudaBackend, DeviceArray, OwnedBuffer, SentArray};
 use crate::cuda::runtime::{bytes_of, DeviceGraph};
@@ -107,6 +108,7 @@ struct CudaStep {
     key: GraphKey,
     graph: Box<dyn DeviceGraph>,
     inputs: Mutex<PackedInputs>,
+    /// The log-probabilities, `[rows, vocab]`.
     output: Arc<dyn DeviceTensor>,
     output_len: usize,
     /// The device pools of each KV layer the recording writes.
@@ -252,8 +254,15 @@ impl CudaBackend {
         for layer in kv.iter_mut() {
             layer.mark_written_on_device();
         }
-        let mut out = vec![0f32; step.output_len];
-        step.output.download(&mut out)?;
+        let row = step.output_len / inputs.rows.len().max(1);
+        let mut out = vec![0f32; inputs.returned_rows() * row];
+        let output = self
+            .own_copy(&step.output)
+            .ok_or_else(|| KernelError::Unsupported {
+                op: "replay step",
+                detail: "the recorded output is not on this device".into(),
+            })?;
+        output.download_first(&mut out)?;
         Ok(Some(out))
     }
 
