@@ -2,6 +2,7 @@
 //! log-probabilities into a token.
 
 use crate::error::{EngineError, Result};
+pub use vellum_kernels::pick::argmax;
 
 /// How to pick tokens. `Default` is greedy decoding of up to 16 tokens.
 #[derive(Debug, Clone, PartialEq)]
@@ -245,30 +246,6 @@ pub fn sample(
     idx[keep - 1]
 }
 
-/// Index of the largest value (lowest index on ties).
-pub fn argmax(v: &[f32]) -> u32 {
-    // Two passes that vectorize (it runs once per sequence per step over the whole
-    // vocabulary, outside the parallel forward pass): the largest value, then its first
-    // index. NaN never wins; a row without a value above -inf gives 0.
-    const LANES: usize = 16;
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let chunks = v.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (m, &x) in lanes.iter_mut().zip(c) {
-            *m = if x > *m { x } else { *m };
-        }
-    }
-    let max = lanes
-        .iter()
-        .chain(tail)
-        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
-    if max == f32::NEG_INFINITY {
-        return 0;
-    }
-    v.iter().position(|&x| x == max).unwrap_or(0) as u32
-}
-
 /// The `k` most likely tokens of a row, most likely first.
 pub fn top_k(logprobs: &[f32], k: usize) -> Vec<(u32, f32)> {
     let k = k.min(logprobs.len());
@@ -316,31 +293,6 @@ mod tests {
             }
         }
         assert!(SamplingParams::default().top_k(0).validate().is_ok());
-    }
-
-    /// The vectorized argmax equals a plain first-maximum scan, ties and NaN included.
-    #[test]
-    fn argmax_is_the_first_largest_value() {
-        let plain = |v: &[f32]| {
-            let (mut best, mut value) = (0u32, f32::NEG_INFINITY);
-            for (i, &x) in v.iter().enumerate() {
-                if x > value {
-                    (best, value) = (i as u32, x);
-                }
-            }
-            best
-        };
-        for n in [1usize, 15, 16, 17, 100, 49_152] {
-            let mut v: Vec<f32> = (0..n).map(|i| -(((i * 7919) % 1013) as f32)).collect();
-            assert_eq!(argmax(&v), plain(&v), "n {n}");
-            v[n / 2] = f32::NAN;
-            let last = n - 1;
-            v[last] = 5.0;
-            assert_eq!(argmax(&v), plain(&v), "n {n} with NaN");
-            v[n / 3] = 5.0; // a tie: the first one wins
-            assert_eq!(argmax(&v), plain(&v), "n {n} tie");
-        }
-        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NAN]), 0);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-// Row reductions: fused residual add + RMSNorm, log-softmax and argmax over logits.
+// Row reductions: fused residual add + RMSNorm, log-softmax, and picked rows (argmax and a
+// target's value) of log-probabilities.
 // One block per row; blockDim.x a multiple of 32. Geometry in kernels/src/cuda/backend.rs.
 #include "vellum.cuh"
 
@@ -46,16 +47,22 @@ extern "C" __global__ void log_softmax_f32(float *x, uint32_t width) {
 }
 VELLUM_EXPORT(log_softmax_f32)
 
-// out[row] = index of the largest value (the lowest index among ties), so greedy decoding
-// moves one u32 per sequence to the host instead of a row of logits.
-extern "C" __global__ void argmax_f32(const float *x, uint32_t width, uint32_t *out) {
+// For row r: out[2r] = its value at targets[r] (at its argmax when targets[r] is NO_TARGET),
+// out[2r + 1] = its argmax as a float: the first index of its largest value, NaN never
+// winning, 0 when no value is above -inf (pick::argmax in Rust). A greedy or scored row
+// then moves 8 bytes to the host instead of a row of the vocabulary.
+#define NO_TARGET 0xffffffffu
+extern "C" __global__ void pick_rows_f32(const float *x, uint32_t width, const uint32_t *targets,
+                                         float *out) {
   __shared__ float best_v[32];
   __shared__ uint32_t best_i[32];
   const float *row = x + (size_t)blockIdx.x * width;
+  // Each thread's first largest (strictly greater: NaN never wins), then the block's:
+  // the larger value, the lower index among equals.
   float v = V_NEG_INF;
   uint32_t idx = 0xffffffffu;
   for (uint32_t i = threadIdx.x; i < width; i += blockDim.x)
-    if (row[i] > v || idx == 0xffffffffu) {
+    if (row[i] > v) {
       v = row[i];
       idx = i;
     }
@@ -79,7 +86,10 @@ extern "C" __global__ void argmax_f32(const float *x, uint32_t width, uint32_t *
         v = best_v[w];
         idx = best_i[w];
       }
-    out[blockIdx.x] = idx;
+    if (v == V_NEG_INF) idx = 0;
+    uint32_t target = targets[blockIdx.x];
+    out[2 * (size_t)blockIdx.x] = row[target == NO_TARGET ? idx : target];
+    out[2 * (size_t)blockIdx.x + 1] = (float)idx;
   }
 }
-VELLUM_EXPORT(argmax_f32)
+VELLUM_EXPORT(pick_rows_f32)

@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod graph;
+pub mod pick;
 pub mod rope;
 pub mod shapes;
 pub mod tensor;
@@ -16,6 +17,7 @@ pub mod weight;
 
 pub use attention::{BatchLayout, DevicePools, KvData, KvDtype, KvLayer};
 pub use device::Device;
+pub use pick::{Pick, NO_TARGET};
 pub use graph::{padded_seqs, GraphKey, PaddedStep, RecordedStep, StepInputs, PAD_SLOT};
 pub use rope::{Rope, RopeScaling};
 pub use tensor::{DeviceTensor, Tensor};
@@ -168,6 +170,17 @@ pub trait Backend: Send + Sync {
 
     /// In-place log-softmax over rows of width `width`.
     fn log_softmax(&self, x: &mut Tensor, width: usize) -> Result<()>;
+
+    /// For each row `r` of `x` (`[rows, width]`): its [`pick::argmax`] and its value at
+    /// `targets[r]` (at the argmax for [`NO_TARGET`]), into `out` (`[rows, 2]`: value, index
+    /// as f32; see [`Pick::from_values`]). What a greedy or scored row needs, where the rows
+    /// are. Default: on the host.
+    fn pick_rows(&self, x: &Tensor, width: usize, targets: &[u32], out: &mut Tensor) -> Result<()> {
+        shapes::pick_rows(x, width, targets, out)?;
+        let x = x.host()?;
+        pick::pick_rows_host(&x, width, targets, out.host_for_overwrite());
+        Ok(())
+    }
 
     /// The shape under which this backend can record `inputs`' step and replay it (see
     /// [`graph`]), or `None`: the step runs op by op. Default: `None`.

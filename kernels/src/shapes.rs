@@ -160,6 +160,26 @@ pub fn gather_rows(x: &Tensor, width: usize, rows: &[u32], out: &Tensor) -> Resu
     })
 }
 
+pub fn pick_rows(x: &Tensor, width: usize, targets: &[u32], out: &Tensor) -> Result<()> {
+    let rows = targets.len();
+    let ok = width > 0
+        && width <= crate::pick::MAX_PICK_WIDTH
+        && x.len() == rows * width
+        && out.len() == 2 * rows
+        && targets
+            .iter()
+            .all(|&t| t == crate::NO_TARGET || (t as usize) < width);
+    check("pick_rows", ok, || {
+        format!(
+            "{} targets (largest {:?}) over {} floats in rows of {width}, out {} floats",
+            rows,
+            targets.iter().filter(|&&t| t != crate::NO_TARGET).max(),
+            x.len(),
+            out.len()
+        )
+    })
+}
+
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<()> {
     check("silu_mul", gate.len() == up.len(), || {
         format!("gate {} floats, up {}", gate.len(), up.len())

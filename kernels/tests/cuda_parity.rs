@@ -10,7 +10,7 @@ use vellum_kernels::cuda::runtime::Pod;
 use vellum_kernels::cuda::{Arg, DeviceBuffer, KernelRuntime, LaunchConfig};
 use vellum_kernels::{
     cpu::Cpu, Backend, BatchLayout, KvData, KvDtype, KvLayer, QuantTarget, Rope, RopeScaling,
-    Tensor, Weight, PAD_SLOT,
+    Pick, Tensor, Weight, NO_TARGET, PAD_SLOT,
 };
 use vellum_quant::{BlockFormat, DType};
 
@@ -379,18 +379,44 @@ fn silu_mul_log_softmax_and_argmax_match() {
             errs.0.unwrap_err().to_string(),
             errs.1.unwrap_err().to_string()
         );
-        // Ties resolve to the lowest index, as a host argmax does.
-        let mut x = rng.vec(3 * 777);
-        x[5] = 9.0;
-        x[700] = 9.0;
-        x[777 + 776] = 3.0;
-        x[2 * 777] = 2.0;
-        assert_eq!(
-            be.argmax(&Tensor::from(x), 777).unwrap(),
-            vec![5, 776, 0],
-            "{} argmax",
-            be.name()
-        );
+    }
+}
+
+/// Picked rows (argmax and a target's value) on the device are the host's, bit for bit:
+/// ties to the lowest index, NaN never the argmax, a row of -inf and NaN giving index 0,
+/// targets and `NO_TARGET`, widths under and over a block's threads.
+#[test]
+fn picked_rows_match_the_host() {
+    let cpu = Cpu::new();
+    let mut rng = Rng(12);
+    for width in [5usize, 777, 49_152] {
+        let mut x = rng.vec(5 * width);
+        let w = width;
+        x[w - 1] = 9.0; // row 0: a tie, the first wins
+        x[w / 2] = 9.0;
+        x[w + 1] = f32::NAN; // row 1: NaN beside the largest
+        x[w + w - 1] = 4.0;
+        x[2 * w..3 * w].fill(f32::NEG_INFINITY); // row 2: nothing above -inf
+        x[2 * w + w / 3] = f32::NAN;
+        x[3 * w..4 * w].fill(-1.5); // row 3: all equal
+        let targets = [3, NO_TARGET, NO_TARGET, (w - 1) as u32, 0];
+        let x = Tensor::from(x);
+        let mut want = Tensor::zeros(10);
+        cpu.pick_rows(&x, w, &targets, &mut want).unwrap();
+        let want = want.to_vec().unwrap();
+        let picks = Pick::from_values(&want);
+        assert_eq!(picks[0].argmax, (w / 2) as u32, "width {w}");
+        assert_eq!((picks[2].argmax, picks[3].argmax), (0, 0), "width {w}");
+        for be in backends() {
+            let mut got = Tensor::zeros(10);
+            be.pick_rows(&x, w, &targets, &mut got).unwrap();
+            let got = got.to_vec().unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{} width {w}", be.name());
+        }
+        let past_the_row = [w as u32, 0, 0, 0, 0];
+        let bad = cpu.pick_rows(&x, w, &past_the_row, &mut Tensor::zeros(10));
+        assert!(bad.unwrap_err().to_string().contains("pick_rows"));
     }
 }
 

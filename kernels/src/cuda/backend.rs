@@ -825,22 +825,6 @@ impl CudaBackend {
             group: f.group as u32,
         })
     }
-
-    /// Index of the largest logit of each row (lowest index among ties).
-    pub fn argmax(&self, x: &Tensor, width: usize) -> Result<Vec<u32>> {
-        let rows = shapes::rows_of("argmax", x.len(), width)?;
-        let mut out = vec![0u32; rows];
-        if rows == 0 {
-            return Ok(out);
-        }
-        let xd = self.input(x)?;
-        let od = self.zeroed(rows * 4)?;
-        let cfg = LaunchConfig::linear(rows as u32, ROW_THREADS);
-        let args = [xd.arg(), Arg::U32(width as u32), od.arg()];
-        self.launch("norm", "argmax_f32", cfg, &args)?;
-        od.download(&mut out)?;
-        Ok(out)
-    }
 }
 
 /// `rt` behind a caching allocator: a step reuses the last step's device memory.
@@ -1496,6 +1480,19 @@ impl Backend for CudaBackend {
             cfg,
             &[xd, Arg::U32(width as u32)],
         )
+    }
+
+    fn pick_rows(&self, x: &Tensor, width: usize, targets: &[u32], out: &mut Tensor) -> Result<()> {
+        shapes::pick_rows(x, width, targets, out)?;
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let xd = self.input(x)?;
+        let td = self.array("pick_targets", targets)?;
+        let od = self.output(out)?;
+        let cfg = LaunchConfig::linear(targets.len() as u32, row_threads(width));
+        let args = [xd.arg(), Arg::U32(width as u32), td.arg(), od];
+        self.launch("norm", "pick_rows_f32", cfg, &args)
     }
 
     fn step_graph_key(&self, inputs: &StepInputs) -> Option<GraphKey> {
