@@ -91,20 +91,26 @@ fn quantized_tiny_model_decodes_like_the_cpu_on_the_emulated_cuda_backend() {
 /// on the device, a step sends its token ids, nothing else, allocating no device memory (the
 /// caching allocator hands it the last step's); and the cache, brought back, holds the
 /// CPU's K and V.
-#[test]
-fn a_forward_pass_moves_only_tokens_and_logits() {
+/// The tiny GQA model on the emulated CUDA backend, its runtime counted, and a prompt of 19
+/// tokens as one sequence's batch.
+fn counted_prompt() -> (
+    vellum::engine::Model,
+    std::sync::Arc<vellum::kernels::cuda::counting::Counting>,
+    vellum::kernels::cuda::CudaBackend,
+    Vec<u32>,
+    vellum::kernels::BatchLayout,
+) {
     use std::sync::Arc;
     use vellum::engine::Checkpoint;
     use vellum::kernels::cuda::caching::{Caching, DEFAULT_CACHE_BYTES};
     use vellum::kernels::cuda::counting::Counting;
     use vellum::kernels::cuda::emu::EmuRuntime;
     use vellum::kernels::cuda::CudaBackend;
-    use vellum::kernels::{Backend, BatchLayout};
+    use vellum::kernels::BatchLayout;
     let mut model = Checkpoint::open(&repo().join("tests/golden/models/llama_gqa"))
         .unwrap()
         .load_model()
         .unwrap();
-    let c = model.config.clone();
     let rt = Arc::new(Counting::new(Arc::new(EmuRuntime::new().unwrap())));
     let cuda = CudaBackend::new(Arc::new(Caching::new(rt.clone(), DEFAULT_CACHE_BYTES)));
     model.prepare_for(&cuda).unwrap();
@@ -117,6 +123,53 @@ fn a_forward_pass_moves_only_tokens_and_logits() {
         block_tables: vec![(0..t.div_ceil(16) as u32).collect()],
         context_lens: vec![t],
     };
+    (model, rt, cuda, tokens, batch)
+}
+
+/// Scoring a prompt brings back 8 bytes per scored token (its log-probability and whether
+/// it was the argmax: `pick_rows`), not its row; the picks are those of the whole rows.
+#[test]
+fn a_scored_prompt_moves_picks_not_rows() {
+    use vellum::engine::model::LogitRows;
+    let (model, rt, cuda, tokens, batch) = counted_prompt();
+    let (t, vocab) = (tokens.len(), model.config.vocab_size);
+    let rows = LogitRows {
+        whole: vec![t - 1],
+        picked: (0..t - 1).map(|p| (p, tokens[p + 1])).collect(),
+    };
+    let mut kv = model.new_kv_cache(4, 16, KvDtype::F16);
+    rt.take_downloaded();
+    let got = model
+        .forward_with_graphs(&cuda, &tokens, &batch, &mut kv, &rows, None)
+        .unwrap();
+    // The whole row, and a pick of each row (the whole one's included).
+    assert_eq!(
+        rt.take_downloaded(),
+        vocab * 4 + t * 8,
+        "bytes brought back"
+    );
+    let mut kv = model.new_kv_cache(4, 16, KvDtype::F16);
+    let all: Vec<usize> = (0..t).collect();
+    let whole = model
+        .forward(&cuda, &tokens, &batch, &mut kv, &all)
+        .unwrap();
+    assert!(got.whole[..] == whole[(t - 1) * vocab..], "the whole row");
+    for (p, pick) in got.picks.iter().enumerate() {
+        let row = &whole[p * vocab..(p + 1) * vocab];
+        let want = (
+            row[tokens[p + 1] as usize],
+            vellum::kernels::pick::argmax(row),
+        );
+        assert_eq!((pick.logprob, pick.argmax), want, "row {p}");
+    }
+}
+
+#[test]
+fn a_forward_pass_moves_only_tokens_and_logits() {
+    use vellum::kernels::Backend;
+    let (model, rt, cuda, tokens, batch) = counted_prompt();
+    let c = model.config.clone();
+    let t = tokens.len();
     let logit_rows = [t - 1, 3];
     let forward = |be: &dyn Backend, kv: &mut Vec<_>| {
         model.forward(be, &tokens, &batch, kv, &logit_rows).unwrap()
@@ -191,4 +244,37 @@ fn parallel_samples_copy_device_written_blocks_on_the_emulated_cuda_backend() {
     let (cpu, emu) = (run(Device::Cpu), run(Device::CudaEmulator));
     assert_eq!(cpu.len(), 3);
     assert_eq!(cpu, emu, "the samples' tokens");
+}
+
+/// A greedy request without alternatives brings back picks, not its rows: the same tokens
+/// and log-probabilities as when alternatives make it bring back whole rows, on both
+/// backends.
+#[test]
+fn greedy_tokens_are_the_same_picked_or_from_whole_rows() {
+    use vellum::engine::{Request, SamplingParams};
+    let dir = repo().join("tests/golden/models/llama_gqa");
+    for device in [Device::Cpu, Device::CudaEmulator] {
+        let run = |logprobs: usize| {
+            let mut engine = engine_on(device, &dir, None, KvDtype::F16);
+            let params = SamplingParams::default()
+                .max_tokens(6)
+                .ignore_eos(true)
+                .logprobs(logprobs);
+            let requests = [9u32, 23]
+                .map(|len| Request::tokens((1..=len).collect(), params.clone()))
+                .into();
+            engine.generate(requests).unwrap()
+        };
+        let (picked, whole) = (run(0), run(2));
+        assert_eq!(picked.len(), 2);
+        for (a, b) in picked.iter().zip(&whole) {
+            assert_eq!(a.tokens, b.tokens, "{device:?}");
+            let bits = |c: &vellum::engine::Completion| -> Vec<u32> {
+                c.logprobs.iter().map(|l| l.logprob.to_bits()).collect()
+            };
+            assert_eq!(bits(a), bits(b), "{device:?}: log-probabilities");
+            assert!(a.logprobs.iter().all(|l| l.top.is_empty()));
+            assert!(b.logprobs.iter().all(|l| l.top.len() == 2));
+        }
+    }
 }

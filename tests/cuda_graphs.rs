@@ -7,12 +7,13 @@ mod common;
 use common::*;
 use std::sync::Arc;
 use vellum::engine::graphs::{GraphStats, StepGraphs};
+use vellum::engine::model::{LogitRows, StepOutput};
 use vellum::engine::{Checkpoint, Model};
 use vellum::kernels::cuda::caching::{Caching, DEFAULT_CACHE_BYTES};
 use vellum::kernels::cuda::counting::Counting;
 use vellum::kernels::cuda::emu::EmuRuntime;
 use vellum::kernels::cuda::{driver, CudaBackend, KernelRuntime};
-use vellum::kernels::{BatchLayout, KvDtype, KvLayer};
+use vellum::kernels::{BatchLayout, KvDtype, KvLayer, Pick, NO_TARGET};
 
 const BLOCK: usize = 4;
 /// Blocks of each sequence's own range of the pool.
@@ -104,17 +105,38 @@ impl Decoder {
         self.step_of(&all, graphs)
     }
 
-    /// A decode step of sequences `seqs`, in that order.
+    /// A decode step of sequences `seqs`, in that order: their rows of log-probabilities.
     fn step_of(&mut self, seqs: &[usize], graphs: Option<&mut StepGraphs>) -> Vec<f32> {
+        let rows = LogitRows {
+            whole: (0..seqs.len()).collect(),
+            picked: vec![],
+        };
+        self.forward(seqs, &rows, graphs).whole
+    }
+
+    /// A decode step of sequences `seqs` that brings back the picks of their rows (greedy).
+    fn step_picked(&mut self, seqs: &[usize], graphs: Option<&mut StepGraphs>) -> Vec<Pick> {
+        let rows = LogitRows {
+            whole: vec![],
+            picked: (0..seqs.len()).map(|r| (r, NO_TARGET)).collect(),
+        };
+        self.forward(seqs, &rows, graphs).picks
+    }
+
+    fn forward(
+        &mut self,
+        seqs: &[usize],
+        rows: &LogitRows,
+        graphs: Option<&mut StepGraphs>,
+    ) -> StepOutput {
         let at: Vec<(usize, usize)> = seqs.iter().map(|&s| (s, self.lens[s])).collect();
         let batch = decode_layout(&at);
         let tokens: Vec<u32> = at
             .iter()
             .map(|&(s, n)| ((n * 5 + s) % 200 + 1) as u32)
             .collect();
-        let rows: Vec<usize> = (0..seqs.len()).collect();
         let (m, kv) = (&self.model, &mut self.kv);
-        let out = m.forward_with_graphs(&self.be, &tokens, &batch, kv, &rows, graphs);
+        let out = m.forward_with_graphs(&self.be, &tokens, &batch, kv, rows, graphs);
         for &s in seqs {
             self.lens[s] += 1;
         }
@@ -287,6 +309,43 @@ fn decode_batches_of_changing_sizes_replay_the_recording_of_their_padded_size() 
         };
         assert_eq!(graphs.stats, stats, "{device}: one shape, of 4 sequences");
         assert!(graphed.kv_values() == op_by_op.kv_values(), "{device}");
+    }
+}
+
+/// A greedy decode batch brings back picks (argmax and its log-probability), not rows: its
+/// recording too, padded, in one launch, bringing back 8 bytes a sequence; the picks are
+/// those of the op-by-op rows.
+#[test]
+fn greedy_decode_steps_replay_with_picked_rows() {
+    for (device, new) in runtimes() {
+        let prompts = [20, 9, 33];
+        let counted = counted(new);
+        let mut graphed = Decoder::new(counted.clone(), &prompts);
+        let mut op_by_op = Decoder::new(self::counted(new), &prompts);
+        let vocab = graphed.model.config.vocab_size;
+        let mut graphs = StepGraphs::default();
+        for step in 0..4 {
+            counted.take_launches();
+            counted.take_downloaded();
+            let got = graphed.step_picked(&[0, 1, 2], Some(&mut graphs));
+            if step >= 2 {
+                assert_eq!(counted.take_launches(), 0, "{device}, step {step}");
+                assert_eq!(counted.take_downloaded(), 3 * 8, "{device}: bytes down");
+            }
+            let rows = op_by_op.step_of(&[0, 1, 2], None);
+            let want: Vec<Pick> = rows
+                .chunks_exact(vocab)
+                .map(|row| {
+                    let argmax = vellum::kernels::pick::argmax(row);
+                    Pick {
+                        logprob: row[argmax as usize],
+                        argmax,
+                    }
+                })
+                .collect();
+            assert_eq!(got, want, "{device}, step {step}");
+        }
+        assert_eq!((graphs.stats.recorded, graphs.stats.replayed), (1, 2));
     }
 }
 

@@ -10,12 +10,13 @@ use crate::error::{EngineError, Result};
 use crate::graphs::{GraphStats, StepGraphs};
 use crate::kv::BlockManager;
 use crate::loader::Checkpoint;
-use crate::model::Model;
+use crate::model::{LogitRows, Model};
 use crate::sampler::{sample, top_k, Rng, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
 use std::path::Path;
-use vellum_kernels::{cpu::Cpu, Backend, BatchLayout, KvDtype, KvLayer};
+use vellum_kernels::{cpu::Cpu, Backend, BatchLayout, KvDtype, KvLayer, Pick, NO_TARGET};
 
 pub type RequestId = u64;
 
@@ -679,14 +680,17 @@ impl Engine {
             ..BatchLayout::default()
         };
         let mut tokens = Vec::new();
-        let mut logit_rows = Vec::new();
-        // Per scheduled sequence: (first logit row index, rows, wants next-token sample).
+        // A prompt row scored and the next-token row of a greedy or scoring sequence need
+        // only a pick; a sampled one needs its whole row.
+        let mut rows = LogitRows::default();
+        // Per scheduled sequence: what `advance` needs to find its rows in the step's output.
         let mut plan = Vec::with_capacity(batch.len());
         for &(id, chunk) in &batch {
             let seq = &self.seqs[&id];
             let (start, end) = (seq.num_computed, seq.num_computed + chunk);
             let prompt_len = seq.req.prompt.len();
-            let first_row = logit_rows.len();
+            let first_pick = rows.picked.len();
+            let mut next = None;
             for p in start..end {
                 tokens.push(seq.token(p));
                 layout.positions.push(p as u32);
@@ -694,14 +698,29 @@ impl Engine {
                 layout.slot_mapping.push((blk * bs + p % bs) as u32);
                 let row = tokens.len() - 1;
                 // A prompt row predicts prompt token p+1; the last row predicts the next token.
-                if (seq.req.prompt_logprobs && p + 1 < prompt_len) || p + 1 == seq.len() {
-                    logit_rows.push(row);
+                if seq.req.prompt_logprobs && p + 1 < prompt_len {
+                    rows.picked.push((row, seq.req.prompt[p + 1]));
+                } else if p + 1 == seq.len() {
+                    if seq.req.score_only || !seq.req.params.needs_whole_row() {
+                        next = Some(NextRowAt::Picked(rows.picked.len()));
+                        rows.picked.push((row, NO_TARGET));
+                    } else {
+                        next = Some(NextRowAt::Whole(rows.whole.len()));
+                        rows.whole.push(row);
+                    }
                 }
             }
+            let prompt_picks = first_pick..rows.picked.len() - next.map_or(0, NextRowAt::picks);
             layout.seq_offsets.push(tokens.len());
             layout.block_tables.push(seq.blocks.clone());
             layout.context_lens.push(end);
-            plan.push((id, start, end, first_row));
+            plan.push(Planned {
+                id,
+                start,
+                end,
+                prompt_picks,
+                next,
+            });
         }
         self.stats.prompt_tokens += tokens.len() as u64;
         // The whole forward pass runs on a pool thread: the ops' parallel loops then start
@@ -709,59 +728,58 @@ impl Engine {
         let (model, backend, kv) = (&self.model, self.backend.as_ref(), &mut self.kv);
         let graphs = self.graphs.as_mut();
         let forward_start = std::time::Instant::now();
-        let logprobs = rayon::scope(|_| {
-            model.forward_with_graphs(backend, &tokens, &layout, kv, &logit_rows, graphs)
+        let out = rayon::scope(|_| {
+            model.forward_with_graphs(backend, &tokens, &layout, kv, &rows, graphs)
         })?;
         self.stats.forward_ns += forward_start.elapsed().as_nanos() as u64;
         let vocab = self.model.config.vocab_size;
         let mut outputs = Vec::with_capacity(plan.len());
-        for (id, start, end, first_row) in plan {
-            outputs.extend(self.advance(id, start, end, &logprobs[first_row * vocab..], vocab));
+        for planned in plan {
+            let next = planned.next.map(|at| match at {
+                NextRowAt::Whole(r) => Next::Whole(&out.whole[r * vocab..(r + 1) * vocab]),
+                NextRowAt::Picked(i) => Next::Picked(out.picks[i]),
+            });
+            let prompt_picks = &out.picks[planned.prompt_picks.clone()];
+            outputs.extend(self.advance(&planned, prompt_picks, next));
         }
         Ok(outputs)
     }
 
-    /// Applies one step's results to a sequence: prompt logprobs, a sampled token, stops.
+    /// Applies one step's results to a sequence: prompt logprobs (from the picks of its
+    /// scored prompt rows), a sampled token (from `next`, its next-token row), stops.
     /// When the prompt of an `n > 1` request completes, its other samples split off here,
     /// sharing the prompt's blocks, and each draws its first token from the same row.
     fn advance(
         &mut self,
-        sid: SeqId,
-        start: usize,
-        end: usize,
-        rows: &[f32],
-        vocab: usize,
+        planned: &Planned,
+        prompt_picks: &[Pick],
+        next: Option<Next>,
     ) -> Vec<RequestOutput> {
+        let (sid, start, end) = (planned.id, planned.start, planned.end);
         let seq = self.seqs.get_mut(&sid).expect("scheduled ids are live");
         seq.num_computed = end;
         if self.config.enable_prefix_caching {
             register_full_blocks(&mut self.blocks, seq);
         }
         let prompt_len = seq.req.prompt.len();
-        let mut row = 0;
-        for p in start..end {
-            if seq.req.prompt_logprobs && p + 1 < prompt_len {
-                if p + 1 > seq.prompt_logprobs.len() {
-                    // Recomputed rows after preemption are identical; record each once.
-                    let next = seq.req.prompt[p + 1];
-                    let dist = &rows[row * vocab..(row + 1) * vocab];
-                    seq.prompt_logprobs.push(dist[next as usize]);
-                    seq.prompt_is_greedy
-                        .push(crate::sampler::argmax(dist) == next);
-                }
-                row += 1;
+        let scored = (start..end).filter(|&p| seq.req.prompt_logprobs && p + 1 < prompt_len);
+        for (p, pick) in scored.zip(prompt_picks) {
+            // Recomputed rows after preemption are identical; record each once.
+            if p + 1 > seq.prompt_logprobs.len() {
+                seq.prompt_logprobs.push(pick.logprob);
+                seq.prompt_is_greedy
+                    .push(pick.argmax == seq.req.prompt[p + 1]);
             }
         }
-        if end < seq.len() {
+        let Some(next) = next else {
             return vec![]; // mid-prompt chunk: nothing to report yet
-        }
+        };
         let mut sids = vec![sid];
         if !seq.forked && seq.req.params.n > 1 && !seq.req.score_only {
             seq.forked = true;
             sids.extend(self.fork_samples(sid));
         }
-        let dist = &rows[row * vocab..(row + 1) * vocab];
-        sids.into_iter().map(|s| self.emit(s, dist)).collect()
+        sids.into_iter().map(|s| self.emit(s, next)).collect()
     }
 
     /// Splits samples 1..n off sample 0 of a request whose prompt just completed.
@@ -798,9 +816,9 @@ impl Engine {
         ids
     }
 
-    /// Samples a sequence's next token from `dist` (or ends a scoring request) and decides
+    /// Samples a sequence's next token from its row (or ends a scoring request) and decides
     /// whether it is finished.
-    fn emit(&mut self, sid: SeqId, dist: &[f32]) -> RequestOutput {
+    fn emit(&mut self, sid: SeqId, next: Next) -> RequestOutput {
         let eos = &self.model.config.eos_token_ids;
         let seq = self.seqs.get_mut(&sid).expect("emitting ids are live");
         let mut out = RequestOutput {
@@ -820,21 +838,28 @@ impl Engine {
         if seq.req.score_only {
             out.finish_reason = Some(FinishReason::Scored);
         } else {
-            let token = sample(
-                dist,
-                &seq.req.params,
-                &seq.req.prompt,
-                &seq.output,
-                &mut seq.rng,
-            );
+            let params = &seq.req.params;
+            let new = match next {
+                Next::Whole(dist) => {
+                    let token = sample(dist, params, &seq.req.prompt, &seq.output, &mut seq.rng);
+                    TokenLogprob {
+                        token,
+                        logprob: dist[token as usize],
+                        top: top_k(dist, params.logprobs),
+                    }
+                }
+                // The greedy token: what `sample` takes from a whole row.
+                Next::Picked(pick) => TokenLogprob {
+                    token: pick.argmax,
+                    logprob: pick.logprob,
+                    top: vec![],
+                },
+            };
+            let token = new.token;
             seq.output.push(token);
             seq.usage.completion_tokens += 1;
             self.stats.generated_tokens += 1;
-            out.new_tokens.push(TokenLogprob {
-                token,
-                logprob: dist[token as usize],
-                top: top_k(dist, seq.req.params.logprobs),
-            });
+            out.new_tokens.push(new);
             let p = &seq.req.params;
             if (!p.ignore_eos && eos.contains(&token)) || p.stop_token_ids.contains(&token) {
                 out.finish_reason = Some(FinishReason::Stop);
@@ -1043,4 +1068,37 @@ fn text_delta(tok: &Tokenizer, seq: &mut Sequence, finishing: bool) -> (String, 
     let delta = text.get(seq.emitted..limit).unwrap_or("").to_string();
     seq.emitted = limit;
     (delta, stopped)
+}
+
+/// A scheduled sequence's part of a step: where its rows are in the step's output.
+struct Planned {
+    id: SeqId,
+    start: usize,
+    end: usize,
+    /// The picks of its scored prompt rows.
+    prompt_picks: Range<usize>,
+    /// Its next-token row, when the step reaches its end.
+    next: Option<NextRowAt>,
+}
+
+/// Where a sequence's next-token row is in a step's output.
+#[derive(Clone, Copy)]
+enum NextRowAt {
+    Whole(usize),
+    Picked(usize),
+}
+
+impl NextRowAt {
+    /// Picks it takes.
+    fn picks(self) -> usize {
+        matches!(self, NextRowAt::Picked(_)) as usize
+    }
+}
+
+/// A sequence's next-token row: whole, or picked (greedy without penalties or alternatives,
+/// and scoring sequences: `SamplingParams::needs_whole_row`).
+#[derive(Clone, Copy)]
+enum Next<'a> {
+    Whole(&'a [f32]),
+    Picked(Pick),
 }

@@ -29,8 +29,22 @@ pub const DEFAULT_BUDGET: usize = 256 << 20;
 const MAX_FAILURES: u32 = 3;
 
 /// A step's ops over the inputs given (the step's, or them padded), run op by op on the KV
-/// cache given; the log-probabilities of every row, where the backend left them.
-pub type StepFn<'a> = dyn FnMut(&StepInputs, &mut [KvLayer]) -> Result<Tensor> + 'a;
+/// cache given.
+pub type StepFn<'a> = dyn FnMut(&StepInputs, &mut [KvLayer]) -> Result<StepTensors> + 'a;
+
+/// What a step's ops leave where the backend ran them: the log-probabilities of every row,
+/// and their picks when the step picks rows (`StepInputs::targets`).
+pub struct StepTensors {
+    pub logprobs: Tensor,
+    pub picks: Option<Tensor>,
+}
+
+impl StepTensors {
+    /// What the step brings back: the picks if it picks rows, else the whole rows.
+    fn brought_back(&self) -> &Tensor {
+        self.picks.as_ref().unwrap_or(&self.logprobs)
+    }
+}
 
 /// The recordings of one engine's decode steps, by shape.
 pub struct StepGraphs {
@@ -99,7 +113,8 @@ impl StepGraphs {
     }
 
     /// Runs the step (`step`, over `inputs`, padded): as a replay of its shape's recording,
-    /// as a new recording, or op by op. Returns the log-probabilities of `inputs`' rows.
+    /// as a new recording, or op by op. Returns what it brings back of `inputs`' rows: the
+    /// picks (`[rows, 2]`) if it picks them, else the rows of log-probabilities.
     pub fn run(
         &mut self,
         backend: &dyn Backend,
@@ -156,7 +171,8 @@ impl StepGraphs {
     ) -> Result<Vec<f32>> {
         backend.begin_step_record(key, inputs)?;
         let output = step(inputs, kv);
-        let recorded = backend.end_step_record(output.as_ref().ok(), kv);
+        let back = output.as_ref().ok().map(StepTensors::brought_back);
+        let recorded = backend.end_step_record(back, kv);
         output?;
         let recorded = recorded?;
         let out = backend.replay_step(&*recorded, inputs, kv)?;
@@ -205,10 +221,10 @@ impl StepGraphs {
         step: &mut StepFn,
     ) -> Result<Vec<f32>> {
         self.stats.op_by_op += 1;
-        let mut out = step(inputs, kv)?.to_vec()?;
-        let row = out.len() / inputs.rows.len().max(1);
-        out.truncate(inputs.returned_rows() * row);
-        Ok(out)
+        let out = step(inputs, kv)?;
+        let back = out.brought_back();
+        let row = back.len() / inputs.rows.len().max(1);
+        Ok(back.first(inputs.returned_rows() * row)?)
     }
 
     /// Recordings held.

@@ -3,13 +3,13 @@
 
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::graphs::StepGraphs;
+use crate::graphs::{StepGraphs, StepTensors};
 use crate::tensors::{TensorFormat, TensorInfo, TensorStore};
 use half::{bf16, f16};
 use std::path::Path;
 use vellum_kernels::{
-    Backend, BatchLayout, KvDtype, KvLayer, MatmulPart, QuantTarget, Rope, StepInputs, Tensor,
-    Weight, WeightData,
+    Backend, BatchLayout, KvDtype, KvLayer, MatmulPart, Pick, QuantTarget, Rope, StepInputs,
+    Tensor, Weight, WeightData, NO_TARGET,
 };
 use vellum_quant::DType;
 
@@ -513,20 +513,27 @@ impl Model {
         kv: &mut [KvLayer],
         logit_rows: &[usize],
     ) -> Result<Vec<f32>> {
-        self.forward_with_graphs(backend, tokens, batch, kv, logit_rows, None)
+        let rows = LogitRows {
+            whole: logit_rows.to_vec(),
+            picked: vec![],
+        };
+        Ok(self
+            .forward_with_graphs(backend, tokens, batch, kv, &rows, None)?
+            .whole)
     }
 
-    /// [`Model::forward`], with decode steps recorded and replayed through `graphs` where
-    /// the backend can (CUDA graphs): the same values, fewer launches.
+    /// [`Model::forward`], bringing back `rows`' whole rows and picks, with decode steps
+    /// recorded and replayed through `graphs` where the backend can (CUDA graphs): the same
+    /// values, fewer launches.
     pub fn forward_with_graphs(
         &self,
         backend: &dyn Backend,
         tokens: &[u32],
         batch: &BatchLayout,
         kv: &mut [KvLayer],
-        logit_rows: &[usize],
+        rows: &LogitRows,
         graphs: Option<&mut StepGraphs>,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<StepOutput> {
         let c = &self.config;
         let t = tokens.len();
         if batch.num_tokens() != t || kv.len() != c.num_layers {
@@ -539,24 +546,66 @@ impl Model {
                 ),
             }));
         }
-        let mut step = |inputs: &StepInputs, kv: &mut [KvLayer]| {
+        let vocab = c.vocab_size;
+        let mut step = |inputs: &StepInputs, kv: &mut [KvLayer]| -> Result<StepTensors> {
             let mut acts = self.embed_tokens(backend, inputs.tokens)?;
             for (i, cache) in kv.iter_mut().enumerate() {
                 self.layer_forward(backend, i, &mut acts, inputs.batch, cache, None)?;
             }
-            let rows: Vec<usize> = inputs.rows.iter().map(|&r| r as usize).collect();
-            self.logits(backend, &acts, &rows)
+            let token_rows: Vec<usize> = inputs.rows.iter().map(|&r| r as usize).collect();
+            let logprobs = self.logits(backend, &acts, &token_rows)?;
+            let picks = match inputs.targets {
+                [] => None,
+                targets => {
+                    let mut picks = Tensor::zeros(2 * targets.len());
+                    backend.pick_rows(&logprobs, vocab, targets, &mut picks)?;
+                    Some(picks)
+                }
+            };
+            Ok(StepTensors { logprobs, picks })
         };
-        let rows: Vec<u32> = logit_rows.iter().map(|&r| r as u32).collect();
+        // Whole rows first, then the picked ones.
+        let whole = rows.whole.iter().map(|&r| r as u32);
+        let token_rows: Vec<u32> = whole
+            .chain(rows.picked.iter().map(|&(r, _)| r as u32))
+            .collect();
+        let targets: Vec<u32> = match rows.picked.is_empty() {
+            true => vec![],
+            false => std::iter::repeat_n(NO_TARGET, rows.whole.len())
+                .chain(rows.picked.iter().map(|&(_, t)| t))
+                .collect(),
+        };
         let inputs = StepInputs {
             tokens,
             batch,
-            rows: &rows,
+            rows: &token_rows,
+            targets: &targets,
             padding: 0,
         };
         match graphs {
-            Some(graphs) => graphs.run(backend, &inputs, kv, &mut step),
-            None => Ok(step(&inputs, kv)?.to_vec()?),
+            // A recorded step brings back one tensor: its rows all whole or all picked.
+            Some(graphs) if rows.whole.is_empty() || rows.picked.is_empty() => {
+                let back = graphs.run(backend, &inputs, kv, &mut step)?;
+                Ok(match rows.picked.is_empty() {
+                    true => StepOutput {
+                        whole: back,
+                        picks: vec![],
+                    },
+                    false => StepOutput {
+                        whole: vec![],
+                        picks: Pick::from_values(&back),
+                    },
+                })
+            }
+            _ => {
+                let out = step(&inputs, kv)?;
+                let whole = out.logprobs.first(rows.whole.len() * vocab)?;
+                let picks = match &out.picks {
+                    Some(p) => Pick::from_values(&p.to_vec()?[2 * rows.whole.len()..]),
+                    None => vec![],
+                };
+                Ok(StepOutput { whole, picks })
+            }
         }
     }
 
@@ -695,6 +744,23 @@ impl Model {
         backend.log_softmax(&mut logits, c.vocab_size)?;
         Ok(logits)
     }
+}
+
+/// The rows of log-probabilities a step brings back, by token row: whole, or picked (`(row,
+/// target)`: the value at `target`, or at the argmax for `NO_TARGET`, and the argmax; see
+/// `vellum_kernels::pick`), which on a GPU moves 8 bytes to the host instead of the row.
+#[derive(Debug, Clone, Default)]
+pub struct LogitRows {
+    pub whole: Vec<usize>,
+    pub picked: Vec<(usize, u32)>,
+}
+
+/// What a step brings back for its [`LogitRows`]: the whole rows (`[whole.len(), vocab]`)
+/// and the picks, each in the order asked.
+#[derive(Debug, Clone, Default)]
+pub struct StepOutput {
+    pub whole: Vec<f32>,
+    pub picks: Vec<Pick>,
 }
 
 /// A forward pass's activations over `t` tokens: the residual stream between layers and the

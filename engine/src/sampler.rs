@@ -62,6 +62,19 @@ macro_rules! setter {
 }
 
 impl SamplingParams {
+    /// Whether sampling needs the whole row of log-probabilities; if not, its token is the
+    /// row's argmax and only that is reported (`vellum_kernels::pick`): greedy, without
+    /// penalties or alternatives. Must agree with `sample`.
+    pub fn needs_whole_row(&self) -> bool {
+        self.temperature != 0.0 || self.penalised() || self.logprobs > 0
+    }
+
+    fn penalised(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+    }
+
     setter!(temperature: f32);
     setter!(top_k: i64);
     setter!(top_p: f32);
@@ -169,9 +182,7 @@ pub fn sample(
     output: &[u32],
     rng: &mut Rng,
 ) -> u32 {
-    let penalised = params.repetition_penalty != 1.0
-        || params.presence_penalty != 0.0
-        || params.frequency_penalty != 0.0;
+    let penalised = params.penalised();
     if !penalised && params.temperature == 0.0 {
         return argmax(logprobs); // greedy: no copy of the row
     }

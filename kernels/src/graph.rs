@@ -16,7 +16,7 @@
 //! computed but never brought back. Every op treats rows independently, so the real rows'
 //! values do not depend on the padding.
 
-use crate::BatchLayout;
+use crate::{BatchLayout, NO_TARGET};
 use std::any::Any;
 
 /// Block-table widths are rounded up to a multiple of this, so that a sequence growing by a
@@ -45,6 +45,8 @@ pub struct GraphKey {
     pub splits: u32,
     /// Columns of the block-table array (the longest table, rounded up).
     pub table_width: usize,
+    /// Whether the step brings back picked rows (`Backend::pick_rows`), not whole ones.
+    pub picks: bool,
 }
 
 /// What a decode step reads from the host: its tokens, their batch layout, and the rows of
@@ -55,6 +57,8 @@ pub struct StepInputs<'a> {
     pub tokens: &'a [u32],
     pub batch: &'a BatchLayout,
     pub rows: &'a [u32],
+    /// Each row's pick target (`Backend::pick_rows`); empty when the rows come back whole.
+    pub targets: &'a [u32],
     pub padding: usize,
 }
 
@@ -63,6 +67,7 @@ pub struct PaddedStep {
     tokens: Vec<u32>,
     batch: BatchLayout,
     rows: Vec<u32>,
+    targets: Vec<u32>,
     padding: usize,
 }
 
@@ -72,6 +77,7 @@ impl PaddedStep {
             tokens: &self.tokens,
             batch: &self.batch,
             rows: &self.rows,
+            targets: &self.targets,
             padding: self.padding,
         }
     }
@@ -79,8 +85,8 @@ impl PaddedStep {
 
 impl StepInputs<'_> {
     /// Whether this is a decode step: one token per sequence, each returning its row of
-    /// log-probabilities, in order. Only such steps are recorded (prefill chunks vary in
-    /// length from step to step).
+    /// log-probabilities (all whole or all picked), in order. Only such steps are recorded
+    /// (prefill chunks vary in length from step to step).
     pub fn is_decode(&self) -> bool {
         let b = self.batch;
         let n = self.tokens.len();
@@ -91,6 +97,7 @@ impl StepInputs<'_> {
             && b.seq_offsets.iter().enumerate().all(|(i, &o)| o == i)
             && self.rows.iter().enumerate().all(|(i, &r)| r as usize == i)
             && self.rows.len() == n
+            && (self.targets.is_empty() || self.targets.len() == n)
     }
 
     /// Rows of log-probabilities returned: those of the real sequences.
@@ -122,6 +129,10 @@ impl StepInputs<'_> {
                 context_lens,
             },
             rows: (0..seqs as u32).collect(),
+            targets: match self.targets {
+                [] => vec![],
+                t => more(t, NO_TARGET),
+            },
             padding: self.padding + pad,
         })
     }
@@ -140,14 +151,18 @@ impl StepInputs<'_> {
     /// that they do).
     pub fn arrays(&self, table_width: usize) -> Vec<(&'static str, Vec<u32>)> {
         let b = self.batch;
-        vec![
+        let mut arrays = vec![
             ("tokens", self.tokens.to_vec()),
             ("positions", b.positions.clone()),
             ("slot_mapping", b.slot_mapping.clone()),
             ("seq_of_token", b.seq_of_token()),
             ("block_tables", b.block_tables_with_width(table_width)),
             ("gathered_rows", self.rows.to_vec()),
-        ]
+        ];
+        if !self.targets.is_empty() {
+            arrays.push(("pick_targets", self.targets.to_vec()));
+        }
+        arrays
     }
 }
 
@@ -187,6 +202,7 @@ mod tests {
                 tokens: &tokens,
                 batch: &batch,
                 rows,
+                targets: &[],
                 padding: 0,
             }
             .is_decode()
@@ -200,9 +216,16 @@ mod tests {
             tokens: &tokens,
             batch: &prefill,
             rows: &[0, 1],
+            targets: &[],
             padding: 0,
         };
         assert!(!inputs.is_decode(), "two tokens of one sequence");
+        let some_picked = StepInputs {
+            batch: &batch,
+            targets: &[NO_TARGET],
+            ..inputs
+        };
+        assert!(!some_picked.is_decode(), "rows whole and picked");
     }
 
     #[test]
@@ -218,6 +241,7 @@ mod tests {
             tokens: &[3, 4, 5],
             batch: &batch,
             rows: &[0, 1, 2],
+            targets: &[NO_TARGET, NO_TARGET, 7],
             padding: 0,
         };
         let padded = inputs.padded(padded_seqs(3)).unwrap();
@@ -235,6 +259,7 @@ mod tests {
             (0, 1, &vec![0])
         );
         assert_eq!(p.rows, [0, 1, 2, 3]);
+        assert_eq!(p.targets, [NO_TARGET, NO_TARGET, 7, NO_TARGET]);
         assert!(
             inputs.padded(2).is_none(),
             "fewer sequences than the step's"
@@ -248,6 +273,7 @@ mod tests {
             tokens: &[3, 4],
             batch: &batch,
             rows: &[0, 1],
+            targets: &[],
             padding: 0,
         };
         assert_eq!(inputs.table_width(), TABLE_WIDTH_STEP);

@@ -17,8 +17,8 @@ pub mod weight;
 
 pub use attention::{BatchLayout, DevicePools, KvData, KvDtype, KvLayer};
 pub use device::Device;
-pub use pick::{Pick, NO_TARGET};
 pub use graph::{padded_seqs, GraphKey, PaddedStep, RecordedStep, StepInputs, PAD_SLOT};
+pub use pick::{Pick, NO_TARGET};
 pub use rope::{Rope, RopeScaling};
 pub use tensor::{DeviceTensor, Tensor};
 pub use weight::{DeviceCopy, QuantTarget, Weight, WeightData};

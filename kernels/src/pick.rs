@@ -58,7 +58,11 @@ pub fn argmax(v: &[f32]) -> u32 {
 
 /// `pick_rows` on the host: `out[2r..2r + 2]` = (value, argmax as f32) of row `r`.
 pub(crate) fn pick_rows_host(x: &[f32], width: usize, targets: &[u32], out: &mut [f32]) {
-    for ((o, row), &t) in out.chunks_exact_mut(2).zip(x.chunks_exact(width)).zip(targets) {
+    for ((o, row), &t) in out
+        .chunks_exact_mut(2)
+        .zip(x.chunks_exact(width))
+        .zip(targets)
+    {
         let best = argmax(row);
         let at = if t == NO_TARGET { best } else { t };
         o[0] = row[at as usize];
@@ -101,7 +105,19 @@ mod tests {
         let mut out = [0f32; 4];
         pick_rows_host(&x, 3, &[2, NO_TARGET], &mut out);
         let picks = Pick::from_values(&out);
-        assert_eq!(picks[0], Pick { logprob: -2.0, argmax: 1 });
-        assert_eq!(picks[1], Pick { logprob: -0.1, argmax: 0 });
+        assert_eq!(
+            picks[0],
+            Pick {
+                logprob: -2.0,
+                argmax: 1
+            }
+        );
+        assert_eq!(
+            picks[1],
+            Pick {
+                logprob: -0.1,
+                argmax: 0
+            }
+        );
     }
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 /// recognizes its own (by type and device, through `as_any`) and reads any through
 /// `download`.
 pub trait DeviceTensor: Any + Send + Sync {
-    /// Copies the values to the host (`out` has the tensor's length).
+    /// Copies the first `out.len()` values (at most the tensor's length) to the host.
     fn download(&self, out: &mut [f32]) -> Result<()>;
     fn as_any(&self) -> &dyn Any;
 }
@@ -54,6 +54,17 @@ impl Tensor {
 
     pub fn to_vec(&self) -> Result<Vec<f32>> {
         Ok(self.host()?.into_owned())
+    }
+
+    /// The first `n` values (at most the length), from a device copy only as far as them.
+    pub fn first(&self, n: usize) -> Result<Vec<f32>> {
+        let n = n.min(self.len());
+        if self.host_fresh {
+            return Ok(self.host[..n].to_vec());
+        }
+        let mut values = vec![0f32; n];
+        self.fresh_device().download(&mut values)?;
+        Ok(values)
     }
 
     /// The values on the host, to edit there: a device copy is brought back first, then
@@ -165,7 +176,7 @@ mod tests {
     impl DeviceTensor for FakeDevice {
         fn download(&self, out: &mut [f32]) -> Result<()> {
             self.downloads.fetch_add(1, Ordering::Relaxed);
-            out.copy_from_slice(&self.values.lock().unwrap());
+            out.copy_from_slice(&self.values.lock().unwrap()[..out.len()]);
             Ok(())
         }
         fn as_any(&self) -> &dyn Any {

@@ -9,8 +9,8 @@ use half::{bf16, f16};
 use vellum_kernels::cuda::runtime::Pod;
 use vellum_kernels::cuda::{Arg, DeviceBuffer, KernelRuntime, LaunchConfig};
 use vellum_kernels::{
-    cpu::Cpu, Backend, BatchLayout, KvData, KvDtype, KvLayer, QuantTarget, Rope, RopeScaling,
-    Pick, Tensor, Weight, NO_TARGET, PAD_SLOT,
+    cpu::Cpu, Backend, BatchLayout, KvData, KvDtype, KvLayer, Pick, QuantTarget, Rope, RopeScaling,
+    Tensor, Weight, NO_TARGET, PAD_SLOT,
 };
 use vellum_quant::{BlockFormat, DType};
 

@@ -141,6 +141,7 @@ impl CudaBackend {
             seqs: inputs.tokens.len(),
             splits: longest.div_ceil(self.split_keys),
             table_width: inputs.table_width(),
+            picks: !inputs.targets.is_empty(),
         })
     }
 
@@ -256,13 +257,7 @@ impl CudaBackend {
         }
         let row = step.output_len / inputs.rows.len().max(1);
         let mut out = vec![0f32; inputs.returned_rows() * row];
-        let output = self
-            .own_copy(&step.output)
-            .ok_or_else(|| KernelError::Unsupported {
-                op: "replay step",
-                detail: "the recorded output is not on this device".into(),
-            })?;
-        output.download_first(&mut out)?;
+        step.output.download(&mut out)?;
         Ok(Some(out))
     }
 
