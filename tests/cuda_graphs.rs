@@ -13,6 +13,7 @@ use vellum::kernels::cuda::caching::{Caching, DEFAULT_CACHE_BYTES};
 use vellum::kernels::cuda::counting::Counting;
 use vellum::kernels::cuda::emu::EmuRuntime;
 use vellum::kernels::cuda::{driver, CudaBackend, KernelRuntime};
+use vellum::kernels::pick::pick;
 use vellum::kernels::{BatchLayout, KvDtype, KvLayer, Pick, NO_TARGET};
 
 const BLOCK: usize = 4;
@@ -335,18 +336,37 @@ fn greedy_decode_steps_replay_with_picked_rows() {
             let rows = op_by_op.step_of(&[0, 1, 2], None);
             let want: Vec<Pick> = rows
                 .chunks_exact(vocab)
-                .map(|row| {
-                    let argmax = vellum::kernels::pick::argmax(row);
-                    Pick {
-                        logprob: row[argmax as usize],
-                        argmax,
-                    }
-                })
+                .map(|row| pick(row, NO_TARGET))
                 .collect();
             assert_eq!(got, want, "{device}, step {step}");
         }
         assert_eq!((graphs.stats.recorded, graphs.stats.replayed), (1, 2));
     }
+}
+
+/// A decode batch whose sequences sample differently (one needs its whole row, two only
+/// picks) replays too: its rows all come back whole, the picks taken from them on the host.
+#[test]
+fn decode_steps_with_whole_and_picked_rows_replay() {
+    let (device, new) = runtimes()[0];
+    let prompts = [20, 9, 33];
+    let mut graphed = Decoder::new(counted(new), &prompts);
+    let mut op_by_op = Decoder::new(counted(new), &prompts);
+    let vocab = graphed.model.config.vocab_size;
+    let mut graphs = StepGraphs::default();
+    let mixed = LogitRows {
+        whole: vec![1],
+        picked: vec![(0, NO_TARGET), (2, 7)],
+    };
+    for step in 0..4 {
+        let got = graphed.forward(&[0, 1, 2], &mixed, Some(&mut graphs));
+        let rows = op_by_op.step_of(&[0, 1, 2], None);
+        let row = |r: usize| &rows[r * vocab..(r + 1) * vocab];
+        assert!(same_bits(&got.whole, row(1)), "{device}, step {step}");
+        let want = [pick(row(0), NO_TARGET), pick(row(2), 7)];
+        assert_eq!(got.picks, want, "{device}, step {step}");
+    }
+    assert_eq!((graphs.stats.recorded, graphs.stats.replayed), (1, 2));
 }
 
 /// A recording whose KV pools moved (here: brought home for a host write) no longer

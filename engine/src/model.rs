@@ -8,8 +8,8 @@ use crate::tensors::{TensorFormat, TensorInfo, TensorStore};
 use half::{bf16, f16};
 use std::path::Path;
 use vellum_kernels::{
-    Backend, BatchLayout, KvDtype, KvLayer, MatmulPart, Pick, QuantTarget, Rope, StepInputs,
-    Tensor, Weight, WeightData, NO_TARGET,
+    pick::pick, Backend, BatchLayout, KvDtype, KvLayer, MatmulPart, Pick, QuantTarget, Rope,
+    StepInputs, Tensor, Weight, WeightData, NO_TARGET,
 };
 use vellum_quant::DType;
 
@@ -583,21 +583,41 @@ impl Model {
             padding: 0,
         };
         match graphs {
-            // A recorded step brings back one tensor: its rows all whole or all picked.
-            Some(graphs) if rows.whole.is_empty() || rows.picked.is_empty() => {
+            // A recorded step brings back one kind of row, in token order.
+            Some(graphs) if rows.whole.is_empty() => {
                 let back = graphs.run(backend, &inputs, kv, &mut step)?;
-                Ok(match rows.picked.is_empty() {
-                    true => StepOutput {
-                        whole: back,
-                        picks: vec![],
-                    },
-                    false => StepOutput {
-                        whole: vec![],
-                        picks: Pick::from_values(&back),
-                    },
+                Ok(StepOutput {
+                    whole: vec![],
+                    picks: Pick::from_values(&back),
                 })
             }
-            _ => {
+            Some(graphs) if rows.picked.is_empty() => Ok(StepOutput {
+                whole: graphs.run(backend, &inputs, kv, &mut step)?,
+                picks: vec![],
+            }),
+            Some(graphs) => {
+                // Whole and picked rows (sequences sampled differently): all come back whole,
+                // in token order, and the picks are taken from them here.
+                let mut order: Vec<usize> = rows.whole.clone();
+                order.extend(rows.picked.iter().map(|&(r, _)| r));
+                order.sort_unstable();
+                let token_rows: Vec<u32> = order.iter().map(|&r| r as u32).collect();
+                let inputs = StepInputs {
+                    rows: &token_rows,
+                    targets: &[],
+                    ..inputs
+                };
+                let back = graphs.run(backend, &inputs, kv, &mut step)?;
+                let row = |r: &usize| {
+                    let i = order.binary_search(r).unwrap_or_else(|i| i);
+                    &back[i * vocab..(i + 1) * vocab]
+                };
+                Ok(StepOutput {
+                    whole: rows.whole.iter().flat_map(row).copied().collect(),
+                    picks: rows.picked.iter().map(|(r, t)| pick(row(r), *t)).collect(),
+                })
+            }
+            None => {
                 let out = step(&inputs, kv)?;
                 let whole = out.logprobs.first(rows.whole.len() * vocab)?;
                 let picks = match &out.picks {

@@ -56,17 +56,24 @@ pub fn argmax(v: &[f32]) -> u32 {
     v.iter().position(|&x| x == max).unwrap_or(0) as u32
 }
 
+/// The pick of one row: its value at `target` (at its argmax for `NO_TARGET`; `target`
+/// within the row) and its argmax.
+pub fn pick(row: &[f32], target: u32) -> Pick {
+    let argmax = argmax(row);
+    let at = if target == NO_TARGET { argmax } else { target };
+    Pick {
+        logprob: row[at as usize],
+        argmax,
+    }
+}
+
 /// `pick_rows` on the host: `out[2r..2r + 2]` = (value, argmax as f32) of row `r`.
 pub(crate) fn pick_rows_host(x: &[f32], width: usize, targets: &[u32], out: &mut [f32]) {
-    for ((o, row), &t) in out
-        .chunks_exact_mut(2)
-        .zip(x.chunks_exact(width))
-        .zip(targets)
-    {
-        let best = argmax(row);
-        let at = if t == NO_TARGET { best } else { t };
-        o[0] = row[at as usize];
-        o[1] = best as f32;
+    let rows = x.chunks_exact(width);
+    for ((o, row), &t) in out.chunks_exact_mut(2).zip(rows).zip(targets) {
+        let p = pick(row, t);
+        o[0] = p.logprob;
+        o[1] = p.argmax as f32;
     }
 }
 

@@ -234,4 +234,19 @@ mod tests {
         assert!(u.device().is_none());
         assert_eq!(u.to_vec().unwrap(), vec![1.0, 2.0]);
     }
+
+    #[test]
+    fn the_first_values_come_from_wherever_they_are_fresh() {
+        let mut t = Tensor::zeros(3);
+        t.set_device(FakeDevice::new(vec![1.0, 2.0, 3.0]));
+        assert_eq!(t.first(2).unwrap(), vec![1.0, 2.0]);
+        assert_eq!(
+            t.first(9).unwrap(),
+            vec![1.0, 2.0, 3.0],
+            "at most the length"
+        );
+        assert_eq!(downloads(&t), 2);
+        let h = Tensor::from(vec![4.0, 5.0]);
+        assert_eq!(h.first(1).unwrap(), vec![4.0]);
+    }
 }
