@@ -100,6 +100,16 @@ run() {
         status+=("bench cuda:0 $q graphs $graphs|FAILED|see $out.log")
     done
   done
+  # Picked rows (8 bytes a row to the host) against whole rows picked on the host, int4,
+  # prompts scored: prefill brings back a row per prompt token, decode one per sequence.
+  local picks
+  for picks in device host; do
+    local flag=() out="$carry/bench-cuda-picks-$picks"
+    [[ "$picks" == host ]] && flag=(--picks-on-host)
+    "$carry/vellum" bench --shape smollm-135m --dtype bf16 --quant int4:sym "${flag[@]}" \
+      --device cuda:0 --prompt-logprobs --concurrency 1,64 --prompt-len 256 --gen-len 32 \
+      --json >"$out.json" 2>"$out.log" || status+=("bench cuda:0 picks $picks|FAILED|see $out.log")
+  done
   # Kernel bandwidth at the shapes (its own table, printed after the summary).
   "$carry/cuda_gemv" >"$carry/cuda_gemv.md" 2>"$carry/cuda_gemv.log" ||
     status+=("bench cuda_gemv|FAILED|see $carry/cuda_gemv.log")
@@ -123,6 +133,23 @@ for q in ("bf16", "int4", "int8"):
         off, on = t.get("off", 0), t.get("on", 0)
         gain = f"graphs {on / off:.2f}x" if off else ""
         print(f"| bench smollm-135m {q} cuda:0 x{c} | {off:.1f} tok/s, graphs {on:.1f} tok/s | {gain} |")
+runs = {}
+for picks in ("device", "host"):
+    try:
+        for line in open(f"{sys.argv[1]}/bench-cuda-picks-{picks}.json").read().splitlines():
+            r = json.loads(line)
+            runs.setdefault(r.get("concurrency"), {})[picks] = r
+    except OSError:
+        continue
+for c, r in sorted(runs.items()):
+    if len(r) < 2:
+        continue
+    d, h = r["device"], r["host"]
+    ratio = lambda k: d[k] / h[k] if h.get(k) else float("nan")
+    print(f"| bench int4 x{c}, prompts scored: picks on the device vs whole rows | "
+          f"prefill {d['prefill_tok_s']:.0f} vs {h['prefill_tok_s']:.0f} tok/s, decode "
+          f"{d['decode_tok_s']:.1f} vs {h['decode_tok_s']:.1f} tok/s | "
+          f"prefill {ratio('prefill_tok_s'):.2f}x, decode {ratio('decode_tok_s'):.2f}x |")
 PY
   echo
   cat "$carry/cuda_gemv.md" 2>/dev/null || true

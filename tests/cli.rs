@@ -211,11 +211,17 @@ fn bench_reports_every_level_as_json() {
     let mut int8 = args[..args.len() - 2].to_vec();
     int8[4] = "1";
     int8.extend(["--kv-dtype", "int8", "--repeat", "2"]);
+    // With the prompts scored, and the picked-rows baseline.
+    int8.extend(["--prompt-logprobs", "--picks-on-host"]);
     let (code, out, err) = vellum(&int8, "");
     assert_eq!(code, 0, "{err}");
     let level: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(level["kv_dtype"], "int8");
     assert_eq!(level["repeat"], 2);
+    assert_eq!(
+        (&level["prompt_logprobs"], &level["picks_on_host"]),
+        (&true.into(), &true.into())
+    );
     assert!(level["decode_tok_s"].as_f64().unwrap() > 0.0, "{level}");
     let (code, _, err) = vellum(&["bench", "--shape", "smollm-135m", "--repeat", "0"], "");
     assert!(code != 0 && err.contains("--repeat"), "{err}");

@@ -136,6 +136,7 @@ fn a_scored_prompt_moves_picks_not_rows() {
     let rows = LogitRows {
         whole: vec![t - 1],
         picked: (0..t - 1).map(|p| (p, tokens[p + 1])).collect(),
+        picks_on_host: false,
     };
     let mut kv = model.new_kv_cache(4, 16, KvDtype::F16);
     rt.take_downloaded();
@@ -247,27 +248,43 @@ fn parallel_samples_copy_device_written_blocks_on_the_emulated_cuda_backend() {
 }
 
 /// A greedy request without alternatives brings back picks, not its rows: the same tokens
-/// and log-probabilities as when alternatives make it bring back whole rows, on both
-/// backends.
+/// and log-probabilities as when alternatives make it bring back whole rows, or when every
+/// row comes back whole (`picks_on_host`), on both backends.
 #[test]
 fn greedy_tokens_are_the_same_picked_or_from_whole_rows() {
-    use vellum::engine::{Request, SamplingParams};
+    use vellum::engine::{Engine, EngineConfig, Request, SamplingParams};
     let dir = repo().join("tests/golden/models/llama_gqa");
     for device in [Device::Cpu, Device::CudaEmulator] {
-        let run = |logprobs: usize| {
-            let mut engine = engine_on(device, &dir, None, KvDtype::F16);
+        let run = |logprobs: usize, picks_on_host: bool| {
+            let mut engine = Engine::builder()
+                .device(device)
+                .model(&dir)
+                .config(EngineConfig {
+                    kv_cache_bytes: 4 << 20,
+                    picks_on_host,
+                    ..EngineConfig::default()
+                })
+                .build()
+                .unwrap();
             let params = SamplingParams::default()
                 .max_tokens(6)
                 .ignore_eos(true)
                 .logprobs(logprobs);
+            // Their prompts scored too: picked rows, or whole ones picked on the host.
             let requests = [9u32, 23]
-                .map(|len| Request::tokens((1..=len).collect(), params.clone()))
+                .map(|len| Request {
+                    prompt_logprobs: true,
+                    ..Request::tokens((1..=len).collect(), params.clone())
+                })
                 .into();
             engine.generate(requests).unwrap()
         };
-        let (picked, whole) = (run(0), run(2));
+        let (picked, whole, on_host) = (run(0, false), run(2, false), run(0, true));
         assert_eq!(picked.len(), 2);
-        for (a, b) in picked.iter().zip(&whole) {
+        for ((a, b), c) in picked.iter().zip(&whole).zip(&on_host) {
+            assert_eq!(a.logprobs, c.logprobs, "{device:?}: picked on the host");
+            assert_eq!(a.prompt_logprobs, c.prompt_logprobs, "{device:?}: prompt");
+            assert_eq!(a.prompt_is_greedy, c.prompt_is_greedy, "{device:?}");
             assert_eq!(a.tokens, b.tokens, "{device:?}");
             let bits = |c: &vellum::engine::Completion| -> Vec<u32> {
                 c.logprobs.iter().map(|l| l.logprob.to_bits()).collect()

@@ -110,7 +110,7 @@ impl Decoder {
     fn step_of(&mut self, seqs: &[usize], graphs: Option<&mut StepGraphs>) -> Vec<f32> {
         let rows = LogitRows {
             whole: (0..seqs.len()).collect(),
-            picked: vec![],
+            ..LogitRows::default()
         };
         self.forward(seqs, &rows, graphs).whole
     }
@@ -120,6 +120,7 @@ impl Decoder {
         let rows = LogitRows {
             whole: vec![],
             picked: (0..seqs.len()).map(|r| (r, NO_TARGET)).collect(),
+            picks_on_host: false,
         };
         self.forward(seqs, &rows, graphs).picks
     }
@@ -357,6 +358,7 @@ fn decode_steps_with_whole_and_picked_rows_replay() {
     let mixed = LogitRows {
         whole: vec![1],
         picked: vec![(0, NO_TARGET), (2, 7)],
+        picks_on_host: false,
     };
     for step in 0..4 {
         let got = graphed.forward(&[0, 1, 2], &mixed, Some(&mut graphs));

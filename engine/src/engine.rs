@@ -42,6 +42,10 @@ pub struct EngineConfig {
     /// Record decode steps and replay them as one launch (CUDA graphs) where the backend can:
     /// the same results, without a launch per op. Off by default until measured on GPUs.
     pub step_graphs: bool,
+    /// Bring every row of log-probabilities back whole, and pick greedy tokens and scored
+    /// prompt tokens from them on the host, as steps did before `Backend::pick_rows`: a
+    /// benchmark's baseline (`vellum bench --picks-on-host`), the same results.
+    pub picks_on_host: bool,
 }
 
 impl Default for EngineConfig {
@@ -54,6 +58,7 @@ impl Default for EngineConfig {
             max_seqs: 64,
             enable_prefix_caching: true,
             step_graphs: false,
+            picks_on_host: false,
         }
     }
 }
@@ -682,7 +687,10 @@ impl Engine {
         let mut tokens = Vec::new();
         // A prompt row scored and the next-token row of a greedy or scoring sequence need
         // only a pick; a sampled one needs its whole row.
-        let mut rows = LogitRows::default();
+        let mut rows = LogitRows {
+            picks_on_host: self.config.picks_on_host,
+            ..LogitRows::default()
+        };
         // Per scheduled sequence: what `advance` needs to find its rows in the step's output.
         let mut plan = Vec::with_capacity(batch.len());
         for &(id, chunk) in &batch {

@@ -515,7 +515,7 @@ impl Model {
     ) -> Result<Vec<f32>> {
         let rows = LogitRows {
             whole: logit_rows.to_vec(),
-            picked: vec![],
+            ..LogitRows::default()
         };
         Ok(self
             .forward_with_graphs(backend, tokens, batch, kv, &rows, None)?
@@ -582,8 +582,33 @@ impl Model {
             targets: &targets,
             padding: 0,
         };
+        let mixed = !rows.whole.is_empty() && !rows.picked.is_empty();
+        if rows.picks_on_host || (mixed && graphs.is_some()) {
+            // Every row comes back whole, in token order (a recorded step brings back one
+            // kind of row), and the picks are taken from them here.
+            let mut order: Vec<usize> = rows.whole.clone();
+            order.extend(rows.picked.iter().map(|&(r, _)| r));
+            order.sort_unstable();
+            let token_rows: Vec<u32> = order.iter().map(|&r| r as u32).collect();
+            let inputs = StepInputs {
+                rows: &token_rows,
+                targets: &[],
+                ..inputs
+            };
+            let back = match graphs {
+                Some(graphs) => graphs.run(backend, &inputs, kv, &mut step)?,
+                None => step(&inputs, kv)?.logprobs.to_vec()?,
+            };
+            let row = |r: &usize| {
+                let i = order.binary_search(r).unwrap_or_else(|i| i);
+                &back[i * vocab..(i + 1) * vocab]
+            };
+            return Ok(StepOutput {
+                whole: rows.whole.iter().flat_map(row).copied().collect(),
+                picks: rows.picked.iter().map(|(r, t)| pick(row(r), *t)).collect(),
+            });
+        }
         match graphs {
-            // A recorded step brings back one kind of row, in token order.
             Some(graphs) if rows.whole.is_empty() => {
                 let back = graphs.run(backend, &inputs, kv, &mut step)?;
                 Ok(StepOutput {
@@ -591,32 +616,10 @@ impl Model {
                     picks: Pick::from_values(&back),
                 })
             }
-            Some(graphs) if rows.picked.is_empty() => Ok(StepOutput {
+            Some(graphs) => Ok(StepOutput {
                 whole: graphs.run(backend, &inputs, kv, &mut step)?,
                 picks: vec![],
             }),
-            Some(graphs) => {
-                // Whole and picked rows (sequences sampled differently): all come back whole,
-                // in token order, and the picks are taken from them here.
-                let mut order: Vec<usize> = rows.whole.clone();
-                order.extend(rows.picked.iter().map(|&(r, _)| r));
-                order.sort_unstable();
-                let token_rows: Vec<u32> = order.iter().map(|&r| r as u32).collect();
-                let inputs = StepInputs {
-                    rows: &token_rows,
-                    targets: &[],
-                    ..inputs
-                };
-                let back = graphs.run(backend, &inputs, kv, &mut step)?;
-                let row = |r: &usize| {
-                    let i = order.binary_search(r).unwrap_or_else(|i| i);
-                    &back[i * vocab..(i + 1) * vocab]
-                };
-                Ok(StepOutput {
-                    whole: rows.whole.iter().flat_map(row).copied().collect(),
-                    picks: rows.picked.iter().map(|(r, t)| pick(row(r), *t)).collect(),
-                })
-            }
             None => {
                 let out = step(&inputs, kv)?;
                 let whole = out.logprobs.first(rows.whole.len() * vocab)?;
@@ -773,6 +776,9 @@ impl Model {
 pub struct LogitRows {
     pub whole: Vec<usize>,
     pub picked: Vec<(usize, u32)>,
+    /// Bring every row back whole and take the picks on the host: what steps did before
+    /// picked rows, a benchmark's baseline (`EngineConfig::picks_on_host`).
+    pub picks_on_host: bool,
 }
 
 /// What a step brings back for its [`LogitRows`]: the whole rows (`[whole.len(), vocab]`)

@@ -73,6 +73,14 @@ pub struct BenchArgs {
     /// Record decode steps and replay them (CUDA graphs; see `score --help`).
     #[arg(long)]
     step_graphs: bool,
+    /// Each request also reports its prompt's log-probabilities (as `vellum score` does):
+    /// prefill then brings back a pick (8 bytes) per prompt token.
+    #[arg(long)]
+    prompt_logprobs: bool,
+    /// Baseline: bring every row of log-probabilities back whole and pick greedy and scored
+    /// tokens on the host, as steps did before picked rows (the same results).
+    #[arg(long)]
+    picks_on_host: bool,
     /// Runs of each level; throughputs are their medians (llama-bench reports a median too).
     #[arg(long, default_value_t = 1)]
     repeat: usize,
@@ -119,12 +127,13 @@ struct Level {
     overhead_pct: f64,
 }
 
-/// Runs `c` requests of `prompt_len` random tokens, each decoding `gen_len` tokens.
+/// Runs `c` requests of `prompt_len` random tokens, each decoding `gen_len` tokens (and
+/// reporting its prompt's log-probabilities with `prompt_logprobs`).
 fn run_level(
     engine: &mut Engine,
     c: usize,
-    prompt_len: usize,
-    gen_len: usize,
+    (prompt_len, gen_len): (usize, usize),
+    prompt_logprobs: bool,
     read_bw: f64,
     rng: &mut Rng,
 ) -> Result<Level> {
@@ -141,7 +150,10 @@ fn run_level(
         let prompt = (0..prompt_len)
             .map(|_| (rng.next_u64() % vocab) as u32)
             .collect();
-        engine.add_request(Request::tokens(prompt, params.clone()))?;
+        engine.add_request(Request {
+            prompt_logprobs,
+            ..Request::tokens(prompt, params.clone())
+        })?;
     }
     let (mut all_first, mut decode_tokens, mut decode_steps, mut kv_tokens_read) =
         (None, 0usize, 0usize, 0usize);
@@ -261,6 +273,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         max_batched_tokens: a.max_batched_tokens,
         max_seqs: max_c.max(1),
         step_graphs: a.step_graphs,
+        picks_on_host: a.picks_on_host,
         ..EngineConfig::default()
     };
     let device = vellum_kernels::Device::parse(&a.device).map_err(|e| anyhow!("--device: {e}"))?;
@@ -270,14 +283,17 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     let read_bw = membw::read_bandwidth(512 << 20, 5);
     let mut rng = Rng::new(a.seed);
     // Warm-up: page in the weights and the pool.
-    run_level(&mut engine, 1, a.prompt_len.min(16), 4, read_bw, &mut rng)?;
+    let lens = (a.prompt_len.min(16), 4);
+    run_level(&mut engine, 1, lens, a.prompt_logprobs, read_bw, &mut rng)?;
     if !a.json {
         println!(
-            "model {name} | backend {backend_name} | threads {} | weights {:.1} MiB | KV {} | step graphs {} | read bandwidth {:.1} GB/s",
+            "model {name} | backend {backend_name} | threads {} | weights {:.1} MiB | KV {} | step graphs {} | picks {}{} | read bandwidth {:.1} GB/s",
             rayon::current_num_threads(),
             engine.model().weight_bytes() as f64 / (1 << 20) as f64,
             a.kv_dtype.name(),
             if a.step_graphs { "on" } else { "off" },
+            if a.picks_on_host { "on the host" } else { "on the device" },
+            if a.prompt_logprobs { " | prompt logprobs" } else { "" },
             read_bw / 1e9
         );
         println!(
@@ -295,7 +311,10 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     let mut levels = Vec::new();
     for &c in &a.concurrency {
         let runs = (0..a.repeat)
-            .map(|_| run_level(&mut engine, c, a.prompt_len, a.gen_len, read_bw, &mut rng))
+            .map(|_| {
+                let lens = (a.prompt_len, a.gen_len);
+                run_level(&mut engine, c, lens, a.prompt_logprobs, read_bw, &mut rng)
+            })
             .collect::<Result<Vec<_>>>()?;
         let l = median_level(runs);
         let p = |v: &[f64], q| percentile(v, q);
@@ -303,6 +322,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             let o = json!({
                 "model": name, "backend": backend_name, "threads": rayon::current_num_threads(),
                 "kv_dtype": a.kv_dtype.name(), "step_graphs": a.step_graphs,
+                "picks_on_host": a.picks_on_host, "prompt_logprobs": a.prompt_logprobs,
                 "concurrency": l.concurrency, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
                 "repeat": a.repeat,
                 "prefill_tok_s": l.prefill_tok_s, "decode_tok_s": l.decode_tok_s,
