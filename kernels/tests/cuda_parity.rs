@@ -112,6 +112,8 @@ fn add_rms_norm_matches_with_and_without_residual() {
     }
 }
 
+/// Dense matmuls: k where every row takes 16-byte loads (64, 576, 1000), where only f32's
+/// rows do (1004: a multiple of 4, not 8), and where none do (37, 65, 130).
 #[test]
 fn matmul_matches_for_odd_shapes_and_every_dense_type() {
     let cpu = Cpu::new();
@@ -122,6 +124,9 @@ fn matmul_matches_for_odd_shapes_and_every_dense_type() {
             (3, 64, 33),
             (9, 130, 7),
             (17, 65, 4),
+            (2, 576, 9),
+            (5, 1000, 3),
+            (3, 1004, 2),
         ] {
             let x = Tensor::from(rng.vec(rows * k));
             let values = rng.vec(n * k);
