@@ -1,6 +1,6 @@
 // Weight-quantized matmul on tensor cores (W4A16 / W8A16), for decode batches and prefill
 // alike: out[rows, n] = x[rows, k] · dequant(w)[n, k]ᵀ (+ bias), on the weight formats of
-// qmatmul.cu. A block computes BM rows × 64 columns. For each 64-value step of k
+// qmatmul.cu, and on dense f16 / bf16 weights (the gemm_wf16_* / gemm_wbf16_* kernels). A block computes BM rows × 64 columns. For each 64-value step of k
 // it stages x (rounded to f16) and its 64 weight columns (dequantized to f16) in shared
 // memory; each of its 4 warps then multiplies all BM rows by its own 16 columns with
 // m16n8k16 MMAs into f32 accumulators. The next step's global loads are issued before this
@@ -223,6 +223,47 @@ struct W8Loader {
   }
 };
 
+// Dense f16 or bf16 weights (k a multiple of 8, rows 16-byte aligned): thread tid holds
+// values 32 (tid % 2) .. of the step for column tid / 2, as four 16-byte pieces, and stores
+// them as f16 (bf16 rounded to nearest even, saturated to f16's range: weights are far
+// inside it, and an infinity would poison whole rows). A prefill or scoring step through a
+// dense layer or a tied LM head then runs on tensor cores, not through the warp-per-column
+// kernel that reads the weights once per 8 rows.
+template <class W> struct DenseLoader {
+  const W *w;
+  uint32_t k, n;
+  uint4 raw[4];
+
+  __device__ void load(uint32_t col0, uint32_t k0) {
+    uint32_t col = col0 + threadIdx.x / 2;
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      uint32_t kk = k0 + 32 * (threadIdx.x % 2) + 8 * p;
+      raw[p] = uint4{0, 0, 0, 0};
+      if (col < n && kk < k) raw[p] = *reinterpret_cast<const uint4 *>(w + (size_t)col * k + kk);
+    }
+  }
+  template <int BM> __device__ void store(GemmStage<BM> &s) const {
+    uint32_t *row = reinterpret_cast<uint32_t *>(&s.b[threadIdx.x / 2][32 * (threadIdx.x % 2)]);
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      uint32_t words[4] = {raw[p].x, raw[p].y, raw[p].z, raw[p].w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) row[4 * p + j] = f16_pair(words[j], (W *)nullptr);
+    }
+  }
+  // Two f16 values already: as they are.
+  __device__ static uint32_t f16_pair(uint32_t pair, f16 *) { return pair; }
+  // Two bf16 values: each to f16.
+  __device__ static uint32_t f16_pair(uint32_t pair, bf16 *) {
+    bf16 lo, hi;
+    lo.bits = (uint16_t)(pair & 0xffffu);
+    hi.bits = (uint16_t)(pair >> 16);
+    return pack_f16x2(fminf(fmaxf(to_f32(lo), -65504.0f), 65504.0f),
+                      fminf(fmaxf(to_f32(hi), -65504.0f), 65504.0f));
+  }
+};
+
 // A float from global memory through L2 only: values other blocks wrote in this launch
 // (the emulator has no caches to bypass).
 __device__ __forceinline__ float load_l2(const float *p) {
@@ -409,6 +450,19 @@ __device__ void gemm_part(const float *x, W w, GroupPart p, const float *bias, f
   const int8_t *q##i, const float *scales##i, const float *bias##i, float *out##i,           \
       uint32_t n##i, uint32_t chunk##i, uint32_t splits##i
 
+// A dense GEMM's kernel, `gemm_w{f16,bf16}...`: the quantized ones' parameters, without
+// scales (`group` is unused).
+#define QGEMM_DENSE(BM, NAME, ROWS_ARGS, ROWS, W)                                            \
+  extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm_w##W##NAME##_m##BM##_f32( \
+      ROWS_ARGS, const W *wd, const float *bias, float *out, uint32_t rows, uint32_t k,      \
+      uint32_t n, uint32_t group, uint32_t steps_per_chunk, float *sum_out,                  \
+      uint32_t *counters) {                                                                  \
+    DenseLoader<W> w{wd, k, n, {}};                                                          \
+    gemm<decltype(ROWS), BM>(ROWS, w, bias, out, rows, k, n, steps_per_chunk, sum_out,      \
+                             counters, grid_tile());                                         \
+  }                                                                                          \
+  VELLUM_EXPORT(gemm_w##W##NAME##_m##BM##_f32)
+
 // A comma inside one macro argument (a kernel's leading parameters).
 #define QGEMM_COMMA ,
 // A plain GEMM's kernels: `NAME` reads rows given by `ROWS_ARGS` as `ROWS`.
@@ -435,6 +489,12 @@ __device__ void gemm_part(const float *x, W w, GroupPart p, const float *bias, f
 #define QGEMM(BM)                                                                            \
   QGEMM_PLAIN(BM, , const float *x, (Rows{x}))                                               \
   QGEMM_PLAIN(BM, _silu, const float *gate QGEMM_COMMA const float *up, (SiluRows{gate, up})) \
+  QGEMM_DENSE(BM, , const float *x, (Rows{x}), f16)                                          \
+  QGEMM_DENSE(BM, , const float *x, (Rows{x}), bf16)                                         \
+  QGEMM_DENSE(BM, _silu, const float *gate QGEMM_COMMA const float *up, (SiluRows{gate, up}), \
+              f16)                                                                           \
+  QGEMM_DENSE(BM, _silu, const float *gate QGEMM_COMMA const float *up, (SiluRows{gate, up}), \
+              bf16)                                                                          \
   extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm3_w4_m##BM##_f32(          \
       const float *x, uint32_t rows, uint32_t k, uint32_t group, float *partials,            \
       uint32_t *counters, W4_PART_ARGS(0), W4_PART_ARGS(1), W4_PART_ARGS(2)) {               \

@@ -1,6 +1,6 @@
 //! Parity of the weight-quantized CUDA matmuls (W4A16, W8A16) with vellum-quant's reference
 //! dequantize and an f64 matmul, for every int4 group size and symmetry, GGUF Q4_0/Q4_1/Q8_0
-//! (repacked at upload) and per-channel int8, on shapes that are not multiples of the
+//! (repacked at upload) and per-channel int8, and dense f16/bf16 rows, on shapes that are not multiples of the
 //! kernels' tiles (k not a multiple of 256, n not of 128, a short last int4 group): the
 //! warp-per-column GEMV (`qmatmul.cu`) and the tensor-core GEMM (`qgemm.cu`, its MMAs
 //! emulated from the PTX fragment layout), split along k and not. Under the CPU emulator
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use vellum_kernels::cuda::emu::EmuRuntime;
 use vellum_kernels::cuda::{Arg, CudaBackend, DeviceBuffer, LaunchConfig};
 use vellum_kernels::{Backend, QuantTarget, Tensor, Weight, WeightData};
-use vellum_quant::{Int4Format, ScaleSearch};
+use vellum_quant::{DType, Int4Format, ScaleSearch};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -27,9 +27,11 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Every quantized format the kernels read, built from the same values.
+/// Every quantized format the kernels read, built from the same values, and the dense f16
+/// and bf16 rows the GEMM reads too.
 fn formats(n: usize, k: usize, v: &[f32]) -> Vec<Weight> {
     let dense = Weight::from_f32(n, k, v.to_vec()).unwrap();
+    let half_rows = [DType::F16, DType::BF16].map(|d| Weight::dense(n, k, d, v).unwrap());
     let mut out: Vec<Weight> = [
         "int8",
         "q8_0",
@@ -48,6 +50,7 @@ fn formats(n: usize, k: usize, v: &[f32]) -> Vec<Weight> {
             out.push(Weight::new(n, k, WeightData::Int4(f, d)).unwrap());
         }
     }
+    out.extend(half_rows);
     out
 }
 
@@ -321,7 +324,10 @@ fn grouped_gemm_matches_one_launch_per_weight() {
                     ws[0].format_name()
                 );
                 if b == 0 {
-                    assert_eq!(counted.take_launches(), 1, "{what}: one launch");
+                    // Dense rows have no grouped kernel: a launch each.
+                    let dense = matches!(ws[0].data, WeightData::F16(_) | WeightData::BF16(_));
+                    let launches = if dense { count } else { 1 };
+                    assert_eq!(counted.take_launches(), launches, "{what}: launches");
                 }
                 for (i, grouped) in outs.iter().enumerate() {
                     let mut alone = Tensor::zeros(grouped.len());

@@ -602,6 +602,12 @@ impl CudaBackend {
         let blocks = (n as u32).div_ceil(MATMUL_WARPS);
         let cfg = LaunchConfig::linear(blocks, MATMUL_WARPS * 32);
         let shape = [rows, k, n].map(|v| Arg::U32(v as u32));
+        let min_rows = self.gemm_min_rows.load(Ordering::Relaxed);
+        // No rows take the GEMV, which launches over columns and does nothing (a GEMM grid of
+        // zero row tiles would be a launch error).
+        if rows >= min_rows && self.rt.tensor_cores() && w.gemm_args(x, bias, out, k).is_some() {
+            return self.launch_gemm(w, (GemmRows::Plain(x), bias, out), (rows, k, n));
+        }
         let (kind, mut args, group) = match w.quantized_args(x, bias, out) {
             Ok(quantized) => quantized,
             Err(Dense(wb, ty)) => {
@@ -610,18 +616,12 @@ impl CudaBackend {
                 return self.launch("matmul", &format!("matmul_f32_{ty}"), cfg, &args);
             }
         };
-        let min_rows = self.gemm_min_rows.load(Ordering::Relaxed);
-        // No rows take the GEMV, which launches over columns and does nothing (a GEMM grid of
-        // zero row tiles would be a launch error).
-        if rows >= min_rows && self.rt.tensor_cores() {
-            return self.launch_gemm(w, (GemmRows::Plain(x), bias, out), (rows, k, n));
-        }
         args.extend(shape);
         args.push(Arg::U32(group));
         self.launch("qmatmul", &format!("matmul_{kind}_f32"), cfg, &args)
     }
 
-    /// The tensor-core matmul (`qgemm.cu`) of a quantized weight. k is summed in chunks
+    /// The tensor-core matmul (`qgemm.cu`) of a quantized weight, or a dense f16/bf16 one. k is summed in chunks
     /// sized by k and n alone (`gemm_chunks`); a decode batch (one tile of 16 rows) gives each
     /// chunk its own blocks (split-K), so that a small matrix still fills the device.
     fn launch_gemm<B: DeviceMem>(
@@ -648,10 +648,11 @@ impl CudaBackend {
             GemmRows::Plain(x) => (x, None, ""),
             GemmRows::SiluOf { gate, up } => (gate, Some(up), "_silu"),
         };
-        let Ok((kind, mut args, group)) = w.quantized_args(first, bias, dst) else {
+        let Some((kind, mut args, group)) = w.gemm_args(first, bias, dst, k) else {
             return Err(CudaError::Launch {
                 kernel: "gemm".into(),
-                detail: "dense weights have no tensor-core kernel".into(),
+                detail: "f32 weights, or rows not 16-byte aligned, have no tensor-core kernel"
+                    .into(),
             }
             .into());
         };
@@ -1015,7 +1016,9 @@ struct DeviceKv<B> {
 /// Dense rows and the kernel-name suffix of their type: what a matmul on them needs.
 struct Dense<'a, B>(&'a B, &'a str);
 /// See [`DeviceMatrix::quantized_args`].
-type QuantizedArgs<'a, B> = std::result::Result<(&'static str, Vec<Arg>, u32), Dense<'a, B>>;
+type QuantizedArgs<'a, B> = std::result::Result<GemmArgs, Dense<'a, B>>;
+/// A matmul kernel's name part, leading arguments and group size.
+type GemmArgs = (&'static str, Vec<Arg>, u32);
 
 impl<B: DeviceMem> DeviceMatrix<B> {
     /// For a quantized matrix, what its GEMV and GEMM kernels share: the name part (`w4`,
@@ -1039,6 +1042,25 @@ impl<B: DeviceMem> DeviceMatrix<B> {
                 scales,
                 group,
             } => Ok(("w8", vec![x, codes.arg(), scales.arg(), bias, out], *group)),
+        }
+    }
+
+    /// What the tensor-core GEMM's kernels take, as `quantized_args`, for a quantized
+    /// matrix or dense f16/bf16 rows of `k` values, 16-byte aligned (`wf16`, `wbf16`: no
+    /// scales, no group); `None` for f32 rows (the GEMM would round them to f16) and
+    /// unaligned ones.
+    fn gemm_args(&self, x: Arg, bias: Arg, out: Arg, k: usize) -> Option<GemmArgs> {
+        match self.quantized_args(x, bias, out) {
+            Ok(quantized) => Some(quantized),
+            Err(Dense(wb, ty)) if k.is_multiple_of(8) => {
+                let kind = match ty {
+                    "f16" => "wf16",
+                    "bf16" => "wbf16",
+                    _ => return None,
+                };
+                Some((kind, vec![x, wb.arg(), bias, out], 0))
+            }
+            Err(_) => None,
         }
     }
 }
@@ -1443,7 +1465,10 @@ impl Backend for CudaBackend {
             && self.rt.tensor_cores();
         if let Some(r) = self.resident(w).filter(|_| on_tensor_cores) {
             let matrix = self.matrix_of(r, w)?;
-            if !matches!(matrix, DeviceMatrix::Dense(..)) {
+            if matrix
+                .gemm_args(Arg::Ptr(0), Arg::Ptr(0), Arg::Ptr(0), k)
+                .is_some()
+            {
                 let (gd, ud) = (self.input(gate)?, self.input(up)?);
                 let x = GemmRows::SiluOf {
                     gate: gd.arg(),
