@@ -463,6 +463,22 @@ __device__ void gemm_part(const float *x, W w, GroupPart p, const float *bias, f
   }                                                                                          \
   VELLUM_EXPORT(gemm_w##W##NAME##_m##BM##_f32)
 
+// A grouped launch of dense rows (`gemm3_w{f16,bf16}_*`): as the quantized ones.
+#define DENSE_PART_ARGS(i, W)                                                                \
+  const W *w##i, const float *bias##i, float *out##i, uint32_t n##i, uint32_t chunk##i,      \
+      uint32_t splits##i
+#define QGEMM3_DENSE(BM, W)                                                                  \
+  extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gemm3_w##W##_m##BM##_f32(      \
+      const float *x, uint32_t rows, uint32_t k, uint32_t group, float *partials,            \
+      uint32_t *counters, DENSE_PART_ARGS(0, W), DENSE_PART_ARGS(1, W),                      \
+      DENSE_PART_ARGS(2, W)) {                                                               \
+    GROUP_PART();                                                                            \
+    const W *rows_of[3] = {w0, w1, w2};                                                      \
+    DenseLoader<W> w{rows_of[i], k, n[i], {}};                                               \
+    gemm_part<BM>(x, w, p, bias[i], out[i], partials, counters, rows, k, n[i], per_chunk[i]); \
+  }                                                                                          \
+  VELLUM_EXPORT(gemm3_w##W##_m##BM##_f32)
+
 // A comma inside one macro argument (a kernel's leading parameters).
 #define QGEMM_COMMA ,
 // A plain GEMM's kernels: `NAME` reads rows given by `ROWS_ARGS` as `ROWS`.
@@ -514,6 +530,8 @@ __device__ void gemm_part(const float *x, W w, GroupPart p, const float *bias, f
     W8Loader w{q[i], scales[i], k, n[i], group, {}, {}};                                     \
     gemm_part<BM>(x, w, p, bias[i], out[i], partials, counters, rows, k, n[i], per_chunk[i]); \
   }                                                                                          \
-  VELLUM_EXPORT(gemm3_w8_m##BM##_f32)
+  VELLUM_EXPORT(gemm3_w8_m##BM##_f32)                                                        \
+  QGEMM3_DENSE(BM, f16)                                                                      \
+  QGEMM3_DENSE(BM, bf16)
 QGEMM(16)
 QGEMM(64)

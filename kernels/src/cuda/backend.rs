@@ -702,10 +702,10 @@ impl CudaBackend {
         }
     }
 
-    /// Two or three quantized matmuls of the same input (Q, K and V; gate and up) as one
-    /// grouped tensor-core launch (`gemm3_*` in qgemm.cu), each part with its own plan, so
-    /// the same bits as one launch each. `None` when the parts do not qualify (not all
-    /// prepared here in one quantized form, or not on the GEMM path): the caller runs them
+    /// Two or three quantized (or dense f16/bf16) matmuls of the same input (Q, K and V;
+    /// gate and up) as one grouped tensor-core launch (`gemm3_*` in qgemm.cu), each part
+    /// with its own plan, so the same bits as one launch each. `None` when the parts do not
+    /// qualify (not all prepared here in one form, or not on the GEMM path): the caller runs them
     /// one by one.
     fn grouped_gemm(&self, x: &Tensor, parts: &mut [MatmulPart]) -> Result<Option<()>> {
         let Some(first) = parts.first() else {
@@ -728,7 +728,10 @@ impl CudaBackend {
         let form = |m: &DeviceMatrix<OwnedBuffer>| match m {
             DeviceMatrix::Int4 { mins, group, .. } => Some(("w4", *group, mins.is_some())),
             DeviceMatrix::Int8 { group, .. } => Some(("w8", *group, false)),
-            DeviceMatrix::Dense(..) => None,
+            DeviceMatrix::Dense(..) => {
+                let (kind, _, _) = m.gemm_args(Arg::Ptr(0), Arg::Ptr(0), Arg::Ptr(0), k)?;
+                Some((kind, 0, false))
+            }
         };
         let Some(kind) = form(matrices[0]) else {
             return Ok(None);
@@ -784,8 +787,13 @@ impl CudaBackend {
                     mins.as_ref().map_or(Arg::Ptr(0), |m| m.arg()),
                 ],
                 Some(DeviceMatrix::Int8 { codes, scales, .. }) => vec![codes.arg(), scales.arg()],
-                _ if kind.0 == "w4" => vec![Arg::Ptr(0); 3],
-                _ => vec![Arg::Ptr(0); 2],
+                Some(DeviceMatrix::Dense(rows, _)) => vec![rows.arg()],
+                // A missing third part: as many null arrays as a part of this kind has.
+                _ => match kind.0 {
+                    "w4" => vec![Arg::Ptr(0); 3],
+                    "w8" => vec![Arg::Ptr(0); 2],
+                    _ => vec![Arg::Ptr(0)],
+                },
             };
             let bias = biases
                 .get(i)
