@@ -390,12 +390,13 @@ fn activations_stay_on_the_device_from_op_to_op() {
         assert_eq!(rt.take_downloaded(), 0, "nothing comes back unasked");
         let (res, out) = (res.to_vec().unwrap(), out.to_vec().unwrap());
         assert_eq!(rt.take_downloaded(), 2 * t * h * 4, "what the host reads");
+        // The f16 weights' matmuls run on the tensor-core GEMM, whose operands are f16.
         for (what, got, want) in [("residual", &res, &want_res), ("norm", &out, &want_out)] {
             let err = got
                 .iter()
                 .zip(want)
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(err < 1e-4, "{what}: {err} from the CPU's");
+            assert!(err < 1e-2, "{what}: {err} from the CPU's");
         }
         block(&be, &up, &down);
         assert_eq!(
