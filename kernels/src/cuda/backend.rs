@@ -602,10 +602,7 @@ impl CudaBackend {
         let blocks = (n as u32).div_ceil(MATMUL_WARPS);
         let cfg = LaunchConfig::linear(blocks, MATMUL_WARPS * 32);
         let shape = [rows, k, n].map(|v| Arg::U32(v as u32));
-        let min_rows = self.gemm_min_rows.load(Ordering::Relaxed);
-        // No rows take the GEMV, which launches over columns and does nothing (a GEMM grid of
-        // zero row tiles would be a launch error).
-        if rows >= min_rows && self.rt.tensor_cores() && w.gemm_args(x, bias, out, k).is_some() {
+        if self.on_gemm(rows) && w.gemm_kind(k).is_some() {
             return self.launch_gemm(w, (GemmRows::Plain(x), bias, out), (rows, k, n));
         }
         let (kind, mut args, group) = match w.quantized_args(x, bias, out) {
@@ -619,6 +616,13 @@ impl CudaBackend {
         args.extend(shape);
         args.push(Arg::U32(group));
         self.launch("qmatmul", &format!("matmul_{kind}_f32"), cfg, &args)
+    }
+
+    /// Whether a matmul of `rows` rows takes the tensor-core GEMM (where its weight has one,
+    /// `DeviceMatrix::gemm_kind`). No rows take the GEMV, which launches over columns and does
+    /// nothing (a GEMM grid of zero row tiles would be a launch error).
+    fn on_gemm(&self, rows: usize) -> bool {
+        rows > 0 && rows >= self.gemm_min_rows.load(Ordering::Relaxed) && self.rt.tensor_cores()
     }
 
     /// The tensor-core matmul (`qgemm.cu`) of a quantized weight, or a dense f16/bf16 one. k is summed in chunks
@@ -713,8 +717,7 @@ impl CudaBackend {
         };
         let k = first.w.cols;
         let rows = x.len() / k.max(1);
-        let gemm = rows >= self.gemm_min_rows.load(Ordering::Relaxed) && self.rt.tensor_cores();
-        if !gemm || !(2..=3).contains(&parts.len()) || rows == 0 {
+        if !self.on_gemm(rows) || !(2..=3).contains(&parts.len()) {
             return Ok(None);
         }
         let mut matrices = Vec::with_capacity(3);
@@ -728,10 +731,7 @@ impl CudaBackend {
         let form = |m: &DeviceMatrix<OwnedBuffer>| match m {
             DeviceMatrix::Int4 { mins, group, .. } => Some(("w4", *group, mins.is_some())),
             DeviceMatrix::Int8 { group, .. } => Some(("w8", *group, false)),
-            DeviceMatrix::Dense(..) => {
-                let (kind, _, _) = m.gemm_args(Arg::Ptr(0), Arg::Ptr(0), Arg::Ptr(0), k)?;
-                Some((kind, 0, false))
-            }
+            DeviceMatrix::Dense(..) => m.gemm_kind(k).map(|kind| (kind, 0, false)),
         };
         let Some(kind) = form(matrices[0]) else {
             return Ok(None);
@@ -1058,17 +1058,22 @@ impl<B: DeviceMem> DeviceMatrix<B> {
     /// scales, no group); `None` for f32 rows (the GEMM would round them to f16) and
     /// unaligned ones.
     fn gemm_args(&self, x: Arg, bias: Arg, out: Arg, k: usize) -> Option<GemmArgs> {
+        let kind = self.gemm_kind(k)?;
         match self.quantized_args(x, bias, out) {
             Ok(quantized) => Some(quantized),
-            Err(Dense(wb, ty)) if k.is_multiple_of(8) => {
-                let kind = match ty {
-                    "f16" => "wf16",
-                    "bf16" => "wbf16",
-                    _ => return None,
-                };
-                Some((kind, vec![x, wb.arg(), bias, out], 0))
-            }
-            Err(_) => None,
+            Err(Dense(wb, _)) => Some((kind, vec![x, wb.arg(), bias, out], 0)),
+        }
+    }
+
+    /// The name part of the GEMM kernels that read this matrix (rows of `k` values), if any
+    /// do: see `gemm_args`.
+    fn gemm_kind(&self, k: usize) -> Option<&'static str> {
+        match self {
+            DeviceMatrix::Int4 { .. } => Some("w4"),
+            DeviceMatrix::Int8 { .. } => Some("w8"),
+            DeviceMatrix::Dense(_, "f16") if k.is_multiple_of(8) => Some("wf16"),
+            DeviceMatrix::Dense(_, "bf16") if k.is_multiple_of(8) => Some("wbf16"),
+            DeviceMatrix::Dense(..) => None,
         }
     }
 }
@@ -1456,7 +1461,7 @@ impl Backend for CudaBackend {
 
     /// On tensor cores, one launch (`gemm_*_silu_*`) that computes silu(gate) · up as it
     /// loads its rows: the same bits as the two ops. `gate` keeps its input. Otherwise (the
-    /// GEMV, dense or unprepared weights) the two ops.
+    /// GEMV, f32 or unprepared weights) the two ops.
     fn silu_mul_matmul(
         &self,
         gate: &mut Tensor,
@@ -1467,16 +1472,9 @@ impl Backend for CudaBackend {
         shapes::silu_mul(gate, up)?;
         let (k, n) = (w.cols, w.rows);
         let rows = shapes::matmul(gate, w, None, out)?;
-        let on_tensor_cores = rows > 0
-            && n > 0
-            && rows >= self.gemm_min_rows.load(Ordering::Relaxed)
-            && self.rt.tensor_cores();
-        if let Some(r) = self.resident(w).filter(|_| on_tensor_cores) {
+        if let Some(r) = self.resident(w).filter(|_| n > 0 && self.on_gemm(rows)) {
             let matrix = self.matrix_of(r, w)?;
-            if matrix
-                .gemm_args(Arg::Ptr(0), Arg::Ptr(0), Arg::Ptr(0), k)
-                .is_some()
-            {
+            if matrix.gemm_kind(k).is_some() {
                 let (gd, ud) = (self.input(gate)?, self.input(up)?);
                 let x = GemmRows::SiluOf {
                     gate: gd.arg(),
