@@ -90,9 +90,35 @@ fn pool_handoff(c: &mut Criterion) {
     g.finish();
 }
 
+/// The host sampler over a SmolLM2-sized row (49,152 log-probabilities), per sequence per
+/// step, against its floor measured in the same run: one argmax pass over the row (greedy).
+fn sampler(c: &mut Criterion) {
+    use vellum_engine::sampler::{argmax, sample, Rng, SamplingParams};
+    let vocab = 49_152;
+    // A peaked, ragged row like a language model's: a few likely tokens, a long tail.
+    let row: Vec<f32> = (0..vocab)
+        .map(|i| -((i * 2_654_435_761usize % 100_003) as f32 / 2_000.0) - 0.5)
+        .collect();
+    let mut g = c.benchmark_group("sample");
+    g.bench_function("cpu/argmax/vocab49152", |b| b.iter(|| argmax(&row)));
+    let t = || SamplingParams::default().temperature(0.8);
+    for (name, params) in [
+        ("temperature", t()),
+        ("top_p0.95", t().top_p(0.95)),
+        ("top_k40", t().top_k(40)),
+        ("top_k40_top_p0.95", t().top_k(40).top_p(0.95)),
+    ] {
+        let mut rng = Rng::new(1);
+        g.bench_function(format!("cpu/{name}/vocab49152"), |b| {
+            b.iter(|| sample(&row, &params, &[], &[], &mut rng))
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(2));
-    targets = read_bandwidth, matmul, pool_handoff
+    targets = read_bandwidth, matmul, pool_handoff, sampler
 }
 criterion_main!(benches);
