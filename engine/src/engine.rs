@@ -13,6 +13,7 @@ use crate::loader::Checkpoint;
 use crate::model::{LogitRows, Model};
 use crate::sampler::{sample, top_k, Rng, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
+use rayon::prelude::*;
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::path::Path;
@@ -184,6 +185,12 @@ struct Sequence {
 }
 
 impl Sequence {
+    /// Takes a token drawn for it (`draw`): its random stream moves past the draw.
+    fn accept(&mut self, drawn: Drawn) -> TokenLogprob {
+        self.rng = drawn.rng;
+        drawn.token
+    }
+
     fn len(&self) -> usize {
         self.req.prompt.len() + self.output.len()
     }
@@ -741,11 +748,27 @@ impl Engine {
         })?;
         self.stats.forward_ns += forward_start.elapsed().as_nanos() as u64;
         let vocab = self.model.config.vocab_size;
+        let whole_row = |r: usize| &out.whole[r * vocab..(r + 1) * vocab];
+        // Draws from whole rows on the pool's threads, a sequence each: a draw over a whole
+        // vocabulary takes most of a millisecond (`sampler::ranked`), and a step may hold
+        // hundreds. Samples about to split off (`n > 1`) draw in `emit`, from their own rows.
+        let mut drawn: Vec<Option<Drawn>> = plan
+            .par_iter()
+            .map(|planned| {
+                let Some(NextRowAt::Whole(r)) = planned.next else {
+                    return None;
+                };
+                let seq = &self.seqs[&planned.id];
+                let forks = !seq.forked && seq.req.params.n > 1;
+                (!forks && !seq.req.score_only).then(|| draw(whole_row(r), seq))
+            })
+            .collect();
         let mut outputs = Vec::with_capacity(plan.len());
-        for planned in plan {
-            let next = planned.next.map(|at| match at {
-                NextRowAt::Whole(r) => Next::Whole(&out.whole[r * vocab..(r + 1) * vocab]),
-                NextRowAt::Picked(i) => Next::Picked(out.picks[i]),
+        for (planned, drawn) in plan.into_iter().zip(&mut drawn) {
+            let next = planned.next.map(|at| match (at, drawn.take()) {
+                (NextRowAt::Whole(_), Some(d)) => Next::Drawn(d),
+                (NextRowAt::Whole(r), None) => Next::Whole(whole_row(r)),
+                (NextRowAt::Picked(i), _) => Next::Picked(out.picks[i]),
             });
             let prompt_picks = &out.picks[planned.prompt_picks.clone()];
             outputs.extend(self.advance(&planned, prompt_picks, next));
@@ -787,7 +810,9 @@ impl Engine {
             seq.forked = true;
             sids.extend(self.fork_samples(sid));
         }
-        sids.into_iter().map(|s| self.emit(s, next)).collect()
+        sids.into_iter()
+            .map(|s| self.emit(s, next.clone()))
+            .collect()
     }
 
     /// Splits samples 1..n off sample 0 of a request whose prompt just completed.
@@ -846,16 +871,12 @@ impl Engine {
         if seq.req.score_only {
             out.finish_reason = Some(FinishReason::Scored);
         } else {
-            let params = &seq.req.params;
             let new = match next {
                 Next::Whole(dist) => {
-                    let token = sample(dist, params, &seq.req.prompt, &seq.output, &mut seq.rng);
-                    TokenLogprob {
-                        token,
-                        logprob: dist[token as usize],
-                        top: top_k(dist, params.logprobs),
-                    }
+                    let drawn = draw(dist, seq);
+                    seq.accept(drawn)
                 }
+                Next::Drawn(drawn) => seq.accept(drawn),
                 // The greedy token: what `sample` takes from a whole row.
                 Next::Picked(pick) => TokenLogprob {
                     token: pick.argmax,
@@ -1103,10 +1124,35 @@ impl NextRowAt {
     }
 }
 
-/// A sequence's next-token row: whole, or picked (greedy without penalties or alternatives,
-/// and scoring sequences: `SamplingParams::needs_whole_row`).
-#[derive(Clone, Copy)]
+/// A sequence's next-token row: whole, or its token drawn from it already, or picked
+/// (greedy without penalties or alternatives, and scoring sequences:
+/// `SamplingParams::needs_whole_row`).
+#[derive(Clone)]
 enum Next<'a> {
     Whole(&'a [f32]),
+    Drawn(Drawn),
     Picked(Pick),
+}
+
+/// A token drawn from a sequence's whole row, and the sequence's random stream after it.
+#[derive(Clone)]
+struct Drawn {
+    token: TokenLogprob,
+    rng: Rng,
+}
+
+/// Draws `seq`'s next token from its whole row, leaving `seq` as it is (`Sequence::accept`
+/// takes the draw): draws of different sequences can run at once.
+fn draw(dist: &[f32], seq: &Sequence) -> Drawn {
+    let params = &seq.req.params;
+    let mut rng = seq.rng.clone();
+    let token = sample(dist, params, &seq.req.prompt, &seq.output, &mut rng);
+    Drawn {
+        token: TokenLogprob {
+            token,
+            logprob: dist[token as usize],
+            top: top_k(dist, params.logprobs),
+        },
+        rng,
+    }
 }

@@ -81,6 +81,10 @@ pub struct BenchArgs {
     /// tokens on the host, as steps did before picked rows (the same results).
     #[arg(long)]
     picks_on_host: bool,
+    /// Sample each decoded token at this temperature (0: greedy, the default), from the whole
+    /// vocabulary: the host sampler's cost shows in "sched %".
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
     /// Runs of each level; throughputs are their medians (llama-bench reports a median too).
     #[arg(long, default_value_t = 1)]
     repeat: usize,
@@ -127,20 +131,31 @@ struct Level {
     overhead_pct: f64,
 }
 
+/// What each request of a level asks for besides its lengths.
+struct Asks {
+    prompt_logprobs: bool,
+    temperature: f32,
+}
+
 /// Runs `c` requests of `prompt_len` random tokens, each decoding `gen_len` tokens (and
 /// reporting its prompt's log-probabilities with `prompt_logprobs`).
 fn run_level(
     engine: &mut Engine,
     c: usize,
     (prompt_len, gen_len): (usize, usize),
-    prompt_logprobs: bool,
+    asks: &Asks,
     read_bw: f64,
     rng: &mut Rng,
 ) -> Result<Level> {
     let vocab = engine.model().config.vocab_size as u64;
-    let params = SamplingParams::default()
+    let mut params = SamplingParams::default()
         .max_tokens(gen_len)
+        .temperature(asks.temperature)
         .ignore_eos(true);
+    if asks.temperature != 0.0 {
+        // Reproducible draws; greedy runs keep the prompts they had before `--temperature`.
+        params = params.seed(rng.next_u64());
+    }
     let stats_before = engine.stats.clone();
     let start = Instant::now();
     let mut last_token: HashMap<u64, Instant> = HashMap::new();
@@ -151,7 +166,7 @@ fn run_level(
             .map(|_| (rng.next_u64() % vocab) as u32)
             .collect();
         engine.add_request(Request {
-            prompt_logprobs,
+            prompt_logprobs: asks.prompt_logprobs,
             ..Request::tokens(prompt, params.clone())
         })?;
     }
@@ -284,16 +299,24 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     let mut rng = Rng::new(a.seed);
     // Warm-up: page in the weights and the pool.
     let lens = (a.prompt_len.min(16), 4);
-    run_level(&mut engine, 1, lens, a.prompt_logprobs, read_bw, &mut rng)?;
+    let asks = Asks {
+        prompt_logprobs: a.prompt_logprobs,
+        temperature: a.temperature,
+    };
+    run_level(&mut engine, 1, lens, &asks, read_bw, &mut rng)?;
     if !a.json {
         println!(
-            "model {name} | backend {backend_name} | threads {} | weights {:.1} MiB | KV {} | step graphs {} | picks {}{} | read bandwidth {:.1} GB/s",
+            "model {name} | backend {backend_name} | threads {} | weights {:.1} MiB | KV {} | step graphs {} | picks {}{}{} | read bandwidth {:.1} GB/s",
             rayon::current_num_threads(),
             engine.model().weight_bytes() as f64 / (1 << 20) as f64,
             a.kv_dtype.name(),
             if a.step_graphs { "on" } else { "off" },
             if a.picks_on_host { "on the host" } else { "on the device" },
             if a.prompt_logprobs { " | prompt logprobs" } else { "" },
+            match a.temperature {
+                0.0 => String::new(),
+                t => format!(" | temperature {t}"),
+            },
             read_bw / 1e9
         );
         println!(
@@ -313,7 +336,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         let runs = (0..a.repeat)
             .map(|_| {
                 let lens = (a.prompt_len, a.gen_len);
-                run_level(&mut engine, c, lens, a.prompt_logprobs, read_bw, &mut rng)
+                run_level(&mut engine, c, lens, &asks, read_bw, &mut rng)
             })
             .collect::<Result<Vec<_>>>()?;
         let l = median_level(runs);
@@ -322,7 +345,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             let o = json!({
                 "model": name, "backend": backend_name, "threads": rayon::current_num_threads(),
                 "kv_dtype": a.kv_dtype.name(), "step_graphs": a.step_graphs,
-                "picks_on_host": a.picks_on_host, "prompt_logprobs": a.prompt_logprobs,
+                "picks_on_host": a.picks_on_host, "prompt_logprobs": a.prompt_logprobs, "temperature": a.temperature,
                 "concurrency": l.concurrency, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
                 "repeat": a.repeat,
                 "prefill_tok_s": l.prefill_tok_s, "decode_tok_s": l.decode_tok_s,
