@@ -211,8 +211,13 @@ fn bench_reports_every_level_as_json() {
     let mut int8 = args[..args.len() - 2].to_vec();
     int8[4] = "1";
     int8.extend(["--kv-dtype", "int8", "--repeat", "2"]);
-    // With the prompts scored, and the picked-rows baseline.
-    int8.extend(["--prompt-logprobs", "--picks-on-host"]);
+    // With the prompts scored, the picked-rows baseline, and tokens drawn at a temperature.
+    int8.extend([
+        "--prompt-logprobs",
+        "--picks-on-host",
+        "--temperature",
+        "0.75",
+    ]);
     let (code, out, err) = vellum(&int8, "");
     assert_eq!(code, 0, "{err}");
     let level: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
@@ -222,9 +227,12 @@ fn bench_reports_every_level_as_json() {
         (&level["prompt_logprobs"], &level["picks_on_host"]),
         (&true.into(), &true.into())
     );
+    assert_eq!(level["temperature"], 0.75);
     assert!(level["decode_tok_s"].as_f64().unwrap() > 0.0, "{level}");
     let (code, _, err) = vellum(&["bench", "--shape", "smollm-135m", "--repeat", "0"], "");
     assert!(code != 0 && err.contains("--repeat"), "{err}");
+    let (code, _, err) = vellum(&["bench", "--shape", "smollm-135m", "--temperature=-1"], "");
+    assert!(code != 0 && err.contains("--temperature -1"), "{err}");
     let (code, _, err) = vellum(&["bench", "--shape", "gpt-9"], "");
     assert_ne!(code, 0);
     assert!(err.contains("unknown"), "{err}");

@@ -244,6 +244,12 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     {
         bail!("--concurrency levels, --prompt-len, --gen-len and --repeat must all be at least 1");
     }
+    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
+        bail!(
+            "--temperature {}: must be 0 (greedy) or positive",
+            a.temperature
+        );
+    }
     let (model, name) = match (&a.model, &a.shape) {
         (Some(p), None) => {
             let ck = vellum_engine::Checkpoint::open(p)?;
