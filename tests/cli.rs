@@ -217,6 +217,8 @@ fn bench_reports_every_level_as_json() {
         "--picks-on-host",
         "--temperature",
         "0.75",
+        "--top-k",
+        "5",
     ]);
     let (code, out, err) = vellum(&int8, "");
     assert_eq!(code, 0, "{err}");
@@ -227,12 +229,20 @@ fn bench_reports_every_level_as_json() {
         (&level["prompt_logprobs"], &level["picks_on_host"]),
         (&true.into(), &true.into())
     );
-    assert_eq!(level["temperature"], 0.75);
+    assert_eq!(
+        (&level["temperature"], &level["top_k"]),
+        (&0.75.into(), &5.into())
+    );
     assert!(level["decode_tok_s"].as_f64().unwrap() > 0.0, "{level}");
     let (code, _, err) = vellum(&["bench", "--shape", "smollm-135m", "--repeat", "0"], "");
     assert!(code != 0 && err.contains("--repeat"), "{err}");
     let (code, _, err) = vellum(&["bench", "--shape", "smollm-135m", "--temperature=-1"], "");
     assert!(code != 0 && err.contains("--temperature -1"), "{err}");
+    let (code, _, err) = vellum(&["bench", "--shape", "smollm-135m", "--top-k", "5"], "");
+    assert!(
+        code != 0 && err.contains("--top-k 5 needs a --temperature"),
+        "{err}"
+    );
     let (code, _, err) = vellum(&["bench", "--shape", "gpt-9"], "");
     assert_ne!(code, 0);
     assert!(err.contains("unknown"), "{err}");

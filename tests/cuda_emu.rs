@@ -136,7 +136,7 @@ fn a_scored_prompt_moves_picks_not_rows() {
     let rows = LogitRows {
         whole: vec![t - 1],
         picked: (0..t - 1).map(|p| (p, tokens[p + 1])).collect(),
-        picks_on_host: false,
+        ..LogitRows::default()
     };
     let mut kv = model.new_kv_cache(4, 16, KvDtype::F16);
     rt.take_downloaded();
@@ -162,6 +162,108 @@ fn a_scored_prompt_moves_picks_not_rows() {
             vellum::kernels::pick::argmax(row),
         );
         assert_eq!((pick.logprob, pick.argmax), want, "row {p}");
+    }
+}
+
+/// A row drawn within `top_k` (or greedy with alternatives) brings back its pick and its `k`
+/// ranked candidates (8 bytes each), not its row: those of the whole row.
+#[test]
+fn a_ranked_row_moves_its_candidates_not_the_row() {
+    use vellum::engine::model::LogitRows;
+    use vellum::kernels::pick::top_pairs;
+    use vellum::kernels::NO_TARGET;
+    let (model, rt, cuda, tokens, batch) = counted_prompt();
+    let (t, vocab, k) = (tokens.len(), model.config.vocab_size, 7);
+    let rows = LogitRows {
+        picked: vec![(t - 1, NO_TARGET), (2, NO_TARGET)],
+        ranked: vec![0, 1],
+        top: k,
+        ..LogitRows::default()
+    };
+    let mut kv = model.new_kv_cache(4, 16, KvDtype::F16);
+    rt.take_downloaded();
+    let got = model
+        .forward_with_graphs(&cuda, &tokens, &batch, &mut kv, &rows, None)
+        .unwrap();
+    assert_eq!(
+        rt.take_downloaded(),
+        2 * 8 + 2 * k * 8,
+        "bytes brought back"
+    );
+    let mut kv = model.new_kv_cache(4, 16, KvDtype::F16);
+    let whole = model
+        .forward(&cuda, &tokens, &batch, &mut kv, &[t - 1, 2])
+        .unwrap();
+    for (i, ranked) in got.ranked.iter().enumerate() {
+        let row = &whole[i * vocab..(i + 1) * vocab];
+        assert_eq!(ranked, &top_pairs(row, k), "row {i}");
+    }
+}
+
+/// Sequences drawing within `top_k`, and greedy ones with alternatives, give the same
+/// completions with their candidates ranked on the device as ranked on the host from whole
+/// rows; mixed with sequences that need their whole rows, and with parallel samples.
+#[test]
+fn ranked_rows_give_the_completions_of_whole_rows() {
+    use vellum::engine::{Engine, EngineConfig, Request, SamplingParams};
+    let dir = repo().join("tests/golden/models/llama_gqa");
+    let t = |x| {
+        SamplingParams::default()
+            .temperature(x)
+            .max_tokens(5)
+            .ignore_eos(true)
+    };
+    let params = [
+        SamplingParams::default()
+            .max_tokens(5)
+            .ignore_eos(true)
+            .logprobs(3),
+        t(0.9).top_k(5).logprobs(2).seed(1),
+        t(0.7).top_k(40).top_p(0.9).min_p(0.05).seed(2).n(2),
+        t(1.0).seed(3),                                  // whole rows
+        t(0.8).top_k(8).repetition_penalty(1.3).seed(4), // whole rows
+    ];
+    for device in [Device::Cpu, Device::CudaEmulator] {
+        let run = |picks_on_host: bool| {
+            let mut engine = Engine::builder()
+                .device(device)
+                .model(&dir)
+                .config(EngineConfig {
+                    kv_cache_bytes: 4 << 20,
+                    picks_on_host,
+                    ..EngineConfig::default()
+                })
+                .build()
+                .unwrap();
+            let requests = params
+                .iter()
+                .enumerate()
+                .map(|(i, p)| Request::tokens((1..=7 + i as u32).collect(), p.clone()))
+                .collect();
+            engine.generate(requests).unwrap()
+        };
+        let (device_ranked, host_ranked) = (run(false), run(true));
+        assert_eq!(device_ranked.len(), params.len());
+        for (a, b) in device_ranked.iter().zip(&host_ranked) {
+            assert_eq!(a.tokens, b.tokens, "{device:?}");
+            let bits = |c: &vellum::engine::Completion| -> Vec<(u32, Vec<(u32, u32)>)> {
+                let top = |l: &vellum::engine::engine::TokenLogprob| {
+                    l.top.iter().map(|&(i, v)| (i, v.to_bits())).collect()
+                };
+                c.logprobs
+                    .iter()
+                    .map(|l| (l.logprob.to_bits(), top(l)))
+                    .collect()
+            };
+            assert_eq!(bits(a), bits(b), "{device:?}: log-probabilities");
+            let more = |c: &vellum::engine::Completion| -> Vec<Vec<u32>> {
+                c.more_samples.iter().map(|m| m.tokens.clone()).collect()
+            };
+            assert_eq!(more(a), more(b), "{device:?}: parallel samples");
+        }
+        assert_eq!(device_ranked[2].more_samples.len(), 1);
+        let alternatives = |i: usize| device_ranked[i].logprobs.iter().map(|l| l.top.len()).max();
+        assert_eq!((alternatives(0), alternatives(1)), (Some(3), Some(2)));
     }
 }
 

@@ -120,7 +120,7 @@ impl Decoder {
         let rows = LogitRows {
             whole: vec![],
             picked: (0..seqs.len()).map(|r| (r, NO_TARGET)).collect(),
-            picks_on_host: false,
+            ..LogitRows::default()
         };
         self.forward(seqs, &rows, graphs).picks
     }
@@ -346,7 +346,8 @@ fn greedy_decode_steps_replay_with_picked_rows() {
 }
 
 /// A decode batch whose sequences sample differently (one needs its whole row, two only
-/// picks) replays too: its rows all come back whole, the picks taken from them on the host.
+/// picks, one of them with its ranked candidates) replays too: its rows all come back whole,
+/// the picks and candidates taken from them on the host.
 #[test]
 fn decode_steps_with_whole_and_picked_rows_replay() {
     let (device, new) = runtimes()[0];
@@ -358,7 +359,9 @@ fn decode_steps_with_whole_and_picked_rows_replay() {
     let mixed = LogitRows {
         whole: vec![1],
         picked: vec![(0, NO_TARGET), (2, 7)],
-        picks_on_host: false,
+        ranked: vec![0],
+        top: 4,
+        ..LogitRows::default()
     };
     for step in 0..4 {
         let got = graphed.forward(&[0, 1, 2], &mixed, Some(&mut graphs));
@@ -367,6 +370,8 @@ fn decode_steps_with_whole_and_picked_rows_replay() {
         assert!(same_bits(&got.whole, row(1)), "{device}, step {step}");
         let want = [pick(row(0), NO_TARGET), pick(row(2), 7)];
         assert_eq!(got.picks, want, "{device}, step {step}");
+        let candidates = vellum::kernels::pick::top_pairs(row(0), 4);
+        assert_eq!(got.ranked, [candidates], "{device}, step {step}");
     }
     assert_eq!((graphs.stats.recorded, graphs.stats.replayed), (1, 2));
 }

@@ -11,7 +11,7 @@ use crate::graphs::{GraphStats, StepGraphs};
 use crate::kv::BlockManager;
 use crate::loader::Checkpoint;
 use crate::model::{LogitRows, Model};
-use crate::sampler::{sample, top_k, Rng, SamplingParams};
+use crate::sampler::{sample, sample_ranked, top_k, Rng, RowNeed, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 use rayon::prelude::*;
 use std::collections::{HashMap, VecDeque};
@@ -693,7 +693,9 @@ impl Engine {
         };
         let mut tokens = Vec::new();
         // A prompt row scored and the next-token row of a greedy or scoring sequence need
-        // only a pick; a sampled one needs its whole row.
+        // only a pick; a sampled one its whole row, or its top candidates
+        // (`SamplingParams::row_need`).
+        let vocab = self.model.config.vocab_size;
         let mut rows = LogitRows {
             picks_on_host: self.config.picks_on_host,
             ..LogitRows::default()
@@ -716,13 +718,11 @@ impl Engine {
                 if seq.req.prompt_logprobs && p + 1 < prompt_len {
                     rows.picked.push((row, seq.req.prompt[p + 1]));
                 } else if p + 1 == seq.len() {
-                    if seq.req.score_only || !seq.req.params.needs_whole_row() {
-                        next = Some(NextRowAt::Picked(rows.picked.len()));
-                        rows.picked.push((row, NO_TARGET));
-                    } else {
-                        next = Some(NextRowAt::Whole(rows.whole.len()));
-                        rows.whole.push(row);
-                    }
+                    let need = match seq.req.score_only {
+                        true => RowNeed::Pick,
+                        false => seq.req.params.row_need(),
+                    };
+                    next = Some(rows.plan_next(row, need, vocab));
                 }
             }
             let prompt_picks = first_pick..rows.picked.len() - next.map_or(0, NextRowAt::picks);
@@ -747,7 +747,6 @@ impl Engine {
             model.forward_with_graphs(backend, &tokens, &layout, kv, &rows, graphs)
         })?;
         self.stats.forward_ns += forward_start.elapsed().as_nanos() as u64;
-        let vocab = self.model.config.vocab_size;
         let whole_row = |r: usize| &out.whole[r * vocab..(r + 1) * vocab];
         // Draws from whole rows on the pool's threads, a sequence each: a draw over a whole
         // vocabulary takes most of a millisecond (`sampler::ranked`), and a step may hold
@@ -769,6 +768,9 @@ impl Engine {
                 (NextRowAt::Whole(_), Some(d)) => Next::Drawn(d),
                 (NextRowAt::Whole(r), None) => Next::Whole(whole_row(r)),
                 (NextRowAt::Picked(i), _) => Next::Picked(out.picks[i]),
+                (NextRowAt::Ranked { pick, ranked }, _) => {
+                    Next::Ranked(out.picks[pick], &out.ranked[ranked])
+                }
             });
             let prompt_picks = &out.picks[planned.prompt_picks.clone()];
             outputs.extend(self.advance(&planned, prompt_picks, next));
@@ -877,6 +879,16 @@ impl Engine {
                     seq.accept(drawn)
                 }
                 Next::Drawn(drawn) => seq.accept(drawn),
+                Next::Ranked(pick, ranked) => {
+                    let params = &seq.req.params;
+                    let (token, logprob) = sample_ranked(ranked, pick, params, &mut seq.rng);
+                    let alternatives = params.logprobs.min(ranked.len());
+                    TokenLogprob {
+                        token,
+                        logprob,
+                        top: ranked[..alternatives].to_vec(),
+                    }
+                }
                 // The greedy token: what `sample` takes from a whole row.
                 Next::Picked(pick) => TokenLogprob {
                     token: pick.argmax,
@@ -1115,23 +1127,50 @@ struct Planned {
 enum NextRowAt {
     Whole(usize),
     Picked(usize),
+    /// Its pick, and its candidates in `StepOutput::ranked`.
+    Ranked {
+        pick: usize,
+        ranked: usize,
+    },
 }
 
 impl NextRowAt {
     /// Picks it takes.
     fn picks(self) -> usize {
-        matches!(self, NextRowAt::Picked(_)) as usize
+        !matches!(self, NextRowAt::Whole(_)) as usize
     }
 }
 
-/// A sequence's next-token row: whole, or its token drawn from it already, or picked
-/// (greedy without penalties or alternatives, and scoring sequences:
-/// `SamplingParams::needs_whole_row`).
+impl LogitRows {
+    /// Asks for token row `row` what a next-token row needs (`need`, over a vocabulary of
+    /// `vocab`): where it will be in the step's output.
+    fn plan_next(&mut self, row: usize, need: RowNeed, vocab: usize) -> NextRowAt {
+        if need == RowNeed::Whole {
+            self.whole.push(row);
+            return NextRowAt::Whole(self.whole.len() - 1);
+        }
+        let pick = self.picked.len();
+        self.picked.push((row, NO_TARGET));
+        let RowNeed::Ranked(k) = need else {
+            return NextRowAt::Picked(pick);
+        };
+        self.top = self.top.max(k.min(vocab));
+        self.ranked.push(pick);
+        NextRowAt::Ranked {
+            pick,
+            ranked: self.ranked.len() - 1,
+        }
+    }
+}
+
+/// A sequence's next-token row: whole, or its token drawn from it already, or picked, or
+/// picked with its top candidates (`SamplingParams::row_need`).
 #[derive(Clone)]
 enum Next<'a> {
     Whole(&'a [f32]),
     Drawn(Drawn),
     Picked(Pick),
+    Ranked(Pick, &'a [(u32, f32)]),
 }
 
 /// A token drawn from a sequence's whole row, and the sequence's random stream after it.

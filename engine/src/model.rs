@@ -8,8 +8,9 @@ use crate::tensors::{TensorFormat, TensorInfo, TensorStore};
 use half::{bf16, f16};
 use std::path::Path;
 use vellum_kernels::{
-    pick::pick, Backend, BatchLayout, KvDtype, KvLayer, MatmulPart, Pick, QuantTarget, Rope,
-    StepInputs, Tensor, Weight, WeightData, NO_TARGET,
+    pick::{pick, ranked_pairs, top_pairs},
+    Backend, BatchLayout, KvDtype, KvLayer, MatmulPart, Pick, QuantTarget, Rope, StepInputs,
+    Tensor, Weight, WeightData, NO_TARGET,
 };
 use vellum_quant::DType;
 
@@ -583,9 +584,10 @@ impl Model {
             padding: 0,
         };
         let mixed = !rows.whole.is_empty() && !rows.picked.is_empty();
-        if rows.picks_on_host || (mixed && graphs.is_some()) {
+        let one_kind = !mixed && rows.ranked.is_empty();
+        if rows.picks_on_host || (!one_kind && graphs.is_some()) {
             // Every row comes back whole, in token order (a recorded step brings back one
-            // kind of row), and the picks are taken from them here.
+            // kind of row), and the picks and candidates are taken from them here.
             let mut order: Vec<usize> = rows.whole.clone();
             order.extend(rows.picked.iter().map(|&(r, _)| r));
             order.sort_unstable();
@@ -606,19 +608,24 @@ impl Model {
             return Ok(StepOutput {
                 whole: rows.whole.iter().flat_map(row).copied().collect(),
                 picks: rows.picked.iter().map(|(r, t)| pick(row(r), *t)).collect(),
+                ranked: rows
+                    .ranked
+                    .iter()
+                    .map(|&i| top_pairs(row(&rows.picked[i].0), rows.top))
+                    .collect(),
             });
         }
         match graphs {
             Some(graphs) if rows.whole.is_empty() => {
                 let back = graphs.run(backend, &inputs, kv, &mut step)?;
                 Ok(StepOutput {
-                    whole: vec![],
                     picks: Pick::from_values(&back),
+                    ..StepOutput::default()
                 })
             }
             Some(graphs) => Ok(StepOutput {
                 whole: graphs.run(backend, &inputs, kv, &mut step)?,
-                picks: vec![],
+                ..StepOutput::default()
             }),
             None => {
                 let out = step(&inputs, kv)?;
@@ -627,9 +634,39 @@ impl Model {
                     Some(p) => Pick::from_values(&p.to_vec()?[2 * rows.whole.len()..]),
                     None => vec![],
                 };
-                Ok(StepOutput { whole, picks })
+                let ranked = self.top_rows(backend, &out.logprobs, rows)?;
+                Ok(StepOutput {
+                    whole,
+                    picks,
+                    ranked,
+                })
             }
         }
+    }
+
+    /// The candidates of `rows.ranked` (`Backend::top_rows`), from a step's log-probabilities
+    /// (whole rows first, then the picked ones).
+    fn top_rows(
+        &self,
+        backend: &dyn Backend,
+        logprobs: &Tensor,
+        rows: &LogitRows,
+    ) -> Result<Vec<Vec<(u32, f32)>>> {
+        if rows.ranked.is_empty() {
+            return Ok(vec![]);
+        }
+        let at: Vec<u32> = rows
+            .ranked
+            .iter()
+            .map(|&i| (rows.whole.len() + i) as u32)
+            .collect();
+        let mut out = Tensor::zeros(2 * rows.top * at.len());
+        backend.top_rows(logprobs, self.config.vocab_size, &at, rows.top, &mut out)?;
+        let values = out.to_vec()?;
+        Ok(values
+            .chunks_exact(2 * rows.top)
+            .map(ranked_pairs)
+            .collect())
     }
 
     /// The activations entering layer 0: the embeddings of `tokens`.
@@ -772,21 +809,28 @@ impl Model {
 /// The rows of log-probabilities a step brings back, by token row: whole, or picked (`(row,
 /// target)`: the value at `target`, or at the argmax for `NO_TARGET`, and the argmax; see
 /// `vellum_kernels::pick`), which on a GPU moves 8 bytes to the host instead of the row.
+///
+/// Some picked rows also bring back their `top` most likely tokens, ranked
+/// (`Backend::top_rows`): `ranked` lists them, by index into `picked`.
 #[derive(Debug, Clone, Default)]
 pub struct LogitRows {
     pub whole: Vec<usize>,
     pub picked: Vec<(usize, u32)>,
+    pub ranked: Vec<usize>,
+    pub top: usize,
     /// Bring every row back whole and take the picks on the host: what steps did before
     /// picked rows, a benchmark's baseline (`EngineConfig::picks_on_host`).
     pub picks_on_host: bool,
 }
 
 /// What a step brings back for its [`LogitRows`]: the whole rows (`[whole.len(), vocab]`)
-/// and the picks, each in the order asked.
+/// the picks, and the ranked candidates ((index, value), most likely first), each in the
+/// order asked.
 #[derive(Debug, Clone, Default)]
 pub struct StepOutput {
     pub whole: Vec<f32>,
     pub picks: Vec<Pick>,
+    pub ranked: Vec<Vec<(u32, f32)>>,
 }
 
 /// A forward pass's activations over `t` tokens: the residual stream between layers and the

@@ -3,6 +3,20 @@
 
 use crate::error::{EngineError, Result};
 pub use vellum_kernels::pick::argmax;
+use vellum_kernels::pick::{ranked, top_pairs, Pick, MAX_RANKED};
+
+/// What drawing a sequence's next token needs of its row of log-probabilities, where the
+/// row is (on a GPU, what crosses the bus): [`SamplingParams::row_need`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowNeed {
+    /// The whole row: penalties, or a draw from more tokens than a backend ranks.
+    Whole,
+    /// Its argmax and value (`vellum_kernels::pick`): greedy, without alternatives.
+    Pick,
+    /// Its pick and its `k` most likely tokens, ranked (`Backend::top_rows`): greedy with
+    /// `logprobs` alternatives, or a draw within `top_k` (at most `MAX_RANKED`).
+    Ranked(usize),
+}
 
 /// How to pick tokens. `Default` is greedy decoding of up to 16 tokens.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,11 +76,23 @@ macro_rules! setter {
 }
 
 impl SamplingParams {
-    /// Whether sampling needs the whole row of log-probabilities; if not, its token is the
-    /// row's argmax and only that is reported (`vellum_kernels::pick`): greedy, without
-    /// penalties or alternatives. Must agree with `sample`.
-    pub fn needs_whole_row(&self) -> bool {
-        self.temperature != 0.0 || self.penalised() || self.logprobs > 0
+    /// What drawing a token needs of its row of log-probabilities. Must agree with `sample`
+    /// and `sample_ranked`.
+    pub fn row_need(&self) -> RowNeed {
+        if self.penalised() {
+            return RowNeed::Whole;
+        }
+        if self.temperature == 0.0 {
+            return match self.logprobs {
+                0 => RowNeed::Pick,
+                k => RowNeed::Ranked(k),
+            };
+        }
+        let k = (self.top_k.max(0) as usize).max(self.logprobs);
+        match self.top_k > 0 && k <= MAX_RANKED {
+            true => RowNeed::Ranked(k),
+            false => RowNeed::Whole,
+        }
     }
 
     fn penalised(&self) -> bool {
@@ -219,10 +245,17 @@ pub fn sample(
         k => k as usize,
     };
     let idx = ranked(&logits, candidates);
-    let max = logits[idx[0] as usize];
-    let mut probs: Vec<f64> = idx
+    let values: Vec<f32> = idx.iter().map(|&i| logits[i as usize]).collect();
+    idx[draw_ranked(&values, params, rng)]
+}
+
+/// What `sample` does once a row is ranked: draws from `values`, the row's values most
+/// likely first (all of them, or its first `top_k`), and returns the drawn one's place.
+fn draw_ranked(values: &[f32], params: &SamplingParams, rng: &mut Rng) -> usize {
+    let max = values[0];
+    let mut probs: Vec<f64> = values
         .iter()
-        .map(|&i| (((logits[i as usize] - max) / params.temperature) as f64).exp())
+        .map(|&l| (((l - max) / params.temperature) as f64).exp())
         .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
@@ -246,79 +279,33 @@ pub fn sample(
     for (i, p) in probs[..keep].iter().enumerate() {
         r -= p;
         if r < 0.0 {
-            return idx[i];
+            return i;
         }
     }
-    idx[keep - 1]
+    keep - 1
+}
+
+/// The token and log-probability `sample` gives a row that `row_need` says is
+/// `RowNeed::Ranked`, from that row's ranked candidates ((index, value), most likely first,
+/// as many as it asked for) and its pick: greedy rows take the argmax, sampled ones draw
+/// within `top_k`, with the same stream and the same result as from the whole row.
+pub fn sample_ranked(
+    ranked: &[(u32, f32)],
+    pick: Pick,
+    params: &SamplingParams,
+    rng: &mut Rng,
+) -> (u32, f32) {
+    if params.temperature == 0.0 {
+        return (pick.argmax, pick.logprob);
+    }
+    let within = &ranked[..(params.top_k as usize).min(ranked.len())];
+    let values: Vec<f32> = within.iter().map(|&(_, v)| v).collect();
+    within[draw_ranked(&values, params, rng)]
 }
 
 /// The `k` most likely tokens of a row, most likely first.
 pub fn top_k(logprobs: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let ids = ranked(logprobs, k);
-    ids.into_iter().map(|i| (i, logprobs[i as usize])).collect()
-}
-
-/// The first `k` (or all) of the row's tokens in order of `f32::total_cmp`, largest first,
-/// ties by id, so the order is fully determined. Sorts one 64-bit key per token (value rank,
-/// then id), not ids compared through the row, and selects before sorting when `k` is less
-/// than the row: it runs once per sampled token (`benches/cpu_ops.rs`, `sample/…`).
-fn ranked(row: &[f32], k: usize) -> Vec<u32> {
-    if k == 0 {
-        return vec![]; // the common case of `top_k`: no key array for a whole vocabulary
-    }
-    let mut keys: Vec<u64> = row
-        .iter()
-        .enumerate()
-        .map(|(i, &x)| (descending_rank(x) as u64) << 32 | i as u64)
-        .collect();
-    if k < keys.len() {
-        keys.select_nth_unstable(k - 1);
-        keys.truncate(k);
-        keys.sort_unstable();
-    } else if keys.len() < 1024 {
-        keys.sort_unstable();
-    } else {
-        sort_by_rank(&mut keys);
-    }
-    keys.into_iter().map(|key| key as u32).collect()
-}
-
-/// Sorts keys built in id order by their rank (high 32 bits) alone, stably, so that ids stay
-/// ascending within a rank: a radix sort, three passes of 11 bits, 3-4x faster than a
-/// comparison sort of a vocabulary.
-fn sort_by_rank(keys: &mut Vec<u64>) {
-    const BITS: u32 = 11;
-    let mut sorted = vec![0u64; keys.len()];
-    for shift in [32, 32 + BITS, 32 + 2 * BITS] {
-        let digit = |key: u64| ((key >> shift) & ((1 << BITS) - 1)) as usize;
-        let mut starts = [0usize; 1 << BITS];
-        for &key in keys.iter() {
-            starts[digit(key)] += 1;
-        }
-        let mut start = 0;
-        for s in starts.iter_mut() {
-            (*s, start) = (start, start + *s);
-        }
-        for &key in keys.iter() {
-            let d = digit(key);
-            sorted[starts[d]] = key;
-            starts[d] += 1;
-        }
-        std::mem::swap(keys, &mut sorted);
-    }
-}
-
-/// `x`'s place in the order of `f32::total_cmp`, reversed: smaller ranks are larger values.
-fn descending_rank(x: f32) -> u32 {
-    let bits = x.to_bits();
-    // total_cmp's order as an unsigned integer: negatives (sign bit set) reversed below the
-    // positives.
-    let ascending = if bits >> 31 == 1 {
-        !bits
-    } else {
-        bits | 1 << 31
-    };
-    !ascending
+    top_pairs(logprobs, k)
 }
 
 #[cfg(test)]
@@ -411,52 +398,6 @@ mod tests {
         idx
     }
 
-    /// Rows with ties, both zeros, infinities and NaNs of both signs.
-    fn awkward_rows() -> Vec<Vec<f32>> {
-        let mut rng = Rng::new(3);
-        let specials = [
-            0.0,
-            -0.0,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::NAN,
-            -f32::NAN,
-            -1.5,
-            f32::MIN_POSITIVE,
-            -f32::MIN_POSITIVE / 2.0,
-        ];
-        (0..40)
-            .map(|r| {
-                // short rows, and long ones that take the radix sort
-                let n = if r % 8 == 7 {
-                    1000 + r * 300
-                } else {
-                    1 + r * 7
-                };
-                (0..n)
-                    .map(|_| match rng.next_u64() % 4 {
-                        0 => specials[(rng.next_u64() % specials.len() as u64) as usize],
-                        // few distinct values: many ties
-                        1 => -((rng.next_u64() % 4) as f32),
-                        _ => -(rng.next_f64() * 12.0) as f32,
-                    })
-                    .collect()
-            })
-            .collect()
-    }
-
-    #[test]
-    fn ranking_follows_total_cmp_then_id() {
-        for row in awkward_rows() {
-            let want = reference_order(&row);
-            assert_eq!(ranked(&row, row.len()), want, "{row:?}");
-            for k in [1, 2, 5, row.len() + 3] {
-                let k_want = &want[..k.min(row.len())];
-                assert_eq!(ranked(&row, k), k_want, "k = {k}: {row:?}");
-            }
-        }
-    }
-
     /// The sampler before `ranked`, to hold the new one to the same tokens bit for bit.
     fn reference_sample(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
         let mut idx = reference_order(logits);
@@ -508,16 +449,18 @@ mod tests {
             t(0.5).top_k(40).top_p(0.95).min_p(0.05),
             t(2.0).min_p(0.2),
         ];
-        for row in awkward_rows() {
-            // Finite rows, as the model gives (a NaN logit has no probability to draw with).
-            let row: Vec<f32> = row
-                .iter()
-                .map(|&x| {
-                    if x.is_nan() {
-                        -30.0
-                    } else {
-                        x.clamp(-40.0, 0.0)
-                    }
+        let mut rng = Rng::new(3);
+        for r in 0..40 {
+            // Ties, and long rows that take the radix sort.
+            let n = if r % 8 == 7 {
+                1000 + r * 300
+            } else {
+                1 + r * 7
+            };
+            let row: Vec<f32> = (0..n)
+                .map(|_| match rng.next_u64() % 3 {
+                    0 => -((rng.next_u64() % 4) as f32),
+                    _ => -(rng.next_f64() * 40.0) as f32,
                 })
                 .collect();
             for p in &params {
@@ -533,6 +476,49 @@ mod tests {
             }
         }
         assert_eq!(draws, 40 * 5 * 8);
+    }
+
+    /// Whatever `row_need` says `Ranked(k)` for draws from the row's `k` ranked candidates
+    /// and its pick exactly what `sample` draws from the whole row: the same token, value,
+    /// alternatives and stream; and it says `Whole` where that could not hold.
+    #[test]
+    fn ranked_candidates_draw_what_the_whole_row_draws() {
+        use vellum_kernels::pick::pick;
+        let t = |x| SamplingParams::default().temperature(x);
+        let greedy = SamplingParams::default();
+        let cases = [
+            (greedy.clone().logprobs(3), RowNeed::Ranked(3)),
+            (t(0.9).top_k(5).logprobs(2), RowNeed::Ranked(5)),
+            (t(0.9).top_k(2).logprobs(4), RowNeed::Ranked(4)),
+            (t(0.7).top_k(40).top_p(0.9).min_p(0.05), RowNeed::Ranked(40)),
+            (t(1.0).top_k(MAX_RANKED as i64), RowNeed::Ranked(MAX_RANKED)),
+            (t(1.0).top_k(MAX_RANKED as i64 + 1), RowNeed::Whole),
+            (t(1.0), RowNeed::Whole),
+            (t(0.8).top_p(0.9), RowNeed::Whole),
+            (greedy.clone().repetition_penalty(1.2), RowNeed::Whole),
+            (t(1.0).top_k(5).presence_penalty(0.5), RowNeed::Whole),
+            (greedy.clone(), RowNeed::Pick),
+        ];
+        let mut rng = Rng::new(5);
+        for (params, need) in cases {
+            assert_eq!(params.row_need(), need, "{params:?}");
+            let RowNeed::Ranked(k) = need else { continue };
+            for n in [3usize, 70, 2000] {
+                let row: Vec<f32> = (0..n)
+                    .map(|_| -((rng.next_u64() % 400) as f32) / 37.0)
+                    .collect();
+                let ranked = top_pairs(&row, k);
+                for seed in 0..16 {
+                    let (mut a, mut b) = (Rng::new(seed), Rng::new(seed));
+                    let token = sample(&row, &params, &[], &[], &mut a);
+                    let got = sample_ranked(&ranked, pick(&row, u32::MAX), &params, &mut b);
+                    assert_eq!(got, (token, row[token as usize]), "{params:?} n {n}");
+                    assert_eq!(a.next_u64(), b.next_u64(), "the stream moved alike");
+                    let alternatives = &ranked[..params.logprobs.min(ranked.len())];
+                    assert_eq!(alternatives, top_k(&row, params.logprobs));
+                }
+            }
+        }
     }
 
     #[test]

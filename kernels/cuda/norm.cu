@@ -93,3 +93,58 @@ extern "C" __global__ void pick_rows_f32(const float *x, uint32_t width, const u
   }
 }
 VELLUM_EXPORT(pick_rows_f32)
+
+// A value's place in f32::total_cmp's order, reversed: smaller ranks are larger values
+// (pick::descending_rank in Rust).
+__device__ __forceinline__ uint32_t desc_rank(float v) {
+  uint32_t b = vf_bits(v);
+  uint32_t ascending = (b >> 31) ? ~b : (b | 0x80000000u);
+  return ~ascending;
+}
+
+// The smallest of the block's values, to every thread. blockDim.x a multiple of 32.
+__device__ __forceinline__ uint64_t block_min_u64(uint64_t v, uint64_t *scratch) {
+  unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  for (int o = 16; o > 0; o >>= 1) {
+    uint64_t w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = w < v ? w : v;
+  }
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  uint64_t t = lane < warps ? scratch[lane] : ~0ull;
+  for (int o = 16; o > 0; o >>= 1) {
+    uint64_t w = __shfl_xor_sync(0xffffffffu, t, o);
+    t = w < t ? w : t;
+  }
+  __syncthreads();
+  return t;
+}
+
+// For listed row i (row rows[i] of x): its k most likely tokens in pick::ranked's order
+// (total_cmp, largest first, then index), into out[2k·i..]: (value, index as f32) pairs.
+// A draw within top_k, or a greedy row's alternatives, then moves 8k bytes to the host
+// instead of the row. One pass over the row per candidate, each finding the smallest key
+// (rank, then index) above the last one found: k is small (pick::MAX_RANKED) and the row
+// stays in L2 between passes. Keys are distinct, and k <= width, so every pass finds one.
+extern "C" __global__ void top_rows_f32(const float *x, uint32_t width, const uint32_t *rows,
+                                        uint32_t k, float *out) {
+  __shared__ uint64_t scratch[32];
+  const float *row = x + (size_t)rows[blockIdx.x] * width;
+  float *o = out + 2 * (size_t)k * blockIdx.x;
+  uint64_t floor = 0;  // keys below it were found already
+  for (uint32_t c = 0; c < k; ++c) {
+    uint64_t best = ~0ull;
+    for (uint32_t i = threadIdx.x; i < width; i += blockDim.x) {
+      uint64_t key = ((uint64_t)desc_rank(row[i]) << 32) | i;
+      if (key >= floor && key < best) best = key;
+    }
+    best = block_min_u64(best, scratch);
+    if (threadIdx.x == 0) {
+      uint32_t idx = (uint32_t)best;
+      o[2 * c] = row[idx];
+      o[2 * c + 1] = (float)idx;
+    }
+    floor = best + 1;
+  }
+}
+VELLUM_EXPORT(top_rows_f32)

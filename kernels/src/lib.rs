@@ -182,6 +182,25 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// For each row `rows[i]` of `x` (`[_, width]`): its `k` most likely tokens, in
+    /// [`pick::ranked`] order (`f32::total_cmp`, largest first, then index), into `out`
+    /// (`[rows.len(), k, 2]`: value, index as f32; see [`pick::ranked_pairs`]). What a draw
+    /// within `top_k` or a greedy row with alternatives needs, where the rows are; `k` at
+    /// most [`pick::MAX_RANKED`] and the width. Default: on the host.
+    fn top_rows(
+        &self,
+        x: &Tensor,
+        width: usize,
+        rows: &[u32],
+        k: usize,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        shapes::top_rows(x, width, rows, k, out)?;
+        let x = x.host()?;
+        pick::top_rows_host(&x, width, rows, k, out.host_for_overwrite());
+        Ok(())
+    }
+
     /// The shape under which this backend can record `inputs`' step and replay it (see
     /// [`graph`]), or `None`: the step runs op by op. Default: `None`.
     fn step_graph_key(&self, inputs: &StepInputs) -> Option<GraphKey> {

@@ -77,6 +77,106 @@ pub(crate) fn pick_rows_host(x: &[f32], width: usize, targets: &[u32], out: &mut
     }
 }
 
+/// The first `k` (or all) of the row's tokens in order of `f32::total_cmp`, largest first,
+/// ties by id, so the order is fully determined. Sorts one 64-bit key per token (value rank,
+/// then id), not ids compared through the row, and selects before sorting when `k` is less
+/// than the row: the sampler ranks a row per sampled token (`benches/cpu_ops.rs`,
+/// `sample/…`). Every backend's `top_rows` follows it.
+pub fn ranked(row: &[f32], k: usize) -> Vec<u32> {
+    if k == 0 {
+        return vec![]; // the common case of `top_k`: no key array for a whole vocabulary
+    }
+    let mut keys: Vec<u64> = row
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (descending_rank(x) as u64) << 32 | i as u64)
+        .collect();
+    if k < keys.len() {
+        keys.select_nth_unstable(k - 1);
+        keys.truncate(k);
+        keys.sort_unstable();
+    } else if keys.len() < 1024 {
+        keys.sort_unstable();
+    } else {
+        sort_by_rank(&mut keys);
+    }
+    keys.into_iter().map(|key| key as u32).collect()
+}
+
+/// Sorts keys built in id order by their rank (high 32 bits) alone, stably, so that ids stay
+/// ascending within a rank: a radix sort, three passes of 11 bits, 3-4x faster than a
+/// comparison sort of a vocabulary.
+fn sort_by_rank(keys: &mut Vec<u64>) {
+    const BITS: u32 = 11;
+    let mut sorted = vec![0u64; keys.len()];
+    for shift in [32, 32 + BITS, 32 + 2 * BITS] {
+        let digit = |key: u64| ((key >> shift) & ((1 << BITS) - 1)) as usize;
+        let mut starts = [0usize; 1 << BITS];
+        for &key in keys.iter() {
+            starts[digit(key)] += 1;
+        }
+        let mut start = 0;
+        for s in starts.iter_mut() {
+            (*s, start) = (start, start + *s);
+        }
+        for &key in keys.iter() {
+            let d = digit(key);
+            sorted[starts[d]] = key;
+            starts[d] += 1;
+        }
+        std::mem::swap(keys, &mut sorted);
+    }
+}
+
+/// `x`'s place in the order of `f32::total_cmp`, reversed: smaller ranks are larger values
+/// (`desc_rank` in norm.cu).
+fn descending_rank(x: f32) -> u32 {
+    let bits = x.to_bits();
+    // total_cmp's order as an unsigned integer: negatives (sign bit set) reversed below the
+    // positives.
+    let ascending = if bits >> 31 == 1 {
+        !bits
+    } else {
+        bits | 1 << 31
+    };
+    !ascending
+}
+
+/// Most candidates [`crate::Backend::top_rows`] reports per row: enough for `logprobs` (at
+/// most 20) and the `top_k` of common sampling settings; larger asks bring the row back.
+pub const MAX_RANKED: usize = 64;
+
+/// The `k` most likely (index, value) pairs of a row, in [`ranked`] order.
+pub fn top_pairs(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    ranked(row, k)
+        .into_iter()
+        .map(|i| (i, row[i as usize]))
+        .collect()
+}
+
+/// `top_rows` on the host: `out[2k·i..2k·(i + 1)]` = the `k` best (value, index as f32)
+/// pairs of row `rows[i]`, in [`ranked`] order.
+pub(crate) fn top_rows_host(x: &[f32], width: usize, rows: &[u32], k: usize, out: &mut [f32]) {
+    if k == 0 {
+        return;
+    }
+    for (o, &r) in out.chunks_exact_mut(2 * k).zip(rows) {
+        let row = &x[r as usize * width..(r as usize + 1) * width];
+        for (pair, (i, v)) in o.chunks_exact_mut(2).zip(top_pairs(row, k)) {
+            pair[0] = v;
+            pair[1] = i as f32;
+        }
+    }
+}
+
+/// The (index, value) pairs of one row of `top_rows`' output.
+pub fn ranked_pairs(values: &[f32]) -> Vec<(u32, f32)> {
+    values
+        .chunks_exact(2)
+        .map(|p| (p[1] as u32, p[0]))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +204,73 @@ mod tests {
             assert_eq!(argmax(&v), plain(&v), "n {n} tie");
         }
         assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NAN]), 0);
+    }
+
+    /// Rows with ties, both zeros, infinities and NaNs of both signs; short ones, and long
+    /// ones that take the radix sort.
+    pub(crate) fn awkward_rows() -> Vec<Vec<f32>> {
+        let mut state = 3u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let specials = [
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            -1.5,
+            f32::MIN_POSITIVE,
+            -f32::MIN_POSITIVE / 2.0,
+        ];
+        (0..40)
+            .map(|r| {
+                let n = if r % 8 == 7 {
+                    1000 + r * 300
+                } else {
+                    1 + r * 7
+                };
+                (0..n)
+                    .map(|_| match next() % 4 {
+                        0 => specials[(next() % specials.len() as u64) as usize],
+                        // few distinct values: many ties
+                        1 => -((next() % 4) as f32),
+                        _ => -((next() % 12_000) as f32) / 1000.0,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ranking_follows_total_cmp_then_id() {
+        for row in awkward_rows() {
+            let mut want: Vec<u32> = (0..row.len() as u32).collect();
+            want.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+            assert_eq!(ranked(&row, row.len()), want, "{row:?}");
+            for k in [0, 1, 2, 5, row.len() + 3] {
+                let k_want = &want[..k.min(row.len())];
+                assert_eq!(ranked(&row, k), k_want, "k = {k}: {row:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn top_rows_are_the_ranked_pairs_of_the_rows_asked() {
+        let x = [-3.0, -0.5, -2.0, -0.5, -9.0, f32::NAN];
+        let mut out = [0f32; 8];
+        top_rows_host(&x, 3, &[1, 0], 2, &mut out);
+        let bits = |v: &[(u32, f32)]| v.iter().map(|&(i, x)| (i, x.to_bits())).collect::<Vec<_>>();
+        // NaN ranks first, as in `f32::total_cmp` (the sampler's order).
+        assert_eq!(
+            bits(&ranked_pairs(&out[..4])),
+            bits(&[(2, f32::NAN), (0, -0.5)])
+        );
+        assert_eq!(ranked_pairs(&out[4..]), [(1, -0.5), (2, -2.0)]);
     }
 
     #[test]

@@ -180,6 +180,24 @@ pub fn pick_rows(x: &Tensor, width: usize, targets: &[u32], out: &Tensor) -> Res
     })
 }
 
+pub fn top_rows(x: &Tensor, width: usize, rows: &[u32], k: usize, out: &Tensor) -> Result<()> {
+    let ok = width > 0
+        && width <= crate::pick::MAX_PICK_WIDTH
+        && x.len().is_multiple_of(width)
+        && rows.iter().all(|&r| (r as usize) < x.len() / width)
+        && k <= crate::pick::MAX_RANKED.min(width)
+        && out.len() == 2 * k * rows.len();
+    check("top_rows", ok, || {
+        format!(
+            "rows {:?} (largest) of {} floats in rows of {width}, k {k} (at most {}), out {} floats",
+            rows.iter().max(),
+            x.len(),
+            crate::pick::MAX_RANKED,
+            out.len()
+        )
+    })
+}
+
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<()> {
     check("silu_mul", gate.len() == up.len(), || {
         format!("gate {} floats, up {}", gate.len(), up.len())

@@ -428,6 +428,75 @@ fn picked_rows_match_the_host() {
     }
 }
 
+/// Ranked candidates on the device are the host's (`pick::ranked`), bit for bit: ties by
+/// index, NaN of both signs and both zeros where `f32::total_cmp` puts them, rows listed out
+/// of order and twice, k from 1 to `MAX_RANKED`, widths under and over a block's threads.
+#[test]
+fn top_rows_match_the_host() {
+    use vellum_kernels::pick::{ranked_pairs, top_pairs, MAX_RANKED};
+    let cpu = Cpu::new();
+    let mut rng = Rng(13);
+    for width in [5usize, 64, 777, 49_152] {
+        let w = width;
+        let mut x = rng.vec(4 * w);
+        x[w - 1] = 9.0; // row 0: a tie at the top, the lower index first
+        x[w / 2] = 9.0;
+        x[w + 1] = f32::NAN; // row 1: NaNs of both signs, both zeros
+        x[w + 2] = -f32::NAN;
+        x[w + 3] = -0.0;
+        x[w + w - 1] = 0.0;
+        x[2 * w..3 * w].fill(-1.5); // row 2: all equal
+        x[3 * w + w / 3] = f32::NEG_INFINITY;
+        let x = Tensor::from(x);
+        let rows = [2u32, 0, 3, 1, 2];
+        for k in [1, 5, MAX_RANKED.min(w)] {
+            let mut want = Tensor::zeros(2 * k * rows.len());
+            cpu.top_rows(&x, w, &rows, k, &mut want).unwrap();
+            let want = want.to_vec().unwrap();
+            let host = x.to_vec().unwrap();
+            for (i, &r) in rows.iter().enumerate() {
+                let row = &host[r as usize * w..(r as usize + 1) * w];
+                let got = ranked_pairs(&want[2 * k * i..2 * k * (i + 1)]);
+                let bits =
+                    |v: &[(u32, f32)]| v.iter().map(|&(i, x)| (i, x.to_bits())).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&top_pairs(row, k)),
+                    "width {w} k {k} row {r}"
+                );
+            }
+            for be in backends() {
+                let mut got = Tensor::zeros(2 * k * rows.len());
+                be.top_rows(&x, w, &rows, k, &mut got).unwrap();
+                let got = got.to_vec().unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{} width {w} k {k}", be.name());
+            }
+        }
+        // Past the rows, more than the row or MAX_RANKED: named errors, on every backend.
+        let too_many = MAX_RANKED.min(w) + 1;
+        let cuda = backends();
+        let all = cuda
+            .iter()
+            .map(|b| b as &dyn Backend)
+            .chain([&cpu as &dyn Backend]);
+        for be in all {
+            let bad = be.top_rows(&x, w, &[4], 1, &mut Tensor::zeros(2));
+            assert!(
+                bad.unwrap_err().to_string().contains("top_rows"),
+                "{}",
+                be.name()
+            );
+            let bad = be.top_rows(&x, w, &[0], too_many, &mut Tensor::zeros(2 * too_many));
+            assert!(
+                bad.unwrap_err().to_string().contains("top_rows"),
+                "{}",
+                be.name()
+            );
+        }
+    }
+}
+
 /// The fused rotary + KV write gives, bit for bit, what rotary, rotary and write_kv give on
 /// the same backend (q and k rotated in place, the pools brought back), and the CPU's
 /// values, for every KV dtype.

@@ -82,9 +82,13 @@ pub struct BenchArgs {
     #[arg(long)]
     picks_on_host: bool,
     /// Sample each decoded token at this temperature (0: greedy, the default), from the whole
-    /// vocabulary: the host sampler's cost shows in "sched %".
+    /// vocabulary unless --top-k: the host sampler's cost shows in "sched %".
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
+    /// With --temperature: draw within the K most likely tokens (0: all). Up to 64, the
+    /// backend ranks them where the rows are (see "Picked rows" in the README).
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
     /// Runs of each level; throughputs are their medians (llama-bench reports a median too).
     #[arg(long, default_value_t = 1)]
     repeat: usize,
@@ -135,6 +139,7 @@ struct Level {
 struct Asks {
     prompt_logprobs: bool,
     temperature: f32,
+    top_k: u32,
 }
 
 /// Runs `c` requests of `prompt_len` random tokens, each decoding `gen_len` tokens (and
@@ -151,6 +156,7 @@ fn run_level(
     let mut params = SamplingParams::default()
         .max_tokens(gen_len)
         .temperature(asks.temperature)
+        .top_k(asks.top_k as i64)
         .ignore_eos(true);
     if asks.temperature != 0.0 {
         // Reproducible draws; greedy runs keep the prompts they had before `--temperature`.
@@ -250,6 +256,12 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             a.temperature
         );
     }
+    if a.top_k > 0 && a.temperature == 0.0 {
+        bail!(
+            "--top-k {} needs a --temperature: greedy decoding takes the top token",
+            a.top_k
+        );
+    }
     let (model, name) = match (&a.model, &a.shape) {
         (Some(p), None) => {
             let ck = vellum_engine::Checkpoint::open(p)?;
@@ -308,6 +320,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     let asks = Asks {
         prompt_logprobs: a.prompt_logprobs,
         temperature: a.temperature,
+        top_k: a.top_k,
     };
     run_level(&mut engine, 1, lens, &asks, read_bw, &mut rng)?;
     if !a.json {
@@ -319,9 +332,10 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             if a.step_graphs { "on" } else { "off" },
             if a.picks_on_host { "on the host" } else { "on the device" },
             if a.prompt_logprobs { " | prompt logprobs" } else { "" },
-            match a.temperature {
-                0.0 => String::new(),
-                t => format!(" | temperature {t}"),
+            match (a.temperature, a.top_k) {
+                (0.0, _) => String::new(),
+                (t, 0) => format!(" | temperature {t}"),
+                (t, k) => format!(" | temperature {t}, top_k {k}"),
             },
             read_bw / 1e9
         );
@@ -351,7 +365,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             let o = json!({
                 "model": name, "backend": backend_name, "threads": rayon::current_num_threads(),
                 "kv_dtype": a.kv_dtype.name(), "step_graphs": a.step_graphs,
-                "picks_on_host": a.picks_on_host, "prompt_logprobs": a.prompt_logprobs, "temperature": a.temperature,
+                "picks_on_host": a.picks_on_host, "prompt_logprobs": a.prompt_logprobs, "temperature": a.temperature, "top_k": a.top_k,
                 "concurrency": l.concurrency, "prompt_len": a.prompt_len, "gen_len": a.gen_len,
                 "repeat": a.repeat,
                 "prefill_tok_s": l.prefill_tok_s, "decode_tok_s": l.decode_tok_s,

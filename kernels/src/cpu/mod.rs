@@ -600,6 +600,29 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    /// The host's ranking (`pick::ranked`), a row per pool task: a step may rank a row for
+    /// each of hundreds of sequences.
+    fn top_rows(
+        &self,
+        x: &Tensor,
+        width: usize,
+        rows: &[u32],
+        k: usize,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        shapes::top_rows(x, width, rows, k, out)?;
+        if k == 0 {
+            return Ok(());
+        }
+        let x = x.host()?;
+        let out = out.host_for_overwrite();
+        let mut tasks: Vec<_> = out.chunks_mut(2 * k).zip(rows).collect();
+        Pool::global().for_each_mut(&mut tasks, |(o, r)| {
+            crate::pick::top_rows_host(&x, width, &[**r], k, o)
+        });
+        Ok(())
+    }
+
     fn log_softmax(&self, x: &mut Tensor, width: usize) -> Result<()> {
         shapes::rows_of("log_softmax", x.len(), width)?;
         let x = x.host_mut()?;

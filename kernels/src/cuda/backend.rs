@@ -1516,6 +1516,32 @@ impl Backend for CudaBackend {
         self.launch("norm", "pick_rows_f32", cfg, &args)
     }
 
+    fn top_rows(
+        &self,
+        x: &Tensor,
+        width: usize,
+        rows: &[u32],
+        k: usize,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        shapes::top_rows(x, width, rows, k, out)?;
+        if rows.is_empty() || k == 0 {
+            return Ok(());
+        }
+        let xd = self.input(x)?;
+        let rd = self.array("top_rows", rows)?;
+        let od = self.output(out)?;
+        let cfg = LaunchConfig::linear(rows.len() as u32, row_threads(width));
+        let args = [
+            xd.arg(),
+            Arg::U32(width as u32),
+            rd.arg(),
+            Arg::U32(k as u32),
+            od,
+        ];
+        self.launch("norm", "top_rows_f32", cfg, &args)
+    }
+
     fn step_graph_key(&self, inputs: &StepInputs) -> Option<GraphKey> {
         self.graph_key(inputs)
     }
