@@ -110,6 +110,16 @@ run() {
       --device cuda:0 --prompt-logprobs --concurrency 1,64 --prompt-len 256 --gen-len 32 \
       --json >"$out.json" 2>"$out.log" || status+=("bench cuda:0 picks $picks|FAILED|see $out.log")
   done
+  # Ranked rows: tokens drawn within top_k 40 from candidates ranked on the device (328
+  # bytes a row) against whole rows ranked on the host, int4, 64 sequences.
+  for picks in device host; do
+    local flag=() out="$carry/bench-cuda-ranked-$picks"
+    [[ "$picks" == host ]] && flag=(--picks-on-host)
+    "$carry/vellum" bench --shape smollm-135m --dtype bf16 --quant int4:sym "${flag[@]}" \
+      --device cuda:0 --temperature 0.8 --top-k 40 --concurrency 64 --prompt-len 64 \
+      --gen-len 32 --json >"$out.json" 2>"$out.log" ||
+      status+=("bench cuda:0 ranked $picks|FAILED|see $out.log")
+  done
   # Kernel bandwidth at the shapes (its own table, printed after the summary).
   "$carry/cuda_gemv" >"$carry/cuda_gemv.md" 2>"$carry/cuda_gemv.log" ||
     status+=("bench cuda_gemv|FAILED|see $carry/cuda_gemv.log")
@@ -133,23 +143,24 @@ for q in ("bf16", "int4", "int8"):
         off, on = t.get("off", 0), t.get("on", 0)
         gain = f"graphs {on / off:.2f}x" if off else ""
         print(f"| bench smollm-135m {q} cuda:0 x{c} | {off:.1f} tok/s, graphs {on:.1f} tok/s | {gain} |")
-runs = {}
-for picks in ("device", "host"):
-    try:
-        for line in open(f"{sys.argv[1]}/bench-cuda-picks-{picks}.json").read().splitlines():
-            r = json.loads(line)
-            runs.setdefault(r.get("concurrency"), {})[picks] = r
-    except OSError:
-        continue
-for c, r in sorted(runs.items()):
-    if len(r) < 2:
-        continue
-    d, h = r["device"], r["host"]
-    ratio = lambda k: d[k] / h[k] if h.get(k) else float("nan")
-    print(f"| bench int4 x{c}, prompts scored: picks on the device vs whole rows | "
-          f"prefill {d['prefill_tok_s']:.0f} vs {h['prefill_tok_s']:.0f} tok/s, decode "
-          f"{d['decode_tok_s']:.1f} vs {h['decode_tok_s']:.1f} tok/s | "
-          f"prefill {ratio('prefill_tok_s'):.2f}x, decode {ratio('decode_tok_s'):.2f}x |")
+for kind, what in (("picks", "prompts scored: picks"), ("ranked", "T 0.8 top_k 40: ranked")):
+    runs = {}
+    for picks in ("device", "host"):
+        try:
+            for line in open(f"{sys.argv[1]}/bench-cuda-{kind}-{picks}.json").read().splitlines():
+                r = json.loads(line)
+                runs.setdefault(r.get("concurrency"), {})[picks] = r
+        except OSError:
+            continue
+    for c, r in sorted(runs.items()):
+        if len(r) < 2:
+            continue
+        d, h = r["device"], r["host"]
+        ratio = lambda k: d[k] / h[k] if h.get(k) else float("nan")
+        print(f"| bench int4 x{c}, {what} on the device vs whole rows | "
+              f"prefill {d['prefill_tok_s']:.0f} vs {h['prefill_tok_s']:.0f} tok/s, decode "
+              f"{d['decode_tok_s']:.1f} vs {h['decode_tok_s']:.1f} tok/s | "
+              f"prefill {ratio('prefill_tok_s'):.2f}x, decode {ratio('decode_tok_s'):.2f}x |")
 PY
   echo
   cat "$carry/cuda_gemv.md" 2>/dev/null || true
