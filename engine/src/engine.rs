@@ -749,7 +749,7 @@ impl Engine {
         self.stats.forward_ns += forward_start.elapsed().as_nanos() as u64;
         let whole_row = |r: usize| &out.whole[r * vocab..(r + 1) * vocab];
         // Draws from whole rows on the pool's threads, a sequence each: a draw over a whole
-        // vocabulary takes most of a millisecond (`sampler::ranked`), and a step may hold
+        // vocabulary takes most of a millisecond (`sampler::sample`), and a step may hold
         // hundreds. Samples about to split off (`n > 1`) draw in `emit`, from their own rows.
         let mut drawn: Vec<Option<Drawn>> = plan
             .par_iter()

@@ -634,7 +634,7 @@ impl Model {
                     Some(p) => Pick::from_values(&p.to_vec()?[2 * rows.whole.len()..]),
                     None => vec![],
                 };
-                let ranked = self.top_rows(backend, &out.logprobs, rows)?;
+                let ranked = self.ranked_rows(backend, &out.logprobs, rows)?;
                 Ok(StepOutput {
                     whole,
                     picks,
@@ -646,7 +646,7 @@ impl Model {
 
     /// The candidates of `rows.ranked` (`Backend::top_rows`), from a step's log-probabilities
     /// (whole rows first, then the picked ones).
-    fn top_rows(
+    fn ranked_rows(
         &self,
         backend: &dyn Backend,
         logprobs: &Tensor,
@@ -823,7 +823,7 @@ pub struct LogitRows {
     pub picks_on_host: bool,
 }
 
-/// What a step brings back for its [`LogitRows`]: the whole rows (`[whole.len(), vocab]`)
+/// What a step brings back for its [`LogitRows`]: the whole rows (`[whole.len(), vocab]`),
 /// the picks, and the ranked candidates ((index, value), most likely first), each in the
 /// order asked.
 #[derive(Debug, Clone, Default)]

@@ -5,6 +5,10 @@
 //! alternatives needs only the row's argmax and its value; a scored prompt token, only its
 //! own value and whether it was the argmax. [`crate::Backend::pick_rows`] computes those where
 //! the rows are (on a GPU: 8 bytes per row cross the bus, not the row).
+//!
+//! A draw within `top_k`, or a greedy row reporting alternatives, needs the row's most likely
+//! tokens in the sampler's order ([`ranked`]); [`crate::Backend::top_rows`] ranks them where
+//! the rows are, 8 bytes per candidate.
 
 /// A row picked without a target: its value is that of its argmax.
 pub const NO_TARGET: u32 = u32::MAX;
@@ -104,8 +108,8 @@ pub fn ranked(row: &[f32], k: usize) -> Vec<u32> {
 }
 
 /// Sorts keys built in id order by their rank (high 32 bits) alone, stably, so that ids stay
-/// ascending within a rank: a radix sort, three passes of 11 bits, 3-4x faster than a
-/// comparison sort of a vocabulary.
+/// ascending within a rank: a radix sort, three passes of 11 bits (a 49,152-token draw took
+/// 1.25 ms with a comparison sort of the keys, 0.88 ms with this).
 fn sort_by_rank(keys: &mut Vec<u64>) {
     const BITS: u32 = 11;
     let mut sorted = vec![0u64; keys.len()];
@@ -208,7 +212,7 @@ mod tests {
 
     /// Rows with ties, both zeros, infinities and NaNs of both signs; short ones, and long
     /// ones that take the radix sort.
-    pub(crate) fn awkward_rows() -> Vec<Vec<f32>> {
+    fn awkward_rows() -> Vec<Vec<f32>> {
         let mut state = 3u64;
         let mut next = move || {
             state ^= state << 13;
