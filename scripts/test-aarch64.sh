@@ -35,8 +35,11 @@ fi
 
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu -cpu max"
-cargo clippy --release --target "$target" --workspace --all-targets -- -D warnings
-cargo test --release --target "$target" -p vellum-kernels --lib cpu::
+# The aarch64 builds without debug info: nothing debugs them here, and they compile the
+# whole engine a second time (the x86 build below is the test suite's, debug info and all).
+arm_cargo() { CARGO_PROFILE_RELEASE_DEBUG=false cargo "$@"; }
+arm_cargo clippy --release --target "$target" --workspace --all-targets -- -D warnings
+arm_cargo test --release --target "$target" -p vellum-kernels --lib cpu::
 
 # End to end on the real model (scripts/fetch-model.sh), when it is there: the aarch64 binary
 # (NEON integer dots, int16 activations) against the x86 one on the float path, per-token
@@ -47,7 +50,7 @@ if [[ ! -f "$model" ]]; then
   exit 0
 fi
 cargo build --release -p vellum
-cargo build --release --target "$target" -p vellum
+arm_cargo build --release --target "$target" -p vellum
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 python3 -c 'import json; print(json.dumps({"text": open("tests/data/public-domain.txt").read()[:1500]}))' >"$tmp/in.jsonl"
