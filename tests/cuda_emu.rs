@@ -205,8 +205,7 @@ fn a_ranked_row_moves_its_candidates_not_the_row() {
 /// rows; mixed with sequences that need their whole rows, and with parallel samples.
 #[test]
 fn ranked_rows_give_the_completions_of_whole_rows() {
-    use vellum::engine::{Engine, EngineConfig, Request, SamplingParams};
-    let dir = repo().join("tests/golden/models/llama_gqa");
+    use vellum::engine::{Request, SamplingParams};
     let t = |x| {
         SamplingParams::default()
             .temperature(x)
@@ -225,16 +224,7 @@ fn ranked_rows_give_the_completions_of_whole_rows() {
     ];
     for device in [Device::Cpu, Device::CudaEmulator] {
         let run = |picks_on_host: bool| {
-            let mut engine = Engine::builder()
-                .device(device)
-                .model(&dir)
-                .config(EngineConfig {
-                    kv_cache_bytes: 4 << 20,
-                    picks_on_host,
-                    ..EngineConfig::default()
-                })
-                .build()
-                .unwrap();
+            let mut engine = tiny_gqa_engine(device, picks_on_host);
             let requests = params
                 .iter()
                 .enumerate()
@@ -352,22 +342,27 @@ fn parallel_samples_copy_device_written_blocks_on_the_emulated_cuda_backend() {
 /// A greedy request without alternatives brings back picks, not its rows: the same tokens
 /// and log-probabilities as when alternatives make it bring back whole rows, or when every
 /// row comes back whole (`picks_on_host`), on both backends.
+/// The tiny GQA model on `device`, rows picked on the device or (`picks_on_host`) on the host.
+fn tiny_gqa_engine(device: Device, picks_on_host: bool) -> vellum::engine::Engine {
+    use vellum::engine::{Engine, EngineConfig};
+    Engine::builder()
+        .device(device)
+        .model(repo().join("tests/golden/models/llama_gqa"))
+        .config(EngineConfig {
+            kv_cache_bytes: 4 << 20,
+            picks_on_host,
+            ..EngineConfig::default()
+        })
+        .build()
+        .unwrap()
+}
+
 #[test]
 fn greedy_tokens_are_the_same_picked_or_from_whole_rows() {
-    use vellum::engine::{Engine, EngineConfig, Request, SamplingParams};
-    let dir = repo().join("tests/golden/models/llama_gqa");
+    use vellum::engine::{Request, SamplingParams};
     for device in [Device::Cpu, Device::CudaEmulator] {
         let run = |logprobs: usize, picks_on_host: bool| {
-            let mut engine = Engine::builder()
-                .device(device)
-                .model(&dir)
-                .config(EngineConfig {
-                    kv_cache_bytes: 4 << 20,
-                    picks_on_host,
-                    ..EngineConfig::default()
-                })
-                .build()
-                .unwrap();
+            let mut engine = tiny_gqa_engine(device, picks_on_host);
             let params = SamplingParams::default()
                 .max_tokens(6)
                 .ignore_eos(true)
