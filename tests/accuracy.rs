@@ -156,9 +156,9 @@ fn engine(cpu: &Cpu, weights: Weights, kv: KvDtype, gptq: Option<&GptqModel>) ->
 /// Where the default path differs from the one that decodes the weights to f32, every
 /// quantized row is also scored both ways on the text's first 512 tokens: the two must agree
 /// to 0.1% (they differed by at most 0.024% there on 2026-12-05; README: "same perplexities
-/// to 0.01%" over the whole text). Dense f16 weights take the same kernels
-/// on both. That pins the integer path to the float one at the real model's scale, in a
-/// fraction of the time that holding the float path to the whole table again took.
+/// to 0.01%" over the whole text). Dense f16 weights take the same kernels on both. That
+/// pins the integer path to the float one at the real model's scale, in a fraction of the
+/// time that holding the float path to the whole table again took.
 #[test]
 fn quantized_weights_keep_perplexity_close_to_the_dequantized_model() {
     let default = Cpu::new();
