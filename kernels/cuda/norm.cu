@@ -102,49 +102,82 @@ __device__ __forceinline__ uint32_t desc_rank(float v) {
   return ~ascending;
 }
 
-// The smallest of the block's values, to every thread. blockDim.x a multiple of 32.
-__device__ __forceinline__ uint64_t block_min_u64(uint64_t v, uint64_t *scratch) {
-  unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  for (int o = 16; o > 0; o >>= 1) {
-    uint64_t w = __shfl_xor_sync(0xffffffffu, v, o);
-    v = w < v ? w : v;
-  }
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  uint64_t t = lane < warps ? scratch[lane] : ~0ull;
-  for (int o = 16; o > 0; o >>= 1) {
-    uint64_t w = __shfl_xor_sync(0xffffffffu, t, o);
-    t = w < t ? w : t;
-  }
-  __syncthreads();
-  return t;
-}
+// Threads of a top_rows_f32 block at most (the launch's row_threads), its k at most
+// (pick::MAX_RANKED; a unit test holds both to the host's), and the row elements each
+// thread reads per tile.
+#define TOP_ROWS_THREADS 256
+#define TOP_ROWS_MAX_K 64
+#define TOP_ROWS_PER_THREAD 4
+#define TOP_ROWS_TILE (TOP_ROWS_THREADS * TOP_ROWS_PER_THREAD)
 
 // For listed row i (row rows[i] of x): its k most likely tokens in pick::ranked's order
 // (total_cmp, largest first, then index), into out[2k·i..]: (value, index as f32) pairs.
 // A draw within top_k, or a greedy row's alternatives, then moves 8k bytes to the host
-// instead of the row. One pass over the row per candidate, each finding the smallest key
-// (rank, then index) above the last one found: k is small (pick::MAX_RANKED) and the row
-// stays in L2 between passes. Keys are distinct, and k <= width, so every pass finds one.
-extern "C" __global__ void top_rows_f32(const float *x, uint32_t width, const uint32_t *rows,
-                                        uint32_t k, float *out) {
-  __shared__ uint64_t scratch[32];
+// instead of the row.
+//
+// One pass over the row, a tile at a time: the block keeps the best k keys so far (rank,
+// then index: distinct, so the order is total) sorted in shared memory, appends the
+// tile's keys that beat the k-th to a candidate list, and merges the two by counting each
+// key's place among them. A row is read once, where ranking by repeated passes read it k
+// times (on a T4, 64 rows of 49,152 logits do not stay in its 4 MB L2). Past the first
+// tiles few keys beat the k-th of a row of logits: simulated on Gaussian rows of 49,152 at
+// k 40 and 256 threads, ~590 candidates in all, against 7,680 loads a thread for k passes.
+// The worst case, a row in ascending order, merges every candidate of every tile.
+// k <= TOP_ROWS_MAX_K and k <= width (shapes::top_rows); blockDim.x <= TOP_ROWS_THREADS.
+extern "C" __global__ void __launch_bounds__(TOP_ROWS_THREADS)
+    top_rows_f32(const float *x, uint32_t width, const uint32_t *rows, uint32_t k, float *out) {
+  __shared__ uint64_t best[TOP_ROWS_MAX_K], merged[TOP_ROWS_MAX_K], cand[TOP_ROWS_TILE];
+  __shared__ unsigned count[2];
   const float *row = x + (size_t)rows[blockIdx.x] * width;
   float *o = out + 2 * (size_t)k * blockIdx.x;
-  uint64_t floor = 0;  // keys below it were found already
-  for (uint32_t c = 0; c < k; ++c) {
-    uint64_t best = ~0ull;
-    for (uint32_t i = threadIdx.x; i < width; i += blockDim.x) {
-      uint64_t key = ((uint64_t)desc_rank(row[i]) << 32) | i;
-      if (key >= floor && key < best) best = key;
+  unsigned held = 0;  // keys in best[], the same in every thread
+  if (threadIdx.x == 0) count[0] = 0;
+  __syncthreads();
+  // The first tile is an element per thread: all of its keys are candidates, and a merge
+  // costs each thread a comparison per candidate.
+  unsigned tile = 0, per = 1;
+  for (uint32_t base = 0; base < width; base += blockDim.x * per, per = TOP_ROWS_PER_THREAD) {
+    unsigned *n = &count[tile++ & 1];
+    uint64_t bound = held == k ? best[k - 1] : ~0ull;  // every key is below ~0
+    for (unsigned j = 0; j < per; ++j) {
+      uint32_t i = base + j * blockDim.x + threadIdx.x;
+      if (i < width) {
+        uint64_t key = ((uint64_t)desc_rank(row[i]) << 32) | i;
+        if (key < bound) cand[atomicAdd(n, 1u)] = key;
+      }
     }
-    best = block_min_u64(best, scratch);
-    if (threadIdx.x == 0) {
-      uint32_t idx = (uint32_t)best;
-      o[2 * c] = row[idx];
-      o[2 * c + 1] = (float)idx;
+    __syncthreads();
+    unsigned c = *n;
+    // Everyone has read the other counter (last tile's) before this barrier: reset it for
+    // the next tile, whose appends come after this tile's closing barrier.
+    if (threadIdx.x == 0) count[tile & 1] = 0;
+    if (c > 0) {
+      // A key's place among best[] and cand[]: its own place in sorted best[] (or, for a
+      // candidate, how many of best[] are below it), plus the candidates below it.
+      for (unsigned e = threadIdx.x; e < held + c; e += blockDim.x) {
+        uint64_t key = e < held ? best[e] : cand[e - held];
+        unsigned place = e;
+        if (e >= held) {
+          unsigned lo = 0, hi = held;
+          while (lo < hi) {
+            unsigned mid = (lo + hi) / 2;
+            if (best[mid] < key) lo = mid + 1; else hi = mid;
+          }
+          place = lo;
+        }
+        for (unsigned j = 0; j < c; ++j) place += cand[j] < key;
+        if (place < k) merged[place] = key;
+      }
+      held = held + c < k ? held + c : k;
+      __syncthreads();
+      for (unsigned e = threadIdx.x; e < held; e += blockDim.x) best[e] = merged[e];
     }
-    floor = best + 1;
+    __syncthreads();
+  }
+  for (unsigned e = threadIdx.x; e < k; e += blockDim.x) {
+    uint32_t idx = (uint32_t)best[e];
+    o[2 * e] = row[idx];
+    o[2 * e + 1] = (float)idx;
   }
 }
 VELLUM_EXPORT(top_rows_f32)

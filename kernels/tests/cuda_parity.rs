@@ -429,8 +429,9 @@ fn picked_rows_match_the_host() {
 }
 
 /// Ranked candidates on the device are the host's (`pick::ranked`), bit for bit: ties by
-/// index, NaN of both signs and both zeros where `f32::total_cmp` puts them, rows listed out
-/// of order and twice, k from 1 to `MAX_RANKED`, widths under and over a block's threads.
+/// index, NaN of both signs and both zeros where `f32::total_cmp` puts them, an ascending
+/// row, rows listed out of order and twice, k from 1 to `MAX_RANKED`, widths under and over
+/// a block's threads and a tile.
 #[test]
 fn top_rows_match_the_host() {
     use vellum_kernels::pick::{ranked_pairs, top_pairs, MAX_RANKED};
@@ -438,7 +439,7 @@ fn top_rows_match_the_host() {
     let mut rng = Rng(13);
     for width in [5usize, 64, 777, 49_152] {
         let w = width;
-        let mut x = rng.vec(4 * w);
+        let mut x = rng.vec(5 * w);
         x[w - 1] = 9.0; // row 0: a tie at the top, the lower index first
         x[w / 2] = 9.0;
         x[w + 1] = f32::NAN; // row 1: NaNs of both signs, both zeros
@@ -447,8 +448,13 @@ fn top_rows_match_the_host() {
         x[w + w - 1] = 0.0;
         x[2 * w..3 * w].fill(-1.5); // row 2: all equal
         x[3 * w + w / 3] = f32::NEG_INFINITY;
+        // Row 4 ascending in ties of three: every tile beats the best so far (the device's
+        // one-pass merge at its busiest).
+        for (i, v) in x[4 * w..].iter_mut().enumerate() {
+            *v = (i / 3) as f32;
+        }
         let x = Tensor::from(x);
-        let rows = [2u32, 0, 3, 1, 2];
+        let rows = [2u32, 0, 3, 4, 1, 2];
         for k in [1, 5, MAX_RANKED.min(w)] {
             let mut want = Tensor::zeros(2 * k * rows.len());
             cpu.top_rows(&x, w, &rows, k, &mut want).unwrap();
@@ -481,7 +487,7 @@ fn top_rows_match_the_host() {
             .map(|b| b as &dyn Backend)
             .chain([&cpu as &dyn Backend]);
         for be in all {
-            let bad = be.top_rows(&x, w, &[4], 1, &mut Tensor::zeros(2));
+            let bad = be.top_rows(&x, w, &[5], 1, &mut Tensor::zeros(2));
             assert!(
                 bad.unwrap_err().to_string().contains("top_rows"),
                 "{}",

@@ -1570,7 +1570,20 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::gemm_chunks;
+    use super::{gemm_chunks, ROW_THREADS};
+
+    /// `top_rows_f32` sizes its shared memory for at most `ROW_THREADS` threads and
+    /// `pick::MAX_RANKED` candidates: the CUDA source's constants must say the same.
+    #[test]
+    fn top_rows_kernel_constants_match_the_host() {
+        let norm = crate::cuda::sources::module("norm").unwrap().source;
+        for line in [
+            format!("#define TOP_ROWS_THREADS {ROW_THREADS}"),
+            format!("#define TOP_ROWS_MAX_K {}", crate::pick::MAX_RANKED),
+        ] {
+            assert!(norm.contains(&line), "norm.cu lacks `{line}`");
+        }
+    }
 
     #[test]
     fn gemm_chunks_fill_the_device_within_their_bounds() {
