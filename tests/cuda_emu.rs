@@ -278,20 +278,14 @@ fn a_forward_pass_moves_only_tokens_and_logits() {
     );
     let mut cpu_kv = model.new_kv_cache(4, 16, KvDtype::F16);
     let want = forward(&Cpu::new().with_int_dot(None), &mut cpu_kv);
-    let err = got
-        .iter()
-        .zip(&want)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let err = common::max_abs_diff(&got, &want);
     assert!(err < 1e-3, "logprobs {err} from the CPU's");
 
     for (layer, (got, want)) in kv.iter_mut().zip(&mut cpu_kv).enumerate() {
         let (got, want) = (got.host_pools().unwrap(), want.host_pools().unwrap());
         for (g, w) in [(got.0, want.0), (got.1, want.1)] {
             let (g, w) = (g.to_f32(), w.to_f32());
-            let err = g
-                .iter()
-                .zip(&w)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let err = common::max_abs_diff(&g, &w);
             assert!(err < 1e-3, "layer {layer}: K/V {err} from the CPU's");
         }
     }

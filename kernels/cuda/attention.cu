@@ -2,9 +2,9 @@
 // decodes alike (a decode is a chunk of one token). Online softmax: keys are visited in
 // chunks of blockDim.x; each thread scores one key of the chunk, then each thread
 // accumulates its own output dimensions over the chunk's probabilities. One pass for short
-// contexts (attention_*); for long ones the context is split across blocks and merged by a
-// second kernel (attention_split_* + attention_merge_*, flash-decoding), so that a small
-// decode batch still fills the GPU.
+// contexts (attention_*); for long ones the context is split across blocks, and the last
+// block of each (token, head) merges the splits (attention_split_*, flash-decoding), so
+// that a small decode batch still fills the GPU.
 //
 // grid = (tokens, n_heads[, splits]), block = 128 threads, dynamic shared memory:
 // (head_dim + blockDim.x) floats. head_dim <= 2 * blockDim.x.
@@ -105,19 +105,23 @@ __device__ void attention(const T *q, Kv k_cache, Kv v_cache, T *out,
   }
 }
 
-// Flash-decoding, pass 1: grid = (tokens, n_heads, splits); block z attends to keys
-// [z * split_keys, (z + 1) * split_keys) of its token's visible context and writes its partial
-// (m, l, unnormalised acc) to the f32 workspace: part_ml [tokens, n_heads, splits, 2],
-// part_acc [tokens, n_heads, splits, head_dim]. A split past the context writes l = 0.
-template <class T, class Kv>
-__device__ void attention_split(const T *q, Kv k_cache, Kv v_cache,
-                                float *part_ml, float *part_acc, const uint32_t *positions,
+// Flash-decoding, in one launch: grid = (tokens, n_heads, splits); block z attends to keys
+// [z * split_keys, (z + 1) * split_keys) of its token's visible context and writes its
+// partial (m, l, unnormalised acc) to the f32 workspace `part`: part_ml [tokens, n_heads,
+// splits, 2], then part_acc [tokens, n_heads, splits, head_dim]. A split past the context
+// writes l = 0, so the workspace needs no clearing. The last of a (token, head)'s splits to
+// finish (counters[token * n_heads + head], zero between launches: that block resets it)
+// merges them into out, where a second kernel used to: a launch less per layer.
+template <class T, class O, class Kv>
+__device__ void attention_split(const T *q, Kv k_cache, Kv v_cache, float *part,
+                                unsigned *counters, O *out, const uint32_t *positions,
                                 const uint32_t *seq_of_token, const uint32_t *block_tables,
                                 uint32_t max_blocks, uint32_t n_heads, uint32_t n_kv_heads,
                                 uint32_t head_dim, uint32_t block_size, float scale,
                                 uint32_t split_keys) {
   VELLUM_DYN_SHARED(float, shared);
   __shared__ float scratch[32];
+  __shared__ bool last;
   float *qs = shared, *probs = shared + head_dim;
   uint32_t t = blockIdx.x, h = blockIdx.y, z = blockIdx.z, kvh = h / (n_heads / n_kv_heads);
   uint32_t visible = positions[t] + 1, begin = z * split_keys;
@@ -128,37 +132,44 @@ __device__ void attention_split(const T *q, Kv k_cache, Kv v_cache,
   if (begin < end)  // uniform across the block: barriers inside stay convergent
     attend_range(qs, probs, scratch, k_cache, v_cache, table, begin, end, kvh, n_kv_heads,
                  head_dim, block_size, scale, m, l, acc);
-  size_t part = ((size_t)t * n_heads + h) * gridDim.z + z;
+  uint32_t splits = gridDim.z;
+  float *part_ml = part, *part_acc = part + 2 * (size_t)gridDim.x * n_heads * splits;
+  size_t head = (size_t)t * n_heads + h, first = head * splits;
   if (threadIdx.x == 0) {
-    part_ml[part * 2] = m;
-    part_ml[part * 2 + 1] = l;
+    part_ml[(first + z) * 2] = m;
+    part_ml[(first + z) * 2 + 1] = l;
   }
   for (uint32_t k = 0; k < 2; ++k) {
     uint32_t d = threadIdx.x + k * blockDim.x;
-    if (d < head_dim) part_acc[part * head_dim + d] = acc[k];
+    if (d < head_dim) part_acc[(first + z) * head_dim + d] = acc[k];
   }
-}
-
-// Flash-decoding, pass 2: grid = (tokens, n_heads); merges the splits' partials in split
-// order (a fixed order, so results do not depend on the batch).
-template <class T>
-__device__ void attention_merge(const float *part_ml, const float *part_acc, T *out,
-                                uint32_t n_heads, uint32_t head_dim, uint32_t splits) {
-  size_t first = ((size_t)blockIdx.x * n_heads + blockIdx.y) * splits;
-  float m = V_NEG_INF;
-  for (uint32_t z = 0; z < splits; ++z)
-    if (part_ml[(first + z) * 2 + 1] > 0.0f) m = fmaxf(m, part_ml[(first + z) * 2]);
-  T *orow = out + ((size_t)blockIdx.x * n_heads + blockIdx.y) * head_dim;
+  // The partials out to where every block sees them before this split is counted.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(&counters[head], 1u) == splits - 1;
+    if (last) counters[head] = 0;
+  }
+  __syncthreads();
+  if (!last) return;
+  // The merge, in split order (a fixed order, so results do not depend on which split
+  // finished last, nor on the batch). Volatile reads: the other splits' partials come from
+  // L2, never from a stale line of this multiprocessor's L1.
+  const volatile float *vml = part_ml, *vacc = part_acc;
+  m = V_NEG_INF;
+  for (uint32_t s = 0; s < splits; ++s)
+    if (vml[(first + s) * 2 + 1] > 0.0f) m = fmaxf(m, vml[(first + s) * 2]);
+  O *orow = out + head * head_dim;
   for (uint32_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float l = 0.0f, a = 0.0f;
-    for (uint32_t z = 0; z < splits; ++z) {
-      float lz = part_ml[(first + z) * 2 + 1];
+    float ls = 0.0f, a = 0.0f;
+    for (uint32_t s = 0; s < splits; ++s) {
+      float lz = vml[(first + s) * 2 + 1];
       if (lz == 0.0f) continue;
-      float w = expf(part_ml[(first + z) * 2] - m);
-      l += lz * w;
-      a += part_acc[(first + z) * head_dim + d] * w;
+      float w = expf(vml[(first + s) * 2] - m);
+      ls += lz * w;
+      a += vacc[(first + s) * head_dim + d] * w;
     }
-    orow[d] = from_f32<T>(a / l);
+    orow[d] = from_f32<O>(a / ls);
   }
 }
 
@@ -176,26 +187,21 @@ ATTENTION(attention_f32, float)
 ATTENTION(attention_f16, f16)
 ATTENTION(attention_bf16, bf16)
 
-#define ATTENTION_SPLIT(name, merge, T)                                                      \
-  extern "C" __global__ void name(const T *q, const T *k_cache, const T *v_cache,           \
-                                  float *part_ml, float *part_acc, const uint32_t *positions, \
+#define ATTENTION_SPLIT(name, T)                                                             \
+  extern "C" __global__ void name(const T *q, const T *k_cache, const T *v_cache, float *part, \
+                                  unsigned *counters, T *out, const uint32_t *positions,     \
                                   const uint32_t *seq_of_token, const uint32_t *block_tables, \
                                   uint32_t max_blocks, uint32_t n_heads, uint32_t n_kv_heads, \
                                   uint32_t head_dim, uint32_t block_size, float scale,       \
                                   uint32_t split_keys) {                                     \
-    attention_split(q, KvPlain<T>{k_cache}, KvPlain<T>{v_cache}, part_ml, part_acc,         \
+    attention_split(q, KvPlain<T>{k_cache}, KvPlain<T>{v_cache}, part, counters, out,       \
                     positions, seq_of_token, block_tables, max_blocks, n_heads, n_kv_heads,  \
                     head_dim, block_size, scale, split_keys);                                \
   }                                                                                          \
-  VELLUM_EXPORT(name)                                                                        \
-  extern "C" __global__ void merge(const float *part_ml, const float *part_acc, T *out,     \
-                                   uint32_t n_heads, uint32_t head_dim, uint32_t splits) {   \
-    attention_merge<T>(part_ml, part_acc, out, n_heads, head_dim, splits);                   \
-  }                                                                                          \
-  VELLUM_EXPORT(merge)
-ATTENTION_SPLIT(attention_split_f32, attention_merge_f32, float)
-ATTENTION_SPLIT(attention_split_f16, attention_merge_f16, f16)
-ATTENTION_SPLIT(attention_split_bf16, attention_merge_bf16, bf16)
+  VELLUM_EXPORT(name)
+ATTENTION_SPLIT(attention_split_f32, float)
+ATTENTION_SPLIT(attention_split_f16, f16)
+ATTENTION_SPLIT(attention_split_bf16, bf16)
 
 // f32 queries and outputs over a cache stored narrower (the CUDA backend's device copy of an
 // f16 or int8 KvLayer): the cache arguments come first, K's then V's, then the int8 shift.
@@ -213,10 +219,10 @@ extern "C" __global__ void attention_f32_kv_f16(const float *q, const f16 *k, co
 }
 VELLUM_EXPORT(attention_f32_kv_f16)
 extern "C" __global__ void attention_split_f32_kv_f16(const float *q, const f16 *k,
-                                                      const f16 *v, float *part_ml,
-                                                      float *part_acc, KV_LAYOUT,
-                                                      uint32_t split_keys) {
-  attention_split(q, KvPlain<f16>{k}, KvPlain<f16>{v}, part_ml, part_acc, KV_LAYOUT_ARGS,
+                                                      const f16 *v, float *part,
+                                                      unsigned *counters, float *out,
+                                                      KV_LAYOUT, uint32_t split_keys) {
+  attention_split(q, KvPlain<f16>{k}, KvPlain<f16>{v}, part, counters, out, KV_LAYOUT_ARGS,
                   split_keys);
 }
 VELLUM_EXPORT(attention_split_f32_kv_f16)
@@ -230,9 +236,10 @@ VELLUM_EXPORT(attention_f32_kv_int8)
 extern "C" __global__ void attention_split_f32_kv_int8(const float *q, const int8_t *kc,
                                                        const float *ks, const int8_t *vc,
                                                        const float *vs, uint32_t shift,
-                                                       float *part_ml, float *part_acc,
-                                                       KV_LAYOUT, uint32_t split_keys) {
-  attention_split(q, KvInt8{kc, ks, shift}, KvInt8{vc, vs, shift}, part_ml, part_acc,
+                                                       float *part, unsigned *counters,
+                                                       float *out, KV_LAYOUT,
+                                                       uint32_t split_keys) {
+  attention_split(q, KvInt8{kc, ks, shift}, KvInt8{vc, vs, shift}, part, counters, out,
                   KV_LAYOUT_ARGS, split_keys);
 }
 VELLUM_EXPORT(attention_split_f32_kv_int8)

@@ -4,6 +4,8 @@
 //! them); and activations from op to op (nothing comes back until the host reads it).
 //! Under the CPU emulator always; on GPU 0 too when it is usable.
 
+mod common;
+
 use std::sync::Arc;
 use vellum_kernels::cpu::Cpu;
 use vellum_kernels::cuda::counting::Counting;
@@ -159,6 +161,53 @@ fn decode_case(dtype: KvDtype) -> (KvLayer, BatchLayout) {
     (cache, batch)
 }
 
+/// Flash-decoding attention (a context longer than a split) is one launch: the last split
+/// of each token and head merges them. Its workspace stays on the device, each split writes
+/// all of its part, so an attention after the first clears nothing. A sequence shorter than
+/// a split leaves splits empty. The CPU's results, for every KV dtype.
+#[test]
+fn split_attention_is_one_launch_over_kept_scratch() {
+    let cpu = Cpu::new();
+    let (n_heads, n_kv, hd, bs) = (4, 2, 64, 16);
+    for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Int8] {
+        for rt in runtimes() {
+            let mut be = CudaBackend::new(rt.clone());
+            be.set_split_keys(128);
+            let mut cache = KvLayer::new(24, bs, n_kv, hd, dtype);
+            let (k, v) = cache.pools_mut().unwrap();
+            k.write(0, &values(k.len(), 4));
+            v.write(0, &values(v.len(), 5));
+            // 300 keys (three splits, the last partial) and 21 (two empty splits).
+            let long: Vec<u32> = (0..19).collect();
+            let batch = BatchLayout {
+                positions: vec![299, 20],
+                slot_mapping: vec![18 * 16 + 299 % 16, 21 * 16 + 4],
+                seq_offsets: vec![0, 1, 2],
+                block_tables: vec![long, vec![20, 21]],
+                context_lens: vec![300, 21],
+            };
+            // A query of its own each call: an output left from the last would be wrong.
+            for call in 0..2 {
+                let q = Tensor::from(values(2 * n_heads * hd, 6 + call));
+                let mut want = Tensor::zeros(q.len());
+                cpu.attention(&q, &cache, &batch, n_heads, &mut want)
+                    .unwrap();
+                let want = want.to_vec().unwrap();
+                rt.take_launches();
+                rt.take_memsets();
+                let mut got = Tensor::zeros(q.len());
+                be.attention(&q, &cache, &batch, n_heads, &mut got).unwrap();
+                assert_eq!(rt.take_launches(), 1, "{dtype:?} call {call}: one launch");
+                if call > 0 {
+                    assert_eq!(rt.take_memsets(), 0, "{dtype:?}: nothing cleared");
+                }
+                let err = common::max_abs_diff(&got.to_vec().unwrap(), &want);
+                assert!(err < 1e-5, "{dtype:?} call {call}: {err} from the CPU's");
+            }
+        }
+    }
+}
+
 /// The KV pools go to the device once, as stored (f32, f16, or int8 codes and scales), on
 /// the first attention over a layer; then an attention sends its queries and batch layout,
 /// not the pools, and a write stores its slots on the device only, as the host would have
@@ -186,10 +235,7 @@ fn kv_pools_stay_on_the_device_between_ops() {
                 be.attention(&q, cache, &batch, n_heads, &mut got).unwrap();
                 cpu.attention(&q, host, &batch, n_heads, &mut want).unwrap();
                 let (got, want) = (got.to_vec().unwrap(), want.to_vec().unwrap());
-                let err = got
-                    .iter()
-                    .zip(&want)
-                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                let err = common::max_abs_diff(&got, &want);
                 assert!(
                     err < 1e-5,
                     "{dtype:?}: attention differs from the CPU's by {err}"
@@ -392,10 +438,7 @@ fn activations_stay_on_the_device_from_op_to_op() {
         assert_eq!(rt.take_downloaded(), 2 * t * h * 4, "what the host reads");
         // The f16 weights' matmuls run on the tensor-core GEMM, whose operands are f16.
         for (what, got, want) in [("residual", &res, &want_res), ("norm", &out, &want_out)] {
-            let err = got
-                .iter()
-                .zip(want)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let err = common::max_abs_diff(got, want);
             assert!(err < 1e-2, "{what}: {err} from the CPU's");
         }
         block(&be, &up, &down);
@@ -430,10 +473,7 @@ fn clones_of_a_device_tensor_are_copied_before_a_write() {
         let mut want = Tensor::from(&before[..]);
         Cpu::new().silu_mul(&mut want, &up).unwrap();
         let (got, want) = (b.to_vec().unwrap(), want.to_vec().unwrap());
-        let err = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        let err = common::max_abs_diff(&got, &want);
         assert!(err < 1e-6, "the clone's SiLU: {err}");
 
         let c = a.clone();

@@ -59,9 +59,18 @@ pub fn floats(v: &serde_json::Value) -> Vec<f32> {
         .collect()
 }
 
+/// The largest |a - b|. A NaN on either side, or infinities that differ, counts as
+/// infinite: `f32::max` would drop it, and a kernel that wrote NaN would pass.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| match (x - y).abs() {
+            _ if x == y => 0.0, // equal infinities too
+            d if d.is_nan() => f32::INFINITY,
+            d => d,
+        })
+        .fold(0f32, f32::max)
 }
 
 /// An engine on `device` with a small f32 KV pool, for the golden checks: the tiny models

@@ -73,23 +73,24 @@ struct GemmPlan {
     splits: usize,
 }
 
-/// What a split-K GEMM needs beside its output: room for every split's partial tiles (each
-/// split writes all of its own, so it needs no clearing), and a counter per column tile, at
-/// zero between launches (the tile's last split resets it; new counters are allocated
-/// zeroed). Grown as needed, kept between matmuls: an allocation per matmul would cost more
-/// than a decode matmul.
+/// What a split kernel (a split-K GEMM, flash-decoding attention) needs beside its output:
+/// room for every split's partials (each split writes all of its own, so it needs no
+/// clearing), and a counter per output part (a GEMM's column tile, an attention's token and
+/// head), at zero between launches (the part's last split resets it; new counters are
+/// allocated zeroed). Grown as needed, kept between ops: an allocation per op would cost
+/// more than a decode matmul.
 #[derive(Default)]
-struct GemmScratch {
+struct SplitScratch {
     partials: Option<(Arc<OwnedBuffer>, usize)>,
     counters: Option<(Arc<OwnedBuffer>, usize)>,
 }
 
-impl GemmScratch {
-    /// The partials (`floats` f32) and the counters (`tiles` u32), grown to fit.
-    fn for_split(&mut self, be: &CudaBackend, floats: usize, tiles: usize) -> Result<(Arg, Arg)> {
+impl SplitScratch {
+    /// The partials (`floats` f32) and the counters (`parts` u32), grown to fit.
+    fn for_split(&mut self, be: &CudaBackend, floats: usize, parts: usize) -> Result<(Arg, Arg)> {
         for (slot, bytes) in [
             (&mut self.partials, floats * 4),
-            (&mut self.counters, tiles * 4),
+            (&mut self.counters, parts * 4),
         ] {
             if slot.as_ref().is_none_or(|(_, size)| *size < bytes) {
                 *slot = None; // freed before its replacement is allocated
@@ -152,7 +153,9 @@ pub struct CudaBackend {
     /// See `set_gemm_blocks_per_sm`; atomic for the same reason.
     gemm_blocks_per_sm: AtomicUsize,
     /// The split-K GEMM's scratch, kept between ops and grown as needed.
-    gemm_scratch: Mutex<GemmScratch>,
+    gemm_scratch: Mutex<SplitScratch>,
+    /// Flash-decoding attention's, likewise.
+    attention_scratch: Mutex<SplitScratch>,
     /// The small arrays ops read beside the activations (a batch's positions, slot mapping
     /// and block tables; the rotary frequencies), by role: the last one sent for each, with
     /// its bytes, reused while an op's array equals it. Every layer of a step reads the same
@@ -182,7 +185,8 @@ impl CudaBackend {
             split_keys: DEFAULT_SPLIT_KEYS,
             gemm_min_rows: AtomicUsize::new(gemm_min_rows),
             gemm_blocks_per_sm: AtomicUsize::new(DEFAULT_GEMM_BLOCKS_PER_SM),
-            gemm_scratch: Mutex::new(GemmScratch::default()),
+            gemm_scratch: Mutex::new(SplitScratch::default()),
+            attention_scratch: Mutex::new(SplitScratch::default()),
             arrays: Mutex::new(HashMap::new()),
             capture: Mutex::new(None),
         }
@@ -200,7 +204,7 @@ impl CudaBackend {
     }
 
     /// Contexts longer than `keys` (a multiple of the attention block's 128 threads) are
-    /// attended in splits of `keys` merged by a second kernel.
+    /// attended in splits of `keys`, merged by the last split of each token and head.
     pub fn set_split_keys(&mut self, keys: u32) {
         self.split_keys = keys.div_ceil(ATTENTION_THREADS).max(1) * ATTENTION_THREADS;
     }
@@ -1385,12 +1389,16 @@ impl Backend for CudaBackend {
         let longest = batch.positions.iter().max().map_or(0, |&p| p + 1);
         let splits = longest.div_ceil(self.split_keys);
         if splits > 1 {
-            let parts = t * n_heads * splits as usize;
-            let ml = self.zeroed(parts * 2 * 4)?;
-            let acc = self.zeroed(parts * hd * 4)?;
+            let heads = t * n_heads;
+            let floats = heads * splits as usize * (2 + hd);
+            let mut scratch = self
+                .attention_scratch
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let (part, counters) = scratch.for_split(self, floats, heads)?;
             let mut args = vec![qd.arg()];
             args.extend(kv_args);
-            args.extend([ml.arg(), acc.arg()]);
+            args.extend([part, counters, od]);
             args.extend(layout);
             args.push(Arg::U32(self.split_keys));
             let cfg = LaunchConfig {
@@ -1399,21 +1407,7 @@ impl Backend for CudaBackend {
                 shared_bytes,
             };
             let kernel = format!("attention_split_f32{kv_kind}");
-            self.launch("attention", &kernel, cfg, &args)?;
-            let merge = LaunchConfig {
-                grid: (t as u32, n_heads as u32, 1),
-                block: (row_threads(hd), 1, 1),
-                shared_bytes: 0,
-            };
-            let args = [
-                ml.arg(),
-                acc.arg(),
-                od,
-                Arg::U32(n_heads as u32),
-                Arg::U32(hd as u32),
-                Arg::U32(splits),
-            ];
-            return self.launch("attention", "attention_merge_f32", merge, &args);
+            return self.launch("attention", &kernel, cfg, &args);
         }
         let cfg = LaunchConfig {
             grid: (t as u32, n_heads as u32, 1),

@@ -1,4 +1,6 @@
 //! Helpers shared by the CUDA kernel tests.
+// Each test crate that includes this module uses part of it.
+#![allow(dead_code)]
 
 use std::sync::Arc;
 use vellum_kernels::cuda::emu::EmuRuntime;
@@ -21,4 +23,18 @@ pub fn backends() -> Vec<CudaBackend> {
         }
     }
     v
+}
+
+/// The largest |a - b|. A NaN on either side, or infinities that differ, counts as
+/// infinite: `f32::max` would drop it, and a kernel that wrote NaN would pass.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| match (x - y).abs() {
+            _ if x == y => 0.0, // equal infinities too
+            d if d.is_nan() => f32::INFINITY,
+            d => d,
+        })
+        .fold(0f32, f32::max)
 }

@@ -206,8 +206,10 @@ impl CudaBackend {
             );
         }
         let mut kept = capture.kept;
-        let scratch = self.gemm_scratch.lock().unwrap_or_else(|e| e.into_inner());
-        kept.extend(scratch.buffers());
+        for scratch in [&self.gemm_scratch, &self.attention_scratch] {
+            let scratch = scratch.lock().unwrap_or_else(|e| e.into_inner());
+            kept.extend(scratch.buffers());
+        }
         Ok(Box::new(CudaStep {
             key: capture.key,
             graph,
