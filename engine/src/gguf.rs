@@ -9,7 +9,7 @@ use crate::error::{format_err, io_err, EngineError, Result};
 use crate::tensors::{TensorFormat, TensorInfo, TensorStore};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use vellum_quant::{BlockFormat, DType};
+use vellum_quant::{BlockFormat, DType, DecodedFormat};
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -262,7 +262,7 @@ fn ggml_format(ty: u32) -> Option<TensorFormat> {
         2 => TensorFormat::Block(BlockFormat::Q4_0),
         3 => TensorFormat::Block(BlockFormat::Q4_1),
         8 => TensorFormat::Block(BlockFormat::Q8_0),
-        _ => return None,
+        _ => TensorFormat::Decoded(DecodedFormat::from_ggml_type(ty)?),
     })
 }
 
@@ -322,7 +322,7 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
         let ty = r.u32(&name)?;
         let offset = r.u64(&name)?;
         let format = ggml_format(ty).ok_or_else(|| {
-            format!("tensor `{name}`: ggml type {ty} is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0 are)")
+            format!("tensor `{name}`: ggml type {ty} is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1 and Q2_K to Q6_K are)")
         })?;
         // GGUF lists dims fastest-first; Hugging Face order is the reverse.
         let shape: Vec<usize> = dims.iter().rev().map(|&d| d as usize).collect();

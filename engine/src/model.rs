@@ -6,6 +6,7 @@ use crate::error::{EngineError, Result};
 use crate::graphs::{StepGraphs, StepTensors};
 use crate::tensors::{TensorFormat, TensorInfo, TensorStore};
 use half::{bf16, f16};
+use std::collections::BTreeMap;
 use std::path::Path;
 use vellum_kernels::{
     pick::{pick, ranked_pairs, top_pairs},
@@ -148,6 +149,21 @@ pub fn weight_from_tensor(info: &TensorInfo, bytes: &[u8]) -> std::result::Resul
                 .collect(),
         ),
         TensorFormat::Block(f) => WeightData::Block(f, bytes.to_vec()),
+        // No kernels run these formats: decoded once to f16 (an f32 value times a scale
+        // rounded to f16's 11 bits, well within what the format itself lost).
+        TensorFormat::Decoded(f) => {
+            if !cols.is_multiple_of(f.block_values()) {
+                return Err(format!(
+                    "{cols} columns are not whole {} blocks of {} values",
+                    f.name(),
+                    f.block_values()
+                ));
+            }
+            let mut values = Vec::new();
+            f.dequantize(bytes, rows * cols, &mut values)
+                .map_err(|e| e.to_string())?;
+            WeightData::F16(values.into_iter().map(f16::from_f32).collect())
+        }
         TensorFormat::U8 | TensorFormat::I8 => {
             return Err(format!(
                 "{} bytes are quantized values: only linear layers of a checkpoint with a quantization_config may hold them",
@@ -349,6 +365,21 @@ impl Model {
         layout: TensorLayout,
     ) -> Result<Model> {
         let l = Loader { store, path };
+        let decoded: BTreeMap<String, usize> = store
+            .infos()
+            .filter(|t| matches!(t.format, TensorFormat::Decoded(_)))
+            .fold(BTreeMap::new(), |mut m, t| {
+                *m.entry(t.format.name()).or_default() += 1;
+                m
+            });
+        if !decoded.is_empty() {
+            let list: Vec<String> = decoded.iter().map(|(f, n)| format!("{n} {f}")).collect();
+            tracing::warn!(
+                "{} tensors decoded to f16 at load: Vellum has no kernels for these formats \
+                 (about 3-4x their memory; --quant int4 or q8_0 requantizes them)",
+                list.join(", ")
+            );
+        }
         let c = &config;
         let (h, f) = (c.hidden_size, c.intermediate_size);
         let embed = l.matrix("model.embed_tokens.weight", c.vocab_size, h)?;

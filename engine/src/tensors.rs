@@ -7,13 +7,15 @@
 use crate::error::{format_err, io_err, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use vellum_quant::{BlockFormat, DType, QuantError};
+use vellum_quant::{BlockFormat, DType, DecodedFormat, QuantError};
 
 /// How a tensor's elements are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TensorFormat {
     Dense(DType),
     Block(BlockFormat),
+    /// A GGUF block format Vellum has no kernels for, decoded at load (`vellum_quant::ggml`).
+    Decoded(DecodedFormat),
     /// Raw bytes (safetensors `U8` / `I8`): quantized values, read through the model's
     /// `quantization_config`.
     U8,
@@ -25,6 +27,7 @@ impl TensorFormat {
         match self {
             TensorFormat::Dense(d) => Ok(n * d.size()),
             TensorFormat::Block(b) => b.bytes_for(n),
+            TensorFormat::Decoded(f) => f.bytes_for(n),
             TensorFormat::U8 | TensorFormat::I8 => Ok(n),
         }
     }
@@ -33,6 +36,7 @@ impl TensorFormat {
         match self {
             TensorFormat::Dense(d) => d.to_string(),
             TensorFormat::Block(b) => b.name().to_string(),
+            TensorFormat::Decoded(f) => f.name().to_string(),
             TensorFormat::U8 => "u8".into(),
             TensorFormat::I8 => "i8".into(),
         }

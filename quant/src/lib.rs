@@ -1,17 +1,20 @@
 //! Weight formats of Vellum and their reference (plain Rust, obviously correct) code.
 //!
 //! Dense dtypes (`f32`, `f16`, `bf16`), the group-32 block formats that llama.cpp ships
-//! in GGUF files, and planar group-wise int4 (groups of 32/64/128). Every kernel in `vellum-kernels` is tested against the reference
+//! in GGUF files, planar group-wise int4 (groups of 32/64/128), and the decoders of the
+//! GGUF formats read at load only (5-bit and k-quants, [`ggml`]). Every kernel in `vellum-kernels` is tested against the reference
 //! dequantize here.
 
 pub mod block;
 pub mod dtype;
+pub mod ggml;
 pub mod gptq;
 pub mod int4;
 pub mod int8;
 
 pub use block::{BlockFormat, QK};
 pub use dtype::DType;
+pub use ggml::DecodedFormat;
 pub use gptq::GptqFactor;
 pub use int4::{Int4Data, Int4Format, ScaleSearch};
 

@@ -1,0 +1,301 @@
+//! llama.cpp block formats that Vellum reads but does not compute in: the 5-bit group-32
+//! formats and the k-quants (super-blocks of 256 values). A GGUF tensor in one of them is
+//! decoded to f32 at load, once (the engine then stores it as f16, or requantizes it to one
+//! of Vellum's formats when asked to). Most GGUF files in circulation are k-quant mixes:
+//! a `Q4_K_M` file holds `Q4_K` and `Q6_K` tensors, and, where a row is not a multiple of 256
+//! values (SmolLM2's 576), llama.cpp falls back to `Q5_0`, `Q5_1` or `Q8_0`.
+//!
+//! Layouts (little endian; `f16` scales; see each decoder for the value rule):
+//!
+//! ```text
+//! Q5_0  (22 B / 32):  d | qh: u32 | qs[16]                    x = (q - 16) d
+//! Q5_1  (24 B / 32):  d | m | qh: u32 | qs[16]                x = q d + m
+//! Q2_K  (84 B / 256): scales[16] | qs[64] | d | dmin          x = d sc q - dmin m (16 groups of 16)
+//! Q3_K (110 B / 256): hmask[32] | qs[64] | scales[12] | d     x = d (sc - 32) (q - 4 h̄)
+//! Q4_K (144 B / 256): d | dmin | scales[12] | qs[128]         x = d sc q - dmin m (8 groups of 32)
+//! Q5_K (176 B / 256): d | dmin | scales[12] | qh[32] | qs[128]
+//! Q6_K (210 B / 256): ql[128] | qh[64] | scales[16]: i8 | d   x = d sc (q - 32) (16 groups of 16)
+//! ```
+//!
+//! Arithmetic is f32 in the order llama.cpp's reference decoders use (`d * sc` first, then
+//! times the code, minus the offset), so the values are theirs; tested against the `gguf`
+//! Python package's decoders (`tests/golden/ggml_blocks.json`).
+
+use crate::QuantError;
+use half::f16;
+
+/// Values per k-quant super-block.
+pub const QK_K: usize = 256;
+
+/// A block format decoded at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecodedFormat {
+    Q5_0,
+    Q5_1,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl DecodedFormat {
+    pub const ALL: [DecodedFormat; 7] = [
+        DecodedFormat::Q5_0,
+        DecodedFormat::Q5_1,
+        DecodedFormat::Q2K,
+        DecodedFormat::Q3K,
+        DecodedFormat::Q4K,
+        DecodedFormat::Q5K,
+        DecodedFormat::Q6K,
+    ];
+
+    /// The format of ggml type id `ty`, if it is one of these.
+    pub fn from_ggml_type(ty: u32) -> Option<DecodedFormat> {
+        Some(match ty {
+            6 => DecodedFormat::Q5_0,
+            7 => DecodedFormat::Q5_1,
+            10 => DecodedFormat::Q2K,
+            11 => DecodedFormat::Q3K,
+            12 => DecodedFormat::Q4K,
+            13 => DecodedFormat::Q5K,
+            14 => DecodedFormat::Q6K,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DecodedFormat::Q5_0 => "Q5_0",
+            DecodedFormat::Q5_1 => "Q5_1",
+            DecodedFormat::Q2K => "Q2_K",
+            DecodedFormat::Q3K => "Q3_K",
+            DecodedFormat::Q4K => "Q4_K",
+            DecodedFormat::Q5K => "Q5_K",
+            DecodedFormat::Q6K => "Q6_K",
+        }
+    }
+
+    /// Values per block.
+    pub fn block_values(self) -> usize {
+        match self {
+            DecodedFormat::Q5_0 | DecodedFormat::Q5_1 => 32,
+            _ => QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            DecodedFormat::Q5_0 => 22,
+            DecodedFormat::Q5_1 => 24,
+            DecodedFormat::Q2K => 84,
+            DecodedFormat::Q3K => 110,
+            DecodedFormat::Q4K => 144,
+            DecodedFormat::Q5K => 176,
+            DecodedFormat::Q6K => 210,
+        }
+    }
+
+    /// Bytes holding `n` values, or an error when `n` is not whole blocks.
+    pub fn bytes_for(self, n: usize) -> Result<usize, QuantError> {
+        if !n.is_multiple_of(self.block_values()) {
+            return Err(QuantError::NotBlockAligned {
+                format: self.name(),
+                n,
+                block: self.block_values(),
+            });
+        }
+        Ok(n / self.block_values() * self.block_bytes())
+    }
+
+    /// Decodes `bytes` holding `n` values, appended to `out`.
+    pub fn dequantize(self, bytes: &[u8], n: usize, out: &mut Vec<f32>) -> Result<(), QuantError> {
+        let expected = self.bytes_for(n)?;
+        if bytes.len() != expected {
+            return Err(QuantError::ByteLength {
+                format: self.name(),
+                n,
+                expected,
+                got: bytes.len(),
+            });
+        }
+        let start = out.len();
+        out.resize(start + n, 0.0);
+        let blocks = bytes.chunks_exact(self.block_bytes());
+        for (b, y) in blocks.zip(out[start..].chunks_exact_mut(self.block_values())) {
+            match self {
+                DecodedFormat::Q5_0 => q5_0(b, y),
+                DecodedFormat::Q5_1 => q5_1(b, y),
+                DecodedFormat::Q2K => q2_k(b, y),
+                DecodedFormat::Q3K => q3_k(b, y),
+                DecodedFormat::Q4K => q4_k(b, y),
+                DecodedFormat::Q5K => q5_k(b, y),
+                DecodedFormat::Q6K => q6_k(b, y),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn half(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// The 5-bit codes of a Q5_0/Q5_1 block: low nibbles of `qs` (value j in byte j's low
+/// nibble, value j + 16 in its high one) with bit 4 from `qh` bit j.
+fn q5_codes(qh: &[u8], qs: &[u8]) -> [u8; 32] {
+    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    let mut q = [0u8; 32];
+    for j in 0..16 {
+        let high = |bit: usize| (((qh >> bit) & 1) as u8) << 4;
+        q[j] = (qs[j] & 0x0f) | high(j);
+        q[j + 16] = (qs[j] >> 4) | high(j + 16);
+    }
+    q
+}
+
+fn q5_0(b: &[u8], y: &mut [f32]) {
+    let d = half(b, 0);
+    for (o, q) in y.iter_mut().zip(q5_codes(&b[2..6], &b[6..22])) {
+        *o = (q as i32 - 16) as f32 * d;
+    }
+}
+
+fn q5_1(b: &[u8], y: &mut [f32]) {
+    let (d, m) = (half(b, 0), half(b, 2));
+    for (o, q) in y.iter_mut().zip(q5_codes(&b[4..8], &b[8..24])) {
+        *o = q as f32 * d + m;
+    }
+}
+
+/// Scale and offset multipliers of group `j` (0..8) of a Q4_K/Q5_K block: six bits each,
+/// packed in 12 bytes (groups 0..4 in the low six bits of bytes 0..8, groups 4..8 in the
+/// nibbles of bytes 8..12 with their top two bits in the top bits of bytes 0..8).
+fn k4_scale_min(scales: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (scales[j] & 63, scales[j + 4] & 63)
+    } else {
+        (
+            (scales[j + 4] & 0x0f) | ((scales[j - 4] >> 6) << 4),
+            (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Q4_K: 8 groups of 32; group pairs share 32 bytes of `qs` (low nibbles the first group,
+/// high nibbles the second).
+fn q4_k(b: &[u8], y: &mut [f32]) {
+    let (d, dmin) = (half(b, 0), half(b, 2));
+    let (scales, qs) = (&b[4..16], &b[16..144]);
+    for (pair, (ys, q)) in y.chunks_exact_mut(64).zip(qs.chunks_exact(32)).enumerate() {
+        for (half_, shift) in [(0, 0), (1, 4)] {
+            let (sc, m) = k4_scale_min(scales, 2 * pair + half_);
+            let (dl, ml) = (d * sc as f32, dmin * m as f32);
+            for l in 0..32 {
+                ys[32 * half_ + l] = dl * ((q[l] >> shift) & 0x0f) as f32 - ml;
+            }
+        }
+    }
+}
+
+/// Q5_K: Q4_K with a fifth bit per value from `qh` (bit 2·pair for the low group of a pair,
+/// 2·pair + 1 for the high one).
+fn q5_k(b: &[u8], y: &mut [f32]) {
+    let (d, dmin) = (half(b, 0), half(b, 2));
+    let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
+    for (pair, (ys, q)) in y.chunks_exact_mut(64).zip(qs.chunks_exact(32)).enumerate() {
+        for (half_, shift) in [(0, 0), (1, 4)] {
+            let (sc, m) = k4_scale_min(scales, 2 * pair + half_);
+            let (dl, ml) = (d * sc as f32, dmin * m as f32);
+            let bit = 2 * pair + half_;
+            for l in 0..32 {
+                let code = ((q[l] >> shift) & 0x0f) | (((qh[l] >> bit) & 1) << 4);
+                ys[32 * half_ + l] = dl * code as f32 - ml;
+            }
+        }
+    }
+}
+
+/// Q6_K: two halves of 128 values, each from 64 bytes of `ql` (low four bits) and 32 of
+/// `qh` (two high bits per value), in four runs of 32 with a signed scale per 16 values.
+fn q6_k(b: &[u8], y: &mut [f32]) {
+    let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
+    let d = half(b, 208);
+    for h in 0..2 {
+        let (ql, qh, sc) = (&ql[64 * h..], &qh[32 * h..], &scales[8 * h..]);
+        let ys = &mut y[128 * h..128 * (h + 1)];
+        for l in 0..32 {
+            let codes = [
+                (ql[l] & 0x0f) | ((qh[l] & 3) << 4),
+                (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4),
+                (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+                (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+            ];
+            for (run, &code) in codes.iter().enumerate() {
+                let scale = sc[l / 16 + 2 * run] as i8;
+                ys[32 * run + l] = d * scale as f32 * (code as i32 - 32) as f32;
+            }
+        }
+    }
+}
+
+/// Q2_K: two halves of 128 values, each from 32 bytes of `qs` read four times (two bits at
+/// shifts 0, 2, 4, 6), 16 values per scale byte (low nibble scale, high nibble offset).
+fn q2_k(b: &[u8], y: &mut [f32]) {
+    let (scales, qs) = (&b[0..16], &b[16..80]);
+    let (d, dmin) = (half(b, 80), half(b, 82));
+    let mut group = 0;
+    for (h, q) in qs.chunks_exact(32).enumerate() {
+        for shift in [0, 2, 4, 6] {
+            for part in 0..2 {
+                let sc = scales[group];
+                let (dl, ml) = (d * (sc & 0x0f) as f32, dmin * (sc >> 4) as f32);
+                let at = 128 * h + 32 * (shift / 2) + 16 * part;
+                for l in 0..16 {
+                    y[at + l] = dl * ((q[16 * part + l] >> shift) & 3) as f32 - ml;
+                }
+                group += 1;
+            }
+        }
+    }
+}
+
+/// Q3_K: Q2_K's two-bit layout plus a high bit per value from `hmask` (set: the code as is;
+/// clear: minus 4), and 16 six-bit signed scales (offset 32) packed in 12 bytes: the low
+/// nibbles of bytes 0..8 are scales 0..8, their high nibbles 8..16, and bytes 8..12 hold
+/// the top two bits of each.
+fn q3_k(b: &[u8], y: &mut [f32]) {
+    let (hmask, qs, packed) = (&b[0..32], &b[32..96], &b[96..108]);
+    let d = half(b, 108);
+    let scale = |i: usize| {
+        let low = if i < 8 {
+            packed[i] & 0x0f
+        } else {
+            packed[i - 8] >> 4
+        };
+        let high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
+        (low | (high << 4)) as i32 - 32
+    };
+    let mut group = 0;
+    let mut bit = 0;
+    for (h, q) in qs.chunks_exact(32).enumerate() {
+        for shift in [0, 2, 4, 6] {
+            for part in 0..2 {
+                let dl = d * scale(group) as f32;
+                let at = 128 * h + 32 * (shift / 2) + 16 * part;
+                for l in 0..16 {
+                    let low = ((q[16 * part + l] >> shift) & 3) as i32;
+                    let minus = if (hmask[16 * part + l] >> bit) & 1 == 1 {
+                        0
+                    } else {
+                        4
+                    };
+                    y[at + l] = dl * (low - minus) as f32;
+                }
+                group += 1;
+            }
+            bit += 1;
+        }
+    }
+}
