@@ -213,17 +213,17 @@ fn gguf_problems_are_named() {
         ),
     );
     expect_error(&p, &["token_embd.weight", "missing"]);
-    // A tensor of an unknown ggml type (Q6_K = 14).
+    // A tensor of a ggml type Vellum does not read (IQ2_XXS = 16).
     let mut b = gguf(3, 1, &[]);
     b.extend(3u64.to_le_bytes());
     b.extend(b"foo");
     b.extend(2u32.to_le_bytes());
     b.extend(32u64.to_le_bytes());
     b.extend(4u64.to_le_bytes());
-    b.extend(14u32.to_le_bytes());
+    b.extend(16u32.to_le_bytes());
     b.extend(0u64.to_le_bytes());
     let p = write_gguf("qtype", b);
-    expect_error(&p, &["foo", "ggml type 14", "not supported"]);
+    expect_error(&p, &["foo", "ggml type 16", "not supported"]);
 }
 
 /// Truncating the real GGUF anywhere gives an error, never a panic.
