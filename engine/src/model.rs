@@ -13,6 +13,7 @@ use vellum_kernels::{
     Backend, BatchLayout, KvDtype, KvLayer, MatmulPart, Pick, QuantTarget, Rope, StepInputs,
     Tensor, Weight, WeightData, NO_TARGET,
 };
+use vellum_quant::ggml::Repacked;
 use vellum_quant::DType;
 
 /// One decoder layer's weights. The norms' weights and the biases are [`Tensor`]s, which a
@@ -149,8 +150,9 @@ pub fn weight_from_tensor(info: &TensorInfo, bytes: &[u8]) -> std::result::Resul
                 .collect(),
         ),
         TensorFormat::Block(f) => WeightData::Block(f, bytes.to_vec()),
-        // No kernels run these formats: decoded once to f16 (an f32 value times a scale
-        // rounded to f16's 11 bits, well within what the format itself lost).
+        // No kernels run these formats: re-expressed in one that does (Q5_0, Q4_K), else
+        // decoded once to f16 (an f32 value rounded to f16's 11 bits, well within what the
+        // format itself lost).
         TensorFormat::Decoded(f) => {
             if !cols.is_multiple_of(f.block_values()) {
                 return Err(format!(
@@ -159,10 +161,16 @@ pub fn weight_from_tensor(info: &TensorInfo, bytes: &[u8]) -> std::result::Resul
                     f.block_values()
                 ));
             }
-            let mut values = Vec::new();
-            f.dequantize(bytes, rows * cols, &mut values)
-                .map_err(|e| e.to_string())?;
-            WeightData::F16(values.into_iter().map(f16::from_f32).collect())
+            match f.repack(bytes, rows, cols).map_err(|e| e.to_string())? {
+                Some(Repacked::Block(format, bytes)) => WeightData::Block(format, bytes),
+                Some(Repacked::Int4(format, data)) => WeightData::Int4(format, data),
+                None => {
+                    let mut values = Vec::new();
+                    f.dequantize(bytes, rows * cols, &mut values)
+                        .map_err(|e| e.to_string())?;
+                    WeightData::F16(values.into_iter().map(f16::from_f32).collect())
+                }
+            }
         }
         TensorFormat::U8 | TensorFormat::I8 => {
             return Err(format!(
@@ -367,7 +375,7 @@ impl Model {
         let l = Loader { store, path };
         let decoded: BTreeMap<String, usize> = store
             .infos()
-            .filter(|t| matches!(t.format, TensorFormat::Decoded(_)))
+            .filter(|t| matches!(t.format, TensorFormat::Decoded(f) if !f.repacks()))
             .fold(BTreeMap::new(), |mut m, t| {
                 *m.entry(t.format.name()).or_default() += 1;
                 m

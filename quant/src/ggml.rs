@@ -1,7 +1,8 @@
 //! llama.cpp block formats that Vellum reads but does not compute in: the 5-bit group-32
-//! formats and the k-quants (super-blocks of 256 values). A GGUF tensor in one of them is
-//! decoded to f32 at load, once (the engine then stores it as f16, or requantizes it to one
-//! of Vellum's formats when asked to). Most GGUF files in circulation are k-quant mixes:
+//! formats and the k-quants (super-blocks of 256 values). At load a GGUF tensor in one of
+//! them is re-expressed in a format Vellum has kernels for where one holds its values
+//! ([`DecodedFormat::repack`]: Q5_0 as Q8_0, Q4_K as int4), else decoded to f32 once (and
+//! stored as f16, or requantized when asked to). Most GGUF files in circulation are k-quant mixes:
 //! a `Q4_K_M` file holds `Q4_K` and `Q6_K` tensors, and, where a row is not a multiple of 256
 //! values (SmolLM2's 576), llama.cpp falls back to `Q5_0`, `Q5_1` or `Q8_0`.
 //!
@@ -21,7 +22,8 @@
 //! times the code, minus the offset), so the values are theirs; tested against the `gguf`
 //! Python package's decoders (`tests/golden/ggml_blocks.json`).
 
-use crate::QuantError;
+use crate::int4::pack_codes;
+use crate::{BlockFormat, Int4Data, Int4Format, QuantError};
 use half::f16;
 
 /// Values per k-quant super-block.
@@ -135,6 +137,95 @@ impl DecodedFormat {
             }
         }
         Ok(())
+    }
+}
+
+/// A decoded-format matrix re-expressed in a format Vellum computes in (see
+/// [`DecodedFormat::repack`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Repacked {
+    Block(BlockFormat, Vec<u8>),
+    Int4(Int4Format, Int4Data),
+}
+
+impl DecodedFormat {
+    /// Whether [`DecodedFormat::repack`] keeps this format quantized (else it is decoded
+    /// to f16).
+    pub fn repacks(self) -> bool {
+        matches!(self, DecodedFormat::Q5_0 | DecodedFormat::Q4K)
+    }
+
+    /// The `[rows, cols]` matrix in `bytes` in a format Vellum has kernels for, where one
+    /// holds its values (else None: it is decoded to f16):
+    /// - Q5_0 as Q8_0, exactly: a 5-bit code minus 16 is an int8 code under the same f16
+    ///   scale, and both decode as code × scale in f32.
+    /// - Q4_K as asymmetric int4 with groups of 32: the codes as they are, each group's
+    ///   scale d·sc and offset −dmin·m rounded from f32 to f16. A value moves by at most
+    ///   2⁻¹¹ of 15·|scale| + |offset|: what storing the decoded value as f16 costs too,
+    ///   at a quarter of f16's memory.
+    pub fn repack(
+        self,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Repacked>, QuantError> {
+        if !self.repacks() {
+            return Ok(None);
+        }
+        if !cols.is_multiple_of(self.block_values()) {
+            return Err(QuantError::NotBlockAligned {
+                format: self.name(),
+                n: cols,
+                block: self.block_values(),
+            });
+        }
+        let expected = self.bytes_for(rows * cols)?;
+        if bytes.len() != expected {
+            return Err(QuantError::ByteLength {
+                format: self.name(),
+                n: rows * cols,
+                expected,
+                got: bytes.len(),
+            });
+        }
+        let blocks = bytes.chunks_exact(self.block_bytes());
+        Ok(Some(if self == DecodedFormat::Q5_0 {
+            let mut out = Vec::with_capacity(BlockFormat::Q8_0.bytes_for(rows * cols)?);
+            for b in blocks {
+                out.extend_from_slice(&b[0..2]);
+                let codes = q5_codes(&b[2..6], &b[6..22]);
+                out.extend(codes.iter().map(|&q| (q as i8 - 16) as u8));
+            }
+            Repacked::Block(BlockFormat::Q8_0, out)
+        } else {
+            let groups = rows * cols / 32;
+            let mut data = Int4Data {
+                packed: Vec::new(),
+                scales: Vec::with_capacity(groups),
+                mins: Vec::with_capacity(groups),
+            };
+            let mut codes = Vec::with_capacity(rows * cols);
+            for b in blocks {
+                let (d, dmin) = (half(b, 0), half(b, 2));
+                let (scales, qs) = (&b[4..16], &b[16..144]);
+                for (pair, q) in qs.chunks_exact(32).enumerate() {
+                    for (half_, shift) in [(0, 0), (1, 4)] {
+                        let (sc, m) = k4_scale_min(scales, 2 * pair + half_);
+                        data.scales.push(f16::from_f32(d * sc as f32));
+                        data.mins.push(f16::from_f32(-(dmin * m as f32)));
+                        codes.extend(q.iter().map(|&c| (c >> shift) & 0x0f));
+                    }
+                }
+            }
+            data.packed = pack_codes(codes);
+            Repacked::Int4(
+                Int4Format {
+                    group: 32,
+                    symmetric: false,
+                },
+                data,
+            )
+        }))
     }
 }
 
