@@ -92,15 +92,7 @@ impl BlockFormat {
 
     /// Dequantizes `bytes` holding `n` values into `out` (appended).
     pub fn dequantize(self, bytes: &[u8], n: usize, out: &mut Vec<f32>) -> Result<(), QuantError> {
-        let expected = self.bytes_for(n)?;
-        if bytes.len() != expected {
-            return Err(QuantError::ByteLength {
-                format: self.name(),
-                n,
-                expected,
-                got: bytes.len(),
-            });
-        }
+        crate::expect_len(self.name(), n, self.bytes_for(n)?, bytes.len())?;
         let mut tmp = [0f32; QK];
         out.reserve(n);
         for block in bytes.chunks_exact(self.block_bytes()) {

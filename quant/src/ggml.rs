@@ -113,15 +113,7 @@ impl DecodedFormat {
 
     /// Decodes `bytes` holding `n` values, appended to `out`.
     pub fn dequantize(self, bytes: &[u8], n: usize, out: &mut Vec<f32>) -> Result<(), QuantError> {
-        let expected = self.bytes_for(n)?;
-        if bytes.len() != expected {
-            return Err(QuantError::ByteLength {
-                format: self.name(),
-                n,
-                expected,
-                got: bytes.len(),
-            });
-        }
+        crate::expect_len(self.name(), n, self.bytes_for(n)?, bytes.len())?;
         let start = out.len();
         out.resize(start + n, 0.0);
         let blocks = bytes.chunks_exact(self.block_bytes());
@@ -179,15 +171,8 @@ impl DecodedFormat {
                 block: self.block_values(),
             });
         }
-        let expected = self.bytes_for(rows * cols)?;
-        if bytes.len() != expected {
-            return Err(QuantError::ByteLength {
-                format: self.name(),
-                n: rows * cols,
-                expected,
-                got: bytes.len(),
-            });
-        }
+        let n = rows * cols;
+        crate::expect_len(self.name(), n, self.bytes_for(n)?, bytes.len())?;
         let blocks = bytes.chunks_exact(self.block_bytes());
         Ok(Some(if self == DecodedFormat::Q5_0 {
             let mut out = Vec::with_capacity(BlockFormat::Q8_0.bytes_for(rows * cols)?);

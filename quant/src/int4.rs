@@ -96,14 +96,7 @@ impl Int4Format {
             (if self.symmetric { 0 } else { groups }, data.mins.len()),
         ];
         for (expected, got) in want {
-            if expected != got {
-                return Err(QuantError::ByteLength {
-                    format: self.name(),
-                    n: rows * cols,
-                    expected,
-                    got,
-                });
-            }
+            crate::expect_len(self.name(), rows * cols, expected, got)?;
         }
         Ok(())
     }
@@ -117,14 +110,7 @@ impl Int4Format {
         search: ScaleSearch,
     ) -> Result<Int4Data, QuantError> {
         let groups = self.groups(cols)?;
-        if values.len() != rows * cols {
-            return Err(QuantError::ByteLength {
-                format: self.name(),
-                n: rows * cols,
-                expected: rows * cols,
-                got: values.len(),
-            });
-        }
+        crate::expect_len(self.name(), rows * cols, rows * cols, values.len())?;
         let mut codes = vec![0u8; rows * cols];
         let mut data = Int4Data {
             packed: Vec::new(),
@@ -191,14 +177,7 @@ impl Int4Format {
             }
         };
         let expected = rows * format.bytes_for(cols)?;
-        if bytes.len() != expected {
-            return Err(QuantError::ByteLength {
-                format: format.name(),
-                n: rows * cols,
-                expected,
-                got: bytes.len(),
-            });
-        }
+        crate::expect_len(format.name(), rows * cols, expected, bytes.len())?;
         let mut data = Int4Data {
             packed: Vec::new(),
             scales: Vec::with_capacity(rows * cols / QK),

@@ -39,3 +39,21 @@ pub enum QuantError {
     #[error("GPTQ: {0}")]
     Gptq(String),
 }
+
+/// A [`QuantError::ByteLength`] unless `got` is `expected` (bytes, or values, for `n` values).
+pub(crate) fn expect_len(
+    format: &'static str,
+    n: usize,
+    expected: usize,
+    got: usize,
+) -> Result<(), QuantError> {
+    if got == expected {
+        return Ok(());
+    }
+    Err(QuantError::ByteLength {
+        format,
+        n,
+        expected,
+        got,
+    })
+}
