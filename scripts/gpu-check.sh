@@ -169,7 +169,8 @@ PY
 # The engine end to end on a device, against the CPU's f32 path, on the committed tiny GGUF
 # (tests/golden/spm_llama.gguf, with its tokenizer): scores through the GEMV (exact f32
 # products: within 1e-5) and the tensor-core GEMM (f16 rounding: within 1e-2), int8 and
-# int4 weights, f16 and int8 KV caches; parallel samples (copy-on-write of KV blocks
+# int4 weights, f16 and int8 KV caches; a k-quant GGUF as loaded (tests/golden/kquant_llama.gguf:
+# Q8_0, int4 and f16 matrices) within 1e-2; parallel samples (copy-on-write of KV blocks
 # written on the device) give the CPU's tokens; and generations with decode steps replayed
 # as CUDA graphs (--step-graphs) are byte for byte those run op by op.
 engine_check() {
@@ -187,6 +188,11 @@ engine_check() {
       "$vellum" "${args[@]}" --device "$device" >"$tmp/gemm-$q-$kv.jsonl"
     done
   done
+  # A GGUF of k-quant and 5-bit matrices, as loaded: Q5_0 run as Q8_0, Q4_K as int4, the
+  # rest decoded to f16 (tests/golden/kquant_llama.gguf, its own tokenizer).
+  local kq=(score -m tests/golden/kquant_llama.gguf -q --input "$tmp/in.jsonl")
+  VELLUM_INT_DOT=0 "$vellum" "${kq[@]}" --device cpu >"$tmp/cpu-kquant.jsonl" 2>/dev/null
+  "$vellum" "${kq[@]}" --device "$device" >"$tmp/gemm-kquant.jsonl" 2>/dev/null
   printf '%s\n' '{"id":"s","prompt":"hello world","max_tokens":8,"seed":5,"temperature":0.8}' >"$tmp/gen.jsonl"
   local gen=(generate -m "$model" -q --n 3 --input "$tmp/gen.jsonl")
   VELLUM_INT_DOT=0 "$vellum" "${gen[@]}" --device cpu >"$tmp/gen-cpu.jsonl"
@@ -212,6 +218,11 @@ for q in ("int8", "int4"):
                 rel = abs(a - b) / abs(a)
                 worst[kernel] = max(worst[kernel], rel)
                 assert rel < tol, f"{kernel} {q} KV {kv} line {c['id']}: {b} vs the CPU's {a} ({rel:.1e})"
+for c, g in zip(lines("cpu-kquant.jsonl"), lines("gemm-kquant.jsonl")):
+    a, b = c["total_logprob"], g["total_logprob"]
+    rel = abs(a - b) / abs(a)
+    worst["gemm"] = max(worst["gemm"], rel)
+    assert rel < 1e-2, f"k-quant GGUF line {c['id']}: {b} vs the CPU's {a} ({rel:.1e})"
 cpu, dev = lines("gen-cpu.jsonl"), lines("gen-dev.jsonl")
 samples = lambda r: [r["completion"]] + [s["completion"] for s in r.get("more_samples", [])]
 assert samples(cpu[0]) == samples(dev[0]), f"parallel samples: {samples(dev[0])} vs the CPU's {samples(cpu[0])}"
