@@ -145,24 +145,29 @@ fn inspect_validates_and_fails_on_bad_models() {
 }
 
 /// A GGUF of k-quant and 5-bit matrices: inspect lists its formats and the memory a decode
-/// step reads as loaded, and says which formats it decodes to f16 (Q5_0 and Q4_K it keeps
-/// quantized, so they are not named there).
+/// step reads as loaded, and says which formats it decodes to f16 (Q5_0, Q4_K, IQ4_NL and
+/// IQ4_XS it keeps quantized, so they are not named there).
 #[test]
 fn inspect_names_the_formats_decoded_at_load() {
     let model = repo().join("tests/golden/kquant_llama.gguf");
     let (code, out, err) = vellum(&["inspect", model.to_str().unwrap()], "");
     assert_eq!(code, 0, "{err}");
-    for f in ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"] {
+    let formats = [
+        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS",
+    ];
+    for f in formats {
         assert!(out.contains(f), "{f} in {out}");
     }
     let warning = err
         .lines()
         .find(|l| l.contains("decoded to f16 at load"))
         .unwrap_or_else(|| panic!("no warning in {err}"));
-    for f in ["1 Q2_K", "1 Q3_K", "1 Q5_1", "1 Q5_K", "2 Q6_K", "--quant"] {
+    for f in ["1 Q2_K", "1 Q3_K", "1 Q5_1", "1 Q5_K", "1 Q6_K", "--quant"] {
         assert!(warning.contains(f), "{f} in {warning}");
     }
-    assert!(!warning.contains("Q5_0") && !warning.contains("Q4_K"), "{warning}");
+    for kept in ["Q5_0", "Q4_K", "IQ4"] {
+        assert!(!warning.contains(kept), "{kept} in {warning}");
+    }
 }
 
 #[test]

@@ -322,7 +322,7 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
         let ty = r.u32(&name)?;
         let offset = r.u64(&name)?;
         let format = ggml_format(ty).ok_or_else(|| {
-            format!("tensor `{name}`: ggml type {ty} is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1 and Q2_K to Q6_K are)")
+            format!("tensor `{name}`: ggml type {ty} is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q2_K to Q6_K, IQ4_NL and IQ4_XS are)")
         })?;
         // GGUF lists dims fastest-first; Hugging Face order is the reverse.
         let shape: Vec<usize> = dims.iter().rev().map(|&d| d as usize).collect();

@@ -16,6 +16,9 @@
 //! Q4_K (144 B / 256): d | dmin | scales[12] | qs[128]         x = d sc q - dmin m (8 groups of 32)
 //! Q5_K (176 B / 256): d | dmin | scales[12] | qh[32] | qs[128]
 //! Q6_K (210 B / 256): ql[128] | qh[64] | scales[16]: i8 | d   x = d sc (q - 32) (16 groups of 16)
+//! IQ4_NL (18 B / 32): d | qs[16]                               x = d table[q]
+//! IQ4_XS (136 B / 256): d | scales_h: u16 | scales_l[4] | qs[128]
+//!                                                             x = d (ls - 32) table[q] (8 groups of 32)
 //! ```
 //!
 //! Arithmetic is f32 in the order llama.cpp's reference decoders use (`d * sc` first, then
@@ -39,10 +42,12 @@ pub enum DecodedFormat {
     Q4K,
     Q5K,
     Q6K,
+    Iq4Nl,
+    Iq4Xs,
 }
 
 impl DecodedFormat {
-    pub const ALL: [DecodedFormat; 7] = [
+    pub const ALL: [DecodedFormat; 9] = [
         DecodedFormat::Q5_0,
         DecodedFormat::Q5_1,
         DecodedFormat::Q2K,
@@ -50,6 +55,8 @@ impl DecodedFormat {
         DecodedFormat::Q4K,
         DecodedFormat::Q5K,
         DecodedFormat::Q6K,
+        DecodedFormat::Iq4Nl,
+        DecodedFormat::Iq4Xs,
     ];
 
     /// The format of ggml type id `ty`, if it is one of these.
@@ -62,6 +69,8 @@ impl DecodedFormat {
             12 => DecodedFormat::Q4K,
             13 => DecodedFormat::Q5K,
             14 => DecodedFormat::Q6K,
+            20 => DecodedFormat::Iq4Nl,
+            23 => DecodedFormat::Iq4Xs,
             _ => return None,
         })
     }
@@ -75,13 +84,15 @@ impl DecodedFormat {
             DecodedFormat::Q4K => "Q4_K",
             DecodedFormat::Q5K => "Q5_K",
             DecodedFormat::Q6K => "Q6_K",
+            DecodedFormat::Iq4Nl => "IQ4_NL",
+            DecodedFormat::Iq4Xs => "IQ4_XS",
         }
     }
 
     /// Values per block.
     pub fn block_values(self) -> usize {
         match self {
-            DecodedFormat::Q5_0 | DecodedFormat::Q5_1 => 32,
+            DecodedFormat::Q5_0 | DecodedFormat::Q5_1 | DecodedFormat::Iq4Nl => 32,
             _ => QK_K,
         }
     }
@@ -96,6 +107,8 @@ impl DecodedFormat {
             DecodedFormat::Q4K => 144,
             DecodedFormat::Q5K => 176,
             DecodedFormat::Q6K => 210,
+            DecodedFormat::Iq4Nl => 18,
+            DecodedFormat::Iq4Xs => 136,
         }
     }
 
@@ -126,6 +139,8 @@ impl DecodedFormat {
                 DecodedFormat::Q4K => q4_k(b, y),
                 DecodedFormat::Q5K => q5_k(b, y),
                 DecodedFormat::Q6K => q6_k(b, y),
+                DecodedFormat::Iq4Nl => iq4_nl(b, y),
+                DecodedFormat::Iq4Xs => iq4_xs(b, y),
             }
         }
         Ok(())
@@ -144,13 +159,19 @@ impl DecodedFormat {
     /// Whether [`DecodedFormat::repack`] keeps this format quantized (else it is decoded
     /// to f16).
     pub fn repacks(self) -> bool {
-        matches!(self, DecodedFormat::Q5_0 | DecodedFormat::Q4K)
+        matches!(
+            self,
+            DecodedFormat::Q5_0 | DecodedFormat::Q4K | DecodedFormat::Iq4Nl | DecodedFormat::Iq4Xs
+        )
     }
 
     /// The `[rows, cols]` matrix in `bytes` in a format Vellum has kernels for, where one
     /// holds its values (else None: it is decoded to f16):
     /// - Q5_0 as Q8_0, exactly: a 5-bit code minus 16 is an int8 code under the same f16
-    ///   scale, and both decode as code × scale in f32.
+    ///   scale, and both decode as code × scale in f32. IQ4_NL likewise: its codes index a
+    ///   table of int8 values.
+    /// - IQ4_XS as Q8_0: the table's values as codes, each 32 values' scale d·(ls − 32)
+    ///   rounded from f32 to f16 (a value moves by at most 2⁻¹¹ of 127·|scale|).
     /// - Q4_K as asymmetric int4 with groups of 32: the codes as they are, each group's
     ///   scale d·sc and offset −dmin·m rounded from f32 to f16. A value moves by at most
     ///   2⁻¹¹ of 15·|scale| + |offset|: what storing the decoded value as f16 costs too,
@@ -174,43 +195,58 @@ impl DecodedFormat {
         let n = rows * cols;
         crate::expect_len(self.name(), n, self.bytes_for(n)?, bytes.len())?;
         let blocks = bytes.chunks_exact(self.block_bytes());
-        Ok(Some(if self == DecodedFormat::Q5_0 {
-            let mut out = Vec::with_capacity(BlockFormat::Q8_0.bytes_for(rows * cols)?);
+        if self != DecodedFormat::Q4K {
+            // As Q8_0 blocks: an f16 scale, then 32 int8 codes.
+            let mut out = Vec::with_capacity(BlockFormat::Q8_0.bytes_for(n)?);
             for b in blocks {
-                out.extend_from_slice(&b[0..2]);
-                let codes = q5_codes(&b[2..6], &b[6..22]);
-                out.extend(codes.iter().map(|&q| (q as i8 - 16) as u8));
-            }
-            Repacked::Block(BlockFormat::Q8_0, out)
-        } else {
-            let groups = rows * cols / 32;
-            let mut data = Int4Data {
-                packed: Vec::new(),
-                scales: Vec::with_capacity(groups),
-                mins: Vec::with_capacity(groups),
-            };
-            let mut codes = Vec::with_capacity(rows * cols);
-            for b in blocks {
-                let (d, dmin) = (half(b, 0), half(b, 2));
-                let (scales, qs) = (&b[4..16], &b[16..144]);
-                for (pair, q) in qs.chunks_exact(32).enumerate() {
-                    for (half_, shift) in [(0, 0), (1, 4)] {
-                        let (sc, m) = k4_scale_min(scales, 2 * pair + half_);
-                        data.scales.push(f16::from_f32(d * sc as f32));
-                        data.mins.push(f16::from_f32(-(dmin * m as f32)));
-                        codes.extend(q.iter().map(|&c| (c >> shift) & 0x0f));
+                match self {
+                    DecodedFormat::Q5_0 => {
+                        out.extend_from_slice(&b[0..2]);
+                        let codes = q5_codes(&b[2..6], &b[6..22]);
+                        out.extend(codes.iter().map(|&q| (q as i8 - 16) as u8));
+                    }
+                    DecodedFormat::Iq4Nl => {
+                        out.extend_from_slice(&b[0..2]);
+                        out.extend(iq4_codes(&b[2..18]).map(|v| v as u8));
+                    }
+                    _ => {
+                        let d = half(b, 0);
+                        for (group, qs) in b[8..136].chunks_exact(16).enumerate() {
+                            let scale = d * iq4_xs_scale(b, group) as f32;
+                            out.extend_from_slice(&f16::from_f32(scale).to_le_bytes());
+                            out.extend(iq4_codes(qs).map(|v| v as u8));
+                        }
                     }
                 }
             }
-            data.packed = pack_codes(codes);
-            Repacked::Int4(
-                Int4Format {
-                    group: 32,
-                    symmetric: false,
-                },
-                data,
-            )
-        }))
+            return Ok(Some(Repacked::Block(BlockFormat::Q8_0, out)));
+        }
+        // Q4_K as int4, group 32.
+        let groups = n / 32;
+        let mut data = Int4Data {
+            packed: Vec::new(),
+            scales: Vec::with_capacity(groups),
+            mins: Vec::with_capacity(groups),
+        };
+        let mut codes = Vec::with_capacity(n);
+        for b in blocks {
+            let (d, dmin) = (half(b, 0), half(b, 2));
+            let (scales, qs) = (&b[4..16], &b[16..144]);
+            for (pair, q) in qs.chunks_exact(32).enumerate() {
+                for (half_, shift) in [(0, 0), (1, 4)] {
+                    let (sc, m) = k4_scale_min(scales, 2 * pair + half_);
+                    data.scales.push(f16::from_f32(d * sc as f32));
+                    data.mins.push(f16::from_f32(-(dmin * m as f32)));
+                    codes.extend(q.iter().map(|&c| (c >> shift) & 0x0f));
+                }
+            }
+        }
+        data.packed = pack_codes(codes);
+        let format = Int4Format {
+            group: 32,
+            symmetric: false,
+        };
+        Ok(Some(Repacked::Int4(format, data)))
     }
 }
 
@@ -242,6 +278,51 @@ fn q5_1(b: &[u8], y: &mut [f32]) {
     let (d, m) = (half(b, 0), half(b, 2));
     for (o, q) in y.iter_mut().zip(q5_codes(&b[4..8], &b[8..24])) {
         *o = q as f32 * d + m;
+    }
+}
+
+/// IQ4_NL's and IQ4_XS's 16 values, which their 4-bit codes index (llama.cpp's
+/// `kvalues_iq4nl`: a non-linear grid, denser near zero).
+const IQ4_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// The table values of 32 codes in 16 bytes (value j in byte j's low nibble, j + 16 in its
+/// high one).
+fn iq4_codes(qs: &[u8]) -> impl Iterator<Item = i8> + '_ {
+    let low = qs.iter().map(|&q| IQ4_VALUES[(q & 0x0f) as usize]);
+    low.chain(qs.iter().map(|&q| IQ4_VALUES[(q >> 4) as usize]))
+}
+
+/// IQ4_NL: d, then 16 bytes of codes into the table: x = d · table[q].
+fn iq4_nl(b: &[u8], y: &mut [f32]) {
+    let d = half(b, 0);
+    for (o, v) in y.iter_mut().zip(iq4_codes(&b[2..18])) {
+        *o = d * v as f32;
+    }
+}
+
+/// IQ4_XS's signed multiplier of group `group` (0..8): six bits, the low four from the
+/// nibbles of bytes 4..8, the high two from the u16 at byte 2; offset 32.
+fn iq4_xs_scale(b: &[u8], group: usize) -> i32 {
+    let high = u16::from_le_bytes([b[2], b[3]]);
+    let low = (b[4 + group / 2] >> (4 * (group % 2))) & 0x0f;
+    (low as i32 | ((((high >> (2 * group)) & 3) as i32) << 4)) - 32
+}
+
+/// IQ4_XS: d | scales_h: u16 | scales_l[4] | qs[128]; 8 groups of 32 with IQ4_NL's codes:
+/// x = (d · (ls − 32)) · table[q].
+fn iq4_xs(b: &[u8], y: &mut [f32]) {
+    let d = half(b, 0);
+    for (group, (ys, qs)) in y
+        .chunks_exact_mut(32)
+        .zip(b[8..136].chunks_exact(16))
+        .enumerate()
+    {
+        let dl = d * iq4_xs_scale(b, group) as f32;
+        for (o, v) in ys.iter_mut().zip(iq4_codes(qs)) {
+            *o = dl * v as f32;
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Build tests/golden/ggml_blocks.json: GGUF blocks of the formats Vellum decodes at load
-(Q5_0, Q5_1, Q2_K..Q6_K; vellum_quant::ggml), with the values the `gguf` Python package's
+(Q5_0, Q5_1, Q2_K..Q6_K, IQ4_NL, IQ4_XS; vellum_quant::ggml), with the values the `gguf` Python package's
 decoders give them (an implementation independent of Vellum's, from llama.cpp's authors).
 
 Blocks are random bytes, except the f16 scales: random finite values, both signs, so
@@ -30,6 +30,8 @@ SCALES = {
     "Q4_K": [0, 2],
     "Q5_K": [0, 2],
     "Q6_K": [208],
+    "IQ4_NL": [0],
+    "IQ4_XS": [0],
 }
 
 

@@ -3,8 +3,8 @@
 
 kquant_llama.gguf: a one-layer llama (hidden 256, 4 heads of 64, 2 KV heads, FFN 256) with
 spm_llama.gguf's tokenizer, whose matrices are in every GGUF format Vellum decodes at load:
-Q6_K embeddings and output, Q4_K Q, Q5_K K, Q3_K V, Q2_K attention output, Q5_0 gate, Q5_1
-up, Q4_K down. The blocks are random bytes with scales chosen so the weights have a
+Q6_K embeddings, IQ4_NL Q, Q5_K K, Q3_K V, Q2_K attention output, Q5_0 gate, Q5_1 up, Q4_K
+down, IQ4_XS output. The blocks are random bytes with scales chosen so the weights have a
 plausible size (the model's text is garbage; what matters is that every bit is read).
 
 kquant_llama_f16.gguf: the same model with each matrix decoded by the `gguf` Python package
@@ -36,6 +36,8 @@ SCALES = {
     T.Q4_K: ([0, 2], 2.5e-4),
     T.Q5_K: ([0, 2], 1.3e-4),
     T.Q6_K: ([208], 6e-5),
+    T.IQ4_NL: ([0], 8e-4),
+    T.IQ4_XS: ([0], 5e-5),
 }
 
 
@@ -59,14 +61,14 @@ def main():
     kv_dim = KV_HEADS * HEAD_DIM
     matrices = [
         ("token_embd.weight", T.Q6_K, vocab, HIDDEN),
-        ("blk.0.attn_q.weight", T.Q4_K, HIDDEN, HIDDEN),
+        ("blk.0.attn_q.weight", T.IQ4_NL, HIDDEN, HIDDEN),
         ("blk.0.attn_k.weight", T.Q5_K, kv_dim, HIDDEN),
         ("blk.0.attn_v.weight", T.Q3_K, kv_dim, HIDDEN),
         ("blk.0.attn_output.weight", T.Q2_K, HIDDEN, HIDDEN),
         ("blk.0.ffn_gate.weight", T.Q5_0, FFN, HIDDEN),
         ("blk.0.ffn_up.weight", T.Q5_1, FFN, HIDDEN),
         ("blk.0.ffn_down.weight", T.Q4_K, HIDDEN, FFN),
-        ("output.weight", T.Q6_K, vocab, HIDDEN),
+        ("output.weight", T.IQ4_XS, vocab, HIDDEN),
     ]
     rng = np.random.default_rng(20261205)
     blocks = {name: random_blocks(rng, q, r, c) for name, q, r, c in matrices}
