@@ -1,10 +1,11 @@
 //! llama.cpp block formats that Vellum reads but does not compute in: the 5-bit group-32
-//! formats and the k-quants (super-blocks of 256 values). At load a GGUF tensor in one of
-//! them is re-expressed in a format Vellum has kernels for where one holds its values
-//! ([`DecodedFormat::repack`]: Q5_0 as Q8_0, Q4_K as int4), else decoded to f32 once (and
-//! stored as f16, or requantized when asked to). Most GGUF files in circulation are k-quant mixes:
-//! a `Q4_K_M` file holds `Q4_K` and `Q6_K` tensors, and, where a row is not a multiple of 256
-//! values (SmolLM2's 576), llama.cpp falls back to `Q5_0`, `Q5_1` or `Q8_0`.
+//! formats, the k-quants (super-blocks of 256 values) and the 4-bit IQ formats (codes into
+//! a table of values). At load a GGUF tensor in one of them is re-expressed in a format
+//! Vellum has kernels for where one holds its values ([`DecodedFormat::repack`]: Q5_0,
+//! IQ4_NL and IQ4_XS as Q8_0, Q4_K as int4), else decoded to f32 once (and stored as f16, or
+//! requantized when asked to). Most GGUF files in circulation are k-quant mixes: a `Q4_K_M`
+//! file holds `Q4_K` and `Q6_K` tensors, and, where a row is not a multiple of 256 values
+//! (SmolLM2's 576), llama.cpp falls back to `Q5_0`, `Q5_1`, `Q8_0` or `IQ4_NL`.
 //!
 //! Layouts (little endian; `f16` scales; see each decoder for the value rule):
 //!
@@ -32,7 +33,7 @@ use half::f16;
 /// Values per k-quant super-block.
 pub const QK_K: usize = 256;
 
-/// A block format decoded at load.
+/// A GGUF block format read at load, never computed in as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DecodedFormat {
     Q5_0,
