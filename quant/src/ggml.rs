@@ -230,17 +230,10 @@ impl DecodedFormat {
             mins: Vec::with_capacity(groups),
         };
         let mut codes = Vec::with_capacity(n);
-        for b in blocks {
-            let (d, dmin) = (half(b, 0), half(b, 2));
-            let (scales, qs) = (&b[4..16], &b[16..144]);
-            for (pair, q) in qs.chunks_exact(32).enumerate() {
-                for (half_, shift) in [(0, 0), (1, 4)] {
-                    let (sc, m) = k4_scale_min(scales, 2 * pair + half_);
-                    data.scales.push(f16::from_f32(d * sc as f32));
-                    data.mins.push(f16::from_f32(-(dmin * m as f32)));
-                    codes.extend(q.iter().map(|&c| (c >> shift) & 0x0f));
-                }
-            }
+        for (scale, offset, group) in blocks.flat_map(q4_k_groups) {
+            data.scales.push(f16::from_f32(scale));
+            data.mins.push(f16::from_f32(-offset));
+            codes.extend(group);
         }
         data.packed = pack_codes(codes);
         let format = Int4Format {
@@ -344,17 +337,23 @@ fn k4_scale_min(scales: &[u8], j: usize) -> (u8, u8) {
 /// Q4_K: 8 groups of 32; group pairs share 32 bytes of `qs` (low nibbles the first group,
 /// high nibbles the second).
 fn q4_k(b: &[u8], y: &mut [f32]) {
-    let (d, dmin) = (half(b, 0), half(b, 2));
-    let (scales, qs) = (&b[4..16], &b[16..144]);
-    for (pair, (ys, q)) in y.chunks_exact_mut(64).zip(qs.chunks_exact(32)).enumerate() {
-        for (half_, shift) in [(0, 0), (1, 4)] {
-            let (sc, m) = k4_scale_min(scales, 2 * pair + half_);
-            let (dl, ml) = (d * sc as f32, dmin * m as f32);
-            for l in 0..32 {
-                ys[32 * half_ + l] = dl * ((q[l] >> shift) & 0x0f) as f32 - ml;
-            }
+    for (ys, (dl, ml, codes)) in y.chunks_exact_mut(32).zip(q4_k_groups(b)) {
+        for (o, q) in ys.iter_mut().zip(codes) {
+            *o = dl * q as f32 - ml;
         }
     }
+}
+
+/// A Q4_K block's 8 groups in order: scale d·sc, offset dmin·m (subtracted) and 32 codes.
+fn q4_k_groups(b: &[u8]) -> impl Iterator<Item = (f32, f32, [u8; 32])> + '_ {
+    let (d, dmin) = (half(b, 0), half(b, 2));
+    let (scales, qs) = (&b[4..16], &b[16..144]);
+    (0..8).map(move |group| {
+        let (sc, m) = k4_scale_min(scales, group);
+        let (q, shift) = (&qs[32 * (group / 2)..], 4 * (group % 2));
+        let codes = std::array::from_fn(|l| (q[l] >> shift) & 0x0f);
+        (d * sc as f32, dmin * m as f32, codes)
+    })
 }
 
 /// Q5_K: Q4_K with a fifth bit per value from `qh` (bit 2·pair for the low group of a pair,
